@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/* from_pod runs at tcx ingress of every host-side pod veth: it sees every
+ * packet a pod sends. It answers the pod's ARP for its gateway, drops what the
+ * pod may not send, hands packets for pods on this node straight into their
+ * namespace and wraps packets for other nodes' pods in VXLAN. Everything else
+ * (the node itself, services, the outside world) goes to the host stack. */
+
+#include "lib/common.h"
+#include "types.h"
+#include "maps.h"
+#include "lib/eth.h"
+#include "lib/ipv4.h"
+#include "lib/verdict.h"
+#include "lib/vxlan.h"
+
+#define PROG PROG_FROM_POD
+
+/* BTF holds only types something refers to, and bpf2go -type reads BTF: this
+ * unused global is what gives Go its struct event. */
+const struct event *unused_event __attribute__((unused));
+
+static __always_inline int to_host(struct __sk_buff *skb)
+{
+	count(STAT_TO_HOST, skb->len);
+	return TC_ACT_OK;
+}
+
+static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint *src)
+{
+	void *data = ctx_data(skb), *data_end = ctx_data_end(skb);
+	struct ethhdr *eth = data;
+	struct arp_eth_ipv4 *arp = (void *)(eth + 1);
+	__be32 sender;
+
+	if ((void *)(arp + 1) > data_end)
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (arp->htype != ARPHRD_ETHER_BE || arp->ptype != bpf_htons(ETH_P_IP) ||
+	    arp->hlen != ETH_ALEN || arp->plen != 4)
+		return to_host(skb);
+	/* A pod may only announce itself; 0.0.0.0 is a duplicate-address probe. */
+	sender = arp->spa;
+	if (!mac_eq(arp->sha, src->mac) || !mac_eq(eth->h_source, src->mac) ||
+	    (sender != src->ip && sender != 0))
+		return drop(skb, STAT_DROP_SPOOFED, PROG);
+	if (arp->op != ARPOP_REQUEST_BE || arp->tpa != bpf_htonl(POD_GATEWAY_IP))
+		return to_host(skb);
+
+	/* Turn the request around in place: the gateway is this veth. */
+	mac_copy(eth->h_dest, eth->h_source);
+	mac_copy(eth->h_source, src->host_mac);
+	arp->op = ARPOP_REPLY_BE;
+	mac_copy(arp->tha, arp->sha);
+	arp->tpa = sender;
+	mac_copy(arp->sha, src->host_mac);
+	arp->spa = bpf_htonl(POD_GATEWAY_IP);
+	count(STAT_ARP_REPLY, skb->len);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
+					const struct endpoint *dst)
+{
+	mac_copy(eth->h_source, dst->host_mac);
+	mac_copy(eth->h_dest, dst->mac);
+	ipv4_decrease_ttl(ip);
+	forwarded(skb, node_config(), STAT_LOCAL_REDIRECT, PROG, dst->ifindex);
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+static __always_inline int to_remote_node(struct __sk_buff *skb, struct iphdr *ip,
+					  const struct node_info *node)
+{
+	const struct node_config *cfg = node_config();
+
+	/* Until the agent has configured the uplink, the host stack decides. */
+	if (!cfg || !cfg->uplink_ifindex)
+		return to_host(skb);
+	ipv4_decrease_ttl(ip);
+	if (vxlan_encap(skb, node, cfg))
+		return drop(skb, STAT_DROP_ENCAP_FAILED, PROG);
+	forwarded(skb, cfg, STAT_ENCAP, PROG, cfg->uplink_ifindex);
+	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
+}
+
+static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpoint *src)
+{
+	struct lpm_v4_key key = { .prefixlen = 32 };
+	const struct endpoint *dst;
+	const struct node_info *node;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+
+	if (ctx_pull(skb, sizeof(*eth) + sizeof(*ip)))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	eth = ctx_data(skb);
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > ctx_data_end(skb))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (!ipv4_hdr_len(ip, skb->len - sizeof(*eth)))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (ip->saddr != src->ip || !mac_eq(eth->h_source, src->mac))
+		return drop(skb, STAT_DROP_SPOOFED, PROG);
+
+	/* With TTL 1 the packet must not be forwarded; the host stack sends
+	 * the ICMP time exceeded a router owes the sender. */
+	if (ip->ttl <= 1)
+		return to_host(skb);
+
+	dst = bpf_map_lookup_elem(&endpoints, &ip->daddr);
+	if (dst)
+		return to_local_pod(skb, eth, ip, dst);
+
+	key.addr = ip->daddr;
+	node = bpf_map_lookup_elem(&nodes, &key);
+	if (node)
+		return to_remote_node(skb, ip, node);
+	return to_host(skb);
+}
+
+SEC("tc")
+int from_pod(struct __sk_buff *skb)
+{
+	const struct endpoint *src;
+	struct ethhdr *eth = ctx_data(skb);
+	__u32 ifindex = skb->ifindex;
+
+	if ((void *)(eth + 1) > ctx_data_end(skb))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (eth->h_proto != bpf_htons(ETH_P_IP) && eth->h_proto != bpf_htons(ETH_P_ARP))
+		return to_host(skb); /* IPv6 and the rest: not ours (yet) */
+
+	/* from_pod is attached only after its endpoint is registered and
+	 * detached before it is removed, so a miss means someone attached it
+	 * by hand: fail closed rather than let the veth send anything. */
+	src = bpf_map_lookup_elem(&ep_by_ifindex, &ifindex);
+	if (!src)
+		return drop(skb, STAT_DROP_UNREGISTERED, PROG);
+
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return handle_arp(skb, src);
+	return handle_ipv4(skb, src);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/* from_uplink runs at tcx ingress of the node's uplink. VXLAN from a known
+ * node, to this node's IP, port and VNI, is decapsulated and handed straight
+ * to the pod. Every other packet of the node passes untouched and uncounted:
+ * the node's own traffic must never notice patchcord. */
+
+#include "lib/common.h"
+#include "types.h"
+#include "maps.h"
+#include "lib/eth.h"
+#include "lib/ipv4.h"
+#include "lib/verdict.h"
+#include "lib/vxlan.h"
+
+#define PROG PROG_FROM_UPLINK
+
+/* Outer headers plus an option-less inner IPv4 header. */
+#define VXLAN_MIN_LEN (sizeof(struct vxlan_outer) + sizeof(struct iphdr))
+
+/* Returns 1 when the packet is VXLAN addressed to this node's tunnel
+ * endpoint, without writing to it. */
+static __always_inline int is_our_vxlan(struct __sk_buff *skb, const struct node_config *cfg)
+{
+	void *data = ctx_data(skb), *data_end = ctx_data_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+
+	if ((void *)(udp + 1) > data_end)
+		return 0;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->protocol != IPPROTO_UDP ||
+	    ip->daddr != cfg->node_ip)
+		return 0;
+	/* Options or fragments: not something we sent; the stack decides. */
+	if (ip->ihl != 5 || ip->version != 4 || (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return 0;
+	return udp->dest == bpf_htons(cfg->vxlan_port);
+}
+
+SEC("tc")
+int from_uplink(struct __sk_buff *skb)
+{
+	const struct node_config *cfg = node_config();
+	const struct endpoint *ep;
+	struct vxlan_outer *h;
+	struct iphdr *inner;
+	void *data_end;
+
+	if (!cfg || !cfg->node_ip)
+		return TC_ACT_OK;
+	/* Uplink drivers keep at least Ethernet, IP and UDP linear; when they
+	 * do not, the packet is not looked at twice. */
+	if (!is_our_vxlan(skb, cfg))
+		return TC_ACT_OK;
+
+	if (ctx_pull(skb, VXLAN_MIN_LEN))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	h = ctx_data(skb);
+	data_end = ctx_data_end(skb);
+	inner = (void *)(h + 1);
+	if ((void *)(inner + 1) > data_end)
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+
+	if (!bpf_map_lookup_elem(&tunnel_srcs, &h->ip.saddr))
+		return drop(skb, STAT_DROP_UNKNOWN_TUNNEL, PROG);
+	if (!(h->vxlan.flags & VXLAN_FLAG_VNI))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (h->vxlan.vni != bpf_htonl(cfg->vni << 8))
+		return drop(skb, STAT_DROP_BAD_VNI, PROG);
+	if (h->inner_eth.h_proto != bpf_htons(ETH_P_IP) ||
+	    !ipv4_hdr_len(inner, skb->len - sizeof(struct vxlan_outer)))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+
+	ep = bpf_map_lookup_elem(&endpoints, &inner->daddr);
+	if (!ep)
+		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
+
+	/* This node routes the inner packet once; with TTL 1 the host stack
+	 * must answer, so it gets the decapsulated packet. */
+	if (inner->ttl > 1)
+		ipv4_decrease_ttl(inner);
+
+	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+
+	/* Kernels before 6.15 drop what ip_rcv sees as PACKET_OTHERHOST. */
+	if (skb->pkt_type != PACKET_HOST)
+		bpf_skb_change_type(skb, PACKET_HOST);
+
+	h = ctx_data(skb);
+	if ((void *)(&h->eth + 1) > ctx_data_end(skb))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	inner = (void *)(&h->eth + 1);
+	if ((void *)(inner + 1) > ctx_data_end(skb))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	if (inner->ttl <= 1) {
+		/* The outer Ethernet header, addressed to the uplink, stays. */
+		count(STAT_DECAP, skb->len);
+		count(STAT_TO_HOST, skb->len);
+		return TC_ACT_OK;
+	}
+	mac_copy(h->eth.h_source, ep->host_mac);
+	mac_copy(h->eth.h_dest, ep->mac);
+	forwarded(skb, cfg, STAT_DECAP, PROG, ep->ifindex);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* How packets leave a program: every verdict is counted, every drop leaves
+ * through drop() so that it is counted and reported with its reason, and
+ * forwarded packets are traced only while someone runs `patchcord monitor`. */
+#pragma once
+
+#include "../maps.h"
+#include "ipv4.h"
+
+static __always_inline void count(enum stat_id id, __u32 len)
+{
+	__u32 key = id;
+	struct stat_counter *c = bpf_map_lookup_elem(&stats, &key);
+
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+/* Best effort: an event describes whatever headers the packet has. */
+static __always_inline void event_fill_tuple(struct __sk_buff *skb, struct event *ev)
+{
+	void *data = ctx_data(skb), *data_end = ctx_data_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__be16 *ports;
+
+	if ((void *)(eth + 1) > data_end)
+		return;
+	ev->eth_proto = eth->h_proto;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return;
+	ev->saddr = ip->saddr;
+	ev->daddr = ip->daddr;
+	ev->proto = ip->protocol;
+	if (ip->ihl < 5 || (ip->frag_off & bpf_htons(IP_OFFSET)))
+		return;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return;
+	ports = (void *)ip + ip->ihl * 4;
+	if ((void *)(ports + 2) > data_end)
+		return;
+	ev->sport = ports[0];
+	ev->dport = ports[1];
+}
+
+static __always_inline void emit(struct __sk_buff *skb, enum event_kind kind, enum stat_id reason,
+				 enum prog_id prog, __u32 target)
+{
+	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	if (!ev) {
+		/* A full ring loses the event, never the packet. */
+		count(STAT_EVENTS_LOST, 0);
+		return;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ifindex = skb->ifindex;
+	ev->target = target;
+	ev->len = skb->len;
+	ev->cpu = bpf_get_smp_processor_id();
+	ev->kind = kind;
+	ev->reason = reason;
+	ev->prog = prog;
+	event_fill_tuple(skb, ev);
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline int drop(struct __sk_buff *skb, enum stat_id reason, enum prog_id prog)
+{
+	count(reason, skb->len);
+	emit(skb, EVENT_DROP, reason, prog, 0);
+	return TC_ACT_SHOT;
+}
+
+/* Counts a forwarded packet; call it when the packet is in its final shape. */
+static __always_inline void forwarded(struct __sk_buff *skb, const struct node_config *cfg,
+				      enum stat_id path, enum prog_id prog, __u32 target)
+{
+	count(path, skb->len);
+	if (cfg && (cfg->flags & CFG_TRACE))
+		emit(skb, EVENT_TRACE, path, prog, target);
+}

@@ -1,0 +1,116 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The structs and enums that Go reads or writes. bpf2go -type turns each of
+ * them into a Go type (pkg/datapath/types.go), so none is written twice.
+ * Addresses are kept in network byte order, as they sit in the packet, so the
+ * per-packet path never converts them; ports and VNIs are host order. */
+#pragma once
+
+#include <linux/types.h>
+
+/* The gateway every pod routes through; from_pod answers ARP for it. */
+#define POD_GATEWAY_IP 0xa9fe0101 /* 169.254.1.1, host order */
+
+/* Value of both endpoint maps: by pod IP (forwarding) and by host veth
+ * ifindex (anti-spoofing, ARP replies). */
+struct endpoint {
+	__u32 ip;          /* pod IPv4 */
+	__u32 ifindex;     /* host-side veth */
+	__u8 mac[6];       /* the pod's own interface */
+	__u8 host_mac[6];  /* host-side veth: the pod's gateway MAC */
+	__u32 flags;
+};
+
+/* What the datapath never reads but an operator wants to see: which
+ * container owns an endpoint. Kept in a map beside the endpoints so the CNI
+ * plugin needs no state directory and DEL can find what ADD made. */
+struct endpoint_meta {
+	char container_id[64];
+	char ifname[16];      /* inside the pod */
+	char host_ifname[16];
+	char netns[96];
+};
+
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+/* A remote node, found by longest-prefix match on its pod CIDR. */
+struct node_info {
+	__u32 node_ip;
+	/* Inner destination MAC a kernel vxlan peer (flannel.1) expects; zero
+	 * for patchcord peers, which ignore it. */
+	__u8 vtep_mac[6];
+	__u16 flags;
+};
+
+enum config_flags {
+	CFG_TRACE = 1 << 0, /* emit a trace event per forwarded packet */
+};
+
+/* Node-wide settings. An array map rather than load-time constants because
+ * the CNI plugin may load the datapath before the agent knows them. */
+struct node_config {
+	__u32 node_ip;
+	__u32 uplink_ifindex;
+	__u8 uplink_mac[6];
+	__u16 vxlan_port;
+	__u32 vni;
+	__u32 mtu; /* pod MTU; read by the CNI plugin, not by the datapath */
+	enum config_flags flags;
+};
+
+/* Per-CPU counters. Go names them from this enum's BTF:
+ * STAT_DROP_SPOOFED becomes "drop_spoofed". Append only: the stats map
+ * outlives upgrades. */
+enum stat_id {
+	STAT_LOCAL_REDIRECT,
+	STAT_ENCAP,
+	STAT_DECAP,
+	STAT_TO_HOST,
+	STAT_ARP_REPLY,
+	STAT_DROP_MALFORMED,
+	STAT_DROP_SPOOFED,
+	STAT_DROP_UNREGISTERED,
+	STAT_DROP_UNKNOWN_TUNNEL,
+	STAT_DROP_BAD_VNI,
+	STAT_DROP_NO_ENDPOINT,
+	STAT_DROP_ENCAP_FAILED,
+	STAT_EVENTS_LOST,
+	STAT_MAX,
+};
+
+struct stat_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+enum prog_id {
+	PROG_FROM_POD = 1,
+	PROG_FROM_UPLINK,
+	PROG_TO_UPLINK,
+};
+
+enum event_kind {
+	EVENT_DROP = 1,
+	EVENT_TRACE,
+};
+
+/* One ring-buffer record for `patchcord monitor`. */
+struct event {
+	__u64 ts_ns;       /* bpf_ktime_get_ns */
+	__u32 ifindex;     /* where the packet was seen */
+	__u32 target;      /* ifindex it was sent to (traces), 0 otherwise */
+	__u32 len;
+	__u32 cpu;
+	enum event_kind kind;
+	enum stat_id reason;
+	enum prog_id prog;
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__be16 eth_proto;
+	__u8 proto;        /* IP protocol, 0 if not IPv4 */
+	__u8 pad;
+};

@@ -1,0 +1,87 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultRoot is where a node's datapath is pinned unless told otherwise.
+// Emulated nodes sharing one kernel each get a root on their own bpffs.
+const DefaultRoot = "/sys/fs/bpf/patchcord"
+
+const sysBPF = "/sys/fs/bpf"
+
+// prepareRoot makes root a directory on a bpf filesystem. Only the default
+// location may be mounted on the caller's behalf, as Cilium does: anywhere
+// else a missing bpffs is a setup mistake the operator has to see.
+func prepareRoot(root string) error {
+	if filepath.Clean(root) == DefaultRoot {
+		if err := mountSysBPF(); err != nil {
+			return err
+		}
+	}
+	existing := root
+	for {
+		if _, err := os.Stat(existing); err == nil {
+			break
+		}
+		parent := filepath.Dir(existing)
+		if parent == existing {
+			break
+		}
+		existing = parent
+	}
+	if ok, err := isBPFFS(existing); err != nil {
+		return fmt.Errorf("check bpffs at %s: %w", existing, err)
+	} else if !ok {
+		return fmt.Errorf("%s is not on a bpf filesystem: mount one with `mount -t bpf bpf %s`", root, root)
+	}
+	for _, dir := range []string{root, filepath.Join(root, "maps"), filepath.Join(root, "progs"), filepath.Join(root, "links")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+func isBPFFS(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, err
+	}
+	return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
+}
+
+func mountSysBPF() error {
+	if err := os.MkdirAll(sysBPF, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", sysBPF, err)
+	}
+	if ok, err := isBPFFS(sysBPF); err != nil {
+		return fmt.Errorf("check bpffs at %s: %w", sysBPF, err)
+	} else if ok {
+		return nil
+	}
+	if err := unix.Mount("bpf", sysBPF, "bpf", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+		return fmt.Errorf("mount bpffs at %s: %w", sysBPF, err)
+	}
+	return nil
+}
+
+// lockRoot serialises loaders of one node: container runtimes run ADDs in
+// parallel, and two of them must not both pin a fresh datapath. bpffs holds
+// no regular files, but a directory can be flock()ed.
+func lockRoot(root string) (unlock func(), err error) {
+	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s for locking: %w", root, err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("lock %s: %w", root, err)
+	}
+	return func() { unix.Close(fd) }, nil
+}

@@ -1,0 +1,59 @@
+// Package datapathtest holds the test helpers every package that loads the
+// datapath needs: a private bpffs per test and a datapath loaded onto it.
+package datapathtest
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"golang.org/x/sys/unix"
+)
+
+// RequireRoot skips outside root, naming why: loading BPF programs and
+// mounting bpffs need CAP_SYS_ADMIN. As root (here and in CI) it never skips.
+func RequireRoot(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		tb.Skip("needs root: loads BPF programs and mounts bpffs")
+	}
+}
+
+// MustBPFFS mounts a private bpffs for one test and returns a datapath root
+// on it; the mount goes away with the test.
+func MustBPFFS(tb testing.TB) string {
+	tb.Helper()
+	RequireRoot(tb)
+	dir := tb.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
+		tb.Fatalf("mount bpffs at %s: %v", dir, err)
+	}
+	tb.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			tb.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	return filepath.Join(dir, "patchcord")
+}
+
+// Logger logs to stderr under -v and nowhere otherwise.
+func Logger(tb testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// MustOpen loads a fresh datapath on a private bpffs.
+func MustOpen(tb testing.TB) *datapath.Datapath {
+	tb.Helper()
+	d, err := datapath.Open(MustBPFFS(tb), Logger(tb))
+	if err != nil {
+		tb.Fatalf("open datapath: %v", err)
+	}
+	tb.Cleanup(func() { d.Close() })
+	return d
+}

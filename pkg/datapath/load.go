@@ -1,0 +1,214 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+)
+
+// ErrNotLoaded means nothing is pinned under the root yet.
+var ErrNotLoaded = errors.New("datapath not loaded")
+
+// Maps are the datapath's maps; every program shares this one set.
+type Maps = fromPodMaps
+
+// Datapath is an open handle on a node's pinned datapath. Closing it closes
+// the handles only: pinned programs, maps and links stay in the kernel.
+type Datapath struct {
+	Root string
+	Maps Maps
+
+	progs map[string]*ebpf.Program
+}
+
+// objects are the embedded programs, one object per hook.
+var objects = []func() (*ebpf.CollectionSpec, error){loadFromPod, loadFromUplink, loadToUplink}
+
+// Open returns the datapath pinned under root, loading and pinning it first
+// where it is missing or its code differs from this binary's (the upgrade
+// path: attached links are moved to the new programs atomically). Parallel
+// callers serialise on a lock on root.
+func Open(root string, log *slog.Logger) (*Datapath, error) {
+	if err := prepareRoot(root); err != nil {
+		return nil, err
+	}
+	unlock, err := lockRoot(root)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
+	for _, load := range objects {
+		spec, err := load()
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("parse embedded object: %w", err)
+		}
+		if err := d.loadObject(spec, log); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	if err := d.openMaps(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// OpenPinned opens what is pinned under root without loading anything, for
+// readers such as the CLI. It returns ErrNotLoaded when nothing is there.
+func OpenPinned(root string) (*Datapath, error) {
+	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
+	if _, err := os.Stat(filepath.Join(d.mapDir(), "endpoints")); err != nil {
+		return nil, fmt.Errorf("%w under %s: is the agent or the CNI plugin installed? (%v)", ErrNotLoaded, root, err)
+	}
+	if err := d.openMaps(); err != nil {
+		return nil, err
+	}
+	for _, name := range []string{FromPod, FromUplink, ToUplink} {
+		p, err := ebpf.LoadPinnedProgram(d.progPin(name), nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		d.progs[name] = p
+	}
+	return d, nil
+}
+
+// Close releases the handles; the datapath stays.
+func (d *Datapath) Close() error {
+	for _, p := range d.progs {
+		p.Close()
+	}
+	d.progs = nil
+	return d.Maps.Close()
+}
+
+// Program returns a loaded program by name (FromPod, FromUplink, ToUplink).
+func (d *Datapath) Program(name string) (*ebpf.Program, error) {
+	p, ok := d.progs[name]
+	if !ok {
+		return nil, fmt.Errorf("program %s is not loaded under %s", name, d.Root)
+	}
+	return p, nil
+}
+
+func (d *Datapath) mapDir() string           { return filepath.Join(d.Root, "maps") }
+func (d *Datapath) progPin(name string) string { return filepath.Join(d.Root, "progs", name) }
+
+func (d *Datapath) openMaps() error {
+	spec, err := loadFromPod()
+	if err != nil {
+		return fmt.Errorf("parse embedded object: %w", err)
+	}
+	// Every map is pinned by name, so this opens the pinned ones.
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.mapDir()}}
+	if err := spec.LoadAndAssign(&d.Maps, opts); err != nil {
+		return fmt.Errorf("open maps under %s: %w", d.mapDir(), err)
+	}
+	return nil
+}
+
+// loadObject loads the object and keeps, for each program, the pinned one if
+// it runs the same code (the kernel's tag of both is equal), or pins the new
+// one over it and moves existing attachments to it. The tag is only known
+// after a load: cilium/ebpf's ProgramSpec.Tag differs from the kernel's once
+// maps are passed by fd array. A load costs the verifier ~5 ms per program.
+func (d *Datapath) loadObject(spec *ebpf.CollectionSpec, log *slog.Logger) error {
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: d.mapDir()},
+	})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load programs: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return fmt.Errorf("load programs: maps pinned under %s were made by an incompatible patchcord version: %w", d.mapDir(), err)
+		}
+		return fmt.Errorf("load programs: %w", err)
+	}
+	defer coll.Close()
+
+	for name := range spec.Programs {
+		fresh := coll.DetachProgram(name)
+		pinned, err := samePinned(d.progPin(name), fresh)
+		if err != nil {
+			fresh.Close()
+			return err
+		}
+		if pinned != nil {
+			fresh.Close()
+			d.progs[name] = pinned
+			continue
+		}
+		if err := replacePin(fresh, d.progPin(name)); err != nil {
+			fresh.Close()
+			return fmt.Errorf("pin program %s: %w", name, err)
+		}
+		d.progs[name] = fresh
+		if err := d.updateLinks(name, fresh, log); err != nil {
+			return err
+		}
+		log.Debug("pinned program", "prog", name, "pin", d.progPin(name))
+	}
+	return nil
+}
+
+// samePinned returns the program pinned at path if its code equals fresh's.
+func samePinned(path string, fresh *ebpf.Program) (*ebpf.Program, error) {
+	pinned, err := ebpf.LoadPinnedProgram(path, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open pinned program %s: %w", path, err)
+	}
+	old, err := pinned.Info()
+	if err != nil {
+		pinned.Close()
+		return nil, fmt.Errorf("inspect pinned program %s: %w", path, err)
+	}
+	cur, err := fresh.Info()
+	if err != nil {
+		pinned.Close()
+		return nil, fmt.Errorf("inspect program %s: %w", path, err)
+	}
+	if old.Tag != cur.Tag {
+		pinned.Close()
+		return nil, nil
+	}
+	return pinned, nil
+}
+
+// isInternalMap reports the maps that hold C globals (.bss, .rodata): they
+// belong to one program load and are never pinned.
+func isInternalMap(name string) bool { return len(name) > 0 && name[0] == '.' }
+
+type pinner interface{ Pin(string) error }
+
+// replacePin pins obj at path, atomically replacing what was there.
+func replacePin(obj pinner, path string) error {
+	// bpffs refuses names with dots in them.
+	tmp := path + "~"
+	os.Remove(tmp)
+	if err := obj.Pin(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}

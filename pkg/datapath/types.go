@@ -1,0 +1,92 @@
+package datapath
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf/btf"
+)
+
+// Public names for the structs bpf/types.h declares.
+type (
+	Endpoint     = fromPodEndpoint
+	EndpointMeta = fromPodEndpointMeta
+	LPMKey       = fromPodLpmV4Key
+	NodeInfo     = fromPodNodeInfo
+	NodeConfig   = fromPodNodeConfig
+	StatCounter  = fromPodStatCounter
+	Event        = fromPodEvent
+	StatID       = fromPodStatId
+	EventKind    = fromPodEventKind
+	ProgID       = fromPodProgId
+)
+
+const (
+	ConfigTrace = fromPodConfigFlagsCFG_TRACE
+
+	EventDrop  = fromPodEventKindEVENT_DROP
+	EventTrace = fromPodEventKindEVENT_TRACE
+)
+
+// Program names, as in the C sources and under <root>/progs.
+const (
+	FromPod    = "from_pod"
+	FromUplink = "from_uplink"
+	ToUplink   = "to_uplink"
+)
+
+var statNames = sync.OnceValues(func() ([]string, error) {
+	spec, err := loadFromPod()
+	if err != nil {
+		return nil, err
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("stat_id", &enum); err != nil {
+		return nil, fmt.Errorf("find enum stat_id: %w", err)
+	}
+	names := make([]string, 0, len(enum.Values))
+	for _, v := range enum.Values {
+		if v.Name == "STAT_MAX" {
+			continue
+		}
+		if int(v.Value) != len(names) {
+			return nil, fmt.Errorf("enum stat_id is not dense at %s", v.Name)
+		}
+		names = append(names, strings.ToLower(strings.TrimPrefix(v.Name, "STAT_")))
+	}
+	return names, nil
+})
+
+// StatNames lists the counter names by stat ID ("local_redirect",
+// "drop_spoofed", ...), read from the datapath's own BTF so that C stays the
+// one place they are written.
+func StatNames() []string {
+	names, err := statNames()
+	if err != nil {
+		// The object is embedded in this binary: a failure is a build bug.
+		panic(err)
+	}
+	return names
+}
+
+// String returns the counter name, e.g. "drop_spoofed".
+func (s StatID) String() string {
+	names := StatNames()
+	if int(s) < len(names) {
+		return names[s]
+	}
+	return fmt.Sprintf("stat_%d", uint32(s))
+}
+
+func (p ProgID) String() string {
+	switch p {
+	case fromPodProgIdPROG_FROM_POD:
+		return FromPod
+	case fromPodProgIdPROG_FROM_UPLINK:
+		return FromUplink
+	case fromPodProgIdPROG_TO_UPLINK:
+		return ToUplink
+	}
+	return fmt.Sprintf("prog_%d", uint32(p))
+}

@@ -1,0 +1,180 @@
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/datapath"
+)
+
+// EndpointInfo is a local pod as the datapath knows it, with the owner the
+// CNI plugin recorded.
+type EndpointInfo struct {
+	IP        netip.Addr
+	Ifindex   int
+	Ifname    string // host-side veth
+	MAC       net.HardwareAddr
+	HostMAC   net.HardwareAddr
+	Container string
+	PodIfname string
+	Netns     string
+}
+
+// Endpoints is the pair of endpoint maps plus their owners.
+type Endpoints struct {
+	byIP, byIfindex, meta *ebpf.Map
+}
+
+func NewEndpoints(m *datapath.Maps) *Endpoints {
+	return &Endpoints{byIP: m.Endpoints, byIfindex: m.EpByIfindex, meta: m.EpMeta}
+}
+
+// Put registers ep. The by-ifindex entry goes in first and the by-IP entry
+// last, so the pod may send before anyone can send to it, never the other way
+// round. A failure undoes what was written.
+func (e *Endpoints) Put(ep EndpointInfo) error {
+	if !ep.IP.Is4() {
+		return fmt.Errorf("endpoint %s: only IPv4 is supported", ep.IP)
+	}
+	mac, err := mac6(ep.MAC)
+	if err != nil {
+		return fmt.Errorf("endpoint %s: pod %w", ep.IP, err)
+	}
+	hostMAC, err := mac6(ep.HostMAC)
+	if err != nil {
+		return fmt.Errorf("endpoint %s: host %w", ep.IP, err)
+	}
+	val := datapath.Endpoint{Ip: u32(ep.IP), Ifindex: uint32(ep.Ifindex), Mac: mac, HostMac: hostMAC}
+	var meta datapath.EndpointMeta
+	putCString(meta.ContainerId[:], ep.Container)
+	putCString(meta.Ifname[:], ep.PodIfname)
+	putCString(meta.HostIfname[:], ep.Ifname)
+	putCString(meta.Netns[:], ep.Netns)
+
+	key, ifindex := u32(ep.IP), uint32(ep.Ifindex)
+	if err := mapErr(e.meta, e.meta.Put(key, &meta)); err != nil {
+		return fmt.Errorf("register endpoint %s: %w", ep.IP, err)
+	}
+	if err := mapErr(e.byIfindex, e.byIfindex.Put(ifindex, &val)); err != nil {
+		e.meta.Delete(key)
+		return fmt.Errorf("register endpoint %s: %w", ep.IP, err)
+	}
+	if err := mapErr(e.byIP, e.byIP.Put(key, &val)); err != nil {
+		e.byIfindex.Delete(ifindex)
+		e.meta.Delete(key)
+		return fmt.Errorf("register endpoint %s: %w", ep.IP, err)
+	}
+	return nil
+}
+
+// Get returns the endpoint with ip, or ErrNotFound.
+func (e *Endpoints) Get(ip netip.Addr) (EndpointInfo, error) {
+	if !ip.Is4() {
+		return EndpointInfo{}, ErrNotFound
+	}
+	var val datapath.Endpoint
+	if err := mapErr(e.byIP, e.byIP.Lookup(u32(ip), &val)); err != nil {
+		return EndpointInfo{}, err
+	}
+	return e.info(val), nil
+}
+
+// Delete removes the endpoint with ip, if any: the by-IP entry first, so
+// nothing is sent to it while it goes.
+func (e *Endpoints) Delete(ip netip.Addr) error {
+	key := u32(ip)
+	var val datapath.Endpoint
+	err := mapErr(e.byIP, e.byIP.Lookup(key, &val))
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("look up endpoint %s: %w", ip, err)
+	}
+	var errs []error
+	if err == nil {
+		errs = append(errs, ignoreNotFound(e.byIP, e.byIP.Delete(key)))
+		// Only drop the anti-spoofing entry if it is this endpoint's:
+		// the ifindex may have been reused by a newer pod.
+		var cur datapath.Endpoint
+		if e.byIfindex.Lookup(val.Ifindex, &cur) == nil && cur.Ip == key {
+			errs = append(errs, ignoreNotFound(e.byIfindex, e.byIfindex.Delete(val.Ifindex)))
+		}
+	}
+	errs = append(errs, ignoreNotFound(e.meta, e.meta.Delete(key)))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("delete endpoint %s: %w", ip, err)
+	}
+	return nil
+}
+
+// DeleteIfindex removes the anti-spoofing entry of a veth with no endpoint
+// left by IP (a half-made ADD).
+func (e *Endpoints) DeleteIfindex(ifindex int) error {
+	return ignoreNotFound(e.byIfindex, e.byIfindex.Delete(uint32(ifindex)))
+}
+
+// List returns every endpoint, by-IP entries first, then veths that are
+// registered for anti-spoofing only.
+func (e *Endpoints) List() ([]EndpointInfo, error) {
+	var (
+		key uint32
+		val datapath.Endpoint
+		out []EndpointInfo
+	)
+	iter := e.byIP.Iterate()
+	for iter.Next(&key, &val) {
+		out = append(out, e.info(val))
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// FindOwner returns the endpoint registered for a container's interface.
+func (e *Endpoints) FindOwner(containerID, podIfname string) (EndpointInfo, error) {
+	var (
+		key  uint32
+		meta datapath.EndpointMeta
+	)
+	iter := e.meta.Iterate()
+	for iter.Next(&key, &meta) {
+		if cString(meta.ContainerId[:]) != containerID || cString(meta.Ifname[:]) != podIfname {
+			continue
+		}
+		if ep, err := e.Get(addr(key)); err == nil {
+			return ep, nil
+		}
+		// Owner known, forwarding entry gone: report what is left.
+		return e.withMeta(EndpointInfo{IP: addr(key)}, meta), nil
+	}
+	if err := iter.Err(); err != nil {
+		return EndpointInfo{}, fmt.Errorf("search endpoint owners: %w", err)
+	}
+	return EndpointInfo{}, ErrNotFound
+}
+
+func (e *Endpoints) info(val datapath.Endpoint) EndpointInfo {
+	ep := EndpointInfo{IP: addr(val.Ip), Ifindex: int(val.Ifindex), MAC: hw(val.Mac), HostMAC: hw(val.HostMac)}
+	var meta datapath.EndpointMeta
+	if e.meta.Lookup(val.Ip, &meta) == nil {
+		ep = e.withMeta(ep, meta)
+	}
+	return ep
+}
+
+func (e *Endpoints) withMeta(ep EndpointInfo, meta datapath.EndpointMeta) EndpointInfo {
+	ep.Container = cString(meta.ContainerId[:])
+	ep.PodIfname = cString(meta.Ifname[:])
+	ep.Ifname = cString(meta.HostIfname[:])
+	ep.Netns = cString(meta.Netns[:])
+	return ep
+}
+
+func ignoreNotFound(m *ebpf.Map, err error) error {
+	if err = mapErr(m, err); errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	return err
+}

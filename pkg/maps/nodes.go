@@ -1,0 +1,108 @@
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/datapath"
+)
+
+// Node is a remote node: where its pods live and how to reach it.
+type Node struct {
+	PodCIDR netip.Prefix
+	NodeIP  netip.Addr
+	VtepMAC net.HardwareAddr // nil unless the peer runs a kernel vxlan device
+}
+
+// Nodes is the remote-node LPM map plus the tunnel sources decap accepts.
+type Nodes struct {
+	byCIDR, sources *ebpf.Map
+}
+
+func NewNodes(m *datapath.Maps) *Nodes {
+	return &Nodes{byCIDR: m.Nodes, sources: m.TunnelSrcs}
+}
+
+func lpmKey(p netip.Prefix) datapath.LPMKey {
+	p = p.Masked()
+	return datapath.LPMKey{Prefixlen: uint32(p.Bits()), Addr: u32(p.Addr())}
+}
+
+// Put adds or replaces a node. Its tunnel source goes in first, so that
+// replies to the first encapsulated packet are already accepted.
+func (n *Nodes) Put(node Node) error {
+	if !node.PodCIDR.Addr().Is4() || !node.NodeIP.Is4() {
+		return fmt.Errorf("node %s: only IPv4 is supported", node.NodeIP)
+	}
+	val := datapath.NodeInfo{NodeIp: u32(node.NodeIP)}
+	if node.VtepMAC != nil {
+		m, err := mac6(node.VtepMAC)
+		if err != nil {
+			return fmt.Errorf("node %s: vtep %w", node.NodeIP, err)
+		}
+		val.VtepMac = m
+	}
+	if err := mapErr(n.sources, n.sources.Put(u32(node.NodeIP), uint32(1))); err != nil {
+		return fmt.Errorf("add tunnel source %s: %w", node.NodeIP, err)
+	}
+	if err := mapErr(n.byCIDR, n.byCIDR.Put(lpmKey(node.PodCIDR), &val)); err != nil {
+		return fmt.Errorf("add node %s (%s): %w", node.NodeIP, node.PodCIDR, err)
+	}
+	return nil
+}
+
+// Delete removes the node owning podCIDR, and its tunnel source unless
+// another CIDR still points at the same node.
+func (n *Nodes) Delete(podCIDR netip.Prefix) error {
+	key := lpmKey(podCIDR)
+	var val datapath.NodeInfo
+	if err := mapErr(n.byCIDR, n.byCIDR.Lookup(&key, &val)); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil
+		}
+		return fmt.Errorf("look up node %s: %w", podCIDR, err)
+	}
+	if err := ignoreNotFound(n.byCIDR, n.byCIDR.Delete(&key)); err != nil {
+		return fmt.Errorf("delete node %s: %w", podCIDR, err)
+	}
+	list, err := n.List()
+	if err != nil {
+		return err
+	}
+	for _, other := range list {
+		if u32(other.NodeIP) == val.NodeIp {
+			return nil
+		}
+	}
+	if err := ignoreNotFound(n.sources, n.sources.Delete(val.NodeIp)); err != nil {
+		return fmt.Errorf("delete tunnel source %s: %w", addr(val.NodeIp), err)
+	}
+	return nil
+}
+
+// List returns every node.
+func (n *Nodes) List() ([]Node, error) {
+	var (
+		key datapath.LPMKey
+		val datapath.NodeInfo
+		out []Node
+	)
+	iter := n.byCIDR.Iterate()
+	for iter.Next(&key, &val) {
+		node := Node{
+			PodCIDR: netip.PrefixFrom(addr(key.Addr), int(key.Prefixlen)),
+			NodeIP:  addr(val.NodeIp),
+		}
+		if val.VtepMac != [6]uint8{} {
+			node.VtepMAC = hw(val.VtepMac)
+		}
+		out = append(out, node)
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	return out, nil
+}
