@@ -1,0 +1,131 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/spf13/cobra"
+)
+
+func newBPFCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "bpf",
+		Short: "Inspect the datapath's maps and programs",
+	}
+	ep := &cobra.Command{Use: "endpoint", Short: "Local pods the datapath delivers to"}
+	ep.AddCommand(
+		&cobra.Command{
+			Use:     "list",
+			Short:   "List local endpoints",
+			Example: "  patchcord bpf endpoint list\n  patchcord bpf endpoint list -o json",
+			Args:    cobra.NoArgs,
+			RunE:    func(cmd *cobra.Command, _ []string) error { return endpointList(g, cmd.OutOrStdout(), "") },
+		},
+		&cobra.Command{
+			Use:     "get IP",
+			Short:   "Show one endpoint",
+			Example: "  patchcord bpf endpoint get 10.244.1.5",
+			Args:    cobra.ExactArgs(1),
+			RunE:    func(cmd *cobra.Command, args []string) error { return endpointList(g, cmd.OutOrStdout(), args[0]) },
+		},
+	)
+	var reset bool
+	stats := &cobra.Command{
+		Use:     "stats",
+		Short:   "Datapath counters, summed over CPUs",
+		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
+	}
+	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
+	cmd.AddCommand(ep, stats)
+	return cmd
+}
+
+// endpointView is the JSON shape of an endpoint; field names are stable.
+type endpointView struct {
+	IP          string `json:"ip"`
+	Ifindex     int    `json:"ifindex"`
+	Ifname      string `json:"ifname"`
+	MAC         string `json:"mac"`
+	HostMAC     string `json:"hostMac"`
+	ContainerID string `json:"containerID,omitempty"`
+	PodIfname   string `json:"podIfname,omitempty"`
+	Netns       string `json:"netns,omitempty"`
+}
+
+func endpointList(g *globals, w io.Writer, only string) error {
+	dp, err := g.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	eps := maps.NewEndpoints(&dp.Maps)
+	var list []maps.EndpointInfo
+	if only != "" {
+		ip, err := netip.ParseAddr(only)
+		if err != nil {
+			return fmt.Errorf("parse endpoint address %q: %w", only, err)
+		}
+		ep, err := eps.Get(ip)
+		if err != nil {
+			return fmt.Errorf("endpoint %s: %w", ip, err)
+		}
+		list = append(list, ep)
+	} else if list, err = eps.List(); err != nil {
+		return err
+	}
+	slices.SortFunc(list, func(a, b maps.EndpointInfo) int { return a.IP.Compare(b.IP) })
+	views := make([]endpointView, 0, len(list))
+	for _, ep := range list {
+		views = append(views, endpointView{
+			IP: ep.IP.String(), Ifindex: ep.Ifindex, Ifname: ep.Ifname,
+			MAC: ep.MAC.String(), HostMAC: ep.HostMAC.String(),
+			ContainerID: ep.Container, PodIfname: ep.PodIfname, Netns: ep.Netns,
+		})
+	}
+	return g.print(w, views, func(w io.Writer) {
+		fmt.Fprintln(w, "IP\tIFINDEX\tIFNAME\tMAC\tHOST MAC\tCONTAINER")
+		for _, v := range views {
+			fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\t%s\n", v.IP, v.Ifindex, v.Ifname, v.MAC, v.HostMAC, short(v.ContainerID))
+		}
+	})
+}
+
+func statsShow(g *globals, w io.Writer, reset bool) error {
+	dp, err := g.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	st := maps.NewStats(&dp.Maps)
+	counters, err := st.Read()
+	if err != nil {
+		return err
+	}
+	names := make([]string, 0, len(counters))
+	for name := range counters {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	err = g.print(w, counters, func(w io.Writer) {
+		fmt.Fprintln(w, "COUNTER\tPACKETS\tBYTES")
+		for _, n := range names {
+			fmt.Fprintf(w, "%s\t%d\t%d\n", n, counters[n].Packets, counters[n].Bytes)
+		}
+	})
+	if err != nil || !reset {
+		return err
+	}
+	return st.Reset()
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}

@@ -1,0 +1,343 @@
+package cni
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/vishvananda/netlink"
+)
+
+// The pod's only neighbour: from_pod answers ARP for it with the host veth's
+// MAC, so every packet the pod sends reaches from_pod addressed to the host.
+var gatewayIP = net.IPv4(169, 254, 1, 1).To4()
+
+const vxlanOverhead = 50
+
+// hostVethName is stable for a container interface, so DEL finds what ADD
+// made without any state: "pc" and 13 hex digits, the kernel's 15 at most.
+func hostVethName(containerID, ifname string) string {
+	sum := sha256.Sum256([]byte(containerID + "/" + ifname))
+	return "pc" + hex.EncodeToString(sum[:])[:13]
+}
+
+// Add is the ADD verb.
+func Add(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
+	switch {
+	case conf.PrevResult != nil && conf.primary():
+		return invalidConf("both ipam and a previous plugin's result are present: drop ipam to chain patchcord-cni after a plugin that creates the interface, or make patchcord-cni the first plugin")
+	case conf.PrevResult != nil:
+		return addChained(args, conf, log)
+	case conf.primary():
+		return addPrimary(args, conf, log)
+	}
+	return invalidConf("no ipam section and no previous plugin: add an ipam section (e.g. host-local) for primary mode, or chain patchcord-cni after ptp or bridge")
+}
+
+func openDatapath(conf *NetConf, log *slog.Logger) (*datapath.Datapath, error) {
+	dp, err := datapath.Open(conf.BpffsRoot, log)
+	if err != nil {
+		return nil, types.NewError(types.ErrPluginNotAvailable, "cannot load the patchcord datapath", err.Error())
+	}
+	return dp, nil
+}
+
+func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error) {
+	netns, err := ns.GetNS(args.Netns)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open network namespace %q", args.Netns), err.Error())
+	}
+	defer netns.Close()
+
+	dp, err := openDatapath(conf, log)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	eps := maps.NewEndpoints(&dp.Maps)
+	mtu := podMTU(conf, dp, log)
+
+	// Everything made from here on is undone if a later step fails, so a
+	// failed ADD leaves no lease, veth, route or map entry behind.
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+
+	r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
+	}
+	undo = append(undo, func() {
+		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
+			log.Warn("release address after failed ADD", "err", err)
+		}
+	})
+	res, err := current.NewResultFromResult(r)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "cannot read the ipam plugin's result", err.Error())
+	}
+	podIP, err := singleIPv4(res.IPs)
+	if err != nil {
+		return err
+	}
+
+	hostName := hostVethName(args.ContainerID, args.IfName)
+	hostNS, err := ns.GetCurrentNS()
+	if err != nil {
+		return fmt.Errorf("open host network namespace: %w", err)
+	}
+	defer hostNS.Close()
+
+	var hostIf, podIf net.Interface
+	err = netns.Do(func(ns.NetNS) error {
+		var err error
+		hostIf, podIf, err = ip.SetupVethWithName(args.IfName, hostName, mtu, "", hostNS)
+		if err != nil {
+			return err
+		}
+		return configurePod(args.IfName, podIP)
+	})
+	if hostIf.Name != "" {
+		undo = append(undo, func() {
+			if err := ip.DelLinkByName(hostName); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+				log.Warn("delete veth after failed ADD", "ifname", hostName, "err", err)
+			}
+		})
+	}
+	if err != nil {
+		return fmt.Errorf("set up veth %s in %s: %w", args.IfName, args.Netns, err)
+	}
+
+	// The host reaches the pod (kubelet probes, node traffic) through the
+	// ordinary stack along this route.
+	hostLink, err := netlink.LinkByName(hostName)
+	if err != nil {
+		return fmt.Errorf("find host veth %s: %w", hostName, err)
+	}
+	if err := netlink.RouteReplace(&netlink.Route{
+		LinkIndex: hostLink.Attrs().Index,
+		Dst:       prefixNet(netip.PrefixFrom(podIP, 32)),
+		Scope:     netlink.SCOPE_LINK,
+	}); err != nil {
+		return fmt.Errorf("add host route to %s via %s: %w", podIP, hostName, err)
+	}
+	if err := ip.EnableIP4Forward(); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+
+	ep := maps.EndpointInfo{
+		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
+		MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr,
+		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
+	}
+	if err := register(dp, eps, ep, log); err != nil {
+		return err
+	}
+	undo = append(undo, func() { unregister(dp, eps, ep, log) })
+
+	res.Interfaces = []*current.Interface{
+		{Name: hostName, Mac: hostIf.HardwareAddr.String()},
+		{Name: args.IfName, Mac: podIf.HardwareAddr.String(), Sandbox: args.Netns},
+	}
+	for _, ipc := range res.IPs {
+		ipc.Interface = current.Int(1)
+		ipc.Address = net.IPNet{IP: ipc.Address.IP, Mask: net.CIDRMask(32, 32)}
+		ipc.Gateway = gatewayIP
+	}
+	res.Routes = podRoutes()
+	log.Info("added pod", "pod_ip", podIP, "host_ifname", hostName, "mtu", mtu)
+	return types.PrintResult(res, conf.CNIVersion)
+}
+
+func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
+	}
+	hostIf, podIf, err := chainedInterfaces(prev, args)
+	if err != nil {
+		return err
+	}
+	podIP, err := singleIPv4(prev.IPs)
+	if err != nil {
+		return err
+	}
+	hostLink, err := netlink.LinkByName(hostIf.Name)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("host interface %q from prevResult not found: chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", hostIf.Name), err.Error())
+	}
+	if _, ok := hostLink.(*netlink.Veth); !ok {
+		return invalidConf("host interface %q is a %s, not a veth: chain patchcord-cni after ptp or bridge", hostIf.Name, hostLink.Type())
+	}
+	podMAC, err := net.ParseMAC(podIf.Mac)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("prevResult has no valid MAC for %s", podIf.Name), err.Error())
+	}
+
+	dp, err := openDatapath(conf, log)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	ep := maps.EndpointInfo{
+		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostIf.Name,
+		MAC: podMAC, HostMAC: hostLink.Attrs().HardwareAddr,
+		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
+	}
+	if err := register(dp, maps.NewEndpoints(&dp.Maps), ep, log); err != nil {
+		return err
+	}
+	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostIf.Name)
+	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+}
+
+// register puts the endpoint in the maps and attaches from_pod, undoing the
+// first if the second fails.
+func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) error {
+	if old, err := eps.Get(ep.IP); err == nil && old.Container != ep.Container {
+		// IPAM just handed out this address, so the old owner is gone
+		// without a DEL; GC would remove it too.
+		log.Warn("replacing stale endpoint", "pod_ip", ep.IP, "old_container", old.Container)
+	}
+	if err := eps.Put(ep); err != nil {
+		code := types.ErrInternal
+		msg := "cannot register endpoint"
+		if errors.Is(err, maps.ErrFull) {
+			code = types.ErrTryAgainLater
+			msg = "endpoint map is full: remove pods, or delete stale entries (patchcord bpf endpoint list)"
+		}
+		return types.NewError(code, msg, err.Error())
+	}
+	if err := dp.Attach(datapath.FromPod, ep.Ifname, log); err != nil {
+		eps.Delete(ep.IP)
+		return types.NewError(types.ErrInternal, fmt.Sprintf("cannot attach from_pod to %s", ep.Ifname), err.Error())
+	}
+	return nil
+}
+
+func unregister(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) {
+	// Detach first: a veth without an endpoint would drop everything.
+	if err := dp.Detach(datapath.FromPod, ep.Ifname); err != nil {
+		log.Warn("detach from_pod", "ifname", ep.Ifname, "err", err)
+	}
+	if err := eps.Delete(ep.IP); err != nil {
+		log.Warn("delete endpoint", "pod_ip", ep.IP, "err", err)
+	}
+}
+
+// configurePod gives the pod its /32 and routes everything through the
+// link-local gateway. Runs inside the pod's namespace.
+func configurePod(ifname string, podIP netip.Addr) error {
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", ifname, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("set %s up: %w", ifname, err)
+	}
+	if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(podIP, 32))}); err != nil {
+		return fmt.Errorf("add %s/32 to %s: %w", podIP, ifname, err)
+	}
+	for _, r := range []netlink.Route{
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: gatewayIP},
+	} {
+		if err := netlink.RouteAdd(&r); err != nil {
+			return fmt.Errorf("add route %s in pod: %w", r.Dst, err)
+		}
+	}
+	return nil
+}
+
+func podRoutes() []*types.Route {
+	scopeLink := int(netlink.SCOPE_LINK)
+	return []*types.Route{
+		{Dst: net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: &scopeLink},
+		{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gatewayIP},
+	}
+}
+
+func singleIPv4(ips []*current.IPConfig) (netip.Addr, error) {
+	var found []netip.Addr
+	for _, c := range ips {
+		if a, ok := netip.AddrFromSlice(c.Address.IP); ok && a.Unmap().Is4() {
+			found = append(found, a.Unmap())
+		}
+	}
+	switch len(found) {
+	case 1:
+		return found[0], nil
+	case 0:
+		return netip.Addr{}, invalidConf("no IPv4 address to register: patchcord needs exactly one IPv4 address per pod interface (check the ipam ranges)")
+	}
+	return netip.Addr{}, invalidConf("%d IPv4 addresses %v: patchcord needs exactly one per pod interface (check the ipam ranges)", len(found), found)
+}
+
+// chainedInterfaces finds, in a previous plugin's result, the pod interface
+// for this ADD and the host-side interface the plugin made for it.
+func chainedInterfaces(prev *current.Result, args *skel.CmdArgs) (host, pod *current.Interface, err error) {
+	for _, i := range prev.Interfaces {
+		switch {
+		case i.Sandbox != "" && i.Name == args.IfName:
+			pod = i
+		case i.Sandbox == "" && host == nil:
+			host = i
+		}
+	}
+	if pod == nil || host == nil {
+		return nil, nil, invalidConf("prevResult lacks the pod interface %q or a host-side interface: chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", args.IfName)
+	}
+	return host, pod, nil
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// podMTU is the configured MTU, else the agent's (uplink MTU minus VXLAN),
+// else the default-route device's minus VXLAN, else 1450.
+func podMTU(conf *NetConf, dp *datapath.Datapath, log *slog.Logger) int {
+	if conf.MTU != 0 {
+		return conf.MTU
+	}
+	if cfg, err := maps.NewConfig(&dp.Maps).Get(); err == nil && cfg.MTU != 0 {
+		return cfg.MTU
+	}
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		log.Warn("list routes to derive the MTU", "err", err)
+	}
+	for _, r := range routes {
+		if r.Dst != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue
+			}
+		}
+		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+			return l.Attrs().MTU - vxlanOverhead
+		}
+	}
+	return 1500 - vxlanOverhead
+}

@@ -1,0 +1,93 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/vishvananda/netlink"
+)
+
+// Check is the CHECK verb: the interface, its addresses and routes, the
+// endpoint entries and the attachment must all be as ADD left them.
+func Check(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if conf.PrevResult == nil {
+		return invalidConf("CHECK needs prevResult: the runtime passes the ADD result")
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
+	}
+	podIP, err := singleIPv4(prev.IPs)
+	if err != nil {
+		return err
+	}
+
+	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "patchcord datapath is not loaded", err.Error())
+	}
+	defer dp.Close()
+	ep, err := maps.NewEndpoints(&dp.Maps).Get(podIP)
+	if errors.Is(err, maps.ErrNotFound) {
+		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod %s is not registered in the datapath: delete and re-add the pod", podIP), "")
+	}
+	if err != nil {
+		return types.NewError(types.ErrInternal, "cannot read the endpoint map", err.Error())
+	}
+	if ep.Container != args.ContainerID || ep.PodIfname != args.IfName {
+		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod address %s is registered to container %s/%s, not this one", podIP, ep.Container, ep.PodIfname), "")
+	}
+	host, err := netlink.LinkByName(ep.Ifname)
+	if err != nil {
+		return types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s of pod %s is gone", ep.Ifname, podIP), err.Error())
+	}
+	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
+		return types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
+	}
+	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
+		return types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
+	}
+
+	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
+		link, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fmt.Errorf("pod interface %s: %w", args.IfName, err)
+		}
+		if link.Attrs().HardwareAddr.String() != ep.MAC.String() {
+			return fmt.Errorf("pod interface %s has MAC %s, registered %s: anti-spoofing drops its traffic", args.IfName, link.Attrs().HardwareAddr, ep.MAC)
+		}
+		// ip.ValidateExpectedInterfaceIPs wants a subnet route per address;
+		// a /32 pod has none, so only the address itself is checked.
+		addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+		if err != nil {
+			return fmt.Errorf("list addresses of %s: %w", args.IfName, err)
+		}
+		if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IP.Equal(podIP.AsSlice()) }) {
+			return fmt.Errorf("pod interface %s lacks its address %s", args.IfName, podIP)
+		}
+		if conf.primary() {
+			return ip.ValidateExpectedRoute(prev.Routes)
+		}
+		return nil
+	})
+	if err != nil {
+		var nsErr ns.NSPathNotExistErr
+		if errors.As(err, &nsErr) {
+			return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("network namespace %s is gone", args.Netns), err.Error())
+		}
+		return types.NewError(types.ErrInternal, "pod interface check failed", err.Error())
+	}
+	return nil
+}

@@ -1,0 +1,84 @@
+// Package cni implements the patchcord-cni plugin's verbs. The plugin runs in
+// two modes: primary (it creates the veth and delegates addresses to an IPAM
+// plugin) and chained (a plugin before it, such as ptp, made the veth; it only
+// registers the endpoint and attaches the datapath).
+package cni
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/patchcord/patchcord/pkg/datapath"
+)
+
+// NetConf is the plugin's section of a conflist. Unknown keys are ignored,
+// as the CNI spec asks.
+type NetConf struct {
+	types.NetConf
+	// BpffsRoot is where this node's datapath is pinned.
+	BpffsRoot string `json:"bpffsRoot,omitempty"`
+	// MTU of the pod interface in primary mode; 0 picks the node's (see podMTU).
+	MTU int `json:"mtu,omitempty"`
+	// LogLevel of the plugin's stderr: debug, info, warn (default), error.
+	LogLevel string `json:"logLevel,omitempty"`
+}
+
+// primary reports whether the plugin owns the veth and the addresses.
+func (c *NetConf) primary() bool { return c.IPAM.Type != "" }
+
+func parseConf(stdin []byte) (*NetConf, error) {
+	conf := &NetConf{}
+	if err := json.Unmarshal(stdin, conf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "cannot parse network configuration: is it valid JSON?", err.Error())
+	}
+	if err := version.ParsePrevResult(&conf.NetConf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "cannot parse prevResult", err.Error())
+	}
+	if conf.BpffsRoot == "" {
+		conf.BpffsRoot = datapath.DefaultRoot
+	}
+	if !filepath.IsAbs(conf.BpffsRoot) {
+		return nil, invalidConf("bpffsRoot %q must be an absolute path", conf.BpffsRoot)
+	}
+	if conf.MTU != 0 && (conf.MTU < 576 || conf.MTU > 65535) {
+		return nil, invalidConf("mtu %d is out of range: use 576..65535, or leave it out to derive it from the node", conf.MTU)
+	}
+	if _, err := parseLevel(conf.LogLevel); err != nil {
+		return nil, invalidConf("%v", err)
+	}
+	return conf, nil
+}
+
+func invalidConf(format string, args ...any) *types.Error {
+	return types.NewError(types.ErrInvalidNetworkConfig, "invalid patchcord-cni configuration: "+fmt.Sprintf(format, args...), "")
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "", "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("logLevel %q is not one of debug, info, warn, error", s)
+}
+
+// logger writes to stderr only: stdout carries the CNI result.
+func logger(conf *NetConf, w io.Writer) *slog.Logger {
+	level, _ := parseLevel(conf.LogLevel)
+	if w == nil {
+		w = os.Stderr
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})).With("plugin", "patchcord-cni")
+}

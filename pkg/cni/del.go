@@ -1,0 +1,141 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/maps"
+)
+
+// Del is the DEL verb. It succeeds however far ADD got, however often it is
+// called, and when the pod's namespace is already gone.
+func Del(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
+
+	var errs []error
+	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	switch {
+	case errors.Is(err, datapath.ErrNotLoaded):
+		// Nothing was ever registered on this node.
+	case err != nil:
+		errs = append(errs, err)
+	default:
+		defer dp.Close()
+		errs = append(errs, forget(dp, args.ContainerID, args.IfName, log))
+	}
+
+	if conf.primary() {
+		// Deleting the host end takes the pod end and the host route along.
+		if err := ip.DelLinkByName(hostVethName(args.ContainerID, args.IfName)); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+			errs = append(errs, fmt.Errorf("delete host veth: %w", err))
+		}
+		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
+			errs = append(errs, fmt.Errorf("release address with ipam plugin %q: %w", conf.IPAM.Type, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return types.NewError(types.ErrTryAgainLater, "DEL did not complete; the runtime will retry", err.Error())
+	}
+	return nil
+}
+
+// forget detaches and unregisters the endpoint a container interface owns.
+func forget(dp *datapath.Datapath, containerID, ifname string, log *slog.Logger) error {
+	eps := maps.NewEndpoints(&dp.Maps)
+	ep, err := eps.FindOwner(containerID, ifname)
+	if errors.Is(err, maps.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := dp.Detach(datapath.FromPod, ep.Ifname); err != nil {
+		return err
+	}
+	if err := eps.Delete(ep.IP); err != nil {
+		return err
+	}
+	log.Info("removed pod", "pod_ip", ep.IP, "host_ifname", ep.Ifname)
+	return nil
+}
+
+// GC is the GC verb (CNI 1.1): it removes what patchcord holds for any
+// attachment not in cni.dev/valid-attachments, then lets IPAM do the same.
+func GC(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log := logger(conf, nil)
+	valid := make(map[[2]string]bool, len(conf.ValidAttachments))
+	for _, a := range conf.ValidAttachments {
+		valid[[2]string{a.ContainerID, a.IfName}] = true
+	}
+
+	var errs []error
+	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	switch {
+	case errors.Is(err, datapath.ErrNotLoaded):
+	case err != nil:
+		errs = append(errs, err)
+	default:
+		defer dp.Close()
+		list, err := maps.NewEndpoints(&dp.Maps).List()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, ep := range list {
+			if ep.Container == "" || valid[[2]string{ep.Container, ep.PodIfname}] {
+				continue
+			}
+			log.Info("collecting stale endpoint", "pod_ip", ep.IP, "container", ep.Container)
+			errs = append(errs, forget(dp, ep.Container, ep.PodIfname, log))
+			if conf.primary() {
+				if err := ip.DelLinkByName(ep.Ifname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+					errs = append(errs, fmt.Errorf("delete veth %s: %w", ep.Ifname, err))
+				}
+			}
+		}
+	}
+	if conf.primary() {
+		if err := invoke.DelegateGC(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+			errs = append(errs, fmt.Errorf("ipam plugin %q GC: %w", conf.IPAM.Type, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return types.NewError(types.ErrTryAgainLater, "GC did not complete", err.Error())
+	}
+	return nil
+}
+
+// Status is the STATUS verb (CNI 1.1): ready when the datapath can be
+// loaded (or is) under the configured root.
+func Status(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	dp, err := openDatapath(conf, logger(conf, nil))
+	if err != nil {
+		return err
+	}
+	dp.Close()
+	if conf.primary() {
+		if err := ipam.ExecStatus(conf.IPAM.Type, args.StdinData); err != nil {
+			return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("ipam plugin %q is not ready", conf.IPAM.Type), err.Error())
+		}
+	}
+	return nil
+}
