@@ -1,17 +1,25 @@
 # patchcord: build, generate, test, demo, bench.
-# `make` needs only Go: the bpf2go output is committed.
+# `make` needs only Go: the bpf2go output is committed. `make test` and
+# `make demo` install what they lack (Debian packages, cnitool, reference
+# CNI plugins) and must run as root.
 
 GO        ?= go
 CLANG     ?= clang-19
 STRIP     ?= llvm-strip-19
 BIN       := $(CURDIR)/bin
-GOBIN_DIR := $(BIN)/tools
-CNI_DIR   := $(BIN)/cni
+TOOLS     := $(BIN)/tools
+CNI_BIN   := $(BIN)/cni
 CNI_VERSION     := v1.3.0
 PLUGINS_VERSION := v1.10.0
+DEB_PACKAGES    := clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping \
+                   iperf3 sockperf iptables conntrack ethtool
 
 export BPF2GO_CC    := $(CLANG)
 export BPF2GO_STRIP := $(STRIP)
+# Where tests and the demo find the binaries and tools.
+export PATCHCORD_BIN := $(BIN)
+export CNI_PLUGINS   := $(CNI_BIN)
+export CNITOOL       := $(TOOLS)/cnitool
 
 .PHONY: all build generate check-generate deps tools test demo bench clean
 
@@ -21,12 +29,42 @@ build:
 	$(GO) build -o $(BIN)/patchcord ./cmd/patchcord
 	$(GO) build -o $(BIN)/patchcord-cni ./cmd/patchcord-cni
 
-generate:
+generate: deps
 	$(GO) generate ./pkg/datapath/
 
 # Fails when the committed objects differ from what this tree generates.
 check-generate: generate
-	git diff --exit-code -- pkg/datapath/
+	git diff --exit-code -- pkg/datapath/ || { echo "generated files are stale: run make generate and commit"; exit 1; }
+
+# Installs only the Debian packages that are missing.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+tools: $(TOOLS)/cnitool $(CNI_BIN)/host-local
+
+$(TOOLS)/cnitool:
+	GOBIN=$(TOOLS) $(GO) install github.com/containernetworking/cni/cnitool@$(CNI_VERSION)
+
+$(CNI_BIN)/host-local:
+	GOBIN=$(CNI_BIN) $(GO) install \
+		github.com/containernetworking/plugins/plugins/ipam/host-local@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/main/ptp@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/main/bridge@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/main/loopback@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/meta/portmap@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/meta/bandwidth@$(PLUGINS_VERSION) \
+		github.com/containernetworking/plugins/plugins/meta/tuning@$(PLUGINS_VERSION)
+
+test: deps tools build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 40m ./...
+
+demo: deps tools build
+	$(GO) run ./test/demo
 
 clean:
 	rm -rf $(BIN)

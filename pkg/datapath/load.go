@@ -104,7 +104,7 @@ func (d *Datapath) Program(name string) (*ebpf.Program, error) {
 	return p, nil
 }
 
-func (d *Datapath) mapDir() string           { return filepath.Join(d.Root, "maps") }
+func (d *Datapath) mapDir() string             { return filepath.Join(d.Root, "maps") }
 func (d *Datapath) progPin(name string) string { return filepath.Join(d.Root, "progs", name) }
 
 func (d *Datapath) openMaps() error {
