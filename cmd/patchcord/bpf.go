@@ -41,7 +41,15 @@ func newBPFCmd(g *globals) *cobra.Command {
 		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
 	}
 	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
-	cmd.AddCommand(ep, stats)
+	node := &cobra.Command{Use: "node", Short: "Remote nodes the datapath tunnels to"}
+	node.AddCommand(&cobra.Command{
+		Use:     "list",
+		Short:   "List remote nodes by pod CIDR",
+		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
+	})
+	cmd.AddCommand(ep, node, stats)
 	return cmd
 }
 
@@ -128,4 +136,38 @@ func short(id string) string {
 		return id[:12]
 	}
 	return id
+}
+
+// nodeView is the JSON shape of a remote node; field names are stable.
+type nodeView struct {
+	PodCIDR string `json:"podCIDR"`
+	NodeIP  string `json:"nodeIP"`
+	VtepMAC string `json:"vtepMAC,omitempty"`
+}
+
+func nodeList(g *globals, w io.Writer) error {
+	dp, err := g.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	list, err := maps.NewNodes(&dp.Maps).List()
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(list, func(a, b maps.Node) int { return a.PodCIDR.Addr().Compare(b.PodCIDR.Addr()) })
+	views := make([]nodeView, 0, len(list))
+	for _, n := range list {
+		v := nodeView{PodCIDR: n.PodCIDR.String(), NodeIP: n.NodeIP.String()}
+		if n.VtepMAC != nil {
+			v.VtepMAC = n.VtepMAC.String()
+		}
+		views = append(views, v)
+	}
+	return g.print(w, views, func(w io.Writer) {
+		fmt.Fprintln(w, "POD CIDR\tNODE IP\tVTEP MAC")
+		for _, v := range views {
+			fmt.Fprintf(w, "%s\t%s\t%s\n", v.PodCIDR, v.NodeIP, v.VtepMAC)
+		}
+	})
 }

@@ -26,7 +26,7 @@ func newRootCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&g.root, "bpffs-root", datapath.DefaultRoot, "bpffs directory the node's datapath is pinned under")
 	cmd.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
-	cmd.AddCommand(newBPFCmd(g))
+	cmd.AddCommand(newBPFCmd(g), newAgentCmd(g))
 	return cmd
 }
 

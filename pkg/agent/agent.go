@@ -1,0 +1,232 @@
+// Package agent is the node agent: it configures the uplink side of the
+// datapath, keeps the remote-node map and routes in step with a node source,
+// and repairs endpoints and attachments. It holds no datapath state in
+// memory: killed at any moment, it leaves a working datapath, and the next
+// start reconciles.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/nodes"
+	"github.com/vishvananda/netlink"
+)
+
+// VXLANOverhead is what encapsulation adds: outer IPv4, UDP, VXLAN, inner
+// Ethernet. Pods get the uplink MTU minus this.
+const VXLANOverhead = 50
+
+// Config is the agent's command line.
+type Config struct {
+	Uplink    string
+	NodeIP    netip.Addr
+	PodCIDR   netip.Prefix
+	VNI       uint32
+	VXLANPort uint16
+	BpffsRoot string
+	// ReadyFile, when set, is written once the first sync is done, so that
+	// tests and init systems wait on a signal instead of a sleep.
+	ReadyFile string
+	// ReconcileEvery repairs endpoints and attachments periodically.
+	ReconcileEvery time.Duration
+}
+
+// Validate checks what can be checked without the kernel; errors name the flag.
+func (c *Config) Validate() error {
+	switch {
+	case c.Uplink == "":
+		return errors.New("--uplink: required (the node's NIC toward other nodes)")
+	case !c.NodeIP.Is4():
+		return fmt.Errorf("--node-ip: %q is not an IPv4 address", c.NodeIP)
+	case !c.PodCIDR.IsValid() || !c.PodCIDR.Addr().Is4():
+		return fmt.Errorf("--pod-cidr: %q is not an IPv4 CIDR", c.PodCIDR)
+	case c.VNI == 0 || c.VNI > 1<<24-1:
+		return fmt.Errorf("--vni: %d is out of range 1..16777215", c.VNI)
+	case c.VXLANPort == 0:
+		return errors.New("--vxlan-port: 0 is not a port")
+	}
+	return nil
+}
+
+// Agent runs one node.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	dp     *datapath.Datapath
+	uplink netlink.Link
+	eps    *maps.Endpoints
+	nodes  *maps.Nodes
+}
+
+// Run sets the node up, then follows src until ctx ends. The datapath stays
+// when it returns.
+func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if cfg.ReconcileEvery == 0 {
+		cfg.ReconcileEvery = 10 * time.Second
+	}
+	uplink, err := netlink.LinkByName(cfg.Uplink)
+	if err != nil {
+		return fmt.Errorf("--uplink: %w", err)
+	}
+	if err := checkNodeIP(uplink, cfg.NodeIP); err != nil {
+		return err
+	}
+	dp, err := datapath.Open(cfg.BpffsRoot, log)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: maps.NewEndpoints(&dp.Maps), nodes: maps.NewNodes(&dp.Maps)}
+
+	if err := a.setupUplink(); err != nil {
+		return err
+	}
+	if err := a.reconcile(); err != nil {
+		log.Error("reconcile endpoints", "err", err)
+	}
+
+	updates := make(chan []nodes.Node)
+	srcErr := make(chan error, 1)
+	srcCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { srcErr <- src.Run(srcCtx, updates) }()
+
+	tick := time.NewTicker(cfg.ReconcileEvery)
+	defer tick.Stop()
+	ready := false
+	for {
+		select {
+		case set := <-updates:
+			if err := a.syncNodes(set); err != nil {
+				log.Error("sync nodes", "err", err)
+				continue
+			}
+			if !ready && cfg.ReadyFile != "" {
+				if err := os.WriteFile(cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
+					return fmt.Errorf("write ready file: %w", err)
+				}
+			}
+			ready = true
+		case <-tick.C:
+			if err := a.reconcile(); err != nil {
+				log.Error("reconcile endpoints", "err", err)
+			}
+		case err := <-srcErr:
+			if err != nil {
+				return fmt.Errorf("node source: %w", err)
+			}
+			return nil
+		case <-ctx.Done():
+			log.Info("stopping; the datapath stays in place")
+			return nil
+		}
+	}
+}
+
+func checkNodeIP(uplink netlink.Link, nodeIP netip.Addr) error {
+	addrs, err := netlink.AddrList(uplink, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", uplink.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if a.IP.Equal(nodeIP.AsSlice()) {
+			return nil
+		}
+	}
+	return fmt.Errorf("--node-ip: %s is not an address of %s: tunnels would carry a source no peer replies to", nodeIP, uplink.Attrs().Name)
+}
+
+// setupUplink writes the node config and attaches the uplink programs.
+func (a *Agent) setupUplink() error {
+	attrs := a.uplink.Attrs()
+	cfgMap := maps.NewConfig(&a.dp.Maps)
+	old, err := cfgMap.Get()
+	if err != nil {
+		return err
+	}
+	cfg := maps.Config{
+		NodeIP:        a.cfg.NodeIP,
+		UplinkIfindex: attrs.Index,
+		UplinkMAC:     attrs.HardwareAddr,
+		VXLANPort:     a.cfg.VXLANPort,
+		VNI:           a.cfg.VNI,
+		MTU:           attrs.MTU - VXLANOverhead,
+		Trace:         old.Trace, // a running monitor keeps its traces
+	}
+	if err := cfgMap.Put(cfg); err != nil {
+		return err
+	}
+	for _, prog := range []string{datapath.FromUplink, datapath.ToUplink} {
+		if err := a.dp.Attach(prog, attrs.Name, a.log); err != nil {
+			return err
+		}
+	}
+	// Forwarding carries what the fast path hands to the stack: services,
+	// host-routed traffic to remote pods.
+	if err := ip.EnableIP4Forward(); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.MTU)
+	return nil
+}
+
+// reconcile removes endpoints whose veth is gone and restores missing or
+// stale from_pod attachments.
+func (a *Agent) reconcile() error {
+	list, err := a.eps.List()
+	if err != nil {
+		return err
+	}
+	live := make(map[string]bool, len(list))
+	var errs []error
+	for _, ep := range list {
+		link, err := netlink.LinkByName(ep.Ifname)
+		var notFound netlink.LinkNotFoundError
+		if errors.As(err, &notFound) || err == nil && link.Attrs().Index != ep.Ifindex {
+			a.log.Info("removing endpoint whose veth is gone", "pod_ip", ep.IP, "ifname", ep.Ifname)
+			errs = append(errs, a.dp.Detach(datapath.FromPod, ep.Ifname), a.eps.Delete(ep.IP))
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("look up veth %s: %w", ep.Ifname, err))
+			continue
+		}
+		live[ep.Ifname] = true
+		if a.dp.Attached(datapath.FromPod, ep.Ifname) != nil {
+			a.log.Info("restoring from_pod attachment", "pod_ip", ep.IP, "ifname", ep.Ifname)
+			errs = append(errs, a.dp.Attach(datapath.FromPod, ep.Ifname, a.log))
+		}
+	}
+	atts, err := a.dp.Attachments()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, at := range atts {
+		if at.Program == datapath.FromPod && !live[at.Ifname] {
+			a.log.Info("removing attachment without endpoint", "ifname", at.Ifname)
+			errs = append(errs, a.dp.Detach(datapath.FromPod, at.Ifname))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// hwOrNil keeps an absent MAC absent.
+func hwOrNil(m net.HardwareAddr) net.HardwareAddr {
+	if len(m) == 0 {
+		return nil
+	}
+	return m
+}
