@@ -36,15 +36,18 @@ static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoi
 
 	if ((void *)(arp + 1) > data_end)
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
-	if (arp->htype != ARPHRD_ETHER_BE || arp->ptype != bpf_htons(ETH_P_IP) ||
-	    arp->hlen != ETH_ALEN || arp->plen != 4)
+	/* Linux's arp_rcv drops ARP with other address sizes itself. */
+	if (arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != ETH_ALEN || arp->plen != 4)
 		return to_host(skb);
-	/* A pod may only announce itself; 0.0.0.0 is a duplicate-address probe. */
+	/* A pod may only announce itself; 0.0.0.0 is a duplicate-address probe.
+	 * Checked for any hardware type: Linux's arp_process takes type 6
+	 * (IEEE 802) on Ethernet devices as it takes type 1. */
 	sender = arp->spa;
 	if (!mac_eq(arp->sha, src->mac) || !mac_eq(eth->h_source, src->mac) ||
 	    (sender != src->ip && sender != 0))
 		return drop(skb, STAT_DROP_SPOOFED, PROG);
-	if (arp->op != ARPOP_REQUEST_BE || arp->tpa != bpf_htonl(POD_GATEWAY_IP))
+	if (arp->htype != ARPHRD_ETHER_BE || arp->op != ARPOP_REQUEST_BE ||
+	    arp->tpa != bpf_htonl(POD_GATEWAY_IP))
 		return to_host(skb);
 
 	/* Turn the request around in place: the gateway is this veth. */
@@ -75,12 +78,14 @@ static __always_inline int to_remote_node(struct __sk_buff *skb, struct iphdr *i
 	const struct node_config *cfg = node_config();
 
 	/* Until the agent has configured the uplink, the host stack decides. */
-	if (!cfg || !cfg->uplink_ifindex)
+	if (!cfg || !cfg->uplink_ifindex || !cfg->node_ip)
 		return to_host(skb);
 	ipv4_decrease_ttl(ip);
+	/* Counted and traced before encapsulation, so a trace shows the pod's
+	 * 5-tuple rather than the tunnel's. */
+	forwarded(skb, cfg, STAT_ENCAP, PROG, cfg->uplink_ifindex);
 	if (vxlan_encap(skb, node, cfg))
 		return drop(skb, STAT_DROP_ENCAP_FAILED, PROG);
-	forwarded(skb, cfg, STAT_ENCAP, PROG, cfg->uplink_ifindex);
 	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
 }
 

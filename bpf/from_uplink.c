@@ -47,6 +47,7 @@ int from_uplink(struct __sk_buff *skb)
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
+	int expired;
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
@@ -78,8 +79,9 @@ int from_uplink(struct __sk_buff *skb)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
 
 	/* This node routes the inner packet once; with TTL 1 the host stack
-	 * must answer, so it gets the decapsulated packet. */
-	if (inner->ttl > 1)
+	 * must answer, so it gets the decapsulated packet as it came. */
+	expired = inner->ttl <= 1;
+	if (!expired)
 		ipv4_decrease_ttl(inner);
 
 	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))
@@ -95,7 +97,7 @@ int from_uplink(struct __sk_buff *skb)
 	inner = (void *)(&h->eth + 1);
 	if ((void *)(inner + 1) > ctx_data_end(skb))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
-	if (inner->ttl <= 1) {
+	if (expired) {
 		/* The outer Ethernet header, addressed to the uplink, stays. */
 		count(STAT_DECAP, skb->len);
 		count(STAT_TO_HOST, skb->len);

@@ -35,10 +35,11 @@ int to_uplink(struct __sk_buff *skb)
 	cfg = node_config();
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
-	/* The host stack already routed it: no TTL to take. */
+	/* The host stack already routed it: no TTL to take. As in from_pod,
+	 * the trace shows the inner packet. */
+	forwarded(skb, cfg, STAT_ENCAP, PROG, skb->ifindex);
 	if (vxlan_encap(skb, node, cfg))
 		return drop(skb, STAT_DROP_ENCAP_FAILED, PROG);
-	forwarded(skb, cfg, STAT_ENCAP, PROG, skb->ifindex);
 	return bpf_redirect_neigh(skb->ifindex, NULL, 0, 0);
 }
 
