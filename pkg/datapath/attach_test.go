@@ -1,0 +1,170 @@
+package datapath_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
+	"github.com/vishvananda/netlink"
+)
+
+// mustDummyNS returns a fresh network namespace holding a veth "dummy0"
+// (its peer stays in the same namespace), standing in for a pod's host veth.
+// This kernel has no dummy driver.
+func mustDummyNS(tb testing.TB) ns.NetNS {
+	tb.Helper()
+	netns, err := testutils.NewNS()
+	if err != nil {
+		tb.Fatalf("create netns: %v", err)
+	}
+	tb.Cleanup(func() {
+		netns.Close()
+		testutils.UnmountNS(netns)
+	})
+	err = netns.Do(func(ns.NetNS) error {
+		return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dummy0"}, PeerName: "dummy0p"})
+	})
+	if err != nil {
+		tb.Fatalf("add dummy0: %v", err)
+	}
+	return netns
+}
+
+func TestAttachIdempotentAndDetach(t *testing.T) {
+	d := datapathtest.MustOpen(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		for range 2 {
+			if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
+				return err
+			}
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+			t.Errorf("after attach: %v", err)
+		}
+		atts, err := d.Attachments()
+		if err != nil {
+			return err
+		}
+		if len(atts) != 1 || atts[0].Stale || atts[0].Ifname != "dummy0" || atts[0].Direction != "ingress" {
+			t.Errorf("attachments: got %+v, want one current ingress link on dummy0", atts)
+		}
+		for range 2 {
+			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
+				return err
+			}
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {
+			t.Error("still attached after detach")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(d.Root, "links", datapath.FromPod, "dummy0")); !os.IsNotExist(err) {
+		t.Errorf("link pin left after detach: %v", err)
+	}
+}
+
+// An interface deleted and recreated under the same name leaves a dead link
+// pin behind; attaching again must replace it rather than trust it.
+func TestAttachReplacesStaleLink(t *testing.T) {
+	d := datapathtest.MustOpen(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
+			return err
+		}
+		l, _ := netlink.LinkByName("dummy0")
+		if err := netlink.LinkDel(l); err != nil {
+			return err
+		}
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dummy0"}, PeerName: "dummy0p"}); err != nil {
+			return err
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {
+			t.Error("Attached: a link of the deleted interface passes as current")
+		}
+		if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
+			return err
+		}
+		return d.Attached(datapath.FromPod, "dummy0")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An upgrade (a binary whose program differs from the pinned one) must move
+// every existing attachment to the new code in place: same link, new
+// program, no moment without a program on the interface.
+func TestOpenUpgradesLinksInPlace(t *testing.T) {
+	root := datapathtest.MustBPFFS(t)
+	log := datapathtest.Logger(t)
+	d, err := datapath.Open(root, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	netns := mustDummyNS(t)
+	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
+		t.Fatal(err)
+	}
+	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
+
+	// Stand in for an older release: other code pinned as from_pod and
+	// running on the link.
+	old, err := d.Program(datapath.FromUplink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Update(old); err != nil {
+		t.Fatal(err)
+	}
+	progPin := filepath.Join(root, "progs", datapath.FromPod)
+	if err := os.Remove(progPin); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(progPin); err != nil {
+		t.Fatal(err)
+	}
+	before := linkInfo(t, l)
+
+	upgraded, err := datapath.Open(root, log)
+	if err != nil {
+		t.Fatalf("open over an older datapath: %v", err)
+	}
+	defer upgraded.Close()
+	after := linkInfo(t, l)
+	if after.ID != before.ID {
+		t.Errorf("link was replaced (id %d -> %d), want it updated in place", before.ID, after.ID)
+	}
+	want := progID(t, upgraded, datapath.FromPod)
+	if uint32(after.Program) != want || uint32(before.Program) == want {
+		t.Errorf("link runs program %d (was %d), want the new from_pod %d", after.Program, before.Program, want)
+	}
+	if err := netns.Do(func(ns.NetNS) error { return upgraded.Attached(datapath.FromPod, "dummy0") }); err != nil {
+		t.Errorf("after upgrade: %v", err)
+	}
+}
+
+func linkInfo(t *testing.T, l link.Link) *link.Info {
+	t.Helper()
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info
+}
+

@@ -1,0 +1,92 @@
+package nodes
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	good := `{"nodes":[{"name":"node1","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},` +
+		`{"name":"node2","nodeIP":"198.18.0.2","podCIDR":"10.244.2.0/24","vtepMAC":"0e:00:00:00:00:02"}]}`
+	nodes, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatalf("parse: %v", err)
+	}
+	if len(nodes) != 2 || nodes[1].VtepMAC.String() != "0e:00:00:00:00:02" || nodes[0].VtepMAC != nil ||
+		nodes[0].PodCIDR.String() != "10.244.1.0/24" || nodes[1].NodeIP.String() != "198.18.0.2" {
+		t.Errorf("parse: got %+v", nodes)
+	}
+
+	bad := []struct{ name, in, want string }{
+		{"not json", `{"nodes":`, "parse nodes file"},
+		{"no array", `{}`, `no "nodes" array`},
+		{"unknown field", `{"nodes":[],"extra":1}`, "unknown field"},
+		{"missing name", `{"nodes":[{"nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"}]}`, "nodes[0].name"},
+		{"bad ip", `{"nodes":[{"name":"a","nodeIP":"198.18.0","podCIDR":"10.244.1.0/24"}]}`, "nodes[0].nodeIP"},
+		{"ipv6 ip", `{"nodes":[{"name":"a","nodeIP":"fd00::1","podCIDR":"10.244.1.0/24"}]}`, "nodes[0].nodeIP"},
+		{"bad cidr", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0"}]}`, "nodes[0].podCIDR"},
+		{"host bits", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.1/24"}]}`, "did you mean 10.244.1.0/24"},
+		{"duplicate cidr", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},{"name":"b","nodeIP":"198.18.0.2","podCIDR":"10.244.1.0/24"}]}`, "nodes[1].podCIDR"},
+		{"bad mac", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24","vtepMAC":"zz"}]}`, "nodes[0].vtepMAC"},
+	}
+	for _, tt := range bad {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.in))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// The file source delivers the first set, each change, and keeps quiet
+// about a bad file (the agent keeps the last good set).
+func TestFileFollowsChanges(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nodes.json")
+	write := func(s string) {
+		t.Helper()
+		// Replace by rename, as editors and config management do.
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"}]}`)
+
+	src := &File{Path: path, Interval: 20 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	ctx, cancel := context.WithCancel(context.Background())
+	updates := make(chan []Node)
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, updates) }()
+	next := func() []Node {
+		t.Helper()
+		select {
+		case set := <-updates:
+			return set
+		case <-time.After(5 * time.Second):
+			t.Fatal("no update from the nodes file")
+		}
+		return nil
+	}
+	if set := next(); len(set) != 1 {
+		t.Fatalf("first set: %+v", set)
+	}
+	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"`) // cut short
+	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},{"name":"b","nodeIP":"198.18.0.2","podCIDR":"10.244.2.0/24"}]}`)
+	if set := next(); len(set) != 2 {
+		t.Fatalf("after change: %+v, want 2 nodes (the bad file in between must not be sent)", set)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("run: %v", err)
+	}
+}
