@@ -167,4 +167,3 @@ func linkInfo(t *testing.T, l link.Link) *link.Info {
 	}
 	return info
 }
-
