@@ -89,6 +89,11 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer dp.Close()
+	unlock, err := datapath.LockAgent(cfg.BpffsRoot)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: maps.NewEndpoints(&dp.Maps), nodes: maps.NewNodes(&dp.Maps)}
 
 	if err := a.setupUplink(); err != nil {

@@ -85,3 +85,43 @@ func lockRoot(root string) (unlock func(), err error) {
 	}
 	return func() { unix.Close(fd) }, nil
 }
+
+// ErrAgentRunning means another agent already serves this root.
+var ErrAgentRunning = errors.New("another agent is running for this bpffs root")
+
+func agentDir(root string) string { return filepath.Join(root, "agent") }
+
+// LockAgent marks root as served by the calling agent for as long as the
+// returned unlock is not called (or the process lives): one agent per node,
+// and `patchcord status` can tell whether it runs. The kernel drops the lock
+// with the process, so a killed agent never leaves it behind.
+func LockAgent(root string) (unlock func(), err error) {
+	if err := os.MkdirAll(agentDir(root), 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", agentDir(root), err)
+	}
+	fd, err := unix.Open(agentDir(root), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", agentDir(root), err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
+		}
+		return nil, fmt.Errorf("lock %s: %w", agentDir(root), err)
+	}
+	return func() { unix.Close(fd) }, nil
+}
+
+// AgentRunning reports whether an agent holds root's agent lock.
+func AgentRunning(root string) (bool, error) {
+	unlock, err := LockAgent(root)
+	if errors.Is(err, ErrAgentRunning) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	unlock()
+	return false, nil
+}
