@@ -87,7 +87,15 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 
 	r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
 	if err != nil {
-		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
+		// The IPAM plugin's own code says best whether to retry (an
+		// exhausted range) or to fix the conf; a plugin that cannot even
+		// be run is a conf problem.
+		code := uint(types.ErrInvalidNetworkConfig)
+		var te *types.Error
+		if errors.As(err, &te) {
+			code = te.Code
+		}
+		return types.NewError(code, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
 	}
 	undo = append(undo, func() {
 		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {

@@ -34,6 +34,11 @@ func Del(args *skel.CmdArgs) error {
 	default:
 		defer dp.Close()
 		errs = append(errs, forget(dp, args.ContainerID, args.IfName, log))
+		if conf.primary() {
+			// The veth name needs no map: detach even if the entries
+			// that name it are gone.
+			errs = append(errs, dp.Detach(datapath.FromPod, hostVethName(args.ContainerID, args.IfName)))
+		}
 	}
 
 	if conf.primary() {

@@ -100,6 +100,10 @@ func (e *Endpoints) Delete(ip netip.Addr) error {
 		if e.byIfindex.Lookup(val.Ifindex, &cur) == nil && cur.Ip == key {
 			errs = append(errs, ignoreNotFound(e.byIfindex, e.byIfindex.Delete(val.Ifindex)))
 		}
+	} else {
+		// An ADD killed between its writes leaves the anti-spoofing entry
+		// without a forwarding one: find it by address.
+		errs = append(errs, e.deleteByIfindexFor(key))
 	}
 	errs = append(errs, ignoreNotFound(e.meta, e.meta.Delete(key)))
 	if err := errors.Join(errs...); err != nil {
@@ -108,14 +112,7 @@ func (e *Endpoints) Delete(ip netip.Addr) error {
 	return nil
 }
 
-// DeleteIfindex removes the anti-spoofing entry of a veth with no endpoint
-// left by IP (a half-made ADD).
-func (e *Endpoints) DeleteIfindex(ifindex int) error {
-	return ignoreNotFound(e.byIfindex, e.byIfindex.Delete(uint32(ifindex)))
-}
-
-// List returns every endpoint, by-IP entries first, then veths that are
-// registered for anti-spoofing only.
+// List returns every endpoint.
 func (e *Endpoints) List() ([]EndpointInfo, error) {
 	var (
 		key uint32
@@ -177,4 +174,26 @@ func ignoreNotFound(m *ebpf.Map, err error) error {
 		return nil
 	}
 	return err
+}
+
+func (e *Endpoints) deleteByIfindexFor(key uint32) error {
+	var (
+		ifindex uint32
+		val     datapath.Endpoint
+		stale   []uint32
+	)
+	iter := e.byIfindex.Iterate()
+	for iter.Next(&ifindex, &val) {
+		if val.Ip == key {
+			stale = append(stale, ifindex)
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return fmt.Errorf("search anti-spoofing entries: %w", err)
+	}
+	var errs []error
+	for _, i := range stale {
+		errs = append(errs, ignoreNotFound(e.byIfindex, e.byIfindex.Delete(i)))
+	}
+	return errors.Join(errs...)
 }
