@@ -8,6 +8,7 @@
  * (the node itself, services, the outside world) goes to the host stack. */
 
 #include "lib/common.h"
+#include "lib/conntrack.h"
 #include "types.h"
 #include "maps.h"
 #include "lib/eth.h"
@@ -65,6 +66,12 @@ static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoi
 static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
 					const struct endpoint *dst)
 {
+	/* A service backend answering a client on this node: only the stack
+	 * can turn the backend's address back into the service's. */
+	if (ct_is_natted(skb, ip)) {
+		count(STAT_TO_HOST_NAT, skb->len);
+		return TC_ACT_OK;
+	}
 	mac_copy(eth->h_source, dst->host_mac);
 	mac_copy(eth->h_dest, dst->mac);
 	ipv4_decrease_ttl(ip);

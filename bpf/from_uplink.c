@@ -7,6 +7,7 @@
  * the node's own traffic must never notice patchcord. */
 
 #include "lib/common.h"
+#include "lib/conntrack.h"
 #include "types.h"
 #include "maps.h"
 #include "lib/eth.h"
@@ -47,7 +48,7 @@ int from_uplink(struct __sk_buff *skb)
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
-	int expired;
+	int expired, natted;
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
@@ -79,9 +80,12 @@ int from_uplink(struct __sk_buff *skb)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
 
 	/* This node routes the inner packet once; with TTL 1 the host stack
-	 * must answer, so it gets the decapsulated packet as it came. */
+	 * must answer, so it gets the decapsulated packet as it came. So does
+	 * a reply in a connection this node NATed (a pod's request to a
+	 * service whose backend is elsewhere): conntrack must reverse it. */
 	expired = inner->ttl <= 1;
-	if (!expired)
+	natted = !expired && ct_is_natted(skb, inner);
+	if (!expired && !natted)
 		ipv4_decrease_ttl(inner);
 
 	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))
@@ -97,10 +101,10 @@ int from_uplink(struct __sk_buff *skb)
 	inner = (void *)(&h->eth + 1);
 	if ((void *)(inner + 1) > ctx_data_end(skb))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
-	if (expired) {
+	if (expired || natted) {
 		/* The outer Ethernet header, addressed to the uplink, stays. */
 		count(STAT_DECAP, skb->len);
-		count(STAT_TO_HOST, skb->len);
+		count(natted ? STAT_TO_HOST_NAT : STAT_TO_HOST, skb->len);
 		return TC_ACT_OK;
 	}
 	mac_copy(h->eth.h_source, ep->host_mac);

@@ -77,6 +77,7 @@ enum stat_id {
 	STAT_DROP_NO_ENDPOINT,
 	STAT_DROP_ENCAP_FAILED,
 	STAT_EVENTS_LOST,
+	STAT_TO_HOST_NAT, /* a NATed connection's packet, left to the stack */
 	STAT_MAX,
 };
 

@@ -117,7 +117,8 @@ const (
 	fromPodStatIdSTAT_DROP_NO_ENDPOINT    fromPodStatId = 10
 	fromPodStatIdSTAT_DROP_ENCAP_FAILED   fromPodStatId = 11
 	fromPodStatIdSTAT_EVENTS_LOST         fromPodStatId = 12
-	fromPodStatIdSTAT_MAX                 fromPodStatId = 13
+	fromPodStatIdSTAT_TO_HOST_NAT         fromPodStatId = 13
+	fromPodStatIdSTAT_MAX                 fromPodStatId = 14
 )
 
 // Names of all BPF objects in the ELF.
