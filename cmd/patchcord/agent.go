@@ -14,7 +14,7 @@ import (
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var (
-		nodeIP, podCIDR, nodesFile, logLevel string
+		nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
 		vni, port                            uint32
 		cfg                                  agent.Config
 	)
@@ -45,6 +45,11 @@ state: stopping or killing it leaves traffic flowing.`,
 			if port == 0 || port > 65535 {
 				return fmt.Errorf("--vxlan-port: %d is out of range 1..65535", port)
 			}
+			if clusterCIDR != "" {
+				if cfg.ClusterCIDR, err = netip.ParsePrefix(clusterCIDR); err != nil {
+					return fmt.Errorf("--cluster-cidr: %q is not a CIDR", clusterCIDR)
+				}
+			}
 			cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = vni, uint16(port), g.root
 			if nodesFile == "" {
 				return fmt.Errorf("--nodes: required (a JSON file listing the cluster's nodes)")
@@ -65,6 +70,8 @@ state: stopping or killing it leaves traffic flowing.`,
 	f.Uint32Var(&vni, "vni", 1, "VXLAN network identifier")
 	f.Uint32Var(&port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.BoolVar(&cfg.Masquerade, "masquerade", true, "SNAT pod traffic leaving the cluster to the node IP (an iptables chain the agent owns; false removes it)")
+	f.StringVar(&clusterCIDR, "cluster-cidr", "", "what is inside the cluster for --masquerade (default: every known pod CIDR)")
 	f.StringVar(&cfg.ReadyFile, "ready-file", "", "file written once the first node sync is done")
 	return cmd
 }

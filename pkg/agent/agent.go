@@ -34,6 +34,11 @@ type Config struct {
 	VNI       uint32
 	VXLANPort uint16
 	BpffsRoot string
+	// Masquerade SNATs pod traffic leaving the cluster to the node's
+	// address; ClusterCIDR, when set, is what "the cluster" is (otherwise
+	// every known pod CIDR).
+	Masquerade  bool
+	ClusterCIDR netip.Prefix
 	// ReadyFile, when set, is written once the first sync is done, so that
 	// tests and init systems wait on a signal instead of a sleep.
 	ReadyFile string
@@ -54,6 +59,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--vni: %d is out of range 1..16777215", c.VNI)
 	case c.VXLANPort == 0:
 		return errors.New("--vxlan-port: 0 is not a port")
+	case c.ClusterCIDR.IsValid() && (!c.ClusterCIDR.Addr().Is4() || !c.ClusterCIDR.Contains(c.PodCIDR.Addr())):
+		return fmt.Errorf("--cluster-cidr: %s must be IPv4 and contain --pod-cidr %s", c.ClusterCIDR, c.PodCIDR)
 	}
 	return nil
 }
@@ -101,6 +108,11 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 	}
 	if err := a.reconcile(); err != nil {
 		log.Error("reconcile endpoints", "err", err)
+	}
+	if !cfg.Masquerade {
+		if err := removeMasquerade(); err != nil {
+			return err
+		}
 	}
 
 	updates := make(chan []nodes.Node)

@@ -54,6 +54,9 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 		}
 	}
 	errs = append(errs, a.removeStaleRoutes(want))
+	if a.cfg.Masquerade {
+		errs = append(errs, a.syncMasquerade(set))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
