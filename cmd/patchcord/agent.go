@@ -15,8 +15,8 @@ import (
 func newAgentCmd(g *globals) *cobra.Command {
 	var (
 		nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
-		vni, port                            uint32
-		cfg                                  agent.Config
+		vni, port                                         uint32
+		cfg                                               agent.Config
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
