@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -184,20 +185,13 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
 	}
-	hostIf, podIf, err := chainedInterfaces(prev, args)
-	if err != nil {
-		return err
-	}
 	podIP, err := singleIPv4(prev.IPs)
 	if err != nil {
 		return err
 	}
-	hostLink, err := netlink.LinkByName(hostIf.Name)
+	hostLink, podIf, err := chainedInterfaces(prev, args)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("host interface %q from prevResult not found: chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", hostIf.Name), err.Error())
-	}
-	if _, ok := hostLink.(*netlink.Veth); !ok {
-		return invalidConf("host interface %q is a %s, not a veth: chain patchcord-cni after ptp or bridge", hostIf.Name, hostLink.Type())
+		return err
 	}
 	podMAC, err := net.ParseMAC(podIf.Mac)
 	if err != nil {
@@ -210,14 +204,14 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 	}
 	defer dp.Close()
 	ep := maps.EndpointInfo{
-		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostIf.Name,
+		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostLink.Attrs().Name,
 		MAC: podMAC, HostMAC: hostLink.Attrs().HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 	}
 	if err := register(dp, maps.NewEndpoints(&dp.Maps), ep, log); err != nil {
 		return err
 	}
-	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostIf.Name)
+	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostLink.Attrs().Name)
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 }
 
@@ -304,20 +298,35 @@ func singleIPv4(ips []*current.IPConfig) (netip.Addr, error) {
 }
 
 // chainedInterfaces finds, in a previous plugin's result, the pod interface
-// for this ADD and the host-side interface the plugin made for it.
-func chainedInterfaces(prev *current.Result, args *skel.CmdArgs) (host, pod *current.Interface, err error) {
+// for this ADD and the host-side veth the plugin made for it: ptp lists
+// [veth, pod], bridge lists [bridge, veth, pod], so the host side is the
+// first host interface that is a veth.
+func chainedInterfaces(prev *current.Result, args *skel.CmdArgs) (host netlink.Link, pod *current.Interface, err error) {
+	var hostNames []string
 	for _, i := range prev.Interfaces {
 		switch {
 		case i.Sandbox != "" && i.Name == args.IfName:
 			pod = i
-		case i.Sandbox == "" && host == nil:
-			host = i
+		case i.Sandbox == "":
+			hostNames = append(hostNames, i.Name)
 		}
 	}
-	if pod == nil || host == nil {
-		return nil, nil, invalidConf("prevResult lacks the pod interface %q or a host-side interface: chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", args.IfName)
+	if pod == nil {
+		return nil, nil, invalidConf("prevResult lacks the pod interface %q: chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", args.IfName)
 	}
-	return host, pod, nil
+	var why []string
+	for _, name := range hostNames {
+		link, err := netlink.LinkByName(name)
+		if err != nil {
+			why = append(why, fmt.Sprintf("%s not found", name))
+			continue
+		}
+		if _, ok := link.(*netlink.Veth); ok {
+			return link, pod, nil
+		}
+		why = append(why, fmt.Sprintf("%s is a %s, not a veth", name, link.Type()))
+	}
+	return nil, nil, invalidConf("prevResult names no host-side veth (%s): chain patchcord-cni after a plugin that creates a veth (ptp, bridge)", strings.Join(why, "; "))
 }
 
 func prefixNet(p netip.Prefix) *net.IPNet {
