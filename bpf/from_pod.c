@@ -114,6 +114,12 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
 	if (ip->saddr != src->ip || !mac_eq(eth->h_source, src->mac))
 		return drop(skb, STAT_DROP_SPOOFED, PROG);
+	/* TC_ACT_UNSPEC lets the veth's own tc filters (the bandwidth
+	 * plugin's redirect to its ifb) run before the host stack. */
+	if (src->flags & EP_HOST_PATH) {
+		count(STAT_TO_HOST, skb->len);
+		return TC_ACT_UNSPEC;
+	}
 
 	/* With TTL 1 the packet must not be forwarded; the host stack sends
 	 * the ICMP time exceeded a router owes the sender. */
@@ -121,8 +127,10 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 		return to_host(skb);
 
 	dst = bpf_map_lookup_elem(&endpoints, &ip->daddr);
-	if (dst)
+	if (dst && !(dst->flags & EP_HOST_PATH))
 		return to_local_pod(skb, eth, ip, dst);
+	if (dst)
+		return to_host(skb);
 
 	key.addr = ip->daddr;
 	node = bpf_map_lookup_elem(&nodes, &key);

@@ -48,7 +48,7 @@ int from_uplink(struct __sk_buff *skb)
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
-	int expired, natted;
+	enum stat_id via_host = STAT_MAX; /* STAT_MAX: not via the host */
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
@@ -79,13 +79,17 @@ int from_uplink(struct __sk_buff *skb)
 	if (!ep)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
 
-	/* This node routes the inner packet once; with TTL 1 the host stack
-	 * must answer, so it gets the decapsulated packet as it came. So does
-	 * a reply in a connection this node NATed (a pod's request to a
-	 * service whose backend is elsewhere): conntrack must reverse it. */
-	expired = inner->ttl <= 1;
-	natted = !expired && ct_is_natted(skb, inner);
-	if (!expired && !natted)
+	/* This node routes the inner packet once; some packets must be routed
+	 * by the host stack instead, which gets them decapsulated, as they
+	 * came: with TTL 1, so that it answers; a reply in a connection this
+	 * node NATed (a pod's request to a service whose backend is
+	 * elsewhere), so that conntrack reverses it; and anything for a pod
+	 * whose veth shapes its traffic (EP_HOST_PATH). */
+	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH))
+		via_host = STAT_TO_HOST;
+	else if (ct_is_natted(skb, inner))
+		via_host = STAT_TO_HOST_NAT;
+	else
 		ipv4_decrease_ttl(inner);
 
 	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))
@@ -101,10 +105,10 @@ int from_uplink(struct __sk_buff *skb)
 	inner = (void *)(&h->eth + 1);
 	if ((void *)(inner + 1) > ctx_data_end(skb))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
-	if (expired || natted) {
+	if (via_host != STAT_MAX) {
 		/* The outer Ethernet header, addressed to the uplink, stays. */
 		count(STAT_DECAP, skb->len);
-		count(natted ? STAT_TO_HOST_NAT : STAT_TO_HOST, skb->len);
+		count(via_host, skb->len);
 		return TC_ACT_OK;
 	}
 	mac_copy(h->eth.h_source, ep->host_mac);

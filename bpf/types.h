@@ -10,6 +10,12 @@
 /* The gateway every pod routes through; from_pod answers ARP for it. */
 #define POD_GATEWAY_IP 0xa9fe0101 /* 169.254.1.1, host order */
 
+enum endpoint_flags {
+	/* The pod's traffic must cross the host veth's qdiscs (the bandwidth
+	 * plugin shapes there): nothing is redirected to or from it. */
+	EP_HOST_PATH = 1 << 0,
+};
+
 /* Value of both endpoint maps: by pod IP (forwarding) and by host veth
  * ifindex (anti-spoofing, ARP replies). */
 struct endpoint {
@@ -17,7 +23,7 @@ struct endpoint {
 	__u32 ifindex;     /* host-side veth */
 	__u8 mac[6];       /* the pod's own interface */
 	__u8 host_mac[6];  /* host-side veth: the pod's gateway MAC */
-	__u32 flags;
+	enum endpoint_flags flags;
 };
 
 /* What the datapath never reads but an operator wants to see: which

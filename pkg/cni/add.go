@@ -160,6 +160,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
 		MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
+		HostPath: conf.hostPath(),
 	}
 	if err := register(dp, eps, ep, log); err != nil {
 		return err
@@ -207,6 +208,7 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostLink.Attrs().Name,
 		MAC: podMAC, HostMAC: hostLink.Attrs().HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
+		HostPath: conf.hostPath(),
 	}
 	if err := register(dp, maps.NewEndpoints(&dp.Maps), ep, log); err != nil {
 		return err

@@ -28,6 +28,24 @@ type NetConf struct {
 	MTU int `json:"mtu,omitempty"`
 	// LogLevel of the plugin's stderr: debug, info, warn (default), error.
 	LogLevel string `json:"logLevel,omitempty"`
+	// HostPath keeps every pod of this network on the host stack path:
+	// for shaping or filtering set up on the host veth outside CNI's view.
+	HostPath bool `json:"hostPath,omitempty"`
+	// RuntimeConfig carries the runtime's per-pod settings; with the
+	// "bandwidth" capability declared, a shaped pod is kept on the host
+	// path so that the bandwidth plugin's qdiscs see its traffic.
+	RuntimeConfig struct {
+		Bandwidth *struct {
+			IngressRate int64 `json:"ingressRate,omitempty"`
+			EgressRate  int64 `json:"egressRate,omitempty"`
+		} `json:"bandwidth,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+}
+
+// hostPath reports whether this pod's traffic must cross its veth's qdiscs.
+func (c *NetConf) hostPath() bool {
+	bw := c.RuntimeConfig.Bandwidth
+	return c.HostPath || bw != nil && (bw.IngressRate > 0 || bw.EgressRate > 0)
 }
 
 // primary reports whether the plugin owns the veth and the addresses.

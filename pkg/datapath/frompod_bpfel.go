@@ -25,8 +25,14 @@ type fromPodEndpoint struct {
 	Ifindex uint32
 	Mac     [6]uint8
 	HostMac [6]uint8
-	Flags   uint32
+	Flags   fromPodEndpointFlags
 }
+
+type fromPodEndpointFlags uint32
+
+const (
+	fromPodEndpointFlagsEP_HOST_PATH fromPodEndpointFlags = 1
+)
 
 type fromPodEndpointMeta struct {
 	_           structs.HostLayout

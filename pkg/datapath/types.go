@@ -23,7 +23,8 @@ type (
 )
 
 const (
-	ConfigTrace = fromPodConfigFlagsCFG_TRACE
+	ConfigTrace      = fromPodConfigFlagsCFG_TRACE
+	EndpointHostPath = fromPodEndpointFlagsEP_HOST_PATH
 
 	EventDrop  = fromPodEventKindEVENT_DROP
 	EventTrace = fromPodEventKindEVENT_TRACE

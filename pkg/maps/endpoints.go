@@ -21,6 +21,9 @@ type EndpointInfo struct {
 	Container string
 	PodIfname string
 	Netns     string
+	// HostPath keeps the pod's traffic on the host stack, through its
+	// veth's qdiscs, instead of redirecting it (a shaped pod).
+	HostPath bool
 }
 
 // Endpoints is the pair of endpoint maps plus their owners.
@@ -48,6 +51,9 @@ func (e *Endpoints) Put(ep EndpointInfo) error {
 		return fmt.Errorf("endpoint %s: host %w", ep.IP, err)
 	}
 	val := datapath.Endpoint{Ip: u32(ep.IP), Ifindex: uint32(ep.Ifindex), Mac: mac, HostMac: hostMAC}
+	if ep.HostPath {
+		val.Flags |= datapath.EndpointHostPath
+	}
 	var meta datapath.EndpointMeta
 	putCString(meta.ContainerId[:], ep.Container)
 	putCString(meta.Ifname[:], ep.PodIfname)
@@ -153,7 +159,8 @@ func (e *Endpoints) FindOwner(containerID, podIfname string) (EndpointInfo, erro
 }
 
 func (e *Endpoints) info(val datapath.Endpoint) EndpointInfo {
-	ep := EndpointInfo{IP: addr(val.Ip), Ifindex: int(val.Ifindex), MAC: hw(val.Mac), HostMAC: hw(val.HostMac)}
+	ep := EndpointInfo{IP: addr(val.Ip), Ifindex: int(val.Ifindex), MAC: hw(val.Mac), HostMAC: hw(val.HostMac),
+		HostPath: val.Flags&datapath.EndpointHostPath != 0}
 	var meta datapath.EndpointMeta
 	if e.meta.Lookup(val.Ip, &meta) == nil {
 		ep = e.withMeta(ep, meta)

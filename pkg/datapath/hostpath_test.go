@@ -1,0 +1,60 @@
+// This file tests EP_HOST_PATH: a pod whose veth shapes its traffic (the
+// bandwidth plugin's qdiscs) is never redirected to or from; its packets
+// cross the host stack and the veth's own tc filters.
+package datapath_test
+
+import (
+	"testing"
+
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/maps"
+)
+
+// tcActUnspec lets the next tc layer (the veth's legacy filters) decide.
+const tcActUnspec = 0xffffffff
+
+func TestHostPathEndpoints(t *testing.T) {
+	shaped := func(p pod) maps.EndpointInfo {
+		return maps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC, HostPath: true}
+	}
+	t.Run("from a shaped pod", func(t *testing.T) {
+		n := newTestNode(t)
+		n.put(shaped(podA))
+		n.addPod(podB)
+		in := fromPod(udpPacket(podA.IP, podB.IP))
+		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+		wantVerdict(t, ret, tcActUnspec)
+		wantFrame(t, out, in)
+		n.wantCounters(map[string]maps.Counter{"to_host": counted(len(in))})
+	})
+	t.Run("to a shaped pod", func(t *testing.T) {
+		n := newTestNode(t)
+		n.addPod(podA)
+		n.put(shaped(podB))
+		in := fromPod(udpPacket(podA.IP, podB.IP))
+		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+		wantVerdict(t, ret, tcActOK)
+		wantFrame(t, out, in)
+		n.wantCounters(map[string]maps.Counter{"to_host": counted(len(in))})
+	})
+	t.Run("from another node to a shaped pod", func(t *testing.T) {
+		n := newTestNode(t)
+		n.configure(defaultConfig())
+		n.addNode(peerNode())
+		n.put(shaped(dstPod))
+		inner := udpPacket(peerPodIP, dstPod.IP).withTTL(63).marshal()
+		tun := fromPeer(inner)
+		ret, out := mustRun(t, n.prog(datapath.FromUplink), tun.marshal())
+		wantVerdict(t, ret, tcActOK)
+		want := tun.eth.marshal(inner)
+		wantFrame(t, out, want)
+		n.wantCounters(map[string]maps.Counter{"decap": counted(len(want)), "to_host": counted(len(want))})
+	})
+}
+
+func (n *testNode) put(ep maps.EndpointInfo) {
+	n.tb.Helper()
+	if err := maps.NewEndpoints(&n.d.Maps).Put(ep); err != nil {
+		n.tb.Fatal(err)
+	}
+}
