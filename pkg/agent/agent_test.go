@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -238,4 +239,74 @@ func waitFor(t *testing.T, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// A restarted agent repairs what happened while it was away: an endpoint
+// whose veth is gone is removed, a missing attachment restored, and a link
+// left without an endpoint detached.
+func TestAgentReconcilesOnStart(t *testing.T) {
+	root := datapathtest.MustBPFFS(t)
+	netns := mustNodeNS(t)
+	log := datapathtest.Logger(t)
+	dp, err := datapath.Open(root, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	eps := maps.NewEndpoints(&dp.Maps)
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	live := maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.2"), Ifname: "pclive", MAC: mac, HostMAC: mac}
+	gone := maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.3"), Ifindex: 999, Ifname: "pcgone", MAC: mac, HostMAC: mac}
+	err = netns.Do(func(ns.NetNS) error {
+		for _, name := range []string{"pclive", "pcorphan"} {
+			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+				return err
+			}
+		}
+		l, _ := netlink.LinkByName("pclive")
+		live.Ifindex = l.Attrs().Index
+		// The live endpoint lost its attachment; the orphan veth has
+		// one but no endpoint.
+		if err := eps.Put(live); err != nil {
+			return err
+		}
+		if err := eps.Put(gone); err != nil {
+			return err
+		}
+		return dp.Attach(datapath.FromPod, "pcorphan", log)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ready := filepath.Join(t.TempDir(), "ready")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	cfg := Config{Uplink: "eth0", NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR, VNI: 1, VXLANPort: 4789, BpffsRoot: root, ReadyFile: ready}
+	src := make(chanSource)
+	go func() {
+		done <- netns.Do(func(ns.NetNS) error { return Run(ctx, cfg, src, log) })
+	}()
+	src <- []nodes.Node{node1}
+	waitFor(t, func() bool { _, err := os.Stat(ready); return err == nil })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := eps.Get(gone.IP); !errors.Is(err, maps.ErrNotFound) {
+		t.Errorf("endpoint of a deleted veth: got %v, want it removed", err)
+	}
+	if _, err := eps.Get(live.IP); err != nil {
+		t.Errorf("live endpoint: %v", err)
+	}
+	netns.Do(func(ns.NetNS) error {
+		if err := dp.Attached(datapath.FromPod, "pclive"); err != nil {
+			t.Errorf("live endpoint's attachment not restored: %v", err)
+		}
+		if err := dp.Attached(datapath.FromPod, "pcorphan"); err == nil {
+			t.Error("attachment without endpoint still in place")
+		}
+		return nil
+	})
 }
