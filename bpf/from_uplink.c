@@ -40,6 +40,15 @@ static __always_inline int is_our_vxlan(struct __sk_buff *skb, const struct node
 	return udp->dest == bpf_htons(cfg->vxlan_port);
 }
 
+/* Pod-to-pod traffic is the fast path's; a remote pod's address lies in a
+ * pod CIDR of the node map. */
+static __always_inline int from_remote_pod(const struct iphdr *inner)
+{
+	struct lpm_v4_key key = { .prefixlen = 32, .addr = inner->saddr };
+
+	return bpf_map_lookup_elem(&nodes, &key) != NULL;
+}
+
 SEC("tc")
 int from_uplink(struct __sk_buff *skb)
 {
@@ -81,11 +90,15 @@ int from_uplink(struct __sk_buff *skb)
 
 	/* This node routes the inner packet once; some packets must be routed
 	 * by the host stack instead, which gets them decapsulated, as they
-	 * came: with TTL 1, so that it answers; a reply in a connection this
-	 * node NATed (a pod's request to a service whose backend is
-	 * elsewhere), so that conntrack reverses it; and anything for a pod
-	 * whose veth shapes its traffic (EP_HOST_PATH). */
-	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH))
+	 * came: with TTL 1, so that it answers; anything for a pod whose veth
+	 * shapes its traffic (EP_HOST_PATH); anything not from a remote pod
+	 * (a node's own traffic, NodePort and node-to-service traffic), since
+	 * the pod's replies to such sources always cross the stack, and
+	 * conntrack must see both directions or it marks them INVALID (which
+	 * kube-proxy drops); and a reply in a connection this node NATed (a
+	 * pod's request to a service whose backend is elsewhere), so that
+	 * conntrack reverses it. */
+	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH) || !from_remote_pod(inner))
 		via_host = STAT_TO_HOST;
 	else if (ct_is_natted(skb, inner))
 		via_host = STAT_TO_HOST_NAT;

@@ -72,9 +72,6 @@ func TestFromUplinkDecap(t *testing.T) {
 			}},
 		{name: "vni 42", config: vni42, packet: toDstPod(tcpPacket(peerPodIP, dstPod.IP)),
 			tunnel: func(t *tunnel) { t.vxlan.VNI = 42 }},
-		// The host of node 2 talking to a pod here: to_uplink there
-		// encapsulates it without touching its TTL.
-		{name: "from peer's host", config: defaultConfig(), packet: tcpPacket(peerIP, dstPod.IP)},
 		{name: "outer without DF", config: defaultConfig(), packet: toDstPod(udpPacket(peerPodIP, dstPod.IP)),
 			tunnel: func(t *tunnel) {
 				t.ip.FragOff = 0
@@ -107,6 +104,27 @@ func TestFromUplinkDecap(t *testing.T) {
 // With TTL 1 (or 0) the inner packet may not be forwarded: the host stack
 // gets it decapsulated, still addressed to the uplink, to send the ICMP time
 // exceeded.
+// Traffic from a remote node's host (not one of its pods) goes to the host
+// stack decapsulated: the pod's replies to a node always cross the stack, so
+// conntrack must see this direction too, or it marks the connection INVALID.
+func TestFromUplinkFromPeerHost(t *testing.T) {
+	n := newUplinkNode(t, defaultConfig())
+	inner := tcpPacket(peerIP, dstPod.IP).marshal()
+	tun := fromPeer(inner)
+	in := tun.marshal()
+
+	ret, out := mustRun(t, n.prog(datapath.FromUplink), in)
+
+	wantVerdict(t, ret, tcActOK)
+	want := tun.eth.marshal(inner)
+	wantFrame(t, out, want)
+	n.wantCounters(map[string]maps.Counter{
+		"decap":   counted(len(want)),
+		"to_host": counted(len(want)),
+	})
+	n.wantNoEvents()
+}
+
 func TestFromUplinkTTLExpired(t *testing.T) {
 	for _, ttl := range []uint8{1, 0} {
 		t.Run(fmt.Sprintf("ttl %d", ttl), func(t *testing.T) {
