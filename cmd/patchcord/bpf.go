@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -14,8 +15,16 @@ func newBPFCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "bpf",
 		Short: "Inspect the datapath's maps and programs",
+		Example: `  patchcord bpf endpoint list
+  patchcord bpf node list -o json
+  patchcord bpf prog list
+  patchcord bpf stats`,
 	}
-	ep := &cobra.Command{Use: "endpoint", Short: "Local pods the datapath delivers to"}
+	ep := &cobra.Command{
+		Use:     "endpoint",
+		Short:   "Local pods the datapath delivers to",
+		Example: "  patchcord bpf endpoint list\n  patchcord bpf endpoint get 10.244.1.5 -o json",
+	}
 	ep.AddCommand(
 		&cobra.Command{
 			Use:     "list",
@@ -30,6 +39,13 @@ func newBPFCmd(g *globals) *cobra.Command {
 			Example: "  patchcord bpf endpoint get 10.244.1.5",
 			Args:    cobra.ExactArgs(1),
 			RunE:    func(cmd *cobra.Command, args []string) error { return endpointList(g, cmd.OutOrStdout(), args[0]) },
+			// Best effort: completing needs the same privileges as listing.
+			ValidArgsFunction: func(_ *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+				if len(args) > 0 {
+					return nil, cobra.ShellCompDirectiveNoFileComp
+				}
+				return endpointIPs(g), cobra.ShellCompDirectiveNoFileComp
+			},
 		},
 	)
 	var reset bool
@@ -41,7 +57,11 @@ func newBPFCmd(g *globals) *cobra.Command {
 		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
 	}
 	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
-	node := &cobra.Command{Use: "node", Short: "Remote nodes the datapath tunnels to"}
+	node := &cobra.Command{
+		Use:     "node",
+		Short:   "Remote nodes the datapath tunnels to",
+		Example: "  patchcord bpf node list",
+	}
 	node.AddCommand(&cobra.Command{
 		Use:     "list",
 		Short:   "List remote nodes by pod CIDR",
@@ -49,7 +69,7 @@ func newBPFCmd(g *globals) *cobra.Command {
 		Args:    cobra.NoArgs,
 		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
 	})
-	cmd.AddCommand(ep, node, stats)
+	cmd.AddCommand(ep, node, newProgCmd(g), stats)
 	return cmd
 }
 
@@ -80,6 +100,9 @@ func endpointList(g *globals, w io.Writer, only string) error {
 		}
 		ep, err := eps.Get(ip)
 		if err != nil {
+			if errors.Is(err, maps.ErrNotFound) {
+				return fmt.Errorf("endpoint %s: %w (`patchcord bpf endpoint list` shows what is registered)", ip, err)
+			}
 			return fmt.Errorf("endpoint %s: %w", ip, err)
 		}
 		list = append(list, ep)
@@ -170,4 +193,23 @@ func nodeList(g *globals, w io.Writer) error {
 			fmt.Fprintf(w, "%s\t%s\t%s\n", v.PodCIDR, v.NodeIP, v.VtepMAC)
 		}
 	})
+}
+
+// endpointIPs lists the registered pod IPs for shell completion.
+func endpointIPs(g *globals) []string {
+	dp, err := g.open()
+	if err != nil {
+		return nil
+	}
+	defer dp.Close()
+	list, err := maps.NewEndpoints(&dp.Maps).List()
+	if err != nil {
+		return nil
+	}
+	ips := make([]string, 0, len(list))
+	for _, ep := range list {
+		ips = append(ips, ep.IP.String())
+	}
+	slices.Sort(ips)
+	return ips
 }

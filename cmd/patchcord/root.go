@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"text/tabwriter"
 
 	"github.com/patchcord/patchcord/pkg/datapath"
@@ -19,16 +20,35 @@ type globals struct {
 func newRootCmd() *cobra.Command {
 	g := &globals{}
 	cmd := &cobra.Command{
-		Use:           "patchcord",
-		Short:         "eBPF pod datapath: node agent and debugging CLI",
+		Use:   "patchcord",
+		Short: "eBPF pod datapath: node agent and debugging CLI",
+		Long: `patchcord is the node agent (patchcord agent) and the debugging CLI of the
+patchcord datapath. The CLI reads what is pinned under --bpffs-root and never
+loads or changes the datapath (except bpf stats --reset, and monitor, which
+switches traces on while it runs). Every listing prints an aligned table, or
+JSON with -o json. Run it as root in the node's network namespace.`,
+		Example: `  patchcord status                                   # is this node's datapath healthy?
+  patchcord monitor -o json --count 1 | jq -r .reason  # why is my packet dropped?
+  patchcord bpf endpoint list
+  patchcord bpf prog list -o json
+  source <(patchcord completion bash)`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			if !slices.Contains(outputFormats, g.output) {
+				return fmt.Errorf("-o/--output: unknown format %q: use table or json", g.output)
+			}
+			return nil
+		},
 	}
 	cmd.PersistentFlags().StringVar(&g.root, "bpffs-root", datapath.DefaultRoot, "bpffs directory the node's datapath is pinned under")
 	cmd.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
-	cmd.AddCommand(newBPFCmd(g), newAgentCmd(g))
+	cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(outputFormats, cobra.ShellCompDirectiveNoFileComp))
+	cmd.AddCommand(newBPFCmd(g), newAgentCmd(g), newMonitorCmd(g), newStatusCmd(g))
 	return cmd
 }
+
+var outputFormats = []string{"table", "json"}
 
 // open opens the pinned datapath for reading; it never loads one.
 func (g *globals) open() (*datapath.Datapath, error) {

@@ -35,16 +35,12 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 	if err != nil {
 		return err
 	}
+	// New and changed nodes first, so that a node whose CIDR or address
+	// changes is never absent in between.
 	var errs []error
-	for _, old := range have {
-		if _, ok := want[old.PodCIDR]; ok {
-			continue
-		}
-		// Route first: the host stops sending before the map forgets.
-		errs = append(errs, a.deleteRoute(old.PodCIDR), a.nodes.Delete(old.PodCIDR))
-		a.log.Info("removed node", "pod_cidr", old.PodCIDR, "node_ip", old.NodeIP)
-	}
+	sources := make(map[netip.Addr]bool, len(want))
 	for _, n := range want {
+		sources[n.NodeIP] = true
 		if err := a.nodes.Put(maps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: hwOrNil(n.VtepMAC)}); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 			continue
@@ -53,6 +49,15 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 		}
 	}
+	for _, old := range have {
+		if _, ok := want[old.PodCIDR]; ok {
+			continue
+		}
+		// Route first: the host stops sending before the map forgets.
+		errs = append(errs, a.deleteRoute(old.PodCIDR), a.nodes.Delete(old.PodCIDR))
+		a.log.Info("removed node", "pod_cidr", old.PodCIDR, "node_ip", old.NodeIP)
+	}
+	errs = append(errs, a.nodes.PruneSources(sources))
 	errs = append(errs, a.removeStaleRoutes(want))
 	if a.cfg.Masquerade {
 		errs = append(errs, a.syncMasquerade(set))

@@ -115,13 +115,5 @@ func LockAgent(root string) (unlock func(), err error) {
 
 // AgentRunning reports whether an agent holds root's agent lock.
 func AgentRunning(root string) (bool, error) {
-	unlock, err := LockAgent(root)
-	if errors.Is(err, ErrAgentRunning) {
-		return true, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	unlock()
-	return false, nil
+	return DirLocked(agentDir(root))
 }

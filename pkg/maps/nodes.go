@@ -54,33 +54,40 @@ func (n *Nodes) Put(node Node) error {
 	return nil
 }
 
-// Delete removes the node owning podCIDR, and its tunnel source unless
-// another CIDR still points at the same node.
+// Delete removes the node owning podCIDR. Its tunnel source stays until
+// PruneSources: another CIDR may still point at the same node.
 func (n *Nodes) Delete(podCIDR netip.Prefix) error {
 	key := lpmKey(podCIDR)
-	var val datapath.NodeInfo
-	if err := mapErr(n.byCIDR, n.byCIDR.Lookup(&key, &val)); err != nil {
-		if errors.Is(err, ErrNotFound) {
-			return nil
-		}
-		return fmt.Errorf("look up node %s: %w", podCIDR, err)
-	}
 	if err := ignoreNotFound(n.byCIDR, n.byCIDR.Delete(&key)); err != nil {
 		return fmt.Errorf("delete node %s: %w", podCIDR, err)
 	}
-	list, err := n.List()
-	if err != nil {
-		return err
-	}
-	for _, other := range list {
-		if u32(other.NodeIP) == val.NodeIp {
-			return nil
+	return nil
+}
+
+// PruneSources removes every tunnel source not in keep: nodes gone, and a
+// renumbered node's old address, from which VXLAN must no longer be taken.
+func (n *Nodes) PruneSources(keep map[netip.Addr]bool) error {
+	var (
+		key   uint32
+		val   uint32
+		stale []uint32
+	)
+	iter := n.sources.Iterate()
+	for iter.Next(&key, &val) {
+		if !keep[addr(key)] {
+			stale = append(stale, key)
 		}
 	}
-	if err := ignoreNotFound(n.sources, n.sources.Delete(val.NodeIp)); err != nil {
-		return fmt.Errorf("delete tunnel source %s: %w", addr(val.NodeIp), err)
+	if err := iter.Err(); err != nil {
+		return fmt.Errorf("list tunnel sources: %w", err)
 	}
-	return nil
+	var errs []error
+	for _, k := range stale {
+		if err := ignoreNotFound(n.sources, n.sources.Delete(k)); err != nil {
+			errs = append(errs, fmt.Errorf("delete tunnel source %s: %w", addr(k), err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // List returns every node.

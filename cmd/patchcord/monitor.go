@@ -1,0 +1,218 @@
+// `patchcord monitor`: the datapath's drops and traces as they happen, one
+// decoded line (or JSON object) each.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/patchcord/patchcord/pkg/events"
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/spf13/cobra"
+)
+
+// lostEvery is how often the events_lost counter is looked at.
+const lostEvery = time.Second
+
+type monitorOpts struct {
+	typ       string
+	count     int
+	readyFile string
+}
+
+var monitorTypes = []string{"drop", "trace", "all"}
+
+func newMonitorCmd(g *globals) *cobra.Command {
+	var o monitorOpts
+	cmd := &cobra.Command{
+		Use:   "monitor",
+		Short: "Stream drops and traces from the datapath, decoded",
+		Long: `Print every event the datapath reports, one line each: time, CPU, kind,
+program, interface (and target interface for traces), reason in words, and
+the packet's 5-tuple, or "arp" and the like for other frames. With -o json
+each event is one JSON object per line (JSON lines).
+
+Drops are always reported. Traces, one per forwarded packet (local_redirect,
+encap, decap), cost nothing until asked for: --type trace or all switches
+them on in the datapath while the monitor runs, and the last such monitor to
+exit switches them off. A monitor killed with SIGKILL cannot; tracing then
+stays on until the next trace monitor exits (patchcord status shows it).
+
+A full ring buffer loses events, never packets; the monitor reports how many
+were lost ("N events lost", or {"lost": N} in JSON). Events are read from a
+ring buffer with a single read position: two monitors at once each see only
+part of them.
+
+Run it in the node's network namespace so that interface names resolve.`,
+		Example: `  patchcord monitor                          # drops
+  patchcord monitor --type all               # drops and traces
+  patchcord monitor -o json --count 1 | jq -r .reason   # why is my packet dropped?
+  patchcord monitor --type trace -o json | jq 'select(.dst == "10.244.1.5")'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			return runMonitor(cmd.Context(), g, cmd.OutOrStdout(), log, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.typ, "type", "drop", "events to show: drop, trace or all")
+	f.IntVar(&o.count, "count", 0, "exit after this many events (0: run until interrupted)")
+	f.StringVar(&o.readyFile, "ready-file", "", "file written once the monitor listens (and tracing is on)")
+	cmd.RegisterFlagCompletionFunc("type", cobra.FixedCompletions(monitorTypes, cobra.ShellCompDirectiveNoFileComp))
+	return cmd
+}
+
+func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, o monitorOpts) (err error) {
+	var want map[string]bool
+	switch o.typ {
+	case "drop":
+		want = map[string]bool{events.KindDrop: true}
+	case "trace":
+		want = map[string]bool{events.KindTrace: true}
+	case "all":
+		want = map[string]bool{events.KindDrop: true, events.KindTrace: true}
+	default:
+		return fmt.Errorf("--type: %q is not one of drop, trace, all", o.typ)
+	}
+	if o.count < 0 {
+		return fmt.Errorf("--count: %d is negative", o.count)
+	}
+	boot, err := events.BootTime()
+	if err != nil {
+		return err
+	}
+	dp, err := g.open()
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+
+	// The reader opens before tracing is switched on, so that no trace
+	// is emitted before someone reads.
+	rd, err := events.NewReader(dp.Maps.Events)
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	if want[events.KindTrace] {
+		stop, err := events.StartTracing(g.root, maps.NewConfig(&dp.Maps))
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if serr := stop(); serr != nil {
+				err = errors.Join(err, serr)
+			}
+		}()
+	}
+
+	stats := maps.NewStats(&dp.Maps)
+	lost, err := lostCount(stats)
+	if err != nil {
+		return err
+	}
+	bw := bufio.NewWriter(w)
+	defer bw.Flush()
+	asJSON := g.output == "json"
+	emit := func(v fmt.Stringer) error {
+		if asJSON {
+			return writeJSONLine(bw, v)
+		}
+		_, err := fmt.Fprintln(bw, v.String())
+		return err
+	}
+	checkLost := func() error {
+		n, err := lostCount(stats)
+		if err != nil {
+			log.Warn("cannot read lost events", "err", err)
+			return nil
+		}
+		if n > lost {
+			if err := emit(events.Lost{Lost: n - lost}); err != nil {
+				return err
+			}
+		}
+		// Below the last value: someone ran `bpf stats --reset`.
+		lost = n
+		return bw.Flush()
+	}
+
+	if o.readyFile != "" {
+		if err := os.WriteFile(o.readyFile, []byte("ready\n"), 0o644); err != nil {
+			return fmt.Errorf("write ready file: %w", err)
+		}
+	}
+	log.Info("listening", "type", o.typ, "root", g.root)
+
+	// Closing the reader is what interrupts a blocked Read on SIGINT.
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+			rd.Close()
+		case <-done:
+		}
+	}()
+
+	dec := events.Decoder{Names: (&events.Names{}).Name, Boot: boot}
+	next := time.Now().Add(lostEvery)
+	for n := 0; o.count == 0 || n < o.count; {
+		rd.SetDeadline(next)
+		ev, err := rd.Read()
+		switch {
+		case errors.Is(err, events.ErrClosed):
+			return checkLost()
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if err := checkLost(); err != nil {
+				return err
+			}
+			next = time.Now().Add(lostEvery)
+			continue
+		case err != nil:
+			return fmt.Errorf("read events: %w", err)
+		}
+		d := dec.Decode(ev)
+		if !want[d.Kind] {
+			continue
+		}
+		if err := emit(d); err != nil {
+			return err
+		}
+		n++
+		// Flushing once the ring is drained keeps a busy node's output
+		// to a few writes, and an idle node's lines immediate.
+		if !rd.Pending() {
+			if err := bw.Flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return checkLost()
+}
+
+func lostCount(s *maps.Stats) (uint64, error) {
+	counters, err := s.Read()
+	if err != nil {
+		return 0, err
+	}
+	return counters["events_lost"].Packets, nil
+}
+
+// writeJSONLine writes v as one line of JSON.
+func writeJSONLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	_, err = w.Write(b)
+	return err
+}

@@ -1,0 +1,25 @@
+package events
+
+// messages say in words what each counter (and so each event reason) means.
+// The counter names come from the datapath's BTF (datapath.StatNames); this
+// table follows them by hand, and a test fails when a name has no words.
+var messages = map[string]string{
+	"local_redirect":      "redirected into a pod on this node",
+	"encap":               "encapsulated toward another node",
+	"decap":               "decapsulated for a local pod",
+	"to_host":             "handed to the host stack",
+	"arp_reply":           "ARP reply for the gateway",
+	"drop_malformed":      "malformed packet",
+	"drop_spoofed":        "source IP or MAC is not the pod's own",
+	"drop_unregistered":   "the veth has no endpoint",
+	"drop_unknown_tunnel": "VXLAN from a source that is not a known node",
+	"drop_bad_vni":        "VXLAN with a wrong VNI",
+	"drop_no_endpoint":    "VXLAN for an inner destination that is no local pod",
+	"drop_encap_failed":   "encapsulation failed",
+	"events_lost":         "events lost to a full ring buffer",
+	"to_host_nat":         "a NATed connection's packet, left to the host stack",
+}
+
+// Describe returns a reason in words, or "" for a reason it does not know
+// (a datapath newer than this binary).
+func Describe(reason string) string { return messages[reason] }

@@ -1,0 +1,63 @@
+package events
+
+import (
+	"testing"
+
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
+	"github.com/patchcord/patchcord/pkg/maps"
+)
+
+// TestTracingLastMonitorSwitchesOff runs two trace monitors' worth of
+// StartTracing: traces stay on until both have stopped.
+func TestTracingLastMonitorSwitchesOff(t *testing.T) {
+	d := datapathtest.MustOpen(t)
+	cfg := maps.NewConfig(&d.Maps)
+	// The rest of the config must survive the flag going on and off.
+	base := maps.Config{VNI: 7, VXLANPort: 8472, MTU: 1450}
+	if err := cfg.Put(base); err != nil {
+		t.Fatal(err)
+	}
+	want := func(trace, running bool) {
+		t.Helper()
+		got, err := cfg.Get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Trace != trace || got.VNI != 7 || got.VXLANPort != 8472 || got.MTU != 1450 {
+			t.Errorf("config: got %+v, want trace %v over %+v", got, trace, base)
+		}
+		if r, err := TracersRunning(d.Root); err != nil || r != running {
+			t.Errorf("TracersRunning: got %v, %v; want %v", r, err, running)
+		}
+	}
+	want(false, false)
+
+	stop1, err := StartTracing(d.Root, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want(true, true)
+	stop2, err := StartTracing(d.Root, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stop1(); err != nil {
+		t.Fatal(err)
+	}
+	want(true, true)
+	if err := stop2(); err != nil {
+		t.Fatal(err)
+	}
+	want(false, false)
+
+	// A new monitor after the last one left switches it on again.
+	stop3, err := StartTracing(d.Root, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want(true, true)
+	if err := stop3(); err != nil {
+		t.Fatal(err)
+	}
+	want(false, false)
+}

@@ -1,0 +1,609 @@
+package test
+
+// End-to-end tests of the debugging CLI: real traffic and real drops on a lab
+// node, and what `bpf stats`, `monitor`, `status` and `bpf prog list` say
+// about them. Each test makes its own lab, so they run in parallel.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/patchcord/patchcord/pkg/lab"
+)
+
+// cliEvent is one line of `monitor -o json`, in the shape the README
+// documents; decoding into it rather than into pkg/events' type catches a
+// renamed field.
+type cliEvent struct {
+	Time         time.Time `json:"time"`
+	CPU          uint32    `json:"cpu"`
+	Kind         string    `json:"kind"`
+	Program      string    `json:"program"`
+	Ifindex      int       `json:"ifindex"`
+	Ifname       string    `json:"ifname"`
+	Reason       string    `json:"reason"`
+	Message      string    `json:"message"`
+	Target       int       `json:"target"`
+	TargetIfname string    `json:"targetIfname"`
+	Len          uint32    `json:"len"`
+	EthProto     string    `json:"ethProto"`
+	Proto        string    `json:"proto"`
+	Src          string    `json:"src"`
+	Dst          string    `json:"dst"`
+	Sport        uint16    `json:"sport"`
+	Dport        uint16    `json:"dport"`
+	Lost         *uint64   `json:"lost"`
+}
+
+// cliStatus is the part of `status -o json` the tests look at.
+type cliStatus struct {
+	Loaded       bool              `json:"loaded"`
+	AgentRunning bool              `json:"agentRunning"`
+	Tracing      bool              `json:"tracing"`
+	Monitoring   bool              `json:"monitoring"`
+	Endpoints    int               `json:"endpoints"`
+	Nodes        int               `json:"nodes"`
+	Drops        map[string]uint64 `json:"drops"`
+	DropTotal    uint64            `json:"dropTotal"`
+	Healthy      bool              `json:"healthy"`
+	Problems     []string          `json:"problems"`
+	Warnings     []string          `json:"warnings"`
+	Programs     []cliProgram      `json:"programs"`
+	Config       struct {
+		Configured bool   `json:"configured"`
+		NodeIP     string `json:"nodeIP"`
+		Uplink     string `json:"uplink"`
+		VNI        uint32 `json:"vni"`
+		VXLANPort  uint16 `json:"vxlanPort"`
+		PodMTU     int    `json:"podMTU"`
+	} `json:"config"`
+}
+
+type cliProgram struct {
+	Name string `json:"name"`
+	ID   uint32 `json:"id"`
+	Tag  string `json:"tag"`
+}
+
+type cliProg struct {
+	Ifname    string `json:"ifname"`
+	Ifindex   int    `json:"ifindex"`
+	Direction string `json:"direction"`
+	Program   string `json:"program"`
+	ProgID    uint32 `json:"progID"`
+	Tag       string `json:"tag"`
+	LinkID    uint32 `json:"linkID"`
+	Pin       string `json:"pin"`
+	Status    string `json:"status"`
+	PodIP     string `json:"podIP"`
+}
+
+type cliEndpoint struct {
+	IP      string `json:"ip"`
+	Ifindex int    `json:"ifindex"`
+	Ifname  string `json:"ifname"`
+	MAC     string `json:"mac"`
+	HostMAC string `json:"hostMac"`
+}
+
+// cliNode is node 1 with its agent and two pods, a and b.
+type cliNode struct {
+	n     *lab.Node
+	agent *lab.Process
+	nodes string // the nodes file
+	a, b  *lab.Pod
+}
+
+func newCLINode(t *testing.T, ctx context.Context, l *lab.Lab) *cliNode {
+	t.Helper()
+	n, err := l.AddNode(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cliNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
+	writeNodes(t, c.nodes, entryOf(n))
+	c.agent = startAgent(t, ctx, n, c.nodes)
+	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
+		t.Fatal(err)
+	}
+	if c.a, err = n.AddPod(ctx, "a", "patchcord"); err != nil {
+		t.Fatal(err)
+	}
+	if c.b, err = n.AddPod(ctx, "b", "patchcord"); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// endpoint reads a pod's endpoint through the CLI.
+func (c *cliNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) cliEndpoint {
+	t.Helper()
+	out, err := c.n.CLI(ctx, "bpf", "endpoint", "get", p.IP.String(), "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var eps []cliEndpoint
+	if err := json.Unmarshal(out, &eps); err != nil || len(eps) != 1 {
+		t.Fatalf("endpoint get %s: %v\n%s", p.IP, err, out)
+	}
+	return eps[0]
+}
+
+// status runs `status -o json` and returns what it printed and whether it
+// exited 0. Its stdout is the JSON; an unhealthy status adds its error on
+// stderr after it, which the decoder leaves alone.
+func (c *cliNode) status(t *testing.T, ctx context.Context) (cliStatus, bool) {
+	t.Helper()
+	out, err := c.n.CLI(ctx, "status", "-o", "json")
+	var st cliStatus
+	if derr := json.NewDecoder(bytes.NewReader(out)).Decode(&st); derr != nil {
+		t.Fatalf("status -o json: %v (exit: %v)\n%s", derr, err, out)
+	}
+	if (err == nil) != st.Healthy {
+		t.Errorf("status exit %v but healthy %v:\n%s", err, st.Healthy, out)
+	}
+	return st, err == nil
+}
+
+func (c *cliNode) progs(t *testing.T, ctx context.Context) []cliProg {
+	t.Helper()
+	out, err := c.n.CLI(ctx, "bpf", "prog", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rows []cliProg
+	if err := json.Unmarshal(out, &rows); err != nil {
+		t.Fatalf("prog list: %v\n%s", err, out)
+	}
+	return rows
+}
+
+// startMonitor runs `patchcord monitor args...` on n in the background and
+// returns once it listens (with tracing on, if asked for).
+func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) *lab.Process {
+	t.Helper()
+	ready := filepath.Join(t.TempDir(), "monitor.ready")
+	args = append([]string{"--bpffs-root", n.BpffsRoot, "monitor", "--ready-file", ready}, args...)
+	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.Done():
+			cancel()
+		case <-wctx.Done():
+		}
+	}()
+	if err := lab.WaitFor(wctx, "monitor ready", func(context.Context) error {
+		_, err := os.Stat(ready)
+		return err
+	}); err != nil {
+		out, _ := p.Output()
+		t.Fatalf("%v\nmonitor output:\n%s", err, out)
+	}
+	return p
+}
+
+// monitorEvents waits for a monitor started with --count to exit and
+// returns the events it printed.
+func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []cliEvent {
+	t.Helper()
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	select {
+	case <-p.Done():
+	case <-wctx.Done():
+		out, _ := p.Output()
+		p.Stop()
+		t.Fatalf("monitor did not exit after its --count events:\n%s", out)
+	}
+	out, _ := p.Output()
+	if err := p.Wait(); err != nil {
+		t.Fatalf("monitor: %v\n%s", err, out)
+	}
+	return parseEvents(t, out)
+}
+
+// parseEvents reads the JSON lines of a monitor's log; the other lines are
+// its log on stderr.
+func parseEvents(t *testing.T, out []byte) []cliEvent {
+	t.Helper()
+	var evs []cliEvent
+	s := bufio.NewScanner(bytes.NewReader(out))
+	for s.Scan() {
+		line := s.Bytes()
+		if !bytes.HasPrefix(line, []byte("{")) {
+			continue
+		}
+		var ev cliEvent
+		if err := json.Unmarshal(line, &ev); err != nil {
+			t.Fatalf("monitor line %q: %v", line, err)
+		}
+		evs = append(evs, ev)
+	}
+	return evs
+}
+
+// wantEvents checks that evs are n drops or traces matching want, field by
+// field where want sets one.
+func wantEvents(t *testing.T, evs []cliEvent, n int, want cliEvent) {
+	t.Helper()
+	if len(evs) != n {
+		t.Fatalf("got %d events, want %d: %+v", len(evs), n, evs)
+	}
+	for i, ev := range evs {
+		var diffs []string
+		check := func(field string, got, want any) {
+			if want != reflectZero(want) && got != want {
+				diffs = append(diffs, fmt.Sprintf("%s %v, want %v", field, got, want))
+			}
+		}
+		check("kind", ev.Kind, want.Kind)
+		check("program", ev.Program, want.Program)
+		check("ifindex", ev.Ifindex, want.Ifindex)
+		check("ifname", ev.Ifname, want.Ifname)
+		check("reason", ev.Reason, want.Reason)
+		check("target", ev.Target, want.Target)
+		check("targetIfname", ev.TargetIfname, want.TargetIfname)
+		check("ethProto", ev.EthProto, want.EthProto)
+		check("proto", ev.Proto, want.Proto)
+		check("src", ev.Src, want.Src)
+		check("dst", ev.Dst, want.Dst)
+		check("dport", ev.Dport, want.Dport)
+		if ev.Message == "" || ev.Time.IsZero() || time.Since(ev.Time) > time.Minute || ev.Len == 0 {
+			diffs = append(diffs, fmt.Sprintf("message %q, time %s, len %d", ev.Message, ev.Time, ev.Len))
+		}
+		if len(diffs) > 0 {
+			t.Errorf("event %d: %s", i, strings.Join(diffs, "; "))
+		}
+	}
+}
+
+func reflectZero(v any) any {
+	switch v.(type) {
+	case string:
+		return ""
+	case int:
+		return 0
+	case uint16:
+		return uint16(0)
+	}
+	return nil
+}
+
+// counterDelta is how many packets a counter gained.
+func counterDelta(before, after map[string]counter, name string) uint64 {
+	return after[name].Packets - before[name].Packets
+}
+
+// TestCLISpoofedDrops: a pod sending from an address that is not its own is
+// dropped; stats, monitor and status each report exactly those drops, with
+// the pod's host veth and the packets' 5-tuple.
+func TestCLISpoofedDrops(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	ctx := testCtx(t)
+	c := newCLINode(t, ctx, l)
+	ep := c.endpoint(t, ctx, c.a)
+	const spoofed = "10.244.1.200"
+	// The gateway's MAC is fixed first: resolving it from the spoofed
+	// address would add a spoofed ARP to the drops.
+	for _, cmd := range [][]string{
+		{"ip", "neigh", "replace", "169.254.1.1", "lladdr", ep.HostMAC, "dev", "eth0", "nud", "permanent"},
+		{"ip", "addr", "add", spoofed + "/32", "dev", "eth0"},
+	} {
+		if _, err := c.a.Exec(ctx, cmd[0], cmd[1:]...); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	before := stats(t, ctx, c.n)
+	mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
+	// Every echo request is dropped: ping fails, as it should.
+	c.a.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", spoofed, c.b.IP.String())
+	evs := monitorEvents(t, ctx, mon)
+	after := stats(t, ctx, c.n)
+
+	wantEvents(t, evs, 3, cliEvent{
+		Kind: "drop", Program: "from_pod", Ifindex: ep.Ifindex, Ifname: ep.Ifname, Reason: "drop_spoofed",
+		EthProto: "ipv4", Proto: "icmp", Src: spoofed, Dst: c.b.IP.String(),
+	})
+	for _, name := range []string{"drop_spoofed", "drop_malformed", "drop_unregistered", "local_redirect"} {
+		want := uint64(0)
+		if name == "drop_spoofed" {
+			want = 3
+		}
+		if d := counterDelta(before, after, name); d != want {
+			t.Errorf("bpf stats: %s grew by %d, want %d", name, d, want)
+		}
+	}
+	st, ok := c.status(t, ctx)
+	if !ok || st.Drops["drop_spoofed"] != 3 || st.DropTotal != 3 {
+		t.Errorf("status: healthy %v, drops %v (total %d), want drop_spoofed 3 only; problems %q", ok, st.Drops, st.DropTotal, st.Problems)
+	}
+}
+
+// TestCLITunnelDrops: VXLAN to node 1 from a stranger (198.18.0.99, a lab
+// node without patchcord, through a kernel vxlan device) is dropped as
+// drop_unknown_tunnel; once the stranger is a listed node, VXLAN with the
+// wrong VNI is dropped as drop_bad_vni. The monitor names the uplink and the
+// outer 5-tuple.
+func TestCLITunnelDrops(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	ctx := testCtx(t)
+	c := newCLINode(t, ctx, l)
+	stranger, err := l.AddNode(99)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// IPv6 off before any vxlan device exists: its router solicitations
+	// and MLD reports would be tunnelled to node 1 and dropped too.
+	if _, err := stranger.Exec(ctx, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"); err != nil {
+		t.Fatal(err)
+	}
+	// tunnel makes vx, the only route toward node 1's pods, with VNI vni
+	// and a fixed inner MAC for pod b (no ARP through the tunnel either).
+	tunnel := func(vni int) {
+		t.Helper()
+		stranger.Exec(ctx, "ip", "link", "del", "vx")
+		for _, cmd := range [][]string{
+			{"ip", "link", "add", "vx", "type", "vxlan", "id", fmt.Sprint(vni), "local", stranger.IP.String(),
+				"remote", c.n.IP.String(), "dstport", "4789", "dev", "eth0", "nolearning"},
+			{"ip", "addr", "add", "10.244.99.1/32", "dev", "vx"},
+			{"ip", "link", "set", "vx", "up"},
+			{"ip", "route", "add", c.n.PodCIDR.String(), "dev", "vx", "src", "10.244.99.1"},
+			{"ip", "neigh", "add", c.b.IP.String(), "lladdr", "02:00:00:00:00:01", "dev", "vx", "nud", "permanent"},
+		} {
+			if _, err := stranger.Exec(ctx, cmd[0], cmd[1:]...); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// dropped sends three pings through the tunnel and checks that stats,
+	// monitor and status show exactly three drops for reason.
+	dropped := func(reason string) {
+		t.Helper()
+		before := stats(t, ctx, c.n)
+		stBefore, _ := c.status(t, ctx)
+		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
+		stranger.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", c.b.IP.String())
+		evs := monitorEvents(t, ctx, mon)
+		wantEvents(t, evs, 3, cliEvent{
+			Kind: "drop", Program: "from_uplink", Ifname: "eth0", Reason: reason,
+			EthProto: "ipv4", Proto: "udp", Src: stranger.IP.String(), Dst: c.n.IP.String(), Dport: 4789,
+		})
+		after := stats(t, ctx, c.n)
+		for _, name := range []string{"drop_unknown_tunnel", "drop_bad_vni", "drop_no_endpoint", "drop_malformed", "decap"} {
+			want := uint64(0)
+			if name == reason {
+				want = 3
+			}
+			if d := counterDelta(before, after, name); d != want {
+				t.Errorf("bpf stats: %s grew by %d, want %d", name, d, want)
+			}
+		}
+		st, _ := c.status(t, ctx)
+		if d := st.Drops[reason] - stBefore.Drops[reason]; d != 3 || st.DropTotal-stBefore.DropTotal != 3 {
+			t.Errorf("status: %s grew by %d, all drops by %d; want 3", reason, d, st.DropTotal-stBefore.DropTotal)
+		}
+	}
+
+	t.Run("unknown source", func(t *testing.T) {
+		tunnel(1)
+		dropped("drop_unknown_tunnel")
+	})
+	t.Run("bad vni", func(t *testing.T) {
+		writeNodes(t, c.nodes, entryOf(c.n), entryOf(stranger))
+		err := lab.WaitFor(ctx, "agent to list node 99", func(ctx context.Context) error {
+			out, err := c.n.CLI(ctx, "bpf", "node", "list", "-o", "json")
+			if err != nil {
+				return err
+			}
+			if !bytes.Contains(out, []byte(stranger.IP.String())) {
+				return fmt.Errorf("not listed: %s", out)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tunnel(2)
+		dropped("drop_bad_vni")
+	})
+}
+
+// TestCLITraces: a trace monitor sees one local_redirect per forwarded
+// packet, with both veths, and tracing is off again once it exits; with two
+// trace monitors it stays on until the last one exits.
+func TestCLITraces(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	ctx := testCtx(t)
+	c := newCLINode(t, ctx, l)
+	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
+	tracing := func(want bool, what string) {
+		t.Helper()
+		st, _ := c.status(t, ctx)
+		if st.Tracing != want || st.Monitoring != want {
+			t.Errorf("%s: tracing %v, monitoring %v; want %v", what, st.Tracing, st.Monitoring, want)
+		}
+	}
+	tracing(false, "before any monitor")
+	// Resolve the gateway first, so that the pings are all there is.
+	ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
+
+	t.Run("one monitor", func(t *testing.T) {
+		mon := startMonitor(t, ctx, c.n, "--type", "trace", "-o", "json", "--count", "6")
+		tracing(true, "while a monitor runs")
+		ping(t, ctx, c.a, c.b.IP.String())
+		evs := monitorEvents(t, ctx, mon)
+		var requests, replies []cliEvent
+		for _, ev := range evs {
+			if ev.Src == c.a.IP.String() {
+				requests = append(requests, ev)
+			} else {
+				replies = append(replies, ev)
+			}
+		}
+		wantEvents(t, requests, 3, cliEvent{
+			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epA.Ifname, Ifindex: epA.Ifindex,
+			Target: epB.Ifindex, TargetIfname: epB.Ifname, Proto: "icmp", Src: c.a.IP.String(), Dst: c.b.IP.String(),
+		})
+		wantEvents(t, replies, 3, cliEvent{
+			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epB.Ifname, Ifindex: epB.Ifindex,
+			Target: epA.Ifindex, TargetIfname: epA.Ifname, Proto: "icmp", Src: c.b.IP.String(), Dst: c.a.IP.String(),
+		})
+		tracing(false, "after the monitor exited")
+	})
+
+	t.Run("two monitors", func(t *testing.T) {
+		first := startMonitor(t, ctx, c.n, "--type", "trace")
+		second := startMonitor(t, ctx, c.n, "--type", "all")
+		tracing(true, "while two monitors run")
+		if err := first.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		tracing(true, "after the first monitor exited")
+		if err := second.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		tracing(false, "after both monitors exited")
+		// With nobody tracing, forwarding adds no events.
+		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json")
+		ping(t, ctx, c.a, c.b.IP.String())
+		if err := mon.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		out, _ := mon.Output()
+		if evs := parseEvents(t, out); len(evs) != 0 {
+			t.Errorf("events without tracing: %+v", evs)
+		}
+	})
+}
+
+// TestCLIStatusAndProgList: status is healthy on a node with its agent and
+// pods, and `bpf prog list` shows every attachment; a pod that loses its
+// from_pod, or a stopped agent, makes status fail, and a restarted agent
+// repairs both.
+func TestCLIStatusAndProgList(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	ctx := testCtx(t)
+	c := newCLINode(t, ctx, l)
+	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
+
+	st, ok := c.status(t, ctx)
+	if !ok || !st.Loaded || !st.AgentRunning || st.Endpoints != 2 || st.Nodes != 0 || len(st.Problems) != 0 {
+		t.Errorf("healthy node: ok %v, status %+v", ok, st)
+	}
+	if cfg := st.Config; !cfg.Configured || cfg.NodeIP != c.n.IP.String() || cfg.Uplink != "eth0" || cfg.VNI != 1 || cfg.VXLANPort != 4789 || cfg.PodMTU != 1450 {
+		t.Errorf("node config: %+v", cfg)
+	}
+	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p cliProgram) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
+		t.Errorf("programs: %+v", st.Programs)
+	}
+	if out, err := c.n.CLI(ctx, "status"); err != nil || !bytes.Contains(out, []byte("Status       OK")) {
+		t.Errorf("status table: %v\n%s", err, out)
+	}
+
+	type key struct{ prog, ifname, dir, status string }
+	want := []key{
+		{"from_pod", epA.Ifname, "ingress", "ok"},
+		{"from_pod", epB.Ifname, "ingress", "ok"},
+		{"from_uplink", "eth0", "ingress", "ok"},
+		{"to_uplink", "eth0", "egress", "ok"},
+	}
+	slices.SortFunc(want[:2], func(a, b key) int { return strings.Compare(a.ifname, b.ifname) })
+	progKeys := func(rows []cliProg) []key {
+		var ks []key
+		for _, r := range rows {
+			ks = append(ks, key{r.Program, r.Ifname, r.Direction, r.Status})
+			if r.Status == "ok" && (r.ProgID == 0 || r.LinkID == 0 || len(r.Tag) != 16 || r.Ifindex == 0 ||
+				r.Pin != filepath.Join(c.n.BpffsRoot, "links", r.Program, r.Ifname)) {
+				t.Errorf("prog list row: %+v", r)
+			}
+		}
+		return ks
+	}
+	rows := c.progs(t, ctx)
+	if got := progKeys(rows); !slices.Equal(got, want) {
+		t.Errorf("prog list:\n got %v\nwant %v", got, want)
+	}
+
+	// The agent restores a lost attachment within 10 s: stop it first, so
+	// that what follows is not a race with its repair.
+	if err := c.agent.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	st, ok = c.status(t, ctx)
+	if ok || st.AgentRunning || !slices.ContainsFunc(st.Problems, func(p string) bool { return strings.HasPrefix(p, "agent not running") }) {
+		t.Errorf("agent stopped: ok %v, problems %q", ok, st.Problems)
+	}
+
+	if err := os.Remove(filepath.Join(c.n.BpffsRoot, "links", "from_pod", epA.Ifname)); err != nil {
+		t.Fatal(err)
+	}
+	st, ok = c.status(t, ctx)
+	lost := fmt.Sprintf("from_pod is not attached to %s (pod %s)", epA.Ifname, c.a.IP)
+	if ok || !slices.ContainsFunc(st.Problems, func(p string) bool { return strings.HasPrefix(p, lost) }) {
+		t.Errorf("from_pod detached: ok %v, problems %q", ok, st.Problems)
+	}
+	want[0].status = "missing"
+	if epA.Ifname > epB.Ifname {
+		want[0].status, want[1].status = "ok", "missing"
+	}
+	rows = c.progs(t, ctx)
+	got := progKeys(rows)
+	if !slices.Equal(got, want) {
+		t.Errorf("prog list after detach:\n got %v\nwant %v", got, want)
+	}
+	for _, r := range rows {
+		if r.Status == "missing" && (r.PodIP != c.a.IP.String() || r.Ifindex != epA.Ifindex || r.Pin != "" || r.ProgID != 0) {
+			t.Errorf("missing row: %+v", r)
+		}
+	}
+	if out, err := c.n.CLI(ctx, "status"); err == nil || !bytes.Contains(out, []byte("BROKEN")) || !bytes.Contains(out, []byte(lost)) {
+		t.Errorf("status table after detach: exit %v\n%s", err, out)
+	}
+
+	// A new agent reattaches at start, before it reports ready.
+	c.agent = startAgent(t, ctx, c.n, c.nodes)
+	if st, ok := c.status(t, ctx); !ok {
+		t.Errorf("after the agent restarted: problems %q", st.Problems)
+	}
+	want[0].status, want[1].status = "ok", "ok"
+	if got := progKeys(c.progs(t, ctx)); !slices.Equal(got, want) {
+		t.Errorf("prog list after repair:\n got %v\nwant %v", got, want)
+	}
+}
+
+// TestCLINotLoaded: on a node where nothing is pinned, every command says
+// what to do, and status fails.
+func TestCLINotLoaded(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	ctx := testCtx(t)
+	n, err := l.AddNode(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"status"}, {"bpf", "prog", "list"}, {"monitor"}, {"bpf", "stats"}} {
+		out, err := n.CLI(ctx, args...)
+		if err == nil || !bytes.Contains(out, []byte("is the agent or the CNI plugin installed?")) {
+			t.Errorf("%v on an empty node: exit %v\n%s", args, err, out)
+		}
+	}
+}
