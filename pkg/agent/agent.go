@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"time"
@@ -21,10 +20,6 @@ import (
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
 )
-
-// VXLANOverhead is what encapsulation adds: outer IPv4, UDP, VXLAN, inner
-// Ethernet. Pods get the uplink MTU minus this.
-const VXLANOverhead = 50
 
 // Config is the agent's command line.
 type Config struct {
@@ -180,7 +175,7 @@ func (a *Agent) setupUplink() error {
 		UplinkMAC:     attrs.HardwareAddr,
 		VXLANPort:     a.cfg.VXLANPort,
 		VNI:           a.cfg.VNI,
-		MTU:           attrs.MTU - VXLANOverhead,
+		MTU:           attrs.MTU - datapath.VXLANOverhead,
 		Trace:         old.Trace, // a running monitor keeps its traces
 	}
 	if err := cfgMap.Put(cfg); err != nil {
@@ -238,12 +233,4 @@ func (a *Agent) reconcile() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// hwOrNil keeps an absent MAC absent.
-func hwOrNil(m net.HardwareAddr) net.HardwareAddr {
-	if len(m) == 0 {
-		return nil
-	}
-	return m
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
@@ -41,7 +42,7 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 	sources := make(map[netip.Addr]bool, len(want))
 	for _, n := range want {
 		sources[n.NodeIP] = true
-		if err := a.nodes.Put(maps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: hwOrNil(n.VtepMAC)}); err != nil {
+		if err := a.nodes.Put(maps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 			continue
 		}
@@ -98,7 +99,7 @@ func (a *Agent) ensureRoute(n nodes.Node) error {
 		Dst:       prefixNet(n.PodCIDR),
 		Gw:        gateway(n.PodCIDR),
 		Flags:     int(netlink.FLAG_ONLINK),
-		MTU:       attrs.MTU - VXLANOverhead,
+		MTU:       attrs.MTU - datapath.VXLANOverhead,
 		Protocol:  routeProtocol,
 	}); err != nil {
 		return fmt.Errorf("add route %s via %s: %w", n.PodCIDR, attrs.Name, err)

@@ -25,8 +25,6 @@ import (
 // MAC, so every packet the pod sends reaches from_pod addressed to the host.
 var gatewayIP = net.IPv4(169, 254, 1, 1).To4()
 
-const vxlanOverhead = 50
-
 // hostVethName is stable for a container interface, so DEL finds what ADD
 // made without any state: "pc" and 13 hex digits, the kernel's 15 at most.
 func hostVethName(containerID, ifname string) string {
@@ -355,8 +353,8 @@ func podMTU(conf *NetConf, dp *datapath.Datapath, log *slog.Logger) int {
 			}
 		}
 		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
-			return l.Attrs().MTU - vxlanOverhead
+			return l.Attrs().MTU - datapath.VXLANOverhead
 		}
 	}
-	return 1500 - vxlanOverhead
+	return 1500 - datapath.VXLANOverhead
 }

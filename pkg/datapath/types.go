@@ -30,6 +30,12 @@ const (
 	EventTrace = fromPodEventKindEVENT_TRACE
 )
 
+// VXLANOverhead is what encapsulation adds in front of a pod's frame: outer
+// IPv4, UDP, VXLAN and inner Ethernet (VXLAN_OVERHEAD in bpf/lib/vxlan.h;
+// the BPF_PROG_RUN tests check the encapsulated frame's size). Pods get the
+// uplink MTU minus this.
+const VXLANOverhead = 50
+
 // Program names, as in the C sources and under <root>/progs.
 const (
 	FromPod    = "from_pod"

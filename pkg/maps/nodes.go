@@ -38,7 +38,7 @@ func (n *Nodes) Put(node Node) error {
 		return fmt.Errorf("node %s: only IPv4 is supported", node.NodeIP)
 	}
 	val := datapath.NodeInfo{NodeIp: u32(node.NodeIP)}
-	if node.VtepMAC != nil {
+	if len(node.VtepMAC) != 0 {
 		m, err := mac6(node.VtepMAC)
 		if err != nil {
 			return fmt.Errorf("node %s: vtep %w", node.NodeIP, err)
