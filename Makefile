@@ -12,7 +12,7 @@ CNI_BIN   := $(BIN)/cni
 CNI_VERSION     := v1.3.0
 PLUGINS_VERSION := v1.10.0
 DEB_PACKAGES    := clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping \
-                   iperf3 sockperf iptables conntrack ethtool python3
+                   iperf3 sockperf iptables conntrack ethtool python3 ruby curl
 
 export BPF2GO_CC    := $(CLANG)
 export BPF2GO_STRIP := $(STRIP)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -8,13 +9,17 @@ import (
 	"strings"
 
 	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/metrics"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/spf13/cobra"
+	"github.com/vishvananda/netlink"
 )
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var (
 		nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
+		kubeconfig, nodeName, metricsAddr                 string
+		flannelCompat                                     bool
 		vni, port                                         uint32
 		cfg                                               agent.Config
 	)
@@ -23,15 +28,41 @@ func newAgentCmd(g *globals) *cobra.Command {
 		Short: "Run the node agent: uplink programs, remote nodes, repairs",
 		Long: `The agent loads (or reuses) the pinned datapath, attaches from_uplink and
 to_uplink to the uplink, keeps the remote-node map and routes in step with
-the nodes file, and repairs endpoints and attachments. It holds no datapath
-state: stopping or killing it leaves traffic flowing.`,
+the nodes file or the cluster's Node objects, and repairs endpoints and
+attachments. It holds no datapath state: stopping or killing it leaves
+traffic flowing.
+
+With the Kubernetes API as node source (--kubeconfig, or in a pod its
+service account), --node-ip and --pod-cidr default to this node's Node
+object (--node-name, $NODE_NAME), and --uplink to the interface holding
+the node IP.`,
 		Example: `  patchcord agent --uplink eth0 --node-ip 198.18.0.1 --pod-cidr 10.244.1.0/24 --nodes /etc/patchcord/nodes.json
-  patchcord agent --uplink eth0 --node-ip 198.18.0.1 --pod-cidr 10.244.1.0/24 --nodes nodes.json --vxlan-port 8472  # Flannel's wire`,
+  patchcord agent --uplink eth0 --node-ip 198.18.0.1 --pod-cidr 10.244.1.0/24 --nodes nodes.json --vxlan-port 8472  # Flannel's wire
+  patchcord agent --kubeconfig /etc/patchcord/kubeconfig --node-name node1 --vxlan-port 8472 --flannel-compat`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logLevel)
 			if err != nil {
 				return err
+			}
+			ctx := cmd.Context()
+			src, kube, err := nodeSource(nodesFile, kubeconfig, nodeName, log)
+			if err != nil {
+				return err
+			}
+			// With the Kubernetes source, this node's Node object knows
+			// its address and pod CIDR: a DaemonSet needs no per-node flags.
+			if kube != nil && (nodeIP == "" || podCIDR == "") {
+				self, err := kube.Self(ctx)
+				if err != nil {
+					return fmt.Errorf("--node-ip/--pod-cidr not given: %w", err)
+				}
+				if nodeIP == "" {
+					nodeIP = self.NodeIP.String()
+				}
+				if podCIDR == "" {
+					podCIDR = self.PodCIDR.String()
+				}
 			}
 			if cfg.NodeIP, err = netip.ParseAddr(nodeIP); err != nil {
 				return fmt.Errorf("--node-ip: %q is not an IPv4 address", nodeIP)
@@ -51,22 +82,45 @@ state: stopping or killing it leaves traffic flowing.`,
 				}
 			}
 			cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = vni, uint16(port), g.root
-			if nodesFile == "" {
-				return fmt.Errorf("--nodes: required (a JSON file listing the cluster's nodes)")
+			if cfg.Uplink == "" {
+				if cfg.Uplink, err = uplinkFor(cfg.NodeIP); err != nil {
+					return err
+				}
 			}
-			src := &nodes.File{Path: nodesFile, Log: log}
-			// A bad file at start is an error; on reload it is only logged.
-			if _, err := src.Load(); err != nil {
-				return fmt.Errorf("--nodes: %w", err)
+			if flannelCompat {
+				if kube == nil {
+					return errors.New("--flannel-compat: needs the Kubernetes node source (--kubeconfig, or in-cluster)")
+				}
+				if port != 8472 {
+					log.Warn("--flannel-compat without --vxlan-port 8472: Flannel nodes send to 8472 unless their net-conf.json sets Port", "vxlan_port", port)
+				}
+				uplink, err := netlink.LinkByName(cfg.Uplink)
+				if err != nil {
+					return fmt.Errorf("--uplink: %w", err)
+				}
+				if err := kube.PublishVTEP(ctx, uplink.Attrs().HardwareAddr, int(vni), cfg.NodeIP); err != nil {
+					return fmt.Errorf("--flannel-compat: %w", err)
+				}
 			}
-			return agent.Run(cmd.Context(), cfg, src, log)
+			if metricsAddr != "" {
+				m := metrics.New(g.root, log)
+				if _, err := m.Start(ctx, metricsAddr); err != nil {
+					return fmt.Errorf("--metrics-addr: %w", err)
+				}
+				cfg.OnSyncError = func(error) { m.SyncError() }
+			}
+			return agent.Run(ctx, cfg, src, log)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Uplink, "uplink", "", "the node's interface toward other nodes")
-	f.StringVar(&nodeIP, "node-ip", "", "this node's IPv4 address on the uplink (tunnel endpoint)")
-	f.StringVar(&podCIDR, "pod-cidr", "", "this node's pod CIDR")
+	f.StringVar(&cfg.Uplink, "uplink", "", "the node's interface toward other nodes (default: the one holding --node-ip)")
+	f.StringVar(&nodeIP, "node-ip", "", "this node's IPv4 address on the uplink, the tunnel endpoint (default with Kubernetes: the Node's InternalIP)")
+	f.StringVar(&podCIDR, "pod-cidr", "", "this node's pod CIDR (default with Kubernetes: the Node's spec.podCIDR)")
 	f.StringVar(&nodesFile, "nodes", "", `nodes file: {"nodes":[{"name","nodeIP","podCIDR","vtepMAC"}]}, re-read on change`)
+	f.StringVar(&kubeconfig, "kubeconfig", "", "follow the cluster's Node objects with this kubeconfig instead of --nodes (in a pod, the service account serves without it)")
+	f.StringVar(&nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's Node name (default $NODE_NAME)")
+	f.BoolVar(&flannelCompat, "flannel-compat", false, "publish this node's VTEP in Flannel's node annotations, so that Flannel nodes reach its pods (with --vxlan-port 8472)")
+	f.StringVar(&metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
 	f.Uint32Var(&vni, "vni", 1, "VXLAN network identifier")
 	f.Uint32Var(&port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -82,4 +136,48 @@ func newLogger(level string) (*slog.Logger, error) {
 		return nil, fmt.Errorf("--log-level: %q is not one of debug, info, warn, error", level)
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+// nodeSource picks where the cluster's nodes come from: the nodes file, or
+// the Kubernetes API (with --kubeconfig, or in a pod its service account).
+// kube is the Kubernetes source, nil for the file.
+func nodeSource(nodesFile, kubeconfig, nodeName string, log *slog.Logger) (src nodes.Source, kube *nodes.Kube, err error) {
+	inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+	switch {
+	case nodesFile != "" && kubeconfig != "":
+		return nil, nil, errors.New("--nodes, --kubeconfig: give one node source, not both")
+	case nodesFile != "":
+		f := &nodes.File{Path: nodesFile, Log: log}
+		// A bad file at start is an error; on reload it is only logged.
+		if _, err := f.Load(); err != nil {
+			return nil, nil, fmt.Errorf("--nodes: %w", err)
+		}
+		return f, nil, nil
+	case kubeconfig != "" || inCluster:
+		client, err := nodes.NewKubeClient(kubeconfig)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--kubeconfig: %w", err)
+		}
+		k := &nodes.Kube{Client: client, NodeName: nodeName, Log: log}
+		return k, k, nil
+	}
+	return nil, nil, errors.New("--nodes or --kubeconfig: one is required (a JSON file listing the cluster's nodes, or the Kubernetes API)")
+}
+
+// uplinkFor names the interface holding ip, the node's NIC toward the others.
+func uplinkFor(ip netip.Addr) (string, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return "", fmt.Errorf("--uplink: list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if a.IP.Equal(ip.AsSlice()) {
+			link, err := netlink.LinkByIndex(a.LinkIndex)
+			if err != nil {
+				return "", fmt.Errorf("--uplink: interface of %s: %w", ip, err)
+			}
+			return link.Attrs().Name, nil
+		}
+	}
+	return "", fmt.Errorf("--uplink: no interface holds the node IP %s; name one with --uplink", ip)
 }

@@ -39,6 +39,9 @@ type Config struct {
 	ReadyFile string
 	// ReconcileEvery repairs endpoints and attachments periodically.
 	ReconcileEvery time.Duration
+	// OnSyncError, when set, is called with every failed node sync, so
+	// that the metrics can count what the log reports.
+	OnSyncError func(error)
 }
 
 // Validate checks what can be checked without the kernel; errors name the flag.
@@ -124,6 +127,9 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		case set := <-updates:
 			if err := a.syncNodes(set); err != nil {
 				log.Error("sync nodes", "err", err)
+				if cfg.OnSyncError != nil {
+					cfg.OnSyncError(err)
+				}
 				continue
 			}
 			if !ready && cfg.ReadyFile != "" {

@@ -1,0 +1,442 @@
+// The Kubernetes node source: Node objects from the API server, watched with
+// a client-go informer, turned into the same complete node sets the file
+// source sends. It also speaks Flannel's node annotations, so that patchcord
+// and Flannel nodes can share a cluster while it moves over node by node.
+package nodes
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// Flannel's node annotations, with its default prefix (flannel
+// pkg/subnet/kube/annotations.go). Flannel's vxlan backend writes all four;
+// a Flannel node ignores every peer that lacks kube-subnet-manager "true".
+const (
+	FlannelBackendData       = "flannel.alpha.coreos.com/backend-data"
+	FlannelBackendType       = "flannel.alpha.coreos.com/backend-type"
+	FlannelPublicIP          = "flannel.alpha.coreos.com/public-ip"
+	FlannelKubeSubnetManager = "flannel.alpha.coreos.com/kube-subnet-manager"
+)
+
+// DefaultResync is how often the whole node set is sent again although
+// nothing changed: the agent's sync is idempotent, so a resend repairs a
+// route or map entry someone removed by hand. Flannel uses the same period.
+const DefaultResync = 5 * time.Minute
+
+// ErrNotReady means a Node object lacks what routing needs (a pod CIDR or an
+// InternalIP). It is normal for a node that has just registered.
+var ErrNotReady = errors.New("node not ready for routing")
+
+// Kube is a Source reading Node objects from the Kubernetes API.
+type Kube struct {
+	Client kubernetes.Interface
+	// NodeName is this node's name (--node-name, $NODE_NAME). Run does not
+	// need it: the set includes this node and the agent skips its own IP.
+	// Self and PublishVTEP do.
+	NodeName string
+	// Resync resends the set although nothing changed; 0 means
+	// DefaultResync, a negative value never.
+	Resync time.Duration
+	Log    *slog.Logger
+
+	mu    sync.Mutex
+	force bool // a resync asked for the next set to be sent even if unchanged
+	// vtep holds the annotations PublishVTEP wrote, to write them again if
+	// they go missing (a Node deleted and re-registered by kubelet).
+	// vtepFrom is the resourceVersion of the object last patched: the
+	// informer may still hold it, and it needs no second patch.
+	vtep     map[string]string
+	vtepFrom string
+	// complaints holds, per node, what was last logged about it, so that a
+	// bad node is logged when it turns bad, not on every resend.
+	complaints map[string]string
+}
+
+// NewKubeClient connects with the kubeconfig at path or, when path is empty,
+// with the pod's service account (in-cluster config).
+func NewKubeClient(path string) (kubernetes.Interface, error) {
+	var (
+		cfg *rest.Config
+		err error
+	)
+	if path == "" {
+		cfg, err = rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("in-cluster config (outside a pod, pass --kubeconfig): %w", err)
+		}
+	} else {
+		cfg, err = clientcmd.BuildConfigFromFlags("", path)
+		if err != nil {
+			return nil, fmt.Errorf("load kubeconfig %s: %w", path, err)
+		}
+	}
+	cfg.UserAgent = "patchcord-agent"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("make kubernetes client: %w", err)
+	}
+	return client, nil
+}
+
+// Run sends the node set once the informer has listed every node, then again
+// whenever the set changes and at every resync, until ctx ends.
+func (k *Kube) Run(ctx context.Context, updates chan<- []Node) error {
+	resync := k.Resync
+	if resync == 0 {
+		resync = DefaultResync
+	} else if resync < 0 {
+		resync = 0 // informers: never
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	factory := informers.NewSharedInformerFactory(k.Client, resync)
+	// Shutdown waits for the informer goroutines, which stop on cancel.
+	defer func() { cancel(); factory.Shutdown() }()
+	nodeInformer := factory.Core().V1().Nodes()
+	inf, lister := nodeInformer.Informer(), nodeInformer.Lister()
+
+	// Handlers only signal: the loop below reads the whole set from the
+	// lister, so a burst of events (a cluster's worth of heartbeats) costs
+	// one set, and a slow agent never blocks the informer.
+	changed := make(chan struct{}, 1)
+	poke := func(force bool) {
+		if force {
+			k.mu.Lock()
+			k.force = true
+			k.mu.Unlock()
+		}
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { poke(false) },
+		UpdateFunc: func(oldObj, newObj any) {
+			// The same resourceVersion twice is a resync, not a change.
+			o, ok1 := oldObj.(*corev1.Node)
+			n, ok2 := newObj.(*corev1.Node)
+			poke(ok1 && ok2 && o.ResourceVersion == n.ResourceVersion)
+		},
+		DeleteFunc: func(any) { poke(false) },
+	})
+	if err != nil {
+		return fmt.Errorf("watch nodes: %w", err)
+	}
+	factory.Start(ctx.Done())
+	// Until the first list is complete, a set would lack nodes, and the
+	// agent would tear down their routes.
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return nil // ctx ended
+	}
+
+	var last []Node
+	first := true
+	for {
+		list, err := lister.List(labels.Everything())
+		if err != nil {
+			// The lister reads a local cache; this does not happen.
+			return fmt.Errorf("list nodes from the informer cache: %w", err)
+		}
+		set := k.nodeSet(list)
+		k.keepVTEP(ctx, list)
+		k.mu.Lock()
+		force := k.force
+		k.force = false
+		k.mu.Unlock()
+		// Node status changes every few minutes per node and changes nothing
+		// here; only new sets, and resyncs, go to the agent.
+		if first || force || !equalSets(set, last) {
+			select {
+			case updates <- set:
+			case <-ctx.Done():
+				return nil
+			}
+			last, first = set, false
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// nodeSet converts every Node object it can, sorted by name. Nodes that cannot
+// be routed to are left out and logged once per complaint.
+func (k *Kube) nodeSet(list []*corev1.Node) []Node {
+	slices.SortFunc(list, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	out := make([]Node, 0, len(list))
+	seen := make(map[netip.Prefix]string, len(list))
+	complaints := make(map[string]string)
+	notReady := make(map[string]bool)
+	for _, obj := range list {
+		n, warn, err := fromKube(obj)
+		if err == nil {
+			if other, dup := seen[n.PodCIDR]; dup {
+				err = fmt.Errorf("podCIDR %s is also the pod CIDR of node %s", n.PodCIDR, other)
+			}
+		}
+		if err != nil {
+			complaints[obj.Name] = err.Error()
+			notReady[obj.Name] = errors.Is(err, ErrNotReady)
+			continue
+		}
+		if warn != nil {
+			complaints[obj.Name] = warn.Error()
+		}
+		seen[n.PodCIDR] = n.Name
+		out = append(out, n)
+	}
+
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for name, msg := range complaints {
+		if k.complaints[name] == msg {
+			continue
+		}
+		switch {
+		case notReady[name]:
+			// Normal while a node registers and waits for its pod CIDR.
+			k.Log.Info("skipping node until it has a pod CIDR and an InternalIP", "node", name, "reason", msg)
+		case slices.ContainsFunc(out, func(n Node) bool { return n.Name == name }):
+			k.Log.Warn("node annotation ignored", "node", name, "err", msg)
+		default:
+			k.Log.Error("skipping node", "node", name, "err", msg)
+		}
+	}
+	for name := range k.complaints {
+		if _, still := complaints[name]; !still {
+			k.Log.Info("node is fine again", "node", name)
+		}
+	}
+	k.complaints = complaints
+	return out
+}
+
+// FromKube turns a Node object into a Node. Errors say what is missing or
+// wrong, naming the field; ErrNotReady marks a node that is merely not
+// ready yet. An unusable Flannel annotation does not fail the node.
+func FromKube(obj *corev1.Node) (Node, error) {
+	n, _, err := fromKube(obj)
+	return n, err
+}
+
+// fromKube is FromKube that also returns the non-fatal annotation problem.
+func fromKube(obj *corev1.Node) (n Node, warn, err error) {
+	n.Name = obj.Name
+	cidrs := obj.Spec.PodCIDRs
+	if len(cidrs) == 0 && obj.Spec.PodCIDR != "" {
+		cidrs = []string{obj.Spec.PodCIDR}
+	}
+	if len(cidrs) == 0 {
+		return n, nil, fmt.Errorf("%w: spec.podCIDR is empty (is the controller manager allocating node CIDRs?)", ErrNotReady)
+	}
+	// Dual-stack nodes list one CIDR per family; the datapath routes IPv4.
+	for i, s := range cidrs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return n, nil, fmt.Errorf("spec.podCIDRs[%d]: %q is not a CIDR", i, s)
+		}
+		if !p.Addr().Is4() {
+			continue
+		}
+		if p != p.Masked() {
+			return n, nil, fmt.Errorf("spec.podCIDRs[%d]: %q has host bits set", i, s)
+		}
+		n.PodCIDR = p
+		break
+	}
+	if !n.PodCIDR.IsValid() {
+		return n, nil, fmt.Errorf("spec.podCIDRs: %q has no IPv4 CIDR; patchcord routes IPv4 only", cidrs)
+	}
+	for _, a := range obj.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
+			n.NodeIP = ip
+			break
+		}
+	}
+	if !n.NodeIP.IsValid() {
+		return n, nil, fmt.Errorf("%w: status.addresses has no IPv4 InternalIP", ErrNotReady)
+	}
+	mac, publicIP, warn := flannelVTEP(obj.Annotations)
+	if mac != nil {
+		n.VtepMAC = mac
+		// Flannel sends from, and to, its public IP, which differs from the
+		// InternalIP on nodes with several NICs (--iface, --public-ip).
+		if publicIP.IsValid() {
+			n.NodeIP = publicIP
+		}
+	}
+	return n, warn, nil
+}
+
+// backendData is Flannel's vxlan backend data: {"VNI":1,"VtepMAC":"..."}.
+type backendData struct {
+	VNI     int    `json:"VNI"`
+	VtepMAC string `json:"VtepMAC"`
+}
+
+// flannelVTEP reads a Flannel vxlan node's VTEP MAC and public IP. A node
+// without the annotations yields nothing and no warning.
+func flannelVTEP(ann map[string]string) (net.HardwareAddr, netip.Addr, error) {
+	data, ok := ann[FlannelBackendData]
+	if !ok {
+		return nil, netip.Addr{}, nil
+	}
+	if t, ok := ann[FlannelBackendType]; ok && t != "vxlan" {
+		// host-gw, wireguard...: no VTEP to send to.
+		return nil, netip.Addr{}, nil
+	}
+	var bd backendData
+	if err := json.Unmarshal([]byte(data), &bd); err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("annotation %s: %q: %v", FlannelBackendData, data, err)
+	}
+	if bd.VtepMAC == "" {
+		return nil, netip.Addr{}, nil
+	}
+	mac, err := net.ParseMAC(bd.VtepMAC)
+	if err != nil || len(mac) != 6 {
+		return nil, netip.Addr{}, fmt.Errorf("annotation %s: VtepMAC %q is not a MAC address", FlannelBackendData, bd.VtepMAC)
+	}
+	s, ok := ann[FlannelPublicIP]
+	if !ok {
+		return mac, netip.Addr{}, nil
+	}
+	ip, err := netip.ParseAddr(s)
+	if err != nil || !ip.Is4() {
+		return mac, netip.Addr{}, fmt.Errorf("annotation %s: %q is not an IPv4 address; using the InternalIP", FlannelPublicIP, s)
+	}
+	return mac, ip, nil
+}
+
+// Self reads this node (NodeName) from the API server: its pod CIDR and IP,
+// for an agent started without --pod-cidr and --node-ip.
+func (k *Kube) Self(ctx context.Context) (Node, error) {
+	if k.NodeName == "" {
+		return Node{}, errors.New("--node-name: required (or set NODE_NAME, e.g. from spec.nodeName)")
+	}
+	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return Node{}, fmt.Errorf("get node %s: %w", k.NodeName, err)
+	}
+	n, err := FromKube(obj)
+	if err != nil {
+		return Node{}, fmt.Errorf("node %s: %w", k.NodeName, err)
+	}
+	return n, nil
+}
+
+// PublishVTEP writes this node's VTEP into the annotations Flannel's vxlan
+// backend writes and reads, so that Flannel nodes send this node's pod
+// traffic to nodeIP with inner destination mac, over VNI vni. A node whose
+// annotations already say so is not patched: restarts cost no write.
+func (k *Kube) PublishVTEP(ctx context.Context, mac net.HardwareAddr, vni int, nodeIP netip.Addr) error {
+	switch {
+	case k.NodeName == "":
+		return errors.New("publish VTEP: --node-name: required (or set NODE_NAME)")
+	case len(mac) != 6:
+		return fmt.Errorf("publish VTEP on node %s: MAC %q is not 6 bytes", k.NodeName, mac)
+	case vni < 1 || vni > 1<<24-1:
+		return fmt.Errorf("publish VTEP on node %s: VNI %d is out of range 1..16777215", k.NodeName, vni)
+	case !nodeIP.Is4():
+		return fmt.Errorf("publish VTEP on node %s: %q is not an IPv4 address", k.NodeName, nodeIP)
+	}
+	data, err := json.Marshal(backendData{VNI: vni, VtepMAC: mac.String()})
+	if err != nil {
+		return fmt.Errorf("publish VTEP on node %s: %w", k.NodeName, err)
+	}
+	want := map[string]string{
+		FlannelBackendData:       string(data),
+		FlannelBackendType:       "vxlan",
+		FlannelPublicIP:          nodeIP.String(),
+		FlannelKubeSubnetManager: "true",
+	}
+	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("publish VTEP: get node %s: %w", k.NodeName, err)
+	}
+	if err := k.patchVTEP(ctx, obj, want); err != nil {
+		return err
+	}
+	k.mu.Lock()
+	k.vtep = want
+	k.mu.Unlock()
+	return nil
+}
+
+// patchVTEP writes want into the node's annotations unless they are there.
+func (k *Kube) patchVTEP(ctx context.Context, obj *corev1.Node, want map[string]string) error {
+	same := true
+	for key, v := range want {
+		same = same && obj.Annotations[key] == v
+	}
+	if same {
+		k.Log.Debug("VTEP already published", "node", k.NodeName, "backend_data", want[FlannelBackendData])
+		return nil
+	}
+	// A merge patch touches these keys only: other annotations stay, and
+	// there is no read-modify-write race with kubelet's status updates.
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": want}})
+	if err != nil {
+		return fmt.Errorf("publish VTEP on node %s: %w", k.NodeName, err)
+	}
+	if _, err := k.Client.CoreV1().Nodes().Patch(ctx, k.NodeName, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "patchcord"}); err != nil {
+		return fmt.Errorf("publish VTEP: patch annotations of node %s: %w", k.NodeName, err)
+	}
+	k.mu.Lock()
+	k.vtepFrom = obj.ResourceVersion
+	k.mu.Unlock()
+	k.Log.Info("published VTEP in Flannel's annotations", "node", k.NodeName, "backend_data", want[FlannelBackendData], "public_ip", want[FlannelPublicIP])
+	return nil
+}
+
+// keepVTEP publishes the VTEP again when this node's annotations lost it,
+// e.g. after its Node object was deleted and kubelet registered it anew:
+// Flannel nodes would stop sending to it otherwise.
+func (k *Kube) keepVTEP(ctx context.Context, list []*corev1.Node) {
+	k.mu.Lock()
+	want, from := k.vtep, k.vtepFrom
+	k.mu.Unlock()
+	if want == nil {
+		return
+	}
+	i := slices.IndexFunc(list, func(n *corev1.Node) bool { return n.Name == k.NodeName })
+	if i < 0 || list[i].ResourceVersion == from {
+		return
+	}
+	if err := k.patchVTEP(ctx, list[i], want); err != nil {
+		// The next change or resync tries again.
+		k.Log.Error("keep VTEP published", "err", err)
+	}
+}
+
+// equalSets compares two sorted sets.
+func equalSets(a, b []Node) bool {
+	return slices.EqualFunc(a, b, func(x, y Node) bool {
+		return x.Name == y.Name && x.NodeIP == y.NodeIP && x.PodCIDR == y.PodCIDR && bytes.Equal(x.VtepMAC, y.VtepMAC)
+	})
+}

@@ -1,0 +1,419 @@
+// The Kubernetes node source end to end: agents started the way the
+// DaemonSet starts them (--kubeconfig, --node-name, --flannel-compat, nothing
+// per node) against a small in-memory API server, next to a Flannel node
+// that knows its peers only from the annotations the agents publish. This is
+// a cluster half-way through a migration from Flannel.
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
+	jsonpatch "gopkg.in/evanphx/json-patch.v4"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// kapiServer is as much of the API server as a Node informer and a patch of
+// a node's annotations need: list, watch (also as a watch-list stream),
+// get and merge-patch of core/v1 Nodes.
+type kapiServer struct {
+	mu       sync.Mutex
+	rv       int
+	nodes    map[string]*corev1.Node
+	history  []kapiEvent // every change, for watches that start behind
+	watchers map[chan kapiEvent]bool
+}
+
+type kapiEvent struct {
+	Type   string       `json:"type"`
+	Object *corev1.Node `json:"object"`
+	rv     int
+}
+
+func newKAPIServer() *kapiServer {
+	return &kapiServer{nodes: map[string]*corev1.Node{}, watchers: map[chan kapiEvent]bool{}}
+}
+
+// set adds or replaces a node, as kubelet and the controller manager would.
+func (s *kapiServer) set(n *corev1.Node) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	typ := "MODIFIED"
+	if _, ok := s.nodes[n.Name]; !ok {
+		typ = "ADDED"
+	}
+	s.store(typ, n.DeepCopy())
+}
+
+func (s *kapiServer) remove(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n, ok := s.nodes[name]; ok {
+		delete(s.nodes, name)
+		s.rv++
+		s.notify(kapiEvent{Type: "DELETED", Object: n.DeepCopy(), rv: s.rv})
+	}
+}
+
+func (s *kapiServer) get(name string) *corev1.Node {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n, ok := s.nodes[name]; ok {
+		return n.DeepCopy()
+	}
+	return nil
+}
+
+// store saves n under a new resourceVersion; s.mu is held.
+func (s *kapiServer) store(typ string, n *corev1.Node) {
+	s.rv++
+	n.ResourceVersion = strconv.Itoa(s.rv)
+	n.TypeMeta = metav1.TypeMeta{Kind: "Node", APIVersion: "v1"}
+	s.nodes[n.Name] = n
+	s.notify(kapiEvent{Type: typ, Object: n.DeepCopy(), rv: s.rv})
+}
+
+func (s *kapiServer) notify(ev kapiEvent) {
+	s.history = append(s.history, ev)
+	for ch := range s.watchers {
+		select {
+		case ch <- ev:
+		default: // a stuck watcher loses events; its informer relists
+		}
+	}
+}
+
+func (s *kapiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	name, named := strings.CutPrefix(r.URL.Path, "/api/v1/nodes/")
+	switch {
+	case r.URL.Path == "/api/v1/nodes" && r.Method == http.MethodGet:
+		if q := r.URL.Query().Get("watch"); q == "true" || q == "1" {
+			s.watch(w, r)
+			return
+		}
+		s.mu.Lock()
+		list := corev1.NodeList{TypeMeta: metav1.TypeMeta{Kind: "NodeList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: strconv.Itoa(s.rv)}}
+		for _, n := range s.nodes {
+			list.Items = append(list.Items, *n.DeepCopy())
+		}
+		s.mu.Unlock()
+		kapiWrite(w, http.StatusOK, list)
+	case named && r.Method == http.MethodGet:
+		if n := s.get(name); n != nil {
+			kapiWrite(w, http.StatusOK, n)
+			return
+		}
+		kapiStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
+	case named && r.Method == http.MethodPatch:
+		if ct := r.Header.Get("Content-Type"); ct != "application/merge-patch+json" {
+			kapiStatus(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", ct)
+			return
+		}
+		var patch json.RawMessage
+		if err := json.NewDecoder(r.Body).Decode(&patch); err != nil {
+			kapiStatus(w, http.StatusBadRequest, "BadRequest", err.Error())
+			return
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		n, ok := s.nodes[name]
+		if !ok {
+			kapiStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
+			return
+		}
+		orig, _ := json.Marshal(n)
+		merged, err := jsonpatch.MergePatch(orig, patch)
+		var out corev1.Node
+		if err == nil {
+			err = json.Unmarshal(merged, &out)
+		}
+		if err != nil {
+			kapiStatus(w, http.StatusUnprocessableEntity, "Invalid", err.Error())
+			return
+		}
+		s.store("MODIFIED", &out)
+		kapiWrite(w, http.StatusOK, &out)
+	default:
+		kapiStatus(w, http.StatusNotFound, "NotFound", r.Method+" "+r.URL.Path)
+	}
+}
+
+// watch streams events after the requested resourceVersion or, for a
+// watch-list (sendInitialEvents), every node followed by the bookmark that
+// ends the initial events.
+func (s *kapiServer) watch(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	ch := make(chan kapiEvent, 1024)
+	s.mu.Lock()
+	var backlog []kapiEvent
+	if q.Get("sendInitialEvents") == "true" {
+		for _, n := range s.nodes {
+			backlog = append(backlog, kapiEvent{Type: "ADDED", Object: n.DeepCopy()})
+		}
+		backlog = append(backlog, kapiEvent{Type: "BOOKMARK", Object: &corev1.Node{
+			TypeMeta:   metav1.TypeMeta{Kind: "Node", APIVersion: "v1"},
+			ObjectMeta: metav1.ObjectMeta{ResourceVersion: strconv.Itoa(s.rv), Annotations: map[string]string{metav1.InitialEventsAnnotationKey: "true"}},
+		}})
+	} else {
+		from, _ := strconv.Atoi(q.Get("resourceVersion"))
+		for _, ev := range s.history {
+			if ev.rv > from {
+				backlog = append(backlog, ev)
+			}
+		}
+	}
+	s.watchers[ch] = true
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.watchers, ch)
+		s.mu.Unlock()
+	}()
+
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	flusher := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	send := func(ev kapiEvent) bool {
+		if err := enc.Encode(ev); err != nil {
+			return false
+		}
+		flusher.Flush()
+		return true
+	}
+	for _, ev := range backlog {
+		if !send(ev) {
+			return
+		}
+	}
+	flusher.Flush()
+	for {
+		select {
+		case ev := <-ch:
+			if !send(ev) {
+				return
+			}
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+func kapiWrite(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func kapiStatus(w http.ResponseWriter, code int, reason, msg string) {
+	kapiWrite(w, code, metav1.Status{
+		TypeMeta: metav1.TypeMeta{Kind: "Status", APIVersion: "v1"},
+		Status:   metav1.StatusFailure, Reason: metav1.StatusReason(reason), Message: msg, Code: int32(code),
+	})
+}
+
+// serveIn serves the API on 127.0.0.1:6443 inside a node's namespace, where
+// that node's agent (and nothing outside the node) reaches it.
+func (s *kapiServer) serveIn(t *testing.T, n *lab.Node) {
+	t.Helper()
+	var ln net.Listener
+	err := ns.WithNetNSPath(n.NSPath, func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp", "127.0.0.1:6443")
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen in %s: %v", n.NetNS, err)
+	}
+	srv := &http.Server{Handler: s}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+}
+
+// kapiNode is the Node object kubelet and the controller manager make for a
+// lab node.
+func kapiNode(n *lab.Node, annotations map[string]string) *corev1.Node {
+	return &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.NetNS, Annotations: annotations},
+		Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+			{Type: corev1.NodeHostName, Address: n.NetNS},
+			{Type: corev1.NodeInternalIP, Address: n.IP.String()},
+		}},
+	}
+}
+
+// startKubeAgent starts an agent as the DaemonSet does: the node's IP, pod
+// CIDR and uplink all come from its Node object.
+func startKubeAgent(t *testing.T, ctx context.Context, n *lab.Node, kubeconfig string) *lab.Process {
+	t.Helper()
+	ready := filepath.Join(n.Lab.Dir, fmt.Sprintf("n%d.ready", n.Index))
+	os.Remove(ready)
+	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), "--bpffs-root", n.BpffsRoot, "agent",
+		"--kubeconfig", kubeconfig, "--node-name", n.NetNS,
+		"--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI), "--flannel-compat",
+		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(metricsPort),
+		"--ready-file", ready, "--log-level", "debug")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.Done():
+			cancel()
+		case <-wctx.Done():
+		}
+	}()
+	if err := lab.WaitFor(wctx, "agent on "+n.NetNS+" ready", func(context.Context) error {
+		_, err := os.Stat(ready)
+		return err
+	}); err != nil {
+		out, _ := os.ReadFile(p.LogPath)
+		t.Fatalf("%v\nagent log:\n%s", err, out)
+	}
+	return p
+}
+
+func TestKubeSourceFlannelMigration(t *testing.T) {
+	l := newLab(t)
+	ctx := testCtx(t)
+	all := xnAddNodes(t, l, 1, 2, 4)
+	n1, n2, fl := all[0], all[1], all[2]
+	vtep, err := fl.AddFlannel()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	api := newKAPIServer()
+	// n1 and n2 ran Flannel before: their annotations still name their old
+	// flannel.1, which is gone. The agents must overwrite them.
+	stale := map[string]string{
+		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          "",
+		nodes.FlannelKubeSubnetManager: "true",
+	}
+	for _, n := range []*lab.Node{n1, n2} {
+		ann := map[string]string{}
+		for k, v := range stale {
+			ann[k] = v
+		}
+		ann[nodes.FlannelPublicIP] = n.IP.String()
+		api.set(kapiNode(n, ann))
+	}
+	api.set(kapiNode(fl, map[string]string{
+		nodes.FlannelBackendData:       fmt.Sprintf(`{"VNI":%d,"VtepMAC":"%s"}`, lab.FlannelVNI, vtep),
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          fl.IP.String(),
+		nodes.FlannelKubeSubnetManager: "true",
+	}))
+	kubeconfig := filepath.Join(l.Dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
+users: [{name: agent, user: {}}]
+contexts: [{name: lab, context: {cluster: lab, user: agent}}]
+current-context: lab
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*lab.Node{n1, n2} {
+		api.serveIn(t, n)
+		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
+			t.Fatal(err)
+		}
+		startKubeAgent(t, ctx, n, kubeconfig)
+	}
+
+	// Each agent published its uplink as its VTEP; the Flannel node learns
+	// its peers from those annotations only, as flanneld would.
+	for _, n := range []*lab.Node{n1, n2} {
+		obj := api.get(n.NetNS)
+		peer, err := nodes.FromKube(obj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mac, err := n.LinkMAC("eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if peer.VtepMAC.String() != mac.String() || peer.NodeIP != n.IP || obj.Annotations[nodes.FlannelKubeSubnetManager] != "true" {
+			t.Fatalf("%s published %v, want VtepMAC %s at %s", n.NetNS, obj.Annotations, mac, n.IP)
+		}
+		if err := fl.AddVXLANPeer(lab.FlannelDevice, lab.VXLANPeer{PodCIDR: peer.PodCIDR, NodeIP: peer.NodeIP, VtepMAC: peer.VtepMAC}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// And each agent took the Flannel node's VTEP from its annotation.
+	out, err := n1.CLI(ctx, "bpf", "node", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type nodeView struct {
+		PodCIDR string `json:"podCIDR"`
+		VtepMAC string `json:"vtepMAC"`
+	}
+	var list []nodeView
+	if err := json.Unmarshal(out, &list); err != nil {
+		t.Fatalf("bpf node list: %v\n%s", err, out)
+	}
+	if !slices.Contains(list, nodeView{fl.PodCIDR.String(), vtep.String()}) {
+		t.Errorf("n1's node map lacks the Flannel node's VtepMAC %s:\n%s", vtep, out)
+	}
+
+	p1, err := n1.AddPod(ctx, "a", "patchcord")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2, err := n2.AddPod(ctx, "a", "patchcord")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fl.WriteConflist("flannel-ptp", fl.FlannelConflist()); err != nil {
+		t.Fatal(err)
+	}
+	fpod, err := fl.AddPod(ctx, "f", "flannel-ptp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ping(t, ctx, p1, p2.IP.String())
+	ping(t, ctx, p1, fpod.IP.String())
+	ping(t, ctx, fpod, p2.IP.String())
+
+	out, err = n1.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://127.0.0.1:"+strconv.Itoa(metricsPort)+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := scrapeMetrics(t, out)["patchcord_nodes"]; v != 2 {
+		t.Errorf("patchcord_nodes = %v on n1, want 2 (n2 and the Flannel node)", v)
+	}
+
+	// A deleted Node takes its routes with it; added back, it returns.
+	cidr2 := n2.PodCIDR.String()
+	api.remove(n2.NetNS)
+	xnWaitNodeList(t, ctx, n1, "n2 gone from n1", func(m map[string]string) bool { _, ok := m[cidr2]; return !ok })
+	if err := xnNoPing(ctx, p1, p2.IP.String(), 2); err != nil {
+		t.Error(err)
+	}
+	obj := kapiNode(n2, nil)
+	api.set(obj)
+	xnWaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
+	ping(t, ctx, p1, p2.IP.String())
+}
