@@ -11,8 +11,11 @@ TOOLS     := $(BIN)/tools
 CNI_BIN   := $(BIN)/cni
 CNI_VERSION     := v1.3.0
 PLUGINS_VERSION := v1.10.0
+# The first cri-tools tag `go install` accepts (no replace directives).
+CRICTL_VERSION  := v1.34.0
 DEB_PACKAGES    := clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping \
-                   iperf3 sockperf iptables conntrack ethtool python3 ruby curl
+                   iperf3 sockperf iptables conntrack ethtool python3 ruby curl \
+                   containerd runc strace
 
 export BPF2GO_CC    := $(CLANG)
 export BPF2GO_STRIP := $(STRIP)
@@ -20,6 +23,7 @@ export BPF2GO_STRIP := $(STRIP)
 export PATCHCORD_BIN := $(BIN)
 export CNI_PLUGINS   := $(CNI_BIN)
 export CNITOOL       := $(TOOLS)/cnitool
+export CRICTL        := $(TOOLS)/crictl
 
 .PHONY: all build generate check-generate deps tools test demo bench clean
 
@@ -44,10 +48,13 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-tools: $(TOOLS)/cnitool $(CNI_BIN)/host-local
+tools: $(TOOLS)/cnitool $(TOOLS)/crictl $(CNI_BIN)/host-local
 
 $(TOOLS)/cnitool:
 	GOBIN=$(TOOLS) $(GO) install github.com/containernetworking/cni/cnitool@$(CNI_VERSION)
+
+$(TOOLS)/crictl:
+	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
 $(CNI_BIN)/host-local:
 	GOBIN=$(CNI_BIN) $(GO) install \

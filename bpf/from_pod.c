@@ -134,8 +134,13 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 
 	key.addr = ip->daddr;
 	node = bpf_map_lookup_elem(&nodes, &key);
-	if (node)
+	if (node) {
+		if (ct_is_natted(skb, ip)) {
+			count(STAT_TO_HOST_NAT, skb->len);
+			return TC_ACT_OK;
+		}
 		return to_remote_node(skb, ip, node);
+	}
 	return to_host(skb);
 }
 

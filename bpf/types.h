@@ -30,10 +30,11 @@ struct endpoint {
  * container owns an endpoint. Kept in a map beside the endpoints so the CNI
  * plugin needs no state directory and DEL can find what ADD made. */
 struct endpoint_meta {
-	char container_id[64];
+	char container_id[128];
 	char ifname[16];      /* inside the pod */
 	char host_ifname[16];
-	char netns[96];
+	char netns[256];
+	char network[64];     /* the conflist's name: GC of one network leaves others alone */
 };
 
 struct lpm_v4_key {

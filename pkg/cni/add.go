@@ -32,6 +32,9 @@ func hostVethName(containerID, ifname string) string {
 	return "pc" + hex.EncodeToString(sum[:])[:13]
 }
 
+// vethAlias marks the host veths primary mode makes for a network.
+func vethAlias(network string) string { return "patchcord/" + network }
+
 // Add is the ADD verb.
 func Add(args *skel.CmdArgs) error {
 	conf, err := parseConf(args.StdinData)
@@ -143,6 +146,11 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 	if err != nil {
 		return fmt.Errorf("find host veth %s: %w", hostName, err)
 	}
+	// The alias tells GC which network's veth this is, even when an ADD
+	// died before registering it anywhere.
+	if err := netlink.LinkSetAlias(hostLink, vethAlias(conf.Name)); err != nil {
+		return fmt.Errorf("label host veth %s: %w", hostName, err)
+	}
 	if err := netlink.RouteReplace(&netlink.Route{
 		LinkIndex: hostLink.Attrs().Index,
 		Dst:       prefixNet(netip.PrefixFrom(podIP, 32)),
@@ -158,7 +166,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
 		MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
-		HostPath: conf.hostPath(),
+		Network: conf.Name, HostPath: conf.hostPath(),
 	}
 	if err := register(dp, eps, ep, log); err != nil {
 		return err
@@ -206,7 +214,7 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostLink.Attrs().Name,
 		MAC: podMAC, HostMAC: hostLink.Attrs().HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
-		HostPath: conf.hostPath(),
+		Network: conf.Name, HostPath: conf.hostPath(),
 	}
 	if err := register(dp, maps.NewEndpoints(&dp.Maps), ep, log); err != nil {
 		return err

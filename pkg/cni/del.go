@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ipam"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/vishvananda/netlink"
 )
 
 // Del is the DEL verb. It succeeds however far ADD got, however often it is
@@ -97,12 +98,13 @@ func GC(args *skel.CmdArgs) error {
 		errs = append(errs, err)
 	default:
 		defer dp.Close()
-		list, err := maps.NewEndpoints(&dp.Maps).List()
+		list, err := maps.NewEndpoints(&dp.Maps).Owners()
 		if err != nil {
 			errs = append(errs, err)
 		}
 		for _, ep := range list {
-			if ep.Container == "" || valid[[2]string{ep.Container, ep.PodIfname}] {
+			// Another network's endpoints are its own GC's business.
+			if ep.Container == "" || ep.Network != conf.Name || valid[[2]string{ep.Container, ep.PodIfname}] {
 				continue
 			}
 			log.Info("collecting stale endpoint", "pod_ip", ep.IP, "container", ep.Container)
@@ -115,6 +117,25 @@ func GC(args *skel.CmdArgs) error {
 		}
 	}
 	if conf.primary() {
+		// Veths of ADDs that died before registering anything.
+		keep := map[string]bool{}
+		for _, a := range conf.ValidAttachments {
+			keep[hostVethName(a.ContainerID, a.IfName)] = true
+		}
+		links, err := netlink.LinkList()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, l := range links {
+			name := l.Attrs().Name
+			if _, ok := l.(*netlink.Veth); !ok || keep[name] || l.Attrs().Alias != vethAlias(conf.Name) {
+				continue
+			}
+			log.Info("collecting stale veth", "ifname", name)
+			if err := ip.DelLinkByName(name); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+				errs = append(errs, fmt.Errorf("delete veth %s: %w", name, err))
+			}
+		}
 		if err := invoke.DelegateGC(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 			errs = append(errs, fmt.Errorf("ipam plugin %q GC: %w", conf.IPAM.Type, err))
 		}

@@ -510,7 +510,7 @@ func (n *node) assertEndpoint(tb testing.TB, p *pod, st podState) error {
 	want := maps.EndpointInfo{
 		IP: st.ip, Ifindex: st.hostIfindex, Ifname: st.hostIfname,
 		MAC: mustMAC(tb, st.podMAC), HostMAC: mustMAC(tb, st.hostMAC),
-		Container: p.id, PodIfname: podIfname, Netns: p.ns.Path(),
+		Container: p.id, PodIfname: podIfname, Netns: p.ns.Path(), Network: netName,
 	}
 	if fmt.Sprint(ep) != fmt.Sprint(want) {
 		tb.Errorf("endpoint\n got %+v\nwant %+v", ep, want)

@@ -36,10 +36,11 @@ const (
 
 type fromPodEndpointMeta struct {
 	_           structs.HostLayout
-	ContainerId [64]int8
+	ContainerId [128]int8
 	Ifname      [16]int8
 	HostIfname  [16]int8
-	Netns       [96]int8
+	Netns       [256]int8
+	Network     [64]int8
 }
 
 type fromPodEvent struct {

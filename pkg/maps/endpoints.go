@@ -21,6 +21,7 @@ type EndpointInfo struct {
 	Container string
 	PodIfname string
 	Netns     string
+	Network   string // the conflist's name
 	// HostPath keeps the pod's traffic on the host stack, through its
 	// veth's qdiscs, instead of redirecting it (a shaped pod).
 	HostPath bool
@@ -55,10 +56,15 @@ func (e *Endpoints) Put(ep EndpointInfo) error {
 		val.Flags |= datapath.EndpointHostPath
 	}
 	var meta datapath.EndpointMeta
-	putCString(meta.ContainerId[:], ep.Container)
-	putCString(meta.Ifname[:], ep.PodIfname)
-	putCString(meta.HostIfname[:], ep.Ifname)
-	putCString(meta.Netns[:], ep.Netns)
+	if err := errors.Join(
+		putCString(meta.ContainerId[:], ep.Container, "container ID"),
+		putCString(meta.Ifname[:], ep.PodIfname, "pod interface name"),
+		putCString(meta.HostIfname[:], ep.Ifname, "host interface name"),
+		putCString(meta.Netns[:], ep.Netns, "netns path"),
+		putCString(meta.Network[:], ep.Network, "network name"),
+	); err != nil {
+		return fmt.Errorf("endpoint %s: %w", ep.IP, err)
+	}
 
 	key, ifindex := u32(ep.IP), uint32(ep.Ifindex)
 	if err := mapErr(e.meta, e.meta.Put(key, &meta)); err != nil {
@@ -135,6 +141,24 @@ func (e *Endpoints) List() ([]EndpointInfo, error) {
 	return out, nil
 }
 
+// Owners returns every endpoint with a recorded owner, also those an ADD
+// killed between its writes left without a forwarding entry.
+func (e *Endpoints) Owners() ([]EndpointInfo, error) {
+	var (
+		key  uint32
+		meta datapath.EndpointMeta
+		out  []EndpointInfo
+	)
+	iter := e.meta.Iterate()
+	for iter.Next(&key, &meta) {
+		out = append(out, e.withMeta(EndpointInfo{IP: addr(key)}, meta))
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoint owners: %w", err)
+	}
+	return out, nil
+}
+
 // FindOwner returns the endpoint registered for a container's interface.
 func (e *Endpoints) FindOwner(containerID, podIfname string) (EndpointInfo, error) {
 	var (
@@ -173,6 +197,7 @@ func (e *Endpoints) withMeta(ep EndpointInfo, meta datapath.EndpointMeta) Endpoi
 	ep.PodIfname = cString(meta.Ifname[:])
 	ep.Ifname = cString(meta.HostIfname[:])
 	ep.Netns = cString(meta.Netns[:])
+	ep.Network = cString(meta.Network[:])
 	return ep
 }
 

@@ -73,9 +73,15 @@ func cString(b []int8) string {
 	return string(out)
 }
 
-func putCString(dst []int8, s string) {
+// putCString stores s NUL-terminated, refusing what does not fit: a
+// truncated container ID would never match again.
+func putCString(dst []int8, s, what string) error {
+	if len(s) >= len(dst) {
+		return fmt.Errorf("%s %q is longer than %d bytes", what, s, len(dst)-1)
+	}
 	clear(dst)
-	for i := 0; i < len(s) && i < len(dst)-1; i++ {
+	for i := 0; i < len(s); i++ {
 		dst[i] = int8(s[i])
 	}
+	return nil
 }
