@@ -83,6 +83,9 @@ type endpointView struct {
 	ContainerID string `json:"containerID,omitempty"`
 	PodIfname   string `json:"podIfname,omitempty"`
 	Netns       string `json:"netns,omitempty"`
+	Network     string `json:"network,omitempty"`
+	// HostPath: the pod's traffic crosses its veth's qdiscs (bandwidth).
+	HostPath bool `json:"hostPath,omitempty"`
 }
 
 func endpointList(g *globals, w io.Writer, only string) error {
@@ -116,6 +119,7 @@ func endpointList(g *globals, w io.Writer, only string) error {
 			IP: ep.IP.String(), Ifindex: ep.Ifindex, Ifname: ep.Ifname,
 			MAC: ep.MAC.String(), HostMAC: ep.HostMAC.String(),
 			ContainerID: ep.Container, PodIfname: ep.PodIfname, Netns: ep.Netns,
+			Network: ep.Network, HostPath: ep.HostPath,
 		})
 	}
 	return g.print(w, views, func(w io.Writer) {
