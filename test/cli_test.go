@@ -172,28 +172,7 @@ func (c *cliNode) progs(t *testing.T, ctx context.Context) []cliProg {
 func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(t.TempDir(), "monitor.ready")
-	args = append([]string{"--bpffs-root", n.BpffsRoot, "monitor", "--ready-file", ready}, args...)
-	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	go func() {
-		select {
-		case <-p.Done():
-			cancel()
-		case <-wctx.Done():
-		}
-	}()
-	if err := lab.WaitFor(wctx, "monitor ready", func(context.Context) error {
-		_, err := os.Stat(ready)
-		return err
-	}); err != nil {
-		out, _ := p.Output()
-		t.Fatalf("%v\nmonitor output:\n%s", err, out)
-	}
-	return p
+	return startReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
 }
 
 // monitorEvents waits for a monitor started with --count to exit and

@@ -18,7 +18,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/pkg/lab"
@@ -263,32 +262,11 @@ func kapiNode(n *lab.Node, annotations map[string]string) *corev1.Node {
 func startKubeAgent(t *testing.T, ctx context.Context, n *lab.Node, kubeconfig string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(n.Lab.Dir, fmt.Sprintf("n%d.ready", n.Index))
-	os.Remove(ready)
-	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), "--bpffs-root", n.BpffsRoot, "agent",
+	return startReady(t, ctx, n, "agent", ready, "agent",
 		"--kubeconfig", kubeconfig, "--node-name", n.NetNS,
 		"--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI), "--flannel-compat",
 		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(metricsPort),
 		"--ready-file", ready, "--log-level", "debug")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	go func() {
-		select {
-		case <-p.Done():
-			cancel()
-		case <-wctx.Done():
-		}
-	}()
-	if err := lab.WaitFor(wctx, "agent on "+n.NetNS+" ready", func(context.Context) error {
-		_, err := os.Stat(ready)
-		return err
-	}); err != nil {
-		out, _ := os.ReadFile(p.LogPath)
-		t.Fatalf("%v\nagent log:\n%s", err, out)
-	}
-	return p
 }
 
 func TestKubeSourceFlannelMigration(t *testing.T) {

@@ -145,15 +145,22 @@ func writeNodes(t *testing.T, path string, entries ...nodeEntry) {
 func startAgent(t *testing.T, ctx context.Context, n *lab.Node, nodesFile string, extra ...string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(n.Lab.Dir, fmt.Sprintf("n%d.ready", n.Index))
-	os.Remove(ready)
-	args := append([]string{"--bpffs-root", n.BpffsRoot, "agent",
+	args := append([]string{"agent",
 		"--uplink", "eth0", "--node-ip", n.IP.String(), "--pod-cidr", n.PodCIDR.String(),
 		"--nodes", nodesFile, "--ready-file", ready, "--log-level", "debug"}, extra...)
-	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), args...)
+	return startReady(t, ctx, n, "agent", ready, args...)
+}
+
+// startReady runs `patchcord --bpffs-root <n's> args...` in the background
+// on n and returns once it writes ready (its --ready-file). It stops waiting
+// at once if the process dies, e.g. on a flag error, and shows its log.
+func startReady(t *testing.T, ctx context.Context, n *lab.Node, what, ready string, args ...string) *lab.Process {
+	t.Helper()
+	os.Remove(ready)
+	p, err := n.Start(ctx, n.Lab.Bin("patchcord"), append([]string{"--bpffs-root", n.BpffsRoot}, args...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Stop waiting at once if the agent dies, e.g. on a flag error.
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	go func() {
@@ -163,13 +170,13 @@ func startAgent(t *testing.T, ctx context.Context, n *lab.Node, nodesFile string
 		case <-wctx.Done():
 		}
 	}()
-	err = lab.WaitFor(wctx, "agent on "+n.NetNS+" ready", func(context.Context) error {
+	err = lab.WaitFor(wctx, what+" on "+n.NetNS+" ready", func(context.Context) error {
 		_, err := os.Stat(ready)
 		return err
 	})
 	if err != nil {
 		out, _ := os.ReadFile(p.LogPath)
-		t.Fatalf("%v\nagent log:\n%s", err, out)
+		t.Fatalf("%v\n%s log:\n%s", err, what, out)
 	}
 	return p
 }
