@@ -73,5 +73,10 @@ test: deps tools build
 demo: deps tools build
 	$(GO) run ./test/demo
 
+# Side-by-side benchmarks against the kernel's own datapaths; writes
+# bench/results.json. BENCH_FLAGS=--quick for a smoke run.
+bench: deps tools build
+	$(GO) run ./bench $(BENCH_FLAGS)
+
 clean:
 	rm -rf $(BIN)

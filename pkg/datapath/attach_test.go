@@ -139,6 +139,10 @@ func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	if err := old.Pin(progPin); err != nil {
 		t.Fatal(err)
 	}
+	// An older release also left its own build marker.
+	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
+		t.Fatal(err)
+	}
 	before := linkInfo(t, l)
 
 	upgraded, err := datapath.Open(root, log)

@@ -1,12 +1,15 @@
 package datapath
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/cilium/ebpf"
 )
@@ -43,6 +46,16 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	}
 	defer unlock()
 
+	// Loading runs the verifier, ~100 ms for the three programs on a busy
+	// node: too much for every CNI ADD. What this binary pinned before is
+	// known by its build ID, so the usual case only opens pins.
+	if d, err := OpenPinned(root); err == nil {
+		if _, err := os.Stat(d.buildMarker()); err == nil && len(d.progs) == len(attachTypes) {
+			return d, nil
+		}
+		d.Close()
+	}
+
 	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
 	for _, load := range objects {
 		spec, err := load()
@@ -59,7 +72,37 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
+	if err := d.markBuild(); err != nil {
+		d.Close()
+		return nil, err
+	}
 	return d, nil
+}
+
+// buildID names this binary's BPF objects: a hash of their bytes.
+var buildID = sync.OnceValue(func() string {
+	h := sha256.New()
+	for _, b := range [][]byte{_FromPodBytes, _FromUplinkBytes, _ToUplinkBytes} {
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+})
+
+// buildMarker is an empty directory (bpffs holds no files) saying which
+// build's programs are pinned.
+func (d *Datapath) buildMarker() string { return filepath.Join(d.Root, "build", buildID()) }
+
+// markBuild records that this build's programs are pinned, replacing the
+// marker of whichever build pinned them before.
+func (d *Datapath) markBuild() error {
+	dir := filepath.Dir(d.buildMarker())
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("clear build marker %s: %w", dir, err)
+	}
+	if err := os.MkdirAll(d.buildMarker(), 0o700); err != nil {
+		return fmt.Errorf("write build marker: %w", err)
+	}
+	return nil
 }
 
 // OpenPinned opens what is pinned under root without loading anything, for
