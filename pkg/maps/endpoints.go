@@ -161,23 +161,19 @@ func (e *Endpoints) Owners() ([]EndpointInfo, error) {
 
 // FindOwner returns the endpoint registered for a container's interface.
 func (e *Endpoints) FindOwner(containerID, podIfname string) (EndpointInfo, error) {
-	var (
-		key  uint32
-		meta datapath.EndpointMeta
-	)
-	iter := e.meta.Iterate()
-	for iter.Next(&key, &meta) {
-		if cString(meta.ContainerId[:]) != containerID || cString(meta.Ifname[:]) != podIfname {
+	owners, err := e.Owners()
+	if err != nil {
+		return EndpointInfo{}, err
+	}
+	for _, o := range owners {
+		if o.Container != containerID || o.PodIfname != podIfname {
 			continue
 		}
-		if ep, err := e.Get(addr(key)); err == nil {
+		if ep, err := e.Get(o.IP); err == nil {
 			return ep, nil
 		}
 		// Owner known, forwarding entry gone: report what is left.
-		return e.withMeta(EndpointInfo{IP: addr(key)}, meta), nil
-	}
-	if err := iter.Err(); err != nil {
-		return EndpointInfo{}, fmt.Errorf("search endpoint owners: %w", err)
+		return o, nil
 	}
 	return EndpointInfo{}, ErrNotFound
 }
