@@ -85,6 +85,13 @@ enum stat_id {
 	STAT_DROP_ENCAP_FAILED,
 	STAT_EVENTS_LOST,
 	STAT_TO_HOST_NAT, /* a NATed connection's packet, left to the stack */
+	STAT_DROP_VLAN,   /* a pod sent a VLAN tag or a VLAN ethertype */
+	STAT_DROP_IPV6,   /* a pod sent IPv6, which patchcord does not carry yet */
+	STAT_DROP_ETHERTYPE, /* a pod sent neither IPv4 nor ARP */
+	STAT_DROP_INNER_SPOOFED, /* decapsulated source not of the sending node */
+	STAT_TO_HOST_UNTRACKED, /* conntrack cannot decide on the fast path */
+	STAT_TO_HOST_ENCAPSULATED, /* the pod tunnels itself: no encap in eBPF */
+	STAT_EVENTS_SUPPRESSED, /* drop events held back by the rate limit */
 	STAT_MAX,
 };
 

@@ -111,21 +111,28 @@ type fromPodStatCounter struct {
 type fromPodStatId uint32
 
 const (
-	fromPodStatIdSTAT_LOCAL_REDIRECT      fromPodStatId = 0
-	fromPodStatIdSTAT_ENCAP               fromPodStatId = 1
-	fromPodStatIdSTAT_DECAP               fromPodStatId = 2
-	fromPodStatIdSTAT_TO_HOST             fromPodStatId = 3
-	fromPodStatIdSTAT_ARP_REPLY           fromPodStatId = 4
-	fromPodStatIdSTAT_DROP_MALFORMED      fromPodStatId = 5
-	fromPodStatIdSTAT_DROP_SPOOFED        fromPodStatId = 6
-	fromPodStatIdSTAT_DROP_UNREGISTERED   fromPodStatId = 7
-	fromPodStatIdSTAT_DROP_UNKNOWN_TUNNEL fromPodStatId = 8
-	fromPodStatIdSTAT_DROP_BAD_VNI        fromPodStatId = 9
-	fromPodStatIdSTAT_DROP_NO_ENDPOINT    fromPodStatId = 10
-	fromPodStatIdSTAT_DROP_ENCAP_FAILED   fromPodStatId = 11
-	fromPodStatIdSTAT_EVENTS_LOST         fromPodStatId = 12
-	fromPodStatIdSTAT_TO_HOST_NAT         fromPodStatId = 13
-	fromPodStatIdSTAT_MAX                 fromPodStatId = 14
+	fromPodStatIdSTAT_LOCAL_REDIRECT       fromPodStatId = 0
+	fromPodStatIdSTAT_ENCAP                fromPodStatId = 1
+	fromPodStatIdSTAT_DECAP                fromPodStatId = 2
+	fromPodStatIdSTAT_TO_HOST              fromPodStatId = 3
+	fromPodStatIdSTAT_ARP_REPLY            fromPodStatId = 4
+	fromPodStatIdSTAT_DROP_MALFORMED       fromPodStatId = 5
+	fromPodStatIdSTAT_DROP_SPOOFED         fromPodStatId = 6
+	fromPodStatIdSTAT_DROP_UNREGISTERED    fromPodStatId = 7
+	fromPodStatIdSTAT_DROP_UNKNOWN_TUNNEL  fromPodStatId = 8
+	fromPodStatIdSTAT_DROP_BAD_VNI         fromPodStatId = 9
+	fromPodStatIdSTAT_DROP_NO_ENDPOINT     fromPodStatId = 10
+	fromPodStatIdSTAT_DROP_ENCAP_FAILED    fromPodStatId = 11
+	fromPodStatIdSTAT_EVENTS_LOST          fromPodStatId = 12
+	fromPodStatIdSTAT_TO_HOST_NAT          fromPodStatId = 13
+	fromPodStatIdSTAT_DROP_VLAN            fromPodStatId = 14
+	fromPodStatIdSTAT_DROP_IPV6            fromPodStatId = 15
+	fromPodStatIdSTAT_DROP_ETHERTYPE       fromPodStatId = 16
+	fromPodStatIdSTAT_DROP_INNER_SPOOFED   fromPodStatId = 17
+	fromPodStatIdSTAT_TO_HOST_UNTRACKED    fromPodStatId = 18
+	fromPodStatIdSTAT_TO_HOST_ENCAPSULATED fromPodStatId = 19
+	fromPodStatIdSTAT_EVENTS_SUPPRESSED    fromPodStatId = 20
+	fromPodStatIdSTAT_MAX                  fromPodStatId = 21
 )
 
 // Names of all BPF objects in the ELF.
