@@ -19,16 +19,6 @@
 #define PACKET_HOST 0
 #endif
 
-/* libbpf's test for a __weak __ksym the loader left unresolved (its
- * address is then 0); the vendored bpf_helpers.h predates it. */
-#ifndef bpf_ksym_exists
-#define bpf_ksym_exists(sym)                                                                   \
-	({                                                                                     \
-		_Static_assert(!__builtin_constant_p(!!sym), #sym " should be marked as __weak"); \
-		!!sym;                                                                         \
-	})
-#endif
-
 #define ctx_data(skb) ((void *)(long)(skb)->data)
 #define ctx_data_end(skb) ((void *)(long)(skb)->data_end)
 

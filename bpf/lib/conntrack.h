@@ -28,13 +28,20 @@ struct bpf_ct_opts___pc {
 };
 
 /* Weak: where nf_conntrack is a module that is not loaded (Debian), the
- * kfuncs are missing from kernel BTF and the loader leaves them unresolved
- * instead of refusing the program. Without conntrack there is no NAT, so the
- * fast path is then always sound. */
+ * kfuncs are missing from kernel BTF and the loader poisons their calls
+ * instead of refusing the program; ct_available, cleared by the loader
+ * then, makes those calls dead code the verifier drops. Without conntrack
+ * there is no NAT, so the fast path is then always sound. (libbpf's
+ * bpf_ksym_exists() would need kernel 6.4, which first accepts a kfunc's
+ * address in ld_imm64; Debian 12's 6.1 refuses it.) */
 extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
 					 __u32 tuple_len, struct bpf_ct_opts___pc *opts,
 					 __u32 opts_len) __ksym __weak;
 extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
+
+/* 1 unless the loader found the kfuncs missing (pkg/datapath/conntrack.go);
+ * a loader that forgot it gets a verifier error, not a silent NAT hole. */
+volatile const __u8 ct_available = 1;
 
 #define IPS_SRC_NAT (1 << 4)
 #define IPS_DST_NAT (1 << 5)
@@ -131,7 +138,7 @@ static __always_inline enum stat_id ct_host_path(struct __sk_buff *skb, const st
 	__u32 l4_off = l3_off + ip->ihl * 4;
 	__u32 end = l3_off + bpf_ntohs(ip->tot_len);
 
-	if (!bpf_ksym_exists(bpf_skb_ct_lookup) || !bpf_ksym_exists(bpf_ct_release))
+	if (!ct_available)
 		return STAT_MAX;
 	/* Every fragment, the first too: the stack reassembles them before
 	 * conntrack, and a datagram whose fragments took both paths could be
