@@ -122,3 +122,58 @@ func ctMarker() string {
 	}
 	return ""
 }
+
+// NATCheckLoaded says whether the pinned from_pod runs its NAT check:
+// programs loaded while the kfuncs were missing keep it off until the next
+// load, even once nf_conntrack is there.
+func (d *Datapath) NATCheckLoaded() (bool, error) {
+	spec, err := loadFromPod()
+	if err != nil {
+		return false, fmt.Errorf("parse embedded object: %w", err)
+	}
+	v, ok := spec.Variables["ct_available"]
+	if !ok {
+		return false, errors.New("from_pod has no ct_available: embedded object out of date")
+	}
+	p, err := d.Program(FromPod)
+	if err != nil {
+		return false, err
+	}
+	info, err := p.Info()
+	if err != nil {
+		return false, fmt.Errorf("read from_pod info: %w", err)
+	}
+	ids, _ := info.MapIDs()
+	for _, id := range ids {
+		value, err := rodata(id, v.SectionName)
+		if err != nil {
+			return false, err
+		}
+		if int(v.Offset) < len(value) {
+			return value[v.Offset] != 0, nil
+		}
+	}
+	return false, fmt.Errorf("from_pod's %s map not found", v.SectionName)
+}
+
+// rodata returns the value of the map with id if it is the program's
+// section named section, nil otherwise.
+func rodata(id ebpf.MapID, section string) ([]byte, error) {
+	m, err := ebpf.NewMapFromID(id)
+	if err != nil {
+		return nil, fmt.Errorf("open map %d: %w", id, err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		return nil, fmt.Errorf("read map %d info: %w", id, err)
+	}
+	if info.Name != section || info.KeySize != 4 || info.MaxEntries != 1 {
+		return nil, nil
+	}
+	value := make([]byte, info.ValueSize)
+	if err := m.Lookup(uint32(0), &value); err != nil {
+		return nil, fmt.Errorf("read %s: %w", section, err)
+	}
+	return value, nil
+}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/cilium/ebpf/btf"
 	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 )
 
 // mustBTF is kernel BTF that declares the functions named.
@@ -63,5 +64,17 @@ func TestDetectNAT(t *testing.T) {
 				t.Errorf("DetectNAT: got %+v, want %+v", got, tt.want)
 			}
 		})
+	}
+}
+
+// The loader turns the NAT check on exactly when the kernel has the kfuncs.
+func TestNATCheckLoadedAsProbed(t *testing.T) {
+	d := datapathtest.MustOpen(t)
+	got, err := d.NATCheckLoaded()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := datapath.ProbeNATDetection(); got != want.On {
+		t.Errorf("NAT check loaded: got %t, want %t (probe: %+v)", got, want.On, want)
 	}
 }
