@@ -54,6 +54,19 @@ func runIn(t *testing.T, netns ns.NetNS, n *testNode, prog string, in []byte) (r
 	return ret, out
 }
 
+// wantToStack checks that the program left the frame want to the host stack
+// (TC_ACT_OK), counted once on each of counters.
+func (n *testNode) wantToStack(ret uint32, out, want []byte, counters ...string) {
+	n.tb.Helper()
+	wantVerdict(n.tb, ret, tcActOK)
+	wantFrame(n.tb, out, want)
+	c := make(map[string]maps.Counter)
+	for _, name := range counters {
+		c[name] = counted(len(want))
+	}
+	n.wantCounters(c)
+}
+
 func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 	// podB asked the service on udp/40000 from port 53 and was DNATed
 	// to podA; podA's answer, podA:40000 -> podB:53, is the reply.
@@ -79,9 +92,7 @@ func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 			ret, out := runIn(t, netns, n, datapath.FromPod, in)
 
 			if tt.nat {
-				wantVerdict(t, ret, tcActOK)
-				wantFrame(t, out, in)
-				n.wantCounters(map[string]maps.Counter{"to_host_nat": counted(len(in))})
+				n.wantToStack(ret, out, in, "to_host_nat")
 				return
 			}
 			wantVerdict(t, ret, tcActRedirect)
@@ -103,13 +114,7 @@ func TestFromUplinkNATedReplyGoesToHost(t *testing.T) {
 	ret, out := runIn(t, netns, n, datapath.FromUplink, in)
 
 	// Decapsulated, still addressed to the uplink, TTL left for the stack.
-	wantVerdict(t, ret, tcActOK)
-	want := tun.eth.marshal(inner)
-	wantFrame(t, out, want)
-	n.wantCounters(map[string]maps.Counter{
-		"decap":       counted(len(want)),
-		"to_host_nat": counted(len(want)),
-	})
+	n.wantToStack(ret, out, tun.eth.marshal(inner), "decap", "to_host_nat")
 }
 
 const (
@@ -235,9 +240,7 @@ func TestFromPodUntrackedGoesToHost(t *testing.T) {
 
 				ret, out := mustRun(t, n.prog(datapath.FromPod), in)
 
-				wantVerdict(t, ret, tcActOK)
-				wantFrame(t, out, in)
-				n.wantCounters(map[string]maps.Counter{"to_host_untracked": counted(len(in))})
+				n.wantToStack(ret, out, in, "to_host_untracked")
 			})
 		}
 	}
@@ -260,9 +263,7 @@ func TestFromPodICMPErrorOfNATedFlow(t *testing.T) {
 				ret, out := runIn(t, netns, n, datapath.FromPod, in)
 
 				if tt.nat {
-					wantVerdict(t, ret, tcActOK)
-					wantFrame(t, out, in)
-					n.wantCounters(map[string]maps.Counter{"to_host_nat": counted(len(in))})
+					n.wantToStack(ret, out, in, "to_host_nat")
 					return
 				}
 				wantVerdict(t, ret, tcActRedirect)
@@ -283,13 +284,7 @@ func TestFromUplinkUntrackedGoesToHost(t *testing.T) {
 
 			ret, out := mustRun(t, n.prog(datapath.FromUplink), tun.marshal())
 
-			wantVerdict(t, ret, tcActOK)
-			want := tun.eth.marshal(inner)
-			wantFrame(t, out, want)
-			n.wantCounters(map[string]maps.Counter{
-				"decap":             counted(len(want)),
-				"to_host_untracked": counted(len(want)),
-			})
+			n.wantToStack(ret, out, tun.eth.marshal(inner), "decap", "to_host_untracked")
 		})
 	}
 }
@@ -306,9 +301,7 @@ func TestFromUplinkICMPErrorOfNATedFlow(t *testing.T) {
 
 			want := tun.eth.marshal(inner)
 			if tt.nat {
-				wantVerdict(t, ret, tcActOK)
-				wantFrame(t, out, want)
-				n.wantCounters(map[string]maps.Counter{"decap": counted(len(want)), "to_host_nat": counted(len(want))})
+				n.wantToStack(ret, out, want, "decap", "to_host_nat")
 				return
 			}
 			wantVerdict(t, ret, tcActRedirect)
