@@ -80,14 +80,21 @@ static __always_inline enum stat_id ct_lookup_nat(struct __sk_buff *skb, struct 
 }
 
 /* Reads the ports of a TCP or UDP header at off into tuple; the header must
- * lie within the IP packet, which ends at end. bpf_skb_load_bytes reads
- * paged data too and, unlike a pull, leaves the caller's packet pointers
- * valid. */
+ * lie within the IP packet, which ends at end. Ports in the linear part are
+ * read directly; elsewhere bpf_skb_load_bytes reads paged data and, unlike a
+ * pull, leaves the caller's packet pointers valid. */
 static __always_inline int ct_load_ports(struct __sk_buff *skb, __u32 off, __u32 end,
 					 struct bpf_sock_tuple *tuple)
 {
+	__be16 *ports = ctx_data(skb) + off;
+
 	if (off + 4 > end)
 		return -1;
+	if ((void *)(ports + 2) <= ctx_data_end(skb)) {
+		tuple->ipv4.sport = ports[0];
+		tuple->ipv4.dport = ports[1];
+		return 0;
+	}
 	return bpf_skb_load_bytes(skb, off, &tuple->ipv4.sport, 4);
 }
 
