@@ -204,9 +204,9 @@ func (a *Agent) setupUplink() error {
 // repairs is what one reconcile pass found to do, from a scan without the
 // endpoint lock.
 type repairs struct {
-	gone    []maps.EndpointInfo // endpoints whose veth is gone or recreated
-	restore []maps.EndpointInfo // endpoints without a current from_pod link
-	orphans []string            // from_pod links without an endpoint
+	gone    []maps.EndpointInfo   // endpoints whose veth is gone or recreated
+	restore []maps.EndpointInfo   // endpoints without a current from_pod link
+	orphans []datapath.Attachment // from_pod links without an endpoint
 }
 
 // reconcile removes endpoints whose veth is gone, restores missing or stale
@@ -253,7 +253,7 @@ func (a *Agent) scan() (repairs, error) {
 	}
 	for _, at := range atts {
 		if at.Program == datapath.FromPod && !owned[at.Ifname] {
-			r.orphans = append(r.orphans, at.Ifname)
+			r.orphans = append(r.orphans, at)
 		}
 	}
 	return r, errors.Join(errs...)
@@ -309,12 +309,13 @@ func (a *Agent) repair(r repairs) error {
 		a.log.Info("restoring from_pod attachment", "pod_ip", ep.IP, "ifname", ep.Ifname)
 		errs = append(errs, a.dp.Attach(datapath.FromPod, ep.Ifname, a.log))
 	}
-	for _, ifname := range r.orphans {
-		if owners[ifname] > 0 {
+	for _, at := range r.orphans {
+		// A DEL since the scan may have taken it already.
+		if _, err := os.Stat(at.Pin); err != nil || owners[at.Ifname] > 0 {
 			continue
 		}
-		a.log.Info("removing attachment without endpoint", "ifname", ifname)
-		errs = append(errs, a.dp.Detach(datapath.FromPod, ifname))
+		a.log.Info("removing attachment without endpoint", "ifname", at.Ifname)
+		errs = append(errs, a.dp.Detach(datapath.FromPod, at.Ifname))
 	}
 	return errors.Join(errs...)
 }
