@@ -89,22 +89,25 @@ func (d *Datapath) Attach(prog, ifname string, log *slog.Logger) error {
 // right interface needs at most an atomic program swap. It reports false
 // when l belongs to another (deleted) interface and must be replaced.
 func refreshLink(l link.Link, ifindex int, p *ebpf.Program) (bool, error) {
+	onIface, current, err := linkState(l, ifindex, p)
+	if err != nil || !onIface || current {
+		return onIface, err
+	}
+	return true, l.Update(p)
+}
+
+// linkState reports whether l is attached to ifindex and whether it runs p.
+func linkState(l link.Link, ifindex int, p *ebpf.Program) (onIface, current bool, err error) {
 	info, err := l.Info()
 	if err != nil {
-		return false, fmt.Errorf("inspect link: %w", err)
+		return false, false, fmt.Errorf("inspect link: %w", err)
 	}
 	tcx := info.TCX()
 	if tcx == nil || int(tcx.Ifindex) != ifindex {
-		return false, nil
+		return false, false, nil
 	}
 	id, err := programID(p)
-	if err != nil {
-		return false, err
-	}
-	if id == info.Program {
-		return true, nil
-	}
-	return true, l.Update(p)
+	return true, err == nil && id == info.Program, err
 }
 
 func programID(p *ebpf.Program) (ebpf.ProgramID, error) {
@@ -221,16 +224,8 @@ func (d *Datapath) inspect(prog, ifname string) Attachment {
 
 // linkRuns reports whether l is attached to ifindex and runs p.
 func linkRuns(l link.Link, ifindex int, p *ebpf.Program) (bool, error) {
-	info, err := l.Info()
-	if err != nil {
-		return false, fmt.Errorf("inspect link: %w", err)
-	}
-	tcx := info.TCX()
-	if tcx == nil || int(tcx.Ifindex) != ifindex {
-		return false, nil
-	}
-	id, err := programID(p)
-	return err == nil && id == info.Program, err
+	_, current, err := linkState(l, ifindex, p)
+	return current, err
 }
 
 // updateLinks moves every pinned link of prog that runs other code to p:

@@ -105,17 +105,8 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 // every existing attachment to the new code in place: same link, new
 // program, no moment without a program on the interface.
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
-	root := datapathtest.MustBPFFS(t)
+	root, d, netns := mustAttachedDummy(t)
 	log := datapathtest.Logger(t)
-	d, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	netns := mustDummyNS(t)
-	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
-		t.Fatal(err)
-	}
 	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
 
 	// Stand in for an older release: other code pinned as from_pod and
@@ -234,17 +225,8 @@ func TestOpenHealsLinksOnOldCode(t *testing.T) {
 		{"programs reused by tag", true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			root := datapathtest.MustBPFFS(t)
+			root, d, _ := mustAttachedDummy(t)
 			log := datapathtest.Logger(t)
-			d, err := datapath.Open(root, log)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
-			netns := mustDummyNS(t)
-			if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
-				t.Fatal(err)
-			}
 			l := mustOldCode(t, d)
 			before := linkInfo(t, l)
 			if tt.dropMarker {
@@ -263,4 +245,22 @@ func TestOpenHealsLinksOnOldCode(t *testing.T) {
 			}
 		})
 	}
+}
+
+// mustAttachedDummy opens a datapath on a fresh root, with from_pod
+// attached to dummy0 in a fresh namespace.
+func mustAttachedDummy(t *testing.T) (string, *datapath.Datapath, ns.NetNS) {
+	t.Helper()
+	root := datapathtest.MustBPFFS(t)
+	log := datapathtest.Logger(t)
+	d, err := datapath.Open(root, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	netns := mustDummyNS(t)
+	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
+		t.Fatal(err)
+	}
+	return root, d, netns
 }
