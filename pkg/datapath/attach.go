@@ -248,6 +248,9 @@ func (d *Datapath) updateLinks(prog string, p *ebpf.Program, log *slog.Logger) e
 	for _, e := range entries {
 		pin := d.linkPin(prog, e.Name())
 		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // detached since the listing: a DEL ran
+		}
 		if err != nil {
 			log.Warn("cannot open link to upgrade", "pin", pin, "err", err)
 			continue
