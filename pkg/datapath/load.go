@@ -50,8 +50,9 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	// node: too much for every CNI ADD. What this binary pinned before is
 	// known by its build ID, so the usual case only opens pins.
 	if d, err := OpenPinned(root); err == nil {
+		// The marker is written last, after every link was moved to this
+		// build's programs, so it also says no link runs older code.
 		if _, err := os.Stat(d.buildMarker()); err == nil && len(d.progs) == len(attachTypes) {
-			d.healLinks(log)
 			return d, nil
 		}
 		d.Close()
@@ -59,6 +60,11 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 
 	nat := prepareConntrack(log)
 	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
+	// Whatever build's marker is there stops vouching for the pins before
+	// they change, so a load killed halfway is finished by the next Open.
+	if err := os.RemoveAll(filepath.Dir(d.buildMarker())); err != nil {
+		return nil, fmt.Errorf("clear build marker: %w", err)
+	}
 	for _, load := range objects {
 		spec, err := load()
 		if err == nil {
@@ -82,18 +88,6 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		return nil, err
 	}
 	return d, nil
-}
-
-// healLinks moves links still running older code to the pinned programs: a
-// load killed between replacing a program's pin and updating its links
-// leaves them behind, and the next Open finds this build's marker and loads
-// nothing. Comparing program IDs costs two syscalls per link.
-func (d *Datapath) healLinks(log *slog.Logger) {
-	for name, p := range d.progs {
-		if err := d.updateLinks(name, p, log); err != nil {
-			log.Warn("cannot check attachments for older code", "prog", name, "err", err)
-		}
-	}
 }
 
 // buildID names this binary's BPF objects: a hash of their bytes.
