@@ -346,12 +346,7 @@ func TestFromPodSpoofed(t *testing.T) {
 			n := newPodNode(t)
 			n.configure(defaultConfig())
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_spoofed": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_spoofed", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_spoofed")
 		})
 	}
 }
@@ -423,12 +418,7 @@ func TestFromPodUnregistered(t *testing.T) {
 			n.addNode(peerNode())
 			n.configure(defaultConfig())
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_unregistered": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_unregistered", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_unregistered")
 		})
 	}
 }
@@ -466,12 +456,7 @@ func TestFromPodMalformed(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newPodNode(t)
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_malformed": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_malformed", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_malformed")
 		})
 	}
 }
@@ -694,12 +679,18 @@ func TestFromPodEthertypes(t *testing.T) {
 			n := newPodNode(t)
 			n.configure(defaultConfig())
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{tt.counter: counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, tt.counter, len(tt.in))
+			n.wantFromPodDrop(tt.in, tt.counter)
 		})
 	}
+}
+
+// wantFromPodDrop runs from_pod on in and checks that it is dropped as it
+// came, counted and reported once for reason.
+func (n *testNode) wantFromPodDrop(in []byte, reason string) {
+	n.tb.Helper()
+	ret, out := mustRun(n.tb, n.prog(datapath.FromPod), in)
+	wantVerdict(n.tb, ret, tcActShot)
+	wantFrame(n.tb, out, in)
+	n.wantCounters(map[string]maps.Counter{reason: counted(len(in))})
+	n.wantDropEvent(datapath.FromPod, reason, len(in))
 }
