@@ -6,8 +6,13 @@
 package datapath_test
 
 import (
+	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net"
+	"net/netip"
+	"os"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -178,4 +183,163 @@ func htons(v uint16) uint16 {
 	var b [2]byte
 	binary.BigEndian.PutUint16(b[:], v)
 	return binary.NativeEndian.Uint16(b[:])
+}
+
+// The whole host path of a pod's own tunnel: from_pod leaves it to the
+// stack, the stack routes it to the uplink, and to_uplink wraps it without
+// the ENCAP flags. With transmit checksumming off on the uplink the kernel
+// completes the pod's pending inner UDP checksum from csum_start: valid on
+// the wire only if wrapping kept csum_start on the pod's inner header.
+func TestToUplinkWrapsPodEncapsulated(t *testing.T) {
+	h := mustHostileVeth(t)
+	podNS := mustConntrackNS(t) // an empty namespace: the pod
+	overlayDst := net.IPv4(192, 168, 99, 2)
+	var up, wire netlink.Link
+	err := h.netns.Do(func(ns.NetNS) error {
+		if err := netlink.LinkSetNsFd(h.pod, int(podNS.Fd())); err != nil {
+			return err
+		}
+		var err error
+		if up, wire, err = mustUplink(h); err != nil {
+			return err
+		}
+		return h.n.d.Attach(datapath.ToUplink, "up0", datapathtest.Logger(t))
+	})
+	if err != nil {
+		t.Fatalf("set up node: %v", err)
+	}
+	cfg := defaultConfig()
+	cfg.UplinkIfindex = up.Attrs().Index
+	cfg.UplinkMAC = up.Attrs().HardwareAddr
+	h.n.configure(cfg)
+
+	var frame []byte
+	err = h.netns.Do(func(ns.NetNS) error {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_IP)))
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_IP), Ifindex: wire.Attrs().Index}); err != nil {
+			return err
+		}
+		tv := unix.Timeval{Sec: 5}
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			return err
+		}
+		err = podNS.Do(func(ns.NetNS) error {
+			h.pod, _ = netlink.LinkByName("dummy0p")
+			if err := netlink.LinkSetUp(h.pod); err != nil {
+				return err
+			}
+			if err := mustPodTunnel(h, overlayDst); err != nil {
+				return err
+			}
+			conn, err := net.Dial("udp", net.JoinHostPort(overlayDst.String(), "9"))
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			_, err = conn.Write([]byte("a pod's own tunnel"))
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		buf := make([]byte, 4096)
+		for {
+			n, _, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil {
+				return err
+			}
+			if f := buf[:n]; len(f) > 2*vxlanOverhead+ethHdrLen && f[ethHdrLen+9] == ipProtoUDP {
+				frame = append([]byte(nil), f...)
+				return nil
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("send through the pod's tunnel and capture on the wire: %v", err)
+	}
+	got := h.waitCounter("encap", 1)
+	if got["to_host_encapsulated"].Packets < 1 || got["encap"].Packets < 1 || got["drop_encap_failed"].Packets != 0 {
+		t.Errorf("counters: to_host_encapsulated %+v, encap %+v, drop_encap_failed %+v; want from_pod to leave it to the host and to_uplink to wrap it",
+			got["to_host_encapsulated"], got["encap"], got["drop_encap_failed"])
+	}
+	wantNestedUDP(t, frame)
+}
+
+// wantNestedUDP checks a frame on the wire: our VXLAN from node 1 to node 2
+// around the pod's VXLAN around its datagram, whose UDP checksum is valid.
+func wantNestedUDP(t *testing.T, f []byte) {
+	t.Helper()
+	if len(f) < ethHdrLen+2*vxlanOverhead+ipv4HdrLen+udpHdrLen {
+		t.Fatalf("frame of %d bytes cannot hold two VXLAN headers and a datagram:\n%s", len(f), describe(f))
+	}
+	ip := ethHdrLen
+	if !bytes.Equal(f[ip+12:ip+16], nodeIP.AsSlice()) || !bytes.Equal(f[ip+16:ip+20], peerIP.AsSlice()) ||
+		binary.BigEndian.Uint16(f[ip+ipv4HdrLen+2:]) != 4789 {
+		t.Fatalf("outer header is not node 1 -> node 2 VXLAN:\n%s", describe(f))
+	}
+	pod := ethHdrLen + vxlanOverhead // the pod's own outer IPv4
+	if !bytes.Equal(f[pod+12:pod+16], podA.IP.AsSlice()) || !bytes.Equal(f[pod+16:pod+20], peerPodIP.AsSlice()) {
+		t.Fatalf("wrapped packet is not the pod's tunnel:\n%s", describe(f))
+	}
+	in := pod + vxlanOverhead // the datagram inside the pod's tunnel
+	hlen, tot := int(f[in]&0x0f)*4, int(binary.BigEndian.Uint16(f[in+2:]))
+	if hlen < ipv4HdrLen || tot < hlen+udpHdrLen || in+tot > len(f) {
+		t.Fatalf("innermost IPv4 header is not sound:\n%s", describe(f))
+	}
+	seg := f[in+hlen : in+tot]
+	var src, dst [4]byte
+	copy(src[:], f[in+12:in+16])
+	copy(dst[:], f[in+16:in+20])
+	if c := l4Checksum(netip.AddrFrom4(src), netip.AddrFrom4(dst), ipProtoUDP, seg, 6); c != binary.BigEndian.Uint16(seg[6:]) {
+		t.Errorf("innermost UDP checksum %#04x, want %#04x: the pod's pending checksum was completed in the wrong place",
+			binary.BigEndian.Uint16(seg[6:]), c)
+	}
+}
+
+// mustUplink gives the node namespace node 1's uplink "up0", its far end
+// "wire0" left for capturing, a route to the peer's pod CIDR through it as
+// the agent installs one, and forwarding. Transmit checksumming is off on
+// up0, so the kernel completes pending checksums itself before the wire.
+func mustUplink(h *hostileVeth) (up, wire netlink.Link, err error) {
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "up0"}, PeerName: "wire0"}); err != nil {
+		return nil, nil, err
+	}
+	if up, err = netlink.LinkByName("up0"); err != nil {
+		return nil, nil, err
+	}
+	if wire, err = netlink.LinkByName("wire0"); err != nil {
+		return nil, nil, err
+	}
+	for _, l := range []netlink.Link{up, wire} {
+		if err := netlink.LinkSetUp(l); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err := netlink.AddrAdd(up, &netlink.Addr{IPNet: &net.IPNet{IP: nodeIP.AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+		return nil, nil, err
+	}
+	if err := netlink.NeighAdd(&netlink.Neigh{LinkIndex: up.Attrs().Index, State: netlink.NUD_PERMANENT,
+		IP: peerIP.AsSlice(), HardwareAddr: peerMAC}); err != nil {
+		return nil, nil, err
+	}
+	routes := []netlink.Route{
+		{LinkIndex: up.Attrs().Index, Dst: &net.IPNet{IP: peerCIDR.Addr().AsSlice(), Mask: net.CIDRMask(24, 32)}, Gw: peerIP.AsSlice()},
+		{LinkIndex: h.host.Attrs().Index, Dst: &net.IPNet{IP: podA.IP.AsSlice(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
+	}
+	for _, r := range routes {
+		if err := netlink.RouteAdd(&r); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		return nil, nil, err
+	}
+	if out, err := exec.Command("nsenter", "--net="+h.netns.Path(), "ethtool", "-K", "up0", "tx", "off").CombinedOutput(); err != nil {
+		return nil, nil, fmt.Errorf("ethtool -K up0 tx off: %w: %s", err, out)
+	}
+	return up, wire, nil
 }
