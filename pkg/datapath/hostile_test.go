@@ -116,18 +116,7 @@ func TestFromPodDropsAcceleratedVLANTag(t *testing.T) {
 func TestFromPodPodEncapsulatedGoesToHost(t *testing.T) {
 	h := mustHostileVeth(t)
 	overlayDst := net.IPv4(192, 168, 99, 2)
-	err := h.netns.Do(func(ns.NetNS) error {
-		if err := mustPodTunnel(h, overlayDst); err != nil {
-			return err
-		}
-		conn, err := net.Dial("udp", net.JoinHostPort(overlayDst.String(), "9"))
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		_, err = conn.Write([]byte("a pod's own tunnel"))
-		return err
-	})
+	err := h.netns.Do(func(ns.NetNS) error { return sendThroughPodTunnel(h, overlayDst) })
 	if err != nil {
 		t.Fatalf("send through the pod's vxlan device: %v", err)
 	}
@@ -139,6 +128,21 @@ func TestFromPodPodEncapsulatedGoesToHost(t *testing.T) {
 	if got["drop_encap_failed"].Packets != 0 {
 		t.Errorf("drop_encap_failed: got %+v, want none", got["drop_encap_failed"])
 	}
+}
+
+// sendThroughPodTunnel sets up the pod's tunnel (mustPodTunnel) in the
+// current namespace and sends one UDP datagram through it.
+func sendThroughPodTunnel(h *hostileVeth, overlayDst net.IP) error {
+	if err := mustPodTunnel(h, overlayDst); err != nil {
+		return err
+	}
+	conn, err := net.Dial("udp", net.JoinHostPort(overlayDst.String(), "9"))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = conn.Write([]byte("a pod's own tunnel"))
+	return err
 }
 
 // mustPodTunnel gives dummy0p podA's address and a vxlan device on top of
@@ -232,16 +236,7 @@ func TestToUplinkWrapsPodEncapsulated(t *testing.T) {
 			if err := netlink.LinkSetUp(h.pod); err != nil {
 				return err
 			}
-			if err := mustPodTunnel(h, overlayDst); err != nil {
-				return err
-			}
-			conn, err := net.Dial("udp", net.JoinHostPort(overlayDst.String(), "9"))
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			_, err = conn.Write([]byte("a pod's own tunnel"))
-			return err
+			return sendThroughPodTunnel(h, overlayDst)
 		})
 		if err != nil {
 			return err
