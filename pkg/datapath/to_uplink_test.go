@@ -151,3 +151,22 @@ func TestToUplinkPassThrough(t *testing.T) {
 		})
 	}
 }
+
+// The trace of an encapsulated packet is taken after the wrap but describes
+// the packet the host stack sent: its length and its 5-tuple, not the
+// tunnel's.
+func TestToUplinkTrace(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.Trace = true
+	n := newEgressNode(t, cfg, peerNode())
+	in := fromHost(udpPacket(nodeIP, peerPodIP))
+
+	ret, _ := mustRun(t, n.prog(datapath.ToUplink), in)
+
+	wantVerdict(t, ret, tcActRedirect)
+	ev := n.wantTraceEvent(datapath.ToUplink, "encap", runIfindex, len(in))
+	if ev.Proto != ipProtoUDP || beAddr(ev.Saddr) != nodeIP || beAddr(ev.Daddr) != peerPodIP ||
+		be16(ev.Sport) != 40000 || be16(ev.Dport) != 53 {
+		t.Errorf("5-tuple: got %s, want udp %s:40000 -> %s:53", eventString(ev), nodeIP, peerPodIP)
+	}
+}
