@@ -40,13 +40,25 @@ static __always_inline int is_our_vxlan(struct __sk_buff *skb, const struct node
 	return udp->dest == bpf_htons(cfg->vxlan_port);
 }
 
-/* Pod-to-pod traffic is the fast path's; a remote pod's address lies in a
- * pod CIDR of the node map. */
-static __always_inline int from_remote_pod(const struct iphdr *inner)
+/* Whom the sending node vouches for: its own pods, and itself. */
+enum inner_source {
+	INNER_REMOTE_POD,  /* a pod of the node that sent the tunnel */
+	INNER_REMOTE_NODE, /* that node itself: host network, NodePort SNAT */
+	INNER_FORGED,      /* anybody else: another node's pod, ours, the world */
+};
+
+/* VXLAN carries no authentication: a known node (or whoever forges its
+ * address) could otherwise claim any source, and our pods would answer
+ * another node's pod or trust a packet "from" their neighbour. A pod CIDR
+ * in the node map names its node; only that node may send from it. */
+static __always_inline enum inner_source inner_source(const struct iphdr *inner, __be32 outer_src)
 {
 	struct lpm_v4_key key = { .prefixlen = 32, .addr = inner->saddr };
+	const struct node_info *node = bpf_map_lookup_elem(&nodes, &key);
 
-	return bpf_map_lookup_elem(&nodes, &key) != NULL;
+	if (node)
+		return node->node_ip == outer_src ? INNER_REMOTE_POD : INNER_FORGED;
+	return inner->saddr == outer_src ? INNER_REMOTE_NODE : INNER_FORGED;
 }
 
 SEC("tc")
@@ -54,6 +66,7 @@ int from_uplink(struct __sk_buff *skb)
 {
 	const struct node_config *cfg = node_config();
 	const struct endpoint *ep;
+	enum inner_source src;
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
@@ -84,6 +97,10 @@ int from_uplink(struct __sk_buff *skb)
 	    !ipv4_hdr_len(inner, skb->len - sizeof(struct vxlan_outer)))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
 
+	src = inner_source(inner, h->ip.saddr);
+	if (src == INNER_FORGED)
+		return drop(skb, STAT_DROP_INNER_SPOOFED, PROG);
+
 	ep = bpf_map_lookup_elem(&endpoints, &inner->daddr);
 	if (!ep)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
@@ -98,7 +115,7 @@ int from_uplink(struct __sk_buff *skb)
 	 * kube-proxy drops); and a reply in a connection this node NATed (a
 	 * pod's request to a service whose backend is elsewhere), or one
 	 * conntrack cannot be asked about here, so that conntrack reverses it. */
-	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH) || !from_remote_pod(inner))
+	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH) || src != INNER_REMOTE_POD)
 		via_host = STAT_TO_HOST;
 	else
 		via_host = ct_host_path(skb, inner, sizeof(struct vxlan_outer));

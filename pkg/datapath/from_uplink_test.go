@@ -31,9 +31,13 @@ func newUplinkNode(tb testing.TB, cfg maps.Config) *testNode {
 	n := newTestNode(tb)
 	n.configure(cfg)
 	n.addNode(peerNode())
+	n.addNode(thirdNode)
 	n.addPod(dstPod)
 	return n
 }
+
+// thirdNode is another known node: node 2 may not speak for its pods.
+var thirdNode = maps.Node{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")}
 
 // toDstPod is a packet from a pod on node 2 to dstPod, as node 2 sends it:
 // its TTL already taken down by one.
@@ -163,6 +167,28 @@ func TestFromUplinkDrop(t *testing.T) {
 		name:   "source is this node",
 		tunnel: func(t *tunnel) { t.ip.Src = nodeIP },
 		reason: "drop_unknown_tunnel",
+	}, {
+		// A known node may speak for its own pods and itself only.
+		name:   "inner source a pod of another node",
+		tunnel: func(t *tunnel) { t.inner = withIP(valid, func(h *ipv4) { h.Src = netip.MustParseAddr("10.244.3.9") }) },
+		reason: "drop_inner_spoofed",
+	}, {
+		name:   "inner source a pod of this node",
+		tunnel: func(t *tunnel) { t.inner = withIP(valid, func(h *ipv4) { h.Src = podB.IP }) },
+		reason: "drop_inner_spoofed",
+	}, {
+		name:   "inner source outside the cluster",
+		tunnel: func(t *tunnel) { t.inner = withIP(valid, func(h *ipv4) { h.Src = outsideIP }) },
+		reason: "drop_inner_spoofed",
+	}, {
+		name:   "inner source another node's address",
+		tunnel: func(t *tunnel) { t.inner = withIP(valid, func(h *ipv4) { h.Src = thirdNode.NodeIP }) },
+		reason: "drop_inner_spoofed",
+	}, {
+		// Node 3 is a known tunnel source, but node 2's pods are not its.
+		name:   "pod of node 2 sent by node 3",
+		tunnel: func(t *tunnel) { t.ip.Src = thirdNode.NodeIP },
+		reason: "drop_inner_spoofed",
 	}, {
 		name:   "wrong vni",
 		tunnel: func(t *tunnel) { t.vxlan.VNI = 2 },
