@@ -146,6 +146,9 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 	if err != nil {
 		return fmt.Errorf("find host veth %s: %w", hostName, err)
 	}
+	if err := disableIPv6(hostName); err != nil {
+		return err
+	}
 	// The alias tells GC which network's veth this is, even when an ADD
 	// died before registering it anywhere.
 	if err := netlink.LinkSetAlias(hostLink, vethAlias(conf.Name)); err != nil {
@@ -198,6 +201,10 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 	}
 	hostLink, podIf, err := chainedInterfaces(prev, args)
 	if err != nil {
+		return err
+	}
+	// A bridge port too: only the port loses IPv6, not the bridge.
+	if err := disableIPv6(hostLink.Attrs().Name); err != nil {
 		return err
 	}
 	podMAC, err := net.ParseMAC(podIf.Mac)
@@ -304,9 +311,18 @@ func podRoutes() []*types.Route {
 func singleIPv4(ips []*current.IPConfig) (netip.Addr, error) {
 	var found []netip.Addr
 	for _, c := range ips {
-		if a, ok := netip.AddrFromSlice(c.Address.IP); ok && a.Unmap().Is4() {
-			found = append(found, a.Unmap())
+		a, ok := netip.AddrFromSlice(c.Address.IP)
+		if !ok {
+			continue
 		}
+		if a = a.Unmap(); !a.Is4() {
+			// Written to the pod as a /32 with the IPv4 gateway, it
+			// would make an invalid result; better a clear refusal.
+			ones, _ := c.Address.Mask.Size()
+			return netip.Addr{}, invalidConf("IPv6 address %s from range %s: patchcord does not carry IPv6 yet; remove the IPv6 range from the ipam section",
+				a, netip.PrefixFrom(a, ones).Masked())
+		}
+		found = append(found, a)
 	}
 	switch len(found) {
 	case 1:

@@ -76,6 +76,7 @@ func TestChainedAfterPtp(t *testing.T) {
 				if err := dp.Attached(datapath.FromPod, hostIf.Name); err != nil {
 					t.Errorf("from_pod on ptp's veth: %v", err)
 				}
+				assertNoIPv6(t, hostIf.Name)
 				return nil
 			})
 			if err != nil {

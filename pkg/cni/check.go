@@ -56,6 +56,9 @@ func Check(args *skel.CmdArgs) error {
 	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
 	}
+	if err := checkIPv6Off(ep.Ifname); err != nil {
+		return types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
+	}
 	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
 		return types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
 	}

@@ -81,14 +81,24 @@ func TestAddErrors(t *testing.T) {
 			phrase: "use 576..65535",
 		},
 		{
-			name: "ipam gives no IPv4",
+			name: "ipam gives IPv6 only",
 			conf: func(t *testing.T, n *node) []byte {
 				ipam := n.ipam()
 				ipam["ranges"] = [][]map[string]string{{{"subnet": "fd00:244::/64"}}}
 				return n.conf(t, "1.0.0", with("ipam", ipam))
 			},
 			code:   types.ErrInvalidNetworkConfig,
-			phrase: "exactly one IPv4 address",
+			phrase: "from range fd00:244::/64: patchcord does not carry IPv6 yet",
+		},
+		{
+			name: "ipam gives dual stack",
+			conf: func(t *testing.T, n *node) []byte {
+				ipam := n.ipam()
+				ipam["ranges"] = [][]map[string]string{{{"subnet": podSubnet}}, {{"subnet": "fd00:244::/64"}}}
+				return n.conf(t, "1.0.0", with("ipam", ipam))
+			},
+			code:   types.ErrInvalidNetworkConfig,
+			phrase: "from range fd00:244::/64: patchcord does not carry IPv6 yet",
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -524,7 +524,28 @@ func (n *node) assertEndpoint(tb testing.TB, p *pod, st podState) error {
 	if err := dp.Attached(datapath.FromPod, st.hostIfname); err != nil {
 		tb.Errorf("from_pod on %s: %v", st.hostIfname, err)
 	}
+	assertNoIPv6(tb, st.hostIfname)
 	return nil
+}
+
+// assertNoIPv6 checks that the host veth ifname cannot speak IPv6 to its
+// pod; call it in the node's namespace.
+func assertNoIPv6(tb testing.TB, ifname string) {
+	tb.Helper()
+	b, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + ifname + "/disable_ipv6")
+	if err != nil {
+		tb.Errorf("read disable_ipv6 of %s: %v", ifname, err)
+	} else if strings.TrimSpace(string(b)) != "1" {
+		tb.Errorf("host veth %s has disable_ipv6=%s, want 1", ifname, strings.TrimSpace(string(b)))
+	}
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		tb.Errorf("host veth %s: %v", ifname, err)
+		return
+	}
+	if addrs, err := netlink.AddrList(l, netlink.FAMILY_V6); err != nil || len(addrs) != 0 {
+		tb.Errorf("host veth %s IPv6 addresses %v (%v), want none", ifname, addrs, err)
+	}
 }
 
 func mustMAC(tb testing.TB, s string) net.HardwareAddr {

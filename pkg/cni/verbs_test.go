@@ -176,6 +176,18 @@ func TestCheckFindsDamage(t *testing.T) {
 			},
 			code: types.ErrInternal, phrase: "is gone",
 		},
+		{
+			name: "IPv6 turned back on at the host veth",
+			damage: func(t *testing.T, n *node, p *pod, st podState) {
+				err := n.hostNS.Do(func(ns.NetNS) error {
+					return os.WriteFile("/proc/sys/net/ipv6/conf/"+st.hostIfname+"/disable_ipv6", []byte("0"), 0o644)
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+			},
+			code: types.ErrInternal, phrase: "host veth speaks IPv6",
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t)
