@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // AgentResult is the agent's part of the JSON.

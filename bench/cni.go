@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // CNIResults is the CNI group's part of the JSON.

@@ -35,7 +35,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 type options struct {

@@ -23,7 +23,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // chMode is one of the example conflists.

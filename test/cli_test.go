@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // cliEvent is one line of `monitor -o json`, in the shape the README

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // binDir holds the patchcord binaries built from this tree for this run.

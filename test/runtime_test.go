@@ -24,7 +24,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // rtExample is the conflist the runtime tests install: what the README tells users to

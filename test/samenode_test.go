@@ -18,7 +18,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // cniMode is one way of installing patchcord-cni on a node.

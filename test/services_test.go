@@ -25,7 +25,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // The service side of the lab: kube-proxy's --cluster-cidr (every node's pod CIDR lies

@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 func main() {
