@@ -121,7 +121,7 @@ func cdRepoTool(tb testing.TB, env, sub, name string) string {
 }
 
 func TestContainerd(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	cniDir := os.Getenv("CNI_PLUGINS")
 	if cniDir == "" {
 		cniDir = filepath.Dir(cdRepoTool(t, "", "cni", "ptp"))

@@ -23,12 +23,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func skipUnlessRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("needs root: creates network namespaces and mounts bpffs")
-	}
-}
 
 // rootState is what the lab must never change in the root namespace.
 func rootState(tb testing.TB) []string {
@@ -126,7 +120,7 @@ func mustAddNode(tb testing.TB, l *Lab, i int) *Node {
 }
 
 func TestTwoNodes(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	before := rootState(t)
 	l := NewForTest(t, Options{})
 	n1 := mustAddNode(t, l, 1)
@@ -285,7 +279,7 @@ func TestTwoNodes(t *testing.T) {
 }
 
 func TestCloseAfterPartialFailure(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	l := NewForTest(t, Options{})
 	n1 := mustAddNode(t, l, 1)
 	// A file where node 2's directory goes makes AddNode fail after its namespace and
@@ -324,7 +318,7 @@ func TestCloseAfterPartialFailure(t *testing.T) {
 }
 
 func TestProcesses(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	l := NewForTest(t, Options{})
 	n := mustAddNode(t, l, 1)
 	ctx := t.Context()
@@ -469,7 +463,7 @@ func startHelper(t *testing.T, mode string) (*exec.Cmd, string, string) {
 }
 
 func TestSweepAfterCrash(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	// A live lab in this process, which Sweep must not touch.
 	mine := NewForTest(t, Options{})
 	mustAddNode(t, mine, 1)
@@ -516,7 +510,7 @@ func TestSweepAfterCrash(t *testing.T) {
 }
 
 func TestSignalClosesLab(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(sig.String(), func(t *testing.T) {
 			cmd, prefix, dir := startHelper(t, "signal")
@@ -535,7 +529,7 @@ func TestSignalClosesLab(t *testing.T) {
 }
 
 func TestNamedLab(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	name := fmt.Sprintf("t%d", os.Getpid())
 	l := NewForTest(t, Options{Name: name})
 	if want := NamePrefix + name; l.Prefix != want {
