@@ -23,7 +23,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-
 // rootState is what the lab must never change in the root namespace.
 func rootState(tb testing.TB) []string {
 	tb.Helper()
