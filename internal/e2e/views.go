@@ -118,3 +118,21 @@ func AssertRegistered(t *testing.T, ctx context.Context, n *lab.Node, veth strin
 		}
 	}
 }
+
+// PodRefs are the PodRefs of lab pods.
+func PodRefs(pods []*lab.Pod) []PodRef {
+	refs := make([]PodRef, len(pods))
+	for i, p := range pods {
+		refs[i] = RefOf(p)
+	}
+	return refs
+}
+
+// SandboxRefs are the PodRefs of containerd sandboxes.
+func SandboxRefs(pods []*lab.Sandbox) []PodRef {
+	refs := make([]PodRef, len(pods))
+	for i, s := range pods {
+		refs[i] = RefOfSandbox(s)
+	}
+	return refs
+}

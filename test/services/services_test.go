@@ -5,7 +5,7 @@
 // connections), node -> ClusterIP, NodePort from another node, a pod reaching its own
 // service, and pods leaving the cluster through the agent's masquerade. Between these,
 // pod-to-pod traffic must keep its fast path.
-package test
+package services
 
 import (
 	"context"
@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
@@ -359,7 +360,8 @@ func svcPython() string {
 	return "python3"
 }
 
-type svcExecer interface {
+// host is a pod or a node that serves.
+type host interface {
 	Exec(context.Context, string, ...string) ([]byte, error)
 	Start(context.Context, string, ...string) (*lab.Process, error)
 	WaitListening(context.Context, int) error
@@ -367,7 +369,7 @@ type svcExecer interface {
 
 // svcServe starts the server script as name in e, on TCP tcpPort and (if not 0) UDP
 // udpPort, and returns once it listens.
-func (c *svcCluster) svcServe(t *testing.T, ctx context.Context, e svcExecer, name string, tcpPort, udpPort int) *lab.Process {
+func (c *svcCluster) svcServe(t *testing.T, ctx context.Context, e host, name string, tcpPort, udpPort int) *lab.Process {
 	t.Helper()
 	args := []string{c.serverPy, name, strconv.Itoa(tcpPort)}
 	if udpPort != 0 {
@@ -417,7 +419,7 @@ func (r svcReply) peerIP() string {
 }
 
 // svcClient runs the client script in e and parses its answer.
-func (c *svcCluster) svcClient(ctx context.Context, e svcExecer, args ...string) (svcReply, error) {
+func (c *svcCluster) svcClient(ctx context.Context, e host, args ...string) (svcReply, error) {
 	var r svcReply
 	out, err := e.Exec(ctx, svcPython(), append([]string{c.clientPy}, args...)...)
 	if err != nil {
@@ -431,7 +433,7 @@ func (c *svcCluster) svcClient(ctx context.Context, e svcExecer, args ...string)
 }
 
 // svcGet is one HTTP GET of path from e that must succeed within timeout.
-func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e svcExecer, host string, port int, path string, timeout time.Duration) svcReply {
+func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e host, host string, port int, path string, timeout time.Duration) svcReply {
 	t.Helper()
 	r, err := c.svcClient(ctx, e, "get", host, strconv.Itoa(port), path, svcSeconds(timeout))
 	if err != nil {
@@ -444,7 +446,7 @@ func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e svcExecer, host
 }
 
 // svcUDP sends one datagram from e and returns the reply, which must come within 3s.
-func (c *svcCluster) svcUDP(t *testing.T, ctx context.Context, e svcExecer, host string, port int) svcReply {
+func (c *svcCluster) svcUDP(t *testing.T, ctx context.Context, e host, host string, port int) svcReply {
 	t.Helper()
 	r, err := c.svcClient(ctx, e, "udp", host, strconv.Itoa(port), "3")
 	if err != nil {
@@ -492,7 +494,7 @@ const (
 
 func newSvcCluster(t *testing.T, ctx context.Context) *svcCluster {
 	t.Helper()
-	l := newLab(t)
+	l := e2e.NewLab(t)
 	c := &svcCluster{lab: l, agents: map[int]*lab.Process{}}
 	c.serverPy = filepath.Join(l.Dir, "svc_server.py")
 	c.clientPy = filepath.Join(l.Dir, "svc_client.py")
@@ -514,12 +516,12 @@ func newSvcCluster(t *testing.T, ctx context.Context) *svcCluster {
 	}
 	c.n1, c.n2 = nodes[0], nodes[1]
 	c.nodesFile = filepath.Join(l.Dir, "nodes.json")
-	writeNodes(t, c.nodesFile, entryOf(c.n1), entryOf(c.n2))
+	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
 	for _, n := range nodes {
 		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
 			t.Fatal(err)
 		}
-		c.agents[n.Index] = startAgent(t, ctx, n, c.nodesFile)
+		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
 		// What a real node's default route does for the service range: without a
 		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
 		if out, err := n.Exec(ctx, "ip", "route", "add", svcRange.String(), "dev", "eth0"); err != nil {
@@ -616,17 +618,17 @@ func svcAddOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node 
 // ---- assertions --------------------------------------------------------------------------
 
 // svcCounters are one node's counters by name.
-type svcCounters map[string]counter
+type svcCounters map[string]e2e.Counter
 
 func (c *svcCluster) counters(t *testing.T, ctx context.Context) map[int]svcCounters {
 	t.Helper()
-	return map[int]svcCounters{1: stats(t, ctx, c.n1), 2: stats(t, ctx, c.n2)}
+	return map[int]svcCounters{1: e2e.Stats(t, ctx, c.n1), 2: e2e.Stats(t, ctx, c.n2)}
 }
 
 // svcGrew is after minus before for one counter of one node.
-func svcGrew(before, after map[int]svcCounters, node int, name string) counter {
+func svcGrew(before, after map[int]svcCounters, node int, name string) e2e.Counter {
 	b, a := before[node][name], after[node][name]
-	return counter{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
+	return e2e.Counter{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
 }
 
 // svcChatter bounds what a node's pods send to the host stack by themselves during a
@@ -768,7 +770,7 @@ func (c *svcCluster) restartAgent(t *testing.T, ctx context.Context, i int, args
 	if err := c.agents[i].Stop(); err != nil {
 		t.Fatalf("stop agent on node%d: %v", i, err)
 	}
-	c.agents[i] = startAgent(t, ctx, c.lab.Node(i), c.nodesFile, args...)
+	c.agents[i] = e2e.StartAgent(t, ctx, c.lab.Node(i), c.nodesFile, args...)
 }
 
 // ---- tests -------------------------------------------------------------------------------
@@ -794,7 +796,7 @@ func TestServicesKubeProxyChainNames(t *testing.T) {
 // TestServices runs the service cases on one cluster, in order, with pod-to-pod checks
 // before, between and after them.
 func TestServices(t *testing.T) {
-	ctx := testCtx(t)
+	ctx := e2e.Ctx(t)
 	c := newSvcCluster(t, ctx)
 	web := c.svcs[0]
 

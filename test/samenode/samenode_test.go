@@ -3,7 +3,7 @@
 // pod-to-pod traffic takes the bpf_redirect_peer shortcut and not the host
 // stack, that a pod cannot send as someone else, and that DEL, also twenty at
 // once, leaves nothing behind.
-package test
+package samenode
 
 import (
 	"bytes"
@@ -18,6 +18,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
@@ -39,7 +40,7 @@ var cniModes = []cniMode{
 // datapath.
 func modeNode(t *testing.T, m cniMode) *lab.Node {
 	t.Helper()
-	l := newLab(t)
+	l := e2e.NewLab(t)
 	n, err := l.AddNode(1)
 	if err != nil {
 		t.Fatal(err)
@@ -50,59 +51,15 @@ func modeNode(t *testing.T, m cniMode) *lab.Node {
 	return n
 }
 
-// endpointView is one entry of `patchcord bpf endpoint list -o json`.
-type endpointView struct {
-	IP          string `json:"ip"`
-	Ifindex     int    `json:"ifindex"`
-	Ifname      string `json:"ifname"`
-	MAC         string `json:"mac"`
-	HostMAC     string `json:"hostMac"`
-	ContainerID string `json:"containerID"`
-	PodIfname   string `json:"podIfname"`
-	Netns       string `json:"netns"`
-}
-
-func endpoints(t *testing.T, ctx context.Context, n *lab.Node) map[string]endpointView {
-	t.Helper()
-	out, err := n.CLI(ctx, "bpf", "endpoint", "list", "-o", "json")
-	if err != nil {
-		t.Fatalf("bpf endpoint list: %v", err)
-	}
-	var list []endpointView
-	if err := json.Unmarshal(out, &list); err != nil {
-		t.Fatalf("bpf endpoint list: %v\n%s", err, out)
-	}
-	eps := make(map[string]endpointView, len(list))
-	for _, ep := range list {
-		eps[ep.IP] = ep
-	}
-	return eps
-}
-
 // assertRegistered checks that every pod has its endpoint, on a host veth of
 // the mode's kind, with from_pod pinned to it, and that nothing else is
 // registered.
 func assertRegistered(t *testing.T, ctx context.Context, n *lab.Node, m cniMode, pods []*lab.Pod) {
 	t.Helper()
-	eps := endpoints(t, ctx, n)
-	if len(eps) != len(pods) {
+	if eps := e2e.Endpoints(t, ctx, n); len(eps) != len(pods) {
 		t.Errorf("%d endpoints registered, want %d (one per pod): %+v", len(eps), len(pods), eps)
 	}
-	for _, p := range pods {
-		ep, ok := eps[p.IP.String()]
-		switch {
-		case !ok:
-			t.Errorf("pod %s (%s) has no endpoint", p.Name, p.IP)
-			continue
-		case ep.Netns != p.NSPath || ep.PodIfname != "eth0":
-			t.Errorf("endpoint %s belongs to %s in %s, want eth0 in %s", p.IP, ep.PodIfname, ep.Netns, p.NSPath)
-		case !strings.HasPrefix(ep.Ifname, m.veth):
-			t.Errorf("endpoint %s is on host veth %q, want a %s* veth", p.IP, ep.Ifname, m.veth)
-		}
-		if _, err := os.Stat(filepath.Join(n.BpffsRoot, "links", "from_pod", ep.Ifname)); err != nil {
-			t.Errorf("from_pod link of pod %s: %v", p.Name, err)
-		}
-	}
+	e2e.AssertRegistered(t, ctx, n, m.veth, e2e.PodRefs(pods)...)
 }
 
 // assertNodeClean checks that the node holds nothing of any pod: no veth, no
@@ -187,21 +144,6 @@ func assertNodeClean(t *testing.T, ctx context.Context, n *lab.Node, network str
 	}
 }
 
-// execer is a pod or a node.
-type execer interface {
-	Exec(context.Context, string, ...string) ([]byte, error)
-}
-
-// pingErr sends count pings, interval seconds apart, and says why not all
-// came back.
-func pingErr(ctx context.Context, from execer, dst string, count int, interval string) error {
-	out, err := from.Exec(ctx, "ping", "-q", "-c", fmt.Sprint(count), "-i", interval, "-W", "2", dst)
-	if err != nil || !strings.Contains(string(out), " 0% packet loss") {
-		return fmt.Errorf("ping %s: %v\n%s", dst, err, out)
-	}
-	return nil
-}
-
 // pingPairs pings every ordered pair of pods at once, count pings each, and
 // returns how many echo requests that made.
 func pingPairs(t *testing.T, ctx context.Context, pods []*lab.Pod, count int, interval string) int {
@@ -219,7 +161,7 @@ func pingPairs(t *testing.T, ctx context.Context, pods []*lab.Pod, count int, in
 			}
 			pairs++
 			wg.Go(func() {
-				if err := pingErr(ctx, src, dst.IP.String(), count, interval); err != nil {
+				if err := e2e.PingErr(ctx, src, dst.IP.String(), count, "-i", interval); err != nil {
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("%s -> %s: %w", src.Name, dst.Name, err))
 					mu.Unlock()
@@ -254,16 +196,6 @@ func defaultGateway(t *testing.T, ctx context.Context, p *lab.Pod) string {
 	return routes[0].Gateway
 }
 
-// iperfResult is what we read of `iperf3 -J`.
-type iperfResult struct {
-	End struct {
-		SumReceived struct {
-			Bytes uint64 `json:"bytes"`
-		} `json:"sum_received"`
-	} `json:"end"`
-	Error string `json:"error"`
-}
-
 // chatterPerPod bounds what a pod sends to the host stack by itself while
 // pinging other pods: its ARP for the gateway in chained mode (ptp's gateway
 // is a host address, so from_pod hands the request to the host) and a
@@ -278,7 +210,7 @@ func TestSameNode(t *testing.T) {
 	for _, m := range cniModes {
 		t.Run(m.name, func(t *testing.T) {
 			t.Parallel()
-			ctx := testCtx(t)
+			ctx := e2e.Ctx(t)
 			n := modeNode(t, m)
 			var pods []*lab.Pod
 			for _, name := range []string{"a", "b", "c"} {
@@ -296,13 +228,13 @@ func TestSameNode(t *testing.T) {
 				// sees no other), through the host stack; and the pods
 				// from the node, along its routes to them.
 				for _, p := range pods {
-					ping(t, ctx, p, n.IP.String())
-					ping(t, ctx, n, p.IP.String())
+					e2e.Ping(t, ctx, p, n.IP.String())
+					e2e.Ping(t, ctx, n, p.IP.String())
 				}
 			})
 
 			t.Run("tcp", func(t *testing.T) {
-				before := stats(t, ctx, n)
+				before := e2e.Stats(t, ctx, n)
 				// A ring, all flows at once: a->b, b->c, c->a.
 				var servers []*lab.Process
 				for _, p := range pods {
@@ -315,19 +247,15 @@ func TestSameNode(t *testing.T) {
 					}
 					servers = append(servers, s)
 				}
-				results := make([]iperfResult, len(pods))
+				results := make([]e2e.Iperf, len(pods))
 				errs := make([]error, len(pods))
 				var wg sync.WaitGroup
 				for i, p := range pods {
 					dst := pods[(i+1)%len(pods)]
 					wg.Go(func() {
-						out, err := p.Exec(ctx, "iperf3", "-c", dst.IP.String(), "-t", "1", "-J")
-						if err != nil {
+						var err error
+						if results[i], err = e2e.IperfErr(ctx, p, dst.IP.String(), 5201, "-t", "1"); err != nil {
 							errs[i] = fmt.Errorf("iperf3 %s -> %s: %w", p.Name, dst.Name, err)
-							return
-						}
-						if err := json.Unmarshal(out, &results[i]); err != nil {
-							errs[i] = fmt.Errorf("iperf3 %s -> %s: %w\n%s", p.Name, dst.Name, err, out)
 						}
 					})
 				}
@@ -352,7 +280,7 @@ func TestSameNode(t *testing.T) {
 				}
 				// Every payload byte crossed from_pod as part of a
 				// redirected packet (headers and ACKs only add to it).
-				after := stats(t, ctx, n)
+				after := e2e.Stats(t, ctx, n)
 				if got := after["local_redirect"].Bytes - before["local_redirect"].Bytes; got < moved {
 					t.Errorf("local_redirect grew by %d bytes while iperf3 moved %d between pods", got, moved)
 				}
@@ -362,9 +290,9 @@ func TestSameNode(t *testing.T) {
 			})
 
 			t.Run("counters", func(t *testing.T) {
-				before := stats(t, ctx, n)
+				before := e2e.Stats(t, ctx, n)
 				requests := pingPairs(t, ctx, pods, 20, "0.01")
-				after := stats(t, ctx, n)
+				after := e2e.Stats(t, ctx, n)
 				delta := func(name string) uint64 { return after[name].Packets - before[name].Packets }
 				t.Logf("%d echo requests: local_redirect +%d, to_host +%d", requests, delta("local_redirect"), delta("to_host"))
 				// Each echo request and each reply is redirected once, at
@@ -386,7 +314,7 @@ func TestSameNode(t *testing.T) {
 
 			t.Run("spoofing", func(t *testing.T) {
 				spoofer, victim, target := pods[0], pods[1], pods[2]
-				self := endpoints(t, ctx, n)[spoofer.IP.String()]
+				self := e2e.Endpoints(t, ctx, n)[spoofer.IP.String()]
 				gw := defaultGateway(t, ctx, spoofer)
 				for _, tc := range []struct {
 					name       string
@@ -417,7 +345,7 @@ func TestSameNode(t *testing.T) {
 					},
 				} {
 					t.Run(tc.name, func(t *testing.T) {
-						before := stats(t, ctx, n)
+						before := e2e.Stats(t, ctx, n)
 						run := func(cmds [][]string) error {
 							var errs []error
 							for _, c := range cmds {
@@ -443,7 +371,7 @@ func TestSameNode(t *testing.T) {
 						if err == nil {
 							t.Errorf("spoofed ping got through:\n%s", out)
 						}
-						after := stats(t, ctx, n)
+						after := e2e.Stats(t, ctx, n)
 						if got := after["drop_spoofed"].Packets - before["drop_spoofed"].Packets; got < count {
 							t.Errorf("drop_spoofed grew by %d, want at least %d (one per echo request)", got, count)
 						}
@@ -483,7 +411,7 @@ func TestSameNodeParallelAddDel(t *testing.T) {
 	for _, m := range cniModes {
 		t.Run(m.name, func(t *testing.T) {
 			t.Parallel()
-			ctx := testCtx(t)
+			ctx := e2e.Ctx(t)
 			n := modeNode(t, m)
 
 			pods := make([]*lab.Pod, count)
@@ -508,7 +436,7 @@ func TestSameNodeParallelAddDel(t *testing.T) {
 			}
 			assertRegistered(t, ctx, n, m, pods)
 			// The first and last pod to come up reach each other.
-			ping(t, ctx, pods[0], pods[count-1].IP.String())
+			e2e.Ping(t, ctx, pods[0], pods[count-1].IP.String())
 
 			for i, p := range pods {
 				wg.Go(func() { errs[i] = p.Del(ctx) })

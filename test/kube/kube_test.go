@@ -3,7 +3,7 @@
 // per node) against a small in-memory API server, next to a Flannel node
 // that knows its peers only from the annotations the agents publish. This is
 // a cluster half-way through a migration from Flannel.
-package test
+package kube
 
 import (
 	"context"
@@ -20,6 +20,7 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
@@ -262,17 +263,17 @@ func kapiNode(n *lab.Node, annotations map[string]string) *corev1.Node {
 func startKubeAgent(t *testing.T, ctx context.Context, n *lab.Node, kubeconfig string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(n.Lab.Dir, fmt.Sprintf("n%d.ready", n.Index))
-	return startReady(t, ctx, n, "agent", ready, "agent",
+	return e2e.StartReady(t, ctx, n, "agent", ready, "agent",
 		"--kubeconfig", kubeconfig, "--node-name", n.NetNS,
 		"--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI), "--flannel-compat",
-		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(metricsPort),
+		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(e2e.MetricsPort),
 		"--ready-file", ready, "--log-level", "debug")
 }
 
 func TestKubeSourceFlannelMigration(t *testing.T) {
-	l := newLab(t)
-	ctx := testCtx(t)
-	all := xnAddNodes(t, l, 1, 2, 4)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	all := e2e.AddNodes(t, l, 1, 2, 4)
 	n1, n2, fl := all[0], all[1], all[2]
 	vtep, err := fl.AddFlannel()
 	if err != nil {
@@ -371,27 +372,27 @@ current-context: lab
 	if err != nil {
 		t.Fatal(err)
 	}
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p1, fpod.IP.String())
-	ping(t, ctx, fpod, p2.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p1, fpod.IP.String())
+	e2e.Ping(t, ctx, fpod, p2.IP.String())
 
-	out, err = n1.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://127.0.0.1:"+strconv.Itoa(metricsPort)+"/metrics")
+	out, err = n1.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://127.0.0.1:"+strconv.Itoa(e2e.MetricsPort)+"/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := scrapeMetrics(t, out)["patchcord_nodes"]; v != 2 {
+	if v := e2e.ScrapeMetrics(t, out)["patchcord_nodes"]; v != 2 {
 		t.Errorf("patchcord_nodes = %v on n1, want 2 (n2 and the Flannel node)", v)
 	}
 
 	// A deleted Node takes its routes with it; added back, it returns.
 	cidr2 := n2.PodCIDR.String()
 	api.remove(n2.NetNS)
-	xnWaitNodeList(t, ctx, n1, "n2 gone from n1", func(m map[string]string) bool { _, ok := m[cidr2]; return !ok })
-	if err := xnNoPing(ctx, p1, p2.IP.String(), 2); err != nil {
+	e2e.WaitNodeList(t, ctx, n1, "n2 gone from n1", func(m map[string]string) bool { _, ok := m[cidr2]; return !ok })
+	if err := e2e.NoPing(ctx, p1, p2.IP.String(), 2); err != nil {
 		t.Error(err)
 	}
 	obj := kapiNode(n2, nil)
 	api.set(obj)
-	xnWaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
-	ping(t, ctx, p1, p2.IP.String())
+	e2e.WaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
+	e2e.Ping(t, ctx, p1, p2.IP.String())
 }

@@ -1,4 +1,4 @@
-package test
+package cli
 
 // End-to-end tests of the debugging CLI: real traffic and real drops on a lab
 // node, and what `bpf stats`, `monitor`, `status` and `bpf prog list` say
@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
@@ -110,8 +111,8 @@ func newCLINode(t *testing.T, ctx context.Context, l *lab.Lab) *cliNode {
 		t.Fatal(err)
 	}
 	c := &cliNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
-	writeNodes(t, c.nodes, entryOf(n))
-	c.agent = startAgent(t, ctx, n, c.nodes)
+	e2e.WriteNodes(t, c.nodes, e2e.EntryOf(n))
+	c.agent = e2e.StartAgent(t, ctx, n, c.nodes)
 	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +173,7 @@ func (c *cliNode) progs(t *testing.T, ctx context.Context) []cliProg {
 func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(t.TempDir(), "monitor.ready")
-	return startReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
+	return e2e.StartReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
 }
 
 // monitorEvents waits for a monitor started with --count to exit and
@@ -263,7 +264,7 @@ func reflectZero(v any) any {
 }
 
 // counterDelta is how many packets a counter gained.
-func counterDelta(before, after map[string]counter, name string) uint64 {
+func counterDelta(before, after map[string]e2e.Counter, name string) uint64 {
 	return after[name].Packets - before[name].Packets
 }
 
@@ -272,8 +273,8 @@ func counterDelta(before, after map[string]counter, name string) uint64 {
 // the pod's host veth and the packets' 5-tuple.
 func TestCLISpoofedDrops(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	c := newCLINode(t, ctx, l)
 	ep := c.endpoint(t, ctx, c.a)
 	const spoofed = "10.244.1.200"
@@ -288,12 +289,12 @@ func TestCLISpoofedDrops(t *testing.T) {
 		}
 	}
 
-	before := stats(t, ctx, c.n)
+	before := e2e.Stats(t, ctx, c.n)
 	mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 	// Every echo request is dropped: ping fails, as it should.
 	c.a.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", spoofed, c.b.IP.String())
 	evs := monitorEvents(t, ctx, mon)
-	after := stats(t, ctx, c.n)
+	after := e2e.Stats(t, ctx, c.n)
 
 	wantEvents(t, evs, 3, cliEvent{
 		Kind: "drop", Program: "from_pod", Ifindex: ep.Ifindex, Ifname: ep.Ifname, Reason: "drop_spoofed",
@@ -321,8 +322,8 @@ func TestCLISpoofedDrops(t *testing.T) {
 // outer 5-tuple.
 func TestCLITunnelDrops(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	c := newCLINode(t, ctx, l)
 	stranger, err := l.AddNode(99)
 	if err != nil {
@@ -355,7 +356,7 @@ func TestCLITunnelDrops(t *testing.T) {
 	// monitor and status show exactly three drops for reason.
 	dropped := func(reason string) {
 		t.Helper()
-		before := stats(t, ctx, c.n)
+		before := e2e.Stats(t, ctx, c.n)
 		stBefore, _ := c.status(t, ctx)
 		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 		stranger.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", c.b.IP.String())
@@ -364,7 +365,7 @@ func TestCLITunnelDrops(t *testing.T) {
 			Kind: "drop", Program: "from_uplink", Ifname: "eth0", Reason: reason,
 			EthProto: "ipv4", Proto: "udp", Src: stranger.IP.String(), Dst: c.n.IP.String(), Dport: 4789,
 		})
-		after := stats(t, ctx, c.n)
+		after := e2e.Stats(t, ctx, c.n)
 		for _, name := range []string{"drop_unknown_tunnel", "drop_bad_vni", "drop_no_endpoint", "drop_malformed", "decap"} {
 			want := uint64(0)
 			if name == reason {
@@ -385,7 +386,7 @@ func TestCLITunnelDrops(t *testing.T) {
 		dropped("drop_unknown_tunnel")
 	})
 	t.Run("bad vni", func(t *testing.T) {
-		writeNodes(t, c.nodes, entryOf(c.n), entryOf(stranger))
+		e2e.WriteNodes(t, c.nodes, e2e.EntryOf(c.n), e2e.EntryOf(stranger))
 		err := lab.WaitFor(ctx, "agent to list node 99", func(ctx context.Context) error {
 			out, err := c.n.CLI(ctx, "bpf", "node", "list", "-o", "json")
 			if err != nil {
@@ -409,8 +410,8 @@ func TestCLITunnelDrops(t *testing.T) {
 // trace monitors it stays on until the last one exits.
 func TestCLITraces(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	c := newCLINode(t, ctx, l)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 	tracing := func(want bool, what string) {
@@ -422,12 +423,12 @@ func TestCLITraces(t *testing.T) {
 	}
 	tracing(false, "before any monitor")
 	// Resolve the gateway first, so that the pings are all there is.
-	ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
+	e2e.Ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
 
 	t.Run("one monitor", func(t *testing.T) {
 		mon := startMonitor(t, ctx, c.n, "--type", "trace", "-o", "json", "--count", "6")
 		tracing(true, "while a monitor runs")
-		ping(t, ctx, c.a, c.b.IP.String())
+		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		evs := monitorEvents(t, ctx, mon)
 		var requests, replies []cliEvent
 		for _, ev := range evs {
@@ -462,7 +463,7 @@ func TestCLITraces(t *testing.T) {
 		tracing(false, "after both monitors exited")
 		// With nobody tracing, forwarding adds no events.
 		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json")
-		ping(t, ctx, c.a, c.b.IP.String())
+		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		if err := mon.Stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -479,8 +480,8 @@ func TestCLITraces(t *testing.T) {
 // repairs both.
 func TestCLIStatusAndProgList(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	c := newCLINode(t, ctx, l)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 
@@ -559,7 +560,7 @@ func TestCLIStatusAndProgList(t *testing.T) {
 	}
 
 	// A new agent reattaches at start, before it reports ready.
-	c.agent = startAgent(t, ctx, c.n, c.nodes)
+	c.agent = e2e.StartAgent(t, ctx, c.n, c.nodes)
 	if st, ok := c.status(t, ctx); !ok {
 		t.Errorf("after the agent restarted: problems %q", st.Problems)
 	}
@@ -573,8 +574,8 @@ func TestCLIStatusAndProgList(t *testing.T) {
 // what to do, and status fails.
 func TestCLINotLoaded(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	n, err := l.AddNode(1)
 	if err != nil {
 		t.Fatal(err)

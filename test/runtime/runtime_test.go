@@ -5,7 +5,7 @@
 // loses no packet. Fifty sandboxes made and removed at once leave nothing behind. A
 // plugin SIGKILLed at each step of ADD leaves state that the runtime's DEL, or else GC,
 // removes entirely.
-package test
+package runtime
 
 import (
 	"bufio"
@@ -24,30 +24,13 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // rtExample is the conflist the runtime tests install: what the README tells users to
 // drop into /etc/cni/net.d.
 const rtExample = "05-patchcord.conflist"
-
-// rtCrictl finds crictl: $CRICTL, bin/tools of this repo, then PATH.
-func rtCrictl(t *testing.T) string {
-	t.Helper()
-	for _, p := range []string{os.Getenv("CRICTL"), filepath.Join(chRepoDir(), "bin", "tools", "crictl")} {
-		if p == "" {
-			continue
-		}
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	if p, err := exec.LookPath("crictl"); err == nil {
-		return p
-	}
-	t.Fatal("crictl not found: run `make tools`")
-	return ""
-}
 
 // rtContainerd starts containerd on n; it is closed before the lab.
 func rtContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Containerd {
@@ -57,7 +40,7 @@ func rtContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Container
 			t.Fatalf("%s not found: run `make deps` (apt-get install containerd runc)", bin)
 		}
 	}
-	c, err := n.StartContainerd(ctx, lab.ContainerdOptions{Crictl: rtCrictl(t)})
+	c, err := n.StartContainerd(ctx, lab.ContainerdOptions{Crictl: e2e.Crictl(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,28 +66,6 @@ func rtRunPods(t *testing.T, ctx context.Context, c *lab.Containerd, specs ...la
 		t.Fatal(err)
 	}
 	return pods
-}
-
-// rtAssertRegistered checks each sandbox's endpoint: its address, container ID, netns
-// and from_pod link.
-func rtAssertRegistered(t *testing.T, ctx context.Context, n *lab.Node, pods ...*lab.Sandbox) {
-	t.Helper()
-	eps := endpoints(t, ctx, n)
-	for _, s := range pods {
-		ep, ok := eps[s.IP.String()]
-		switch {
-		case !n.PodCIDR.Contains(s.IP):
-			t.Errorf("sandbox %s got %s, outside %s", s.Name, s.IP, n.PodCIDR)
-		case !ok:
-			t.Errorf("sandbox %s (%s) has no endpoint", s.Name, s.IP)
-		case ep.ContainerID != s.ID || ep.Netns != s.NetNS || ep.PodIfname != "eth0":
-			t.Errorf("endpoint %s belongs to %s/%s in %s, want %s/eth0 in %s", s.IP, ep.ContainerID, ep.PodIfname, ep.Netns, s.ID, s.NetNS)
-		default:
-			if _, err := os.Stat(filepath.Join(n.BpffsRoot, "links", "from_pod", ep.Ifname)); err != nil {
-				t.Errorf("from_pod link of sandbox %s: %v", s.Name, err)
-			}
-		}
-	}
 }
 
 // rtAssertReleased checks that the runtime holds nothing of sandboxes beyond keep: no
@@ -156,9 +117,9 @@ func rtAssertReleased(t *testing.T, c *lab.Containerd, keep ...*lab.Sandbox) {
 // TestRuntimeContainerd runs sandboxes a and web (hostPort 8081 to its port 80) on node
 // 1 and c on node 2, each node with its agent and its own containerd.
 func TestRuntimeContainerd(t *testing.T) {
-	ctx := testCtx(t)
-	cl := chNewCluster(t, ctx, rtExample, 2)
-	n1, n2 := cl.nodes[0], cl.nodes[1]
+	ctx := e2e.Ctx(t)
+	cl := e2e.NewCluster(t, ctx, rtExample, 2)
+	n1, n2 := cl.Nodes[0], cl.Nodes[1]
 	cds := []*lab.Containerd{rtContainerd(t, ctx, n1), rtContainerd(t, ctx, n2)}
 	cd1, cd2 := cds[0], cds[1]
 	images, err := cd1.Crictl(ctx, "images")
@@ -170,23 +131,23 @@ func TestRuntimeContainerd(t *testing.T) {
 		lab.SandboxSpec{Name: "web", PortMappings: []lab.PortMapping{{ContainerPort: 80, HostPort: 8081}}})
 	a, web := pods1[0], pods1[1]
 	c := rtRunPods(t, ctx, cd2, lab.SandboxSpec{Name: "c"})[0]
-	rtAssertRegistered(t, ctx, n1, a, web)
-	rtAssertRegistered(t, ctx, n2, c)
+	e2e.AssertRegistered(t, ctx, n1, "", e2e.RefOfSandbox(a), e2e.RefOfSandbox(web))
+	e2e.AssertRegistered(t, ctx, n2, "", e2e.RefOfSandbox(c))
 
 	t.Run("reach", func(t *testing.T) {
-		before := stats(t, ctx, n1)
-		if err := pingErr(ctx, a, web.IP.String(), 10, "0.01"); err != nil {
+		before := e2e.Stats(t, ctx, n1)
+		if err := e2e.PingErr(ctx, a, web.IP.String(), 10, "-i", "0.01"); err != nil {
 			t.Fatal(err)
 		}
-		after := stats(t, ctx, n1)
+		after := e2e.Stats(t, ctx, n1)
 		if got := after["local_redirect"].Packets - before["local_redirect"].Packets; got < 20 {
 			t.Errorf("local_redirect grew by %d for 10 pings between sandboxes: want at least 20 (the fast path)", got)
 		}
-		ping(t, ctx, a, c.IP.String())
-		ping(t, ctx, c, web.IP.String())
-		ping(t, ctx, n1, a.IP.String())
-		ping(t, ctx, a, n1.IP.String())
-		if st := stats(t, ctx, n2); st["encap"].Packets == 0 || st["decap"].Packets == 0 {
+		e2e.Ping(t, ctx, a, c.IP.String())
+		e2e.Ping(t, ctx, c, web.IP.String())
+		e2e.Ping(t, ctx, n1, a.IP.String())
+		e2e.Ping(t, ctx, a, n1.IP.String())
+		if st := e2e.Stats(t, ctx, n2); st["encap"].Packets == 0 || st["decap"].Packets == 0 {
 			t.Errorf("node 2 neither encapsulated nor decapsulated: %+v", st)
 		}
 	})
@@ -210,8 +171,8 @@ func TestRuntimeContainerd(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		for _, from := range []execer{n1, n2} {
-			if _, err := chIperfErr(ctx, from, n1.IP.String(), 8081, "-n", "256K"); err != nil {
+		for _, from := range []e2e.Execer{n1, n2} {
+			if _, err := e2e.IperfErr(ctx, from, n1.IP.String(), 8081, "-n", "256K"); err != nil {
 				t.Errorf("hostPort %s:8081 of sandbox web: %v", n1.IP, err)
 			}
 		}
@@ -223,7 +184,7 @@ func TestRuntimeContainerd(t *testing.T) {
 		var wg sync.WaitGroup
 		errs := make([]error, 2)
 		for i, dst := range []*lab.Sandbox{web, c} {
-			wg.Go(func() { errs[i] = pingErr(ctx, a, dst.IP.String(), count, "0.05") })
+			wg.Go(func() { errs[i] = e2e.PingErr(ctx, a, dst.IP.String(), count, "-i", "0.05") })
 		}
 		pid := cd1.Daemon().Pid()
 		if err := cd1.Restart(ctx); err != nil {
@@ -244,9 +205,9 @@ func TestRuntimeContainerd(t *testing.T) {
 				t.Errorf("sandbox %s after the restart: %v, address %s (was %s)", s.Name, err, s.IP, ip)
 			}
 		}
-		rtAssertRegistered(t, ctx, n1, a, web)
-		ping(t, ctx, a, web.IP.String())
-		ping(t, ctx, c, a.IP.String())
+		e2e.AssertRegistered(t, ctx, n1, "", e2e.RefOfSandbox(a), e2e.RefOfSandbox(web))
+		e2e.Ping(t, ctx, a, web.IP.String())
+		e2e.Ping(t, ctx, c, a.IP.String())
 	})
 
 	t.Run("stopp", func(t *testing.T) {
@@ -254,7 +215,7 @@ func TestRuntimeContainerd(t *testing.T) {
 			t.Fatal(err)
 		}
 		// CNI DEL ran: nothing of web is left but its stopped sandbox.
-		chAssertClean(t, ctx, n1, cl.network, "", a.IP)
+		e2e.AssertClean(t, ctx, n1, cl.Network, "", a.IP)
 		out, err := cd1.Crictl(ctx, "pods", "-q", "--state", "notready")
 		if err != nil || strings.TrimSpace(string(out)) != web.ID {
 			t.Errorf("not-ready sandboxes: %v %q, want web's %s", err, out, web.ID)
@@ -267,7 +228,7 @@ func TestRuntimeContainerd(t *testing.T) {
 			t.Errorf("sandboxes after rmp: %v %q, want only a's %s", err, out, a.ID)
 		}
 		rtAssertReleased(t, cd1, a)
-		ping(t, ctx, a, c.IP.String())
+		e2e.Ping(t, ctx, a, c.IP.String())
 	})
 
 	t.Run("rmp", func(t *testing.T) {
@@ -276,8 +237,8 @@ func TestRuntimeContainerd(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		for i, n := range cl.nodes {
-			chAssertClean(t, ctx, n, cl.network, "")
+		for i, n := range cl.Nodes {
+			e2e.AssertClean(t, ctx, n, cl.Network, "")
 			rtAssertReleased(t, cds[i])
 		}
 	})
@@ -287,9 +248,9 @@ func TestRuntimeContainerd(t *testing.T) {
 // yet, then removes them all at once.
 func TestRuntimeParallel(t *testing.T) {
 	const count = 50
-	ctx := testCtx(t)
-	cl := chNewCluster(t, ctx, rtExample, 1)
-	n := cl.nodes[0]
+	ctx := e2e.Ctx(t)
+	cl := e2e.NewCluster(t, ctx, rtExample, 1)
+	n := cl.Nodes[0]
 	c := rtContainerd(t, ctx, n)
 	specs := make([]lab.SandboxSpec, count)
 	for i := range specs {
@@ -303,11 +264,11 @@ func TestRuntimeParallel(t *testing.T) {
 		}
 		seen[s.IP] = s.Name
 	}
-	rtAssertRegistered(t, ctx, n, pods...)
-	if eps := endpoints(t, ctx, n); len(eps) != count {
+	e2e.AssertRegistered(t, ctx, n, "", e2e.SandboxRefs(pods)...)
+	if eps := e2e.Endpoints(t, ctx, n); len(eps) != count {
 		t.Errorf("%d endpoints, want %d", len(eps), count)
 	}
-	ping(t, ctx, pods[0], pods[count-1].IP.String())
+	e2e.Ping(t, ctx, pods[0], pods[count-1].IP.String())
 
 	errs := make([]error, count)
 	var wg sync.WaitGroup
@@ -318,7 +279,7 @@ func TestRuntimeParallel(t *testing.T) {
 	if err := errors.Join(errs...); err != nil {
 		t.Fatal(err)
 	}
-	chAssertClean(t, ctx, n, cl.network, "")
+	e2e.AssertClean(t, ctx, n, cl.Network, "")
 	rtAssertReleased(t, c)
 }
 
@@ -491,7 +452,7 @@ func rtCounts(t *testing.T, ctx context.Context, n *lab.Node, network, prefix st
 		}
 	}
 	for _, m := range []string{"endpoints", "ep_by_ifindex", "ep_meta"} {
-		keys, err := chMapKeys(filepath.Join(n.BpffsRoot, "maps", m))
+		keys, err := e2e.MapKeys(filepath.Join(n.BpffsRoot, "maps", m))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -513,67 +474,29 @@ func rtDelta(before, after map[string]int) map[string]int {
 	return d
 }
 
-// rtGC runs the GC verb of every plugin of a conflist in the node's namespace, as a
-// runtime does (libcni's GCNetworkList without its cache walk), with the given valid
-// attachments (container ID, interface). cnitool gc is no use here: it DELs every cached
-// attachment of the network on the machine, other tests' too.
-func rtGC(t *testing.T, ctx context.Context, n *lab.Node, conflist []byte, valid [][2]string) {
-	t.Helper()
-	var list struct {
-		Name    string           `json:"name"`
-		Plugins []map[string]any `json:"plugins"`
-	}
-	if err := json.Unmarshal(conflist, &list); err != nil {
-		t.Fatal(err)
-	}
-	attachments := []map[string]string{}
-	for _, v := range valid {
-		attachments = append(attachments, map[string]string{"containerID": v[0], "ifname": v[1]})
-	}
-	for _, p := range list.Plugins {
-		conf := maps.Clone(p)
-		// GC is a CNI 1.1 verb; a runtime sends it with 1.1.0 whatever the list says.
-		conf["name"], conf["cniVersion"], conf["cni.dev/valid-attachments"] = list.Name, "1.1.0", attachments
-		b, err := json.Marshal(conf)
-		if err != nil {
-			t.Fatal(err)
-		}
-		typ, _ := p["type"].(string)
-		plugin := filepath.Join(cniPath(t)[0], typ)
-		if typ == "patchcord-cni" {
-			plugin = filepath.Join(binDir, typ)
-		}
-		out, err := n.Exec(ctx, "sh", "-c", `printf %s "$1" | env -i PATH="$PATH" CNI_COMMAND=GC CNI_PATH="$3" "$2"`,
-			"sh", string(b), plugin, chCNIPath(t))
-		if err != nil {
-			t.Errorf("GC of %s: %v\n%s", typ, err, out)
-		}
-	}
-}
-
 // TestRuntimeKillMidAdd SIGKILLs patchcord-cni (primary mode) at each step of ADD: the
 // runtime's DEL must then remove everything the dead ADD made (through cnitool and through
 // containerd), and so must GC when no DEL comes. A live pod stays untouched throughout.
 func TestRuntimeKillMidAdd(t *testing.T) {
 	t.Run("cnitool", func(t *testing.T) {
 		t.Parallel()
-		ctx := testCtx(t)
-		cl := chNewCluster(t, ctx, rtExample, 1)
-		n := cl.nodes[0]
-		dir := filepath.Join(cl.lab.Dir, "killer")
+		ctx := e2e.Ctx(t)
+		cl := e2e.NewCluster(t, ctx, rtExample, 1)
+		n := cl.Nodes[0]
+		dir := filepath.Join(cl.Lab.Dir, "killer")
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		k := rtNewKiller(t, dir, filepath.Join(binDir, "patchcord-cni"), filepath.Join(cniPath(t)[0], "host-local"))
-		cniPathKill := dir + ":" + chCNIPath(t)
-		add := func(name string) (*chPod, error) {
-			p := chNewPod(t, n, name, cl.network, nil)
-			p.cniPath = cniPathKill
-			out, err := p.cni(ctx, "add")
+		k := rtNewKiller(t, dir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
+		cniPathKill := dir + ":" + strings.Join(e2e.CNIPathWithPlugin(t), ":")
+		add := func(name string) (*e2e.CNIPod, error) {
+			p := e2e.NewCNIPod(t, n, name, cl.Network, nil)
+			p.CNIPath = cniPathKill
+			out, err := p.CNI(ctx, "add")
 			if err != nil {
 				return p, fmt.Errorf("%w\n%s", err, out)
 			}
-			p.readAddr(t, ctx)
+			p.ReadAddr(t, ctx)
 			return p, nil
 		}
 
@@ -587,7 +510,7 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 			t.Fatal(err)
 		}
 		k.set(t, "")
-		cal.del(t, ctx)
+		cal.Del(t, ctx)
 		points := rtKillPoints(t, k.trace)
 
 		// killAt makes pods whose ADD is killed at points[i] until one dies there: the
@@ -595,15 +518,15 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 		// a killed ADD left says where it died, and a kill that came early or late is
 		// moved a call and tried again (at most four times). After each attempt, then
 		// cleans up (or not).
-		killAt := func(t *testing.T, i int, prefix string, then func(*chPod)) {
+		killAt := func(t *testing.T, i int, prefix string, then func(*e2e.CNIPod)) {
 			t.Helper()
 			pt := &points[i]
 			for attempt := range 4 {
-				before := rtCounts(t, ctx, n, cl.network, "pc")
+				before := rtCounts(t, ctx, n, cl.Network, "pc")
 				k.set(t, pt.at())
 				p, err := add(fmt.Sprintf("%s-%s-%d", prefix, pt.name, attempt))
 				k.set(t, "")
-				delta := rtDelta(before, rtCounts(t, ctx, n, cl.network, "pc"))
+				delta := rtDelta(before, rtCounts(t, ctx, n, cl.Network, "pc"))
 				level := len(points)
 				if err != nil {
 					level = rtLevel(points, delta)
@@ -630,12 +553,12 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 		// Whatever a killed ADD left, DEL removes it.
 		t.Run("del", func(t *testing.T) {
 			for i := range points {
-				killAt(t, i, "del", func(p *chPod) {
-					if out, err := p.cni(ctx, "del"); err != nil {
-						t.Errorf("%s: DEL after the killed ADD: %v\n%s", p.name, err, out)
+				killAt(t, i, "del", func(p *e2e.CNIPod) {
+					if out, err := p.CNI(ctx, "del"); err != nil {
+						t.Errorf("%s: DEL after the killed ADD: %v\n%s", p.Name, err, out)
 					}
-					p.removeNS()
-					chAssertClean(t, ctx, n, cl.network, "", live.ip)
+					p.RemoveNS()
+					e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
 				})
 			}
 		})
@@ -644,35 +567,35 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 		// removes what every killed ADD left (and any that got through).
 		t.Run("gc", func(t *testing.T) {
 			for i := range points {
-				killAt(t, i, "gc", func(*chPod) {})
+				killAt(t, i, "gc", func(*e2e.CNIPod) {})
 			}
-			liveEP, ok := endpoints(t, ctx, n)[live.ip.String()]
+			liveEP, ok := e2e.Endpoints(t, ctx, n)[live.IP.String()]
 			if !ok {
 				t.Fatal("the live pod lost its endpoint")
 			}
-			conflist, err := os.ReadFile(filepath.Join(n.ConfDir, cl.network+".conflist"))
+			conflist, err := os.ReadFile(filepath.Join(n.ConfDir, cl.Network+".conflist"))
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("before GC: %v", rtCounts(t, ctx, n, cl.network, "pc"))
-			rtGC(t, ctx, n, conflist, [][2]string{{liveEP.ContainerID, "eth0"}})
-			t.Logf("after GC: %v", rtCounts(t, ctx, n, cl.network, "pc"))
-			chAssertClean(t, ctx, n, cl.network, "", live.ip)
+			t.Logf("before GC: %v", rtCounts(t, ctx, n, cl.Network, "pc"))
+			e2e.GC(t, ctx, n, conflist, [][2]string{{liveEP.ContainerID, "eth0"}})
+			t.Logf("after GC: %v", rtCounts(t, ctx, n, cl.Network, "pc"))
+			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
 		})
 
-		ping(t, ctx, live, n.IP.String())
-		if out, err := live.cni(ctx, "check"); err != nil {
+		e2e.Ping(t, ctx, live, n.IP.String())
+		if out, err := live.CNI(ctx, "check"); err != nil {
 			t.Errorf("check of the live pod: %v\n%s", err, out)
 		}
 	})
 
 	t.Run("containerd", func(t *testing.T) {
 		t.Parallel()
-		ctx := testCtx(t)
-		cl := chNewCluster(t, ctx, rtExample, 1)
-		n := cl.nodes[0]
+		ctx := e2e.Ctx(t)
+		cl := e2e.NewCluster(t, ctx, rtExample, 1)
+		n := cl.Nodes[0]
 		c := rtContainerd(t, ctx, n)
-		k := rtNewKiller(t, c.CNIBinDir, filepath.Join(binDir, "patchcord-cni"), filepath.Join(cniPath(t)[0], "host-local"))
+		k := rtNewKiller(t, c.CNIBinDir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
 		live := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "live"})[0]
 		k.set(t, "trace")
 		cal := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "cal"})[0]
@@ -701,10 +624,10 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 				break
 			}
 			// containerd ran DEL when ADD failed, and dropped the sandbox.
-			chAssertClean(t, ctx, n, cl.network, "", live.IP)
+			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
 			rtAssertReleased(t, c, live)
 		}
 		after := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "after"})[0]
-		ping(t, ctx, live, after.IP.String())
+		e2e.Ping(t, ctx, live, after.IP.String())
 	})
 }
