@@ -22,8 +22,8 @@ import (
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
-// chMode is one of the example conflists.
-type chMode struct {
+// conflistMode is one of the example conflists.
+type conflistMode struct {
 	name    string // subtest name
 	example string // file in examples/
 	veth    string // prefix of the host veths of its pods
@@ -34,7 +34,7 @@ type chMode struct {
 	primary bool
 }
 
-var chModes = []chMode{
+var modes = []conflistMode{
 	{name: "primary", example: "05-patchcord.conflist", veth: "pc", primary: true},
 	{name: "chained-ptp", example: "05-patchcord-ptp.conflist", veth: "veth"},
 	{name: "chained-bridge", example: "05-patchcord-bridge.conflist", veth: "veth", bridge: "cni0"},
@@ -50,17 +50,17 @@ func received(t *testing.T, ctx context.Context, from e2e.Execer, dst string, po
 
 // Bandwidth limit of the shaped pods, bit/s both ways, and what a measurement may reach.
 const (
-	chRate     = 50_000_000
-	chRateMax  = 70_000_000
-	chBurst    = 1_000_000 // bits
-	chFreeRate = 2 * chRate
+	shapedRate = 50_000_000
+	rateMax    = 70_000_000
+	burst      = 1_000_000 // bits
+	freeRate   = 2 * shapedRate
 )
 
 // TestChaining runs, for each example conflist, pods on two nodes with agents: a plain
 // pod a, a pod web with hostPort 8080 to its port 80, and a pod slow limited to 50 Mbit/s
 // both ways on node 1; a plain pod b on node 2.
 func TestChaining(t *testing.T) {
-	for _, m := range chModes {
+	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			t.Parallel()
 			ctx := e2e.Ctx(t)
@@ -68,7 +68,7 @@ func TestChaining(t *testing.T) {
 			n1, n2 := c.Nodes[0], c.Nodes[1]
 
 			t.Run("status", func(t *testing.T) {
-				chStatus(t, ctx, n1, c.Network, m.example)
+				assertStatus(t, ctx, n1, c.Network, m.example)
 			})
 
 			a := e2e.AddCNIPod(t, ctx, n1, "a", c.Network, nil)
@@ -76,7 +76,7 @@ func TestChaining(t *testing.T) {
 				"portMappings": []map[string]any{{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}},
 			})
 			slow := e2e.AddCNIPod(t, ctx, n1, "slow", c.Network, map[string]any{
-				"bandwidth": map[string]int{"ingressRate": chRate, "ingressBurst": chBurst, "egressRate": chRate, "egressBurst": chBurst},
+				"bandwidth": map[string]int{"ingressRate": shapedRate, "ingressBurst": burst, "egressRate": shapedRate, "egressBurst": burst},
 			})
 			b := e2e.AddCNIPod(t, ctx, n2, "b", c.Network, nil)
 			pods := []*e2e.CNIPod{a, web, slow, b}
@@ -113,7 +113,7 @@ func TestChaining(t *testing.T) {
 				e2e.Ping(t, ctx, b, slow.IP.String())
 				if m.bridge != "" {
 					// The pod's gateway is the bridge's address.
-					e2e.Ping(t, ctx, a, chDefaultGateway(t, ctx, a))
+					e2e.Ping(t, ctx, a, defaultGateway(t, ctx, a))
 				}
 			})
 
@@ -136,12 +136,12 @@ func TestChaining(t *testing.T) {
 				in, moved := received(t, ctx, a, slow.IP.String(), 5201, "-t", "2")
 				out, movedOut := received(t, ctx, a, slow.IP.String(), 5201, "-t", "2", "-R")
 				after := e2e.Stats(t, ctx, n1)
-				t.Logf("into slow %.1f Mbit/s, out of slow %.1f Mbit/s (limit %d)", in/1e6, out/1e6, chRate/1_000_000)
-				if in > chRateMax {
-					t.Errorf("into the shaped pod: %.1f Mbit/s, limit %d Mbit/s: its ingress limit does not apply", in/1e6, chRate/1_000_000)
+				t.Logf("into slow %.1f Mbit/s, out of slow %.1f Mbit/s (limit %d)", in/1e6, out/1e6, shapedRate/1_000_000)
+				if in > rateMax {
+					t.Errorf("into the shaped pod: %.1f Mbit/s, limit %d Mbit/s: its ingress limit does not apply", in/1e6, shapedRate/1_000_000)
 				}
-				if out > chRateMax {
-					t.Errorf("out of the shaped pod: %.1f Mbit/s, limit %d Mbit/s: its egress limit does not apply", out/1e6, chRate/1_000_000)
+				if out > rateMax {
+					t.Errorf("out of the shaped pod: %.1f Mbit/s, limit %d Mbit/s: its egress limit does not apply", out/1e6, shapedRate/1_000_000)
 				}
 				if got := after["local_redirect"].Bytes - before["local_redirect"].Bytes; got > (moved+movedOut)/10 {
 					t.Errorf("local_redirect grew by %d bytes while %d went to and from the shaped pod: it took the fast path past its qdiscs", got, moved+movedOut)
@@ -149,8 +149,8 @@ func TestChaining(t *testing.T) {
 				// Two pods of the same node without a limit.
 				free, _ := received(t, ctx, a, web.IP.String(), 80, "-t", "1")
 				t.Logf("unshaped a -> web %.1f Mbit/s", free/1e6)
-				if free < chFreeRate {
-					t.Errorf("unshaped a -> web: %.1f Mbit/s, want above %d Mbit/s", free/1e6, chFreeRate/1_000_000)
+				if free < freeRate {
+					t.Errorf("unshaped a -> web: %.1f Mbit/s, want above %d Mbit/s", free/1e6, freeRate/1_000_000)
 				}
 			})
 
@@ -226,8 +226,8 @@ func TestChaining(t *testing.T) {
 	}
 }
 
-// chDefaultGateway is the gateway of a pod's default route.
-func chDefaultGateway(t *testing.T, ctx context.Context, p e2e.Execer) string {
+// defaultGateway is the gateway of a pod's default route.
+func defaultGateway(t *testing.T, ctx context.Context, p e2e.Execer) string {
 	t.Helper()
 	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
 	if err != nil {
@@ -242,11 +242,11 @@ func chDefaultGateway(t *testing.T, ctx context.Context, p e2e.Execer) string {
 	return routes[0].Gateway
 }
 
-// chStatus checks STATUS through cnitool: ready on the node (loading the datapath if it
+// assertStatus checks STATUS through cnitool: ready on the node (loading the datapath if it
 // is not yet), and not ready, with what to do, when bpffsRoot is on no bpffs. STATUS is a
 // CNI 1.1 verb: libcni runs it only for 1.1.0 conflists, so it runs on 1.1.0 copies of the
 // example.
-func chStatus(t *testing.T, ctx context.Context, n *lab.Node, network, example string) {
+func assertStatus(t *testing.T, ctx context.Context, n *lab.Node, network, example string) {
 	t.Helper()
 	for _, tc := range []struct {
 		name, bpffsRoot, want string
@@ -286,9 +286,9 @@ func chStatus(t *testing.T, ctx context.Context, n *lab.Node, network, example s
 	}
 }
 
-// TestChainingTuning runs the tuning example: tuning after patchcord-cni sets its sysctl in
+// TestTuning runs the tuning example: tuning after patchcord-cni sets its sysctl in
 // every pod, and the pods still take the fast path and pass CHECK.
-func TestChainingTuning(t *testing.T) {
+func TestTuning(t *testing.T) {
 	ctx := e2e.Ctx(t)
 	c := e2e.NewCluster(t, ctx, "05-patchcord-tuning.conflist", 1)
 	n := c.Nodes[0]
@@ -320,11 +320,10 @@ func TestChainingTuning(t *testing.T) {
 	e2e.AssertClean(t, ctx, n, c.Network, "")
 }
 
-// TestChainingVersion asks the plugin for its versions, as a runtime does before ADD.
-func TestChainingVersion(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the plugin is built by TestMain only as root")
-	}
+// TestVersion asks the plugin for its versions, as a runtime does before ADD.
+func TestVersion(t *testing.T) {
+	// TestMain finds the plugin only as root.
+	lab.RequireRoot(t)
 	cmd := exec.Command(filepath.Join(e2e.BinDir(), "patchcord-cni"))
 	cmd.Env = []string{"CNI_COMMAND=VERSION"}
 	cmd.Stdin = strings.NewReader(`{"cniVersion":"1.1.0"}`)

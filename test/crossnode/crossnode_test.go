@@ -25,9 +25,9 @@ import (
 	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
-// xnCluster is a lab of patchcord nodes, each with its own nodes file (so that a test can
+// nodeMesh is a lab of patchcord nodes, each with its own nodes file (so that a test can
 // make one node forget another), its agent and its pods.
-type xnCluster struct {
+type nodeMesh struct {
 	lab    *lab.Lab
 	nodes  []*lab.Node          // patchcord nodes, by position
 	files  map[int]string       // nodes file per node index
@@ -35,11 +35,11 @@ type xnCluster struct {
 	pods   map[int][]*lab.Pod   // by node index
 }
 
-// newXNCluster adds patchcord nodes with the given indexes (in parallel) and writes the
+// newCluster adds patchcord nodes with the given indexes (in parallel) and writes the
 // primary conflist on each. Agents and pods come with startAgents and addPods.
-func newXNCluster(t *testing.T, idx ...int) *xnCluster {
+func newCluster(t *testing.T, idx ...int) *nodeMesh {
 	t.Helper()
-	c := &xnCluster{lab: e2e.NewLab(t), files: map[int]string{}, agents: map[int]*lab.Process{}, pods: map[int][]*lab.Pod{}}
+	c := &nodeMesh{lab: e2e.NewLab(t), files: map[int]string{}, agents: map[int]*lab.Process{}, pods: map[int][]*lab.Pod{}}
 	c.nodes = e2e.AddNodes(t, c.lab, idx...)
 	for _, n := range c.nodes {
 		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
@@ -51,7 +51,7 @@ func newXNCluster(t *testing.T, idx ...int) *xnCluster {
 }
 
 // entries lists every patchcord node of the cluster, then extra.
-func (c *xnCluster) entries(extra ...nodes.Entry) []nodes.Entry {
+func (c *nodeMesh) entries(extra ...nodes.Entry) []nodes.Entry {
 	var es []nodes.Entry
 	for _, n := range c.nodes {
 		es = append(es, e2e.EntryOf(n))
@@ -61,7 +61,7 @@ func (c *xnCluster) entries(extra ...nodes.Entry) []nodes.Entry {
 
 // startAgents writes each node's nodes file (all patchcord nodes plus extra) and starts
 // its agent with args.
-func (c *xnCluster) startAgents(t *testing.T, ctx context.Context, extra []nodes.Entry, args ...string) {
+func (c *nodeMesh) startAgents(t *testing.T, ctx context.Context, extra []nodes.Entry, args ...string) {
 	t.Helper()
 	for _, n := range c.nodes {
 		e2e.WriteNodes(t, c.files[n.Index], c.entries(extra...)...)
@@ -70,7 +70,7 @@ func (c *xnCluster) startAgents(t *testing.T, ctx context.Context, extra []nodes
 }
 
 // addPods adds pods named a, b, ... to every node, all concurrently.
-func (c *xnCluster) addPods(t *testing.T, ctx context.Context, perNode int) {
+func (c *nodeMesh) addPods(t *testing.T, ctx context.Context, perNode int) {
 	t.Helper()
 	type slot struct {
 		node *lab.Node
@@ -97,11 +97,11 @@ func (c *xnCluster) addPods(t *testing.T, ctx context.Context, perNode int) {
 }
 
 // pod returns pod i (0 = "a") of node index n.
-func (c *xnCluster) pod(n, i int) *lab.Pod { return c.pods[n][i] }
+func (c *nodeMesh) pod(n, i int) *lab.Pod { return c.pods[n][i] }
 
-// xnSNMP reads one counter of /proc/net/snmp as the namespace of e sees it (/proc/net is
+// snmpCounter reads one counter of /proc/net/snmp as the namespace of e sees it (/proc/net is
 // the reader's network namespace), e.g. ("Ip", "InReceives").
-func xnSNMP(t *testing.T, ctx context.Context, e e2e.Execer, proto, name string) uint64 {
+func snmpCounter(t *testing.T, ctx context.Context, e e2e.Execer, proto, name string) uint64 {
 	t.Helper()
 	out, err := e.Exec(ctx, "cat", "/proc/net/snmp")
 	if err != nil {
@@ -131,8 +131,8 @@ func xnSNMP(t *testing.T, ctx context.Context, e e2e.Execer, proto, name string)
 	return 0
 }
 
-// xnSysctl reads an integer sysctl as the namespace of e sees it.
-func xnSysctl(t *testing.T, ctx context.Context, e e2e.Execer, key string) int {
+// sysctlInt reads an integer sysctl as the namespace of e sees it.
+func sysctlInt(t *testing.T, ctx context.Context, e e2e.Execer, key string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "cat", "/proc/sys/"+strings.ReplaceAll(key, ".", "/"))
 	if err != nil {
@@ -145,8 +145,8 @@ func xnSysctl(t *testing.T, ctx context.Context, e e2e.Execer, key string) int {
 	return v
 }
 
-// xnLinkMTU reads an interface's MTU through `ip -j link`.
-func xnLinkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
+// linkMTU reads an interface's MTU through `ip -j link`.
+func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
 	if err != nil {
@@ -161,11 +161,11 @@ func xnLinkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int 
 	return links[0].MTU
 }
 
-// TestCrossNodeMesh: three patchcord nodes with two pods each. Every pod reaches every
+// TestMesh: three patchcord nodes with two pods each. Every pod reaches every
 // other; bulk TCP crosses nodes (GSO segments whole: > 100 MB in a second for one pair);
 // a node reaches a remote pod (to_uplink) and a pod a remote node; encap and decap count.
-func TestCrossNodeMesh(t *testing.T) {
-	c := newXNCluster(t, 1, 2, 3)
+func TestMesh(t *testing.T) {
+	c := newCluster(t, 1, 2, 3)
 	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil, "--vxlan-port", "4789")
 	c.addPods(t, ctx, 2)
@@ -277,16 +277,16 @@ func TestCrossNodeMesh(t *testing.T) {
 	})
 }
 
-// TestCrossNodeDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
+// TestDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
 // size crosses nodes (1500 bytes on the wire), one byte more is refused by the pod itself.
-func TestCrossNodeDFAtPodMTU(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
+func TestDFAtPodMTU(t *testing.T) {
+	c := newCluster(t, 1, 2)
 	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
 	n1, from, to := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
 
-	if mtu := xnLinkMTU(t, ctx, from, "eth0"); mtu != 1450 {
+	if mtu := linkMTU(t, ctx, from, "eth0"); mtu != 1450 {
 		t.Fatalf("pod MTU %d, want 1450 (uplink 1500 - 50)", mtu)
 	}
 	// 1422 bytes of ICMP payload + 8 ICMP + 20 IP = 1450.
@@ -305,10 +305,10 @@ func TestCrossNodeDFAtPodMTU(t *testing.T) {
 	}
 }
 
-// TestCrossNodeFlannelInterop: patchcord nodes on Flannel's wire (port 8472, VNI 1) and a
+// TestFlannelInterop: patchcord nodes on Flannel's wire (port 8472, VNI 1) and a
 // node with the kernel's flannel.1, set up as flanneld does, whose pod is wired by ptp.
-func TestCrossNodeFlannelInterop(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
+func TestFlannelInterop(t *testing.T) {
+	c := newCluster(t, 1, 2)
 	ctx := e2e.Ctx(t)
 	fl := e2e.AddNodes(t, c.lab, 4)[0]
 	vtep, err := fl.AddFlannel()
@@ -377,9 +377,9 @@ func TestCrossNodeFlannelInterop(t *testing.T) {
 	})
 }
 
-// xnTunnel gives n a kernel vxlan device (port 4789, source n's node IP) through which
+// foreignTunnel gives n a kernel vxlan device (port 4789, source n's node IP) through which
 // n's own packets to to's pod CIDR are encapsulated toward to, as a peer would send them.
-func xnTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
+func foreignTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
 	t.Helper()
 	mac, err := to.LinkMAC("eth0")
 	if err != nil {
@@ -393,13 +393,13 @@ func xnTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
 	}
 }
 
-// xnTunnelDropped sends 3 pings from sender through its tunnel (xnTunnel) to pod and
+// tunnelDropped sends 3 pings from sender through its tunnel (foreignTunnel) to pod and
 // checks that pod's node counted them under reason, decapsulated nothing, and that the
 // pod received nothing.
-func xnTunnelDropped(t *testing.T, ctx context.Context, sender *lab.Node, pod *lab.Pod, reason string) {
+func tunnelDropped(t *testing.T, ctx context.Context, sender *lab.Node, pod *lab.Pod, reason string) {
 	t.Helper()
 	n := pod.Node
-	before, rx := e2e.Stats(t, ctx, n), xnSNMP(t, ctx, pod, "Ip", "InReceives")
+	before, rx := e2e.Stats(t, ctx, n), snmpCounter(t, ctx, pod, "Ip", "InReceives")
 	if err := e2e.NoPing(ctx, sender, pod.IP.String(), 3); err != nil {
 		t.Errorf("from %s through a tunnel: %v", sender.NetNS, err)
 	}
@@ -410,15 +410,15 @@ func xnTunnelDropped(t *testing.T, ctx context.Context, sender *lab.Node, pod *l
 	if d := e2e.Delta(before, after, "decap"); d.Packets != 0 {
 		t.Errorf("%s: decap grew by %d", n.NetNS, d.Packets)
 	}
-	if got := xnSNMP(t, ctx, pod, "Ip", "InReceives"); got != rx {
+	if got := snmpCounter(t, ctx, pod, "Ip", "InReceives"); got != rx {
 		t.Errorf("the pod received %d IPv4 packets", got-rx)
 	}
 }
 
-// TestCrossNodeForeignTunnel: VXLAN to node1 from an address that is no node is dropped
+// TestForeignTunnel: VXLAN to node1 from an address that is no node is dropped
 // as drop_unknown_tunnel, VXLAN from a listed node with another VNI as drop_bad_vni; the
 // pod sees neither. The same sender with VNI 1 gets through, so the drops are the checks'.
-func TestCrossNodeForeignTunnel(t *testing.T) {
+func TestForeignTunnel(t *testing.T) {
 	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
 	// Node 2 is listed but runs no patchcord: only its kernel vxlan devices send. Node
@@ -436,17 +436,17 @@ func TestCrossNodeForeignTunnel(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Run("unknown source", func(t *testing.T) {
-		xnTunnel(t, stranger, "vx1", 1, n1)
-		xnTunnelDropped(t, ctx, stranger, pod, "drop_unknown_tunnel")
+		foreignTunnel(t, stranger, "vx1", 1, n1)
+		tunnelDropped(t, ctx, stranger, pod, "drop_unknown_tunnel")
 	})
 	t.Run("bad vni", func(t *testing.T) {
-		xnTunnel(t, n2, "vx2", 2, n1)
-		xnTunnelDropped(t, ctx, n2, pod, "drop_bad_vni")
+		foreignTunnel(t, n2, "vx2", 2, n1)
+		tunnelDropped(t, ctx, n2, pod, "drop_bad_vni")
 	})
 	t.Run("listed node with vni 1 passes", func(t *testing.T) {
 		// Re-routes node2's tunnel through a VNI 1 device: now node1 decapsulates, and the
 		// pod's replies go back to 198.18.0.2 unencapsulated, through node1's stack.
-		xnTunnel(t, n2, "vx1", 1, n1)
+		foreignTunnel(t, n2, "vx1", 1, n1)
 		before := e2e.Stats(t, ctx, n1)
 		e2e.Ping(t, ctx, n2, pod.IP.String())
 		if d := e2e.Delta(before, e2e.Stats(t, ctx, n1), "decap"); d.Packets < 3 {
@@ -455,11 +455,11 @@ func TestCrossNodeForeignTunnel(t *testing.T) {
 	})
 }
 
-// TestCrossNodeNodeRemoved: a node taken out of one agent's nodes file is forgotten by
+// TestNodeRemoved: a node taken out of one agent's nodes file is forgotten by
 // that node alone, within seconds: no more encapsulation toward it, and its tunnel traffic
 // is dropped as unknown. Putting it back restores traffic.
-func TestCrossNodeNodeRemoved(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
+func TestNodeRemoved(t *testing.T) {
+	c := newCluster(t, 1, 2)
 	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
@@ -504,11 +504,11 @@ func TestCrossNodeNodeRemoved(t *testing.T) {
 	e2e.Ping(t, ctx, p2, p1.IP.String())
 }
 
-// TestCrossNodeNodeIPChanged: a node keeps its pod CIDR but moves to another IP. Traffic
+// TestNodeIPChanged: a node keeps its pod CIDR but moves to another IP. Traffic
 // follows it, and its old address is no node's any more: VXLAN from there is dropped as
 // from an unknown tunnel, as for any address the nodes file does not list.
-func TestCrossNodeNodeIPChanged(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
+func TestNodeIPChanged(t *testing.T) {
+	c := newCluster(t, 1, 2)
 	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
@@ -536,15 +536,15 @@ func TestCrossNodeNodeIPChanged(t *testing.T) {
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p2, p1.IP.String())
 
-	xnTunnel(t, n2, "vx1", 1, n1) // from 198.18.0.2, the old address
-	xnTunnelDropped(t, ctx, n2, p1, "drop_unknown_tunnel")
+	foreignTunnel(t, n2, "vx1", 1, n1) // from 198.18.0.2, the old address
+	tunnelDropped(t, ctx, n2, p1, "drop_unknown_tunnel")
 }
 
-// TestCrossNodeAgentKillRestart: SIGKILL node1's agent in the middle of a UDP flow and a
+// TestAgentKillRestart: SIGKILL node1's agent in the middle of a UDP flow and a
 // TCP flow from node1's pod to node2's, start a new agent: the datapath lives in the
 // kernel, so not one UDP datagram is lost and TCP carries on.
-func TestCrossNodeAgentKillRestart(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
+func TestAgentKillRestart(t *testing.T) {
+	c := newCluster(t, 1, 2)
 	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
@@ -560,14 +560,14 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 	udpArgs := []string{"-c", p2.IP.String(), "-p", "5201", "-J", "-u", "-b", "50M", "-t", "6", "-l", "1200"}
 	buf := 4 << 20
 	for _, p := range []*lab.Pod{p1, p2} {
-		buf = min(buf, xnSysctl(t, ctx, p, "net.core.rmem_max"), xnSysctl(t, ctx, p, "net.core.wmem_max"))
+		buf = min(buf, sysctlInt(t, ctx, p, "net.core.rmem_max"), sysctlInt(t, ctx, p, "net.core.wmem_max"))
 	}
 	if buf >= 1<<20 {
 		udpArgs = append(udpArgs, "-w", strconv.Itoa(buf))
 	} else {
 		t.Logf("net.core.[rw]mem_max is %d: UDP socket buffers stay at their default", buf)
 	}
-	rcvbufErrs := xnSNMP(t, ctx, p2, "Udp", "RcvbufErrors")
+	rcvbufErrs := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors")
 
 	before := e2e.Stats(t, ctx, n1)
 	udp, err := p1.Start(ctx, "iperf3", udpArgs...)
@@ -618,7 +618,7 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 		results[name] = r
 	}
 	u, tc := results["udp"], results["tcp"]
-	sockDrops := xnSNMP(t, ctx, p2, "Udp", "RcvbufErrors") - rcvbufErrs
+	sockDrops := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors") - rcvbufErrs
 	t.Logf("udp: %d datagrams sent, %d lost (%d of them in the receiver's socket buffer); tcp: %d bytes, %.2f Gbit/s",
 		u.End.Sum.Packets, u.End.Sum.LostPackets, sockDrops, tc.End.SumReceived.Bytes, tc.Gbps())
 	// end.sum.lost_packets is the receiver's count, reported back to the client.
@@ -644,9 +644,9 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 
 	// The uplink programs are still attached to eth0 (the pinned tcx links run them
 	// there), and traffic flows both ways.
-	eth0 := xnIfindex(t, ctx, n1, "eth0")
+	eth0 := ifindexOf(t, ctx, n1, "eth0")
 	for _, prog := range []string{"from_uplink", "to_uplink"} {
-		if name, ifindex := xnPinnedTCX(t, filepath.Join(n1.BpffsRoot, "links", prog, "eth0")); name != prog || ifindex != eth0 {
+		if name, ifindex := pinnedTCX(t, filepath.Join(n1.BpffsRoot, "links", prog, "eth0")); name != prog || ifindex != eth0 {
 			t.Errorf("after the restart, link %s/eth0 runs %q on ifindex %d; want %s on eth0 (%d)", prog, name, ifindex, prog, eth0)
 		}
 	}
@@ -654,8 +654,8 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 	e2e.Ping(t, ctx, p2, p1.IP.String())
 }
 
-// xnIfindex is an interface's index in the namespace of e.
-func xnIfindex(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
+// ifindexOf is an interface's index in the namespace of e.
+func ifindexOf(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
 	if err != nil {
@@ -670,9 +670,9 @@ func xnIfindex(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int 
 	return links[0].Ifindex
 }
 
-// xnPinnedTCX reads a pinned tcx link: the name of the program it runs and the ifindex it
+// pinnedTCX reads a pinned tcx link: the name of the program it runs and the ifindex it
 // is attached to. Straight from the kernel, not through patchcord's code.
-func xnPinnedTCX(t *testing.T, pin string) (prog string, ifindex int) {
+func pinnedTCX(t *testing.T, pin string) (prog string, ifindex int) {
 	t.Helper()
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {

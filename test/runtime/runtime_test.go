@@ -1,4 +1,4 @@
-// Under a container runtime: Debian's containerd and runc on emulated nodes (pkg/lab's
+// Under a container runtime: Debian's containerd and runc on emulated nodes (internal/lab's
 // StartContainerd), with the primary example conflist, driven by crictl as a kubelet would.
 // Sandboxes get addresses and reach each other on the node and across nodes, hostPorts
 // work, stopp and rmp release everything, and a containerd restart with pods running
@@ -28,12 +28,12 @@ import (
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
-// rtExample is the conflist the runtime tests install: what the README tells users to
+// exampleConflist is the conflist the runtime tests install: what the README tells users to
 // drop into /etc/cni/net.d.
-const rtExample = "05-patchcord.conflist"
+const exampleConflist = "05-patchcord.conflist"
 
-// rtContainerd starts containerd on n; it is closed before the lab.
-func rtContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Containerd {
+// startContainerd starts containerd on n; it is closed before the lab.
+func startContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Containerd {
 	t.Helper()
 	for _, bin := range []string{"containerd", "runc", "ctr"} {
 		if _, err := exec.LookPath(bin); err != nil {
@@ -52,8 +52,8 @@ func rtContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Container
 	return c
 }
 
-// rtRunPods runs sandboxes with the given specs, all at once.
-func rtRunPods(t *testing.T, ctx context.Context, c *lab.Containerd, specs ...lab.SandboxSpec) []*lab.Sandbox {
+// runPods runs sandboxes with the given specs, all at once.
+func runPods(t *testing.T, ctx context.Context, c *lab.Containerd, specs ...lab.SandboxSpec) []*lab.Sandbox {
 	t.Helper()
 	pods := make([]*lab.Sandbox, len(specs))
 	errs := make([]error, len(specs))
@@ -68,9 +68,9 @@ func rtRunPods(t *testing.T, ctx context.Context, c *lab.Containerd, specs ...la
 	return pods
 }
 
-// rtAssertReleased checks that the runtime holds nothing of sandboxes beyond keep: no
+// assertReleased checks that the runtime holds nothing of sandboxes beyond keep: no
 // cached CNI result, no netns mount in containerd's mount namespace, no sandbox cgroup.
-func rtAssertReleased(t *testing.T, c *lab.Containerd, keep ...*lab.Sandbox) {
+func assertReleased(t *testing.T, c *lab.Containerd, keep ...*lab.Sandbox) {
 	t.Helper()
 	var ids []string
 	for _, s := range keep {
@@ -114,23 +114,23 @@ func rtAssertReleased(t *testing.T, c *lab.Containerd, keep ...*lab.Sandbox) {
 	}
 }
 
-// TestRuntimeContainerd runs sandboxes a and web (hostPort 8081 to its port 80) on node
+// TestContainerd runs sandboxes a and web (hostPort 8081 to its port 80) on node
 // 1 and c on node 2, each node with its agent and its own containerd.
-func TestRuntimeContainerd(t *testing.T) {
+func TestContainerd(t *testing.T) {
 	ctx := e2e.Ctx(t)
-	cl := e2e.NewCluster(t, ctx, rtExample, 2)
+	cl := e2e.NewCluster(t, ctx, exampleConflist, 2)
 	n1, n2 := cl.Nodes[0], cl.Nodes[1]
-	cds := []*lab.Containerd{rtContainerd(t, ctx, n1), rtContainerd(t, ctx, n2)}
+	cds := []*lab.Containerd{startContainerd(t, ctx, n1), startContainerd(t, ctx, n2)}
 	cd1, cd2 := cds[0], cds[1]
 	images, err := cd1.Crictl(ctx, "images")
 	if err != nil || !strings.Contains(string(images), strings.Split(lab.PauseImage, ":")[0]) {
 		t.Fatalf("crictl images does not list %s: %v\n%s", lab.PauseImage, err, images)
 	}
 
-	pods1 := rtRunPods(t, ctx, cd1, lab.SandboxSpec{Name: "a"},
+	pods1 := runPods(t, ctx, cd1, lab.SandboxSpec{Name: "a"},
 		lab.SandboxSpec{Name: "web", PortMappings: []lab.PortMapping{{ContainerPort: 80, HostPort: 8081}}})
 	a, web := pods1[0], pods1[1]
-	c := rtRunPods(t, ctx, cd2, lab.SandboxSpec{Name: "c"})[0]
+	c := runPods(t, ctx, cd2, lab.SandboxSpec{Name: "c"})[0]
 	e2e.AssertRegistered(t, ctx, n1, "", e2e.RefOfSandbox(a), e2e.RefOfSandbox(web))
 	e2e.AssertRegistered(t, ctx, n2, "", e2e.RefOfSandbox(c))
 
@@ -227,7 +227,7 @@ func TestRuntimeContainerd(t *testing.T) {
 		if err != nil || strings.TrimSpace(string(out)) != a.ID {
 			t.Errorf("sandboxes after rmp: %v %q, want only a's %s", err, out, a.ID)
 		}
-		rtAssertReleased(t, cd1, a)
+		assertReleased(t, cd1, a)
 		e2e.Ping(t, ctx, a, c.IP.String())
 	})
 
@@ -239,24 +239,24 @@ func TestRuntimeContainerd(t *testing.T) {
 		}
 		for i, n := range cl.Nodes {
 			e2e.AssertClean(t, ctx, n, cl.Network, "")
-			rtAssertReleased(t, cds[i])
+			assertReleased(t, cds[i])
 		}
 	})
 }
 
-// TestRuntimeParallel makes fifty sandboxes at once on a node whose datapath is not loaded
+// TestParallel makes fifty sandboxes at once on a node whose datapath is not loaded
 // yet, then removes them all at once.
-func TestRuntimeParallel(t *testing.T) {
+func TestParallel(t *testing.T) {
 	const count = 50
 	ctx := e2e.Ctx(t)
-	cl := e2e.NewCluster(t, ctx, rtExample, 1)
+	cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
 	n := cl.Nodes[0]
-	c := rtContainerd(t, ctx, n)
+	c := startContainerd(t, ctx, n)
 	specs := make([]lab.SandboxSpec, count)
 	for i := range specs {
 		specs[i] = lab.SandboxSpec{Name: fmt.Sprintf("p%02d", i)}
 	}
-	pods := rtRunPods(t, ctx, c, specs...)
+	pods := runPods(t, ctx, c, specs...)
 	seen := map[netip.Addr]string{}
 	for _, s := range pods {
 		if other, dup := seen[s.IP]; dup {
@@ -280,10 +280,10 @@ func TestRuntimeParallel(t *testing.T) {
 		t.Fatal(err)
 	}
 	e2e.AssertClean(t, ctx, n, cl.Network, "")
-	rtAssertReleased(t, c)
+	assertReleased(t, c)
 }
 
-// rtKiller wraps patchcord-cni and host-local in dir (scripts calling the real binaries),
+// addKiller wraps patchcord-cni and host-local in dir (scripts calling the real binaries),
 // so that an ADD can be SIGKILLed at a chosen step. The step is read from a control file
 // at each call:
 //
@@ -291,16 +291,16 @@ func TestRuntimeParallel(t *testing.T) {
 //	"trace"  record patchcord-cni's bpf() calls (strace) to the trace file;
 //	"ipam"   host-local leases an address, then kills its caller, patchcord-cni;
 //	"bpf=N"  strace kills patchcord-cni at its Nth bpf() call (SIGKILL on syscall entry).
-type rtKiller struct {
+type addKiller struct {
 	control, trace string
 }
 
-func rtNewKiller(t *testing.T, dir, patchcord, hostLocal string) *rtKiller {
+func newKiller(t *testing.T, dir, patchcord, hostLocal string) *addKiller {
 	t.Helper()
 	if _, err := exec.LookPath("strace"); err != nil {
 		t.Fatal("strace not found: run `make deps`")
 	}
-	k := &rtKiller{control: filepath.Join(dir, "kill-at"), trace: filepath.Join(dir, "bpf.trace")}
+	k := &addKiller{control: filepath.Join(dir, "kill-at"), trace: filepath.Join(dir, "bpf.trace")}
 	scripts := map[string]string{
 		"patchcord-cni": fmt.Sprintf(`#!/bin/sh
 at=$(cat %[1]q 2>/dev/null)
@@ -332,16 +332,16 @@ exit $rc
 	return k
 }
 
-func (k *rtKiller) set(t *testing.T, at string) {
+func (k *addKiller) set(t *testing.T, at string) {
 	t.Helper()
 	if err := os.WriteFile(k.control, []byte(at), 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
 
-// rtKillPoint is a step of ADD at which the plugin dies, with what must exist then
+// killPoint is a step of ADD at which the plugin dies, with what must exist then
 // beyond what existed before: address leases, pod veths and the entries of each map.
-type rtKillPoint struct {
+type killPoint struct {
 	name string
 	// bpf is the bpf() call, counted from the plugin's start, at whose entry strace
 	// kills it; 0 for the kill by host-local.
@@ -350,7 +350,7 @@ type rtKillPoint struct {
 }
 
 // at is the killer's control value.
-func (p rtKillPoint) at() string {
+func (p killPoint) at() string {
 	if p.bpf == 0 {
 		return "ipam"
 	}
@@ -359,12 +359,12 @@ func (p rtKillPoint) at() string {
 
 var bpfCall = regexp.MustCompile(`^(\d+) +bpf\((\w+)`)
 
-// rtKillPoints reads a trace of one complete ADD and places the kills: while IPAM runs,
+// killPoints reads a trace of one complete ADD and places the kills: while IPAM runs,
 // then at the registration's first map write (nothing registered, the veth made), its
 // second (only the owner entry written) and third (the anti-spoofing entry too), and at
 // the tcx link's creation (every entry written, nothing attached). The points are in
 // ADD's order: each leaves a superset of what the one before leaves.
-func rtKillPoints(t *testing.T, trace string) []rtKillPoint {
+func killPoints(t *testing.T, trace string) []killPoint {
 	t.Helper()
 	f, err := os.Open(trace)
 	if err != nil {
@@ -402,7 +402,7 @@ func rtKillPoints(t *testing.T, trace string) []rtKillPoint {
 	if link < 0 || len(updates) != 3 || updates[2]-updates[0] != 2 {
 		t.Fatalf("ADD's bpf() calls are not what the kill points assume (three map writes, then the link): %v", cmds)
 	}
-	return []rtKillPoint{
+	return []killPoint{
 		{"ipam", 0, map[string]int{"lease": 1}},
 		{"veth", updates[0] + 1, map[string]int{"lease": 1, "veth": 1}},
 		{"owner", updates[1] + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1}},
@@ -411,9 +411,9 @@ func rtKillPoints(t *testing.T, trace string) []rtKillPoint {
 	}
 }
 
-// rtLevel tells which kill point left delta: its index, len(points) if ADD got further
+// killLevel tells which kill point left delta: its index, len(points) if ADD got further
 // than the last (a pinned link), -1 if delta is no point's.
-func rtLevel(points []rtKillPoint, delta map[string]int) int {
+func killLevel(points []killPoint, delta map[string]int) int {
 	for i, p := range points {
 		if maps.Equal(delta, p.left) {
 			return i
@@ -425,9 +425,9 @@ func rtLevel(points []rtKillPoint, delta map[string]int) int {
 	return -1
 }
 
-// rtCounts counts what pods hold on a node: leases of network, veths named prefix*,
+// mapCounts counts what pods hold on a node: leases of network, veths named prefix*,
 // entries of each endpoint map, pinned from_pod links.
-func rtCounts(t *testing.T, ctx context.Context, n *lab.Node, network, prefix string) map[string]int {
+func mapCounts(t *testing.T, ctx context.Context, n *lab.Node, network, prefix string) map[string]int {
 	t.Helper()
 	counts := map[string]int{}
 	leases, _ := os.ReadDir(filepath.Join(n.IPAMDir, network))
@@ -463,8 +463,8 @@ func rtCounts(t *testing.T, ctx context.Context, n *lab.Node, network, prefix st
 	return counts
 }
 
-// rtDelta is after minus before, without zeros.
-func rtDelta(before, after map[string]int) map[string]int {
+// countDelta is after minus before, without zeros.
+func countDelta(before, after map[string]int) map[string]int {
 	d := map[string]int{}
 	for k := range maps.Keys(after) {
 		if v := after[k] - before[k]; v != 0 {
@@ -474,20 +474,20 @@ func rtDelta(before, after map[string]int) map[string]int {
 	return d
 }
 
-// TestRuntimeKillMidAdd SIGKILLs patchcord-cni (primary mode) at each step of ADD: the
+// TestKillMidAdd SIGKILLs patchcord-cni (primary mode) at each step of ADD: the
 // runtime's DEL must then remove everything the dead ADD made (through cnitool and through
 // containerd), and so must GC when no DEL comes. A live pod stays untouched throughout.
-func TestRuntimeKillMidAdd(t *testing.T) {
+func TestKillMidAdd(t *testing.T) {
 	t.Run("cnitool", func(t *testing.T) {
 		t.Parallel()
 		ctx := e2e.Ctx(t)
-		cl := e2e.NewCluster(t, ctx, rtExample, 1)
+		cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
 		n := cl.Nodes[0]
 		dir := filepath.Join(cl.Lab.Dir, "killer")
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		k := rtNewKiller(t, dir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
+		k := newKiller(t, dir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
 		cniPathKill := dir + ":" + strings.Join(e2e.CNIPathWithPlugin(t), ":")
 		add := func(name string) (*e2e.CNIPod, error) {
 			p := e2e.NewCNIPod(t, n, name, cl.Network, nil)
@@ -511,7 +511,7 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 		}
 		k.set(t, "")
 		cal.Del(t, ctx)
-		points := rtKillPoints(t, k.trace)
+		points := killPoints(t, k.trace)
 
 		// killAt makes pods whose ADD is killed at points[i] until one dies there: the
 		// count of bpf() calls before a step varies now and then between runs, so what
@@ -522,14 +522,14 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 			t.Helper()
 			pt := &points[i]
 			for attempt := range 4 {
-				before := rtCounts(t, ctx, n, cl.Network, "pc")
+				before := mapCounts(t, ctx, n, cl.Network, "pc")
 				k.set(t, pt.at())
 				p, err := add(fmt.Sprintf("%s-%s-%d", prefix, pt.name, attempt))
 				k.set(t, "")
-				delta := rtDelta(before, rtCounts(t, ctx, n, cl.Network, "pc"))
+				delta := countDelta(before, mapCounts(t, ctx, n, cl.Network, "pc"))
 				level := len(points)
 				if err != nil {
-					level = rtLevel(points, delta)
+					level = killLevel(points, delta)
 				}
 				then(p)
 				switch {
@@ -577,9 +577,9 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("before GC: %v", rtCounts(t, ctx, n, cl.Network, "pc"))
+			t.Logf("before GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
 			e2e.GC(t, ctx, n, conflist, [][2]string{{liveEP.ContainerID, "eth0"}})
-			t.Logf("after GC: %v", rtCounts(t, ctx, n, cl.Network, "pc"))
+			t.Logf("after GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
 			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
 		})
 
@@ -592,13 +592,13 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 	t.Run("containerd", func(t *testing.T) {
 		t.Parallel()
 		ctx := e2e.Ctx(t)
-		cl := e2e.NewCluster(t, ctx, rtExample, 1)
+		cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
 		n := cl.Nodes[0]
-		c := rtContainerd(t, ctx, n)
-		k := rtNewKiller(t, c.CNIBinDir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
-		live := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "live"})[0]
+		c := startContainerd(t, ctx, n)
+		k := newKiller(t, c.CNIBinDir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
+		live := runPods(t, ctx, c, lab.SandboxSpec{Name: "live"})[0]
 		k.set(t, "trace")
-		cal := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "cal"})[0]
+		cal := runPods(t, ctx, c, lab.SandboxSpec{Name: "cal"})[0]
 		k.set(t, "")
 		if err := cal.Remove(ctx); err != nil {
 			t.Fatal(err)
@@ -606,7 +606,7 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 		// containerd DELs at once: what the dead ADD left cannot be looked at, only
 		// that the plugin died of the SIGKILL (a kill placed past the end, as the count
 		// of bpf() calls varies, is moved a call earlier).
-		for _, pt := range rtKillPoints(t, k.trace) {
+		for _, pt := range killPoints(t, k.trace) {
 			for attempt := 0; ; attempt++ {
 				k.set(t, pt.at())
 				s, err := c.RunPod(ctx, lab.SandboxSpec{Name: fmt.Sprintf("kill-%s-%d", pt.name, attempt)})
@@ -625,9 +625,9 @@ func TestRuntimeKillMidAdd(t *testing.T) {
 			}
 			// containerd ran DEL when ADD failed, and dropped the sandbox.
 			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
-			rtAssertReleased(t, c, live)
+			assertReleased(t, c, live)
 		}
-		after := rtRunPods(t, ctx, c, lab.SandboxSpec{Name: "after"})[0]
+		after := runPods(t, ctx, c, lab.SandboxSpec{Name: "after"})[0]
 		e2e.Ping(t, ctx, live, after.IP.String())
 	})
 }

@@ -404,9 +404,9 @@ func TestSameNode(t *testing.T) {
 	}
 }
 
-// TestSameNodeParallelAddDel runs twenty ADDs at once on a node whose
+// TestParallelAddDel runs twenty ADDs at once on a node whose
 // datapath is not loaded yet, then twenty DELs at once, in each CNI mode.
-func TestSameNodeParallelAddDel(t *testing.T) {
+func TestParallelAddDel(t *testing.T) {
 	const count = 20
 	for _, m := range cniModes {
 		t.Run(m.name, func(t *testing.T) {

@@ -32,29 +32,29 @@ import (
 // The service side of the lab: kube-proxy's --cluster-cidr (every node's pod CIDR lies
 // in it) and the service range, which a real node reaches by its default route.
 var (
-	svcClusterCIDR = netip.MustParsePrefix("10.244.0.0/16")
-	svcRange       = netip.MustParsePrefix("10.96.0.0/12")
-	// svcOutsideIP is a host on the fabric that is no node and has no route to any pod
+	podsCIDR     = netip.MustParsePrefix("10.244.0.0/16")
+	serviceRange = netip.MustParsePrefix("10.96.0.0/12")
+	// outsideIP is a host on the fabric that is no node and has no route to any pod
 	// CIDR: what "the internet" is to the pods.
-	svcOutsideIP = netip.MustParseAddr("198.18.0.200")
+	outsideIP = netip.MustParseAddr("198.18.0.200")
 )
 
 // Ports the backends listen on, and the ports of the services in front of them.
 const (
-	svcBackendTCP = 8080
-	svcBackendUDP = 5353
-	svcHTTPPort   = 80
-	svcDNSPort    = 53
-	// svcNodeServerPort is a plain server in a node's own namespace.
-	svcNodeServerPort = 8090
+	backendTCP = 8080
+	backendUDP = 5353
+	httpPort   = 80
+	dnsPort    = 53
+	// nodeServerPort is a plain server in a node's own namespace.
+	nodeServerPort = 8090
 )
 
 // ---- kube-proxy's rule set ---------------------------------------------------------------
 
-// svcPort is one port of a Service with its ready endpoints, what kube-proxy's
+// servicePort is one port of a Service with its ready endpoints, what kube-proxy's
 // ServicePortMap and EndpointsMap hold for it (traffic policies Cluster, no session
 // affinity, no external or load-balancer IPs).
-type svcPort struct {
+type servicePort struct {
 	Namespace, Name, PortName string
 	Protocol                  string // "tcp" or "udp"
 	ClusterIP                 netip.Addr
@@ -64,7 +64,7 @@ type svcPort struct {
 }
 
 // name is ServicePortName.String(): "ns/name:port", or "ns/name" for an unnamed port.
-func (s svcPort) name() string {
+func (s servicePort) name() string {
 	n := s.Namespace + "/" + s.Name
 	if s.PortName != "" {
 		n += ":" + s.PortName
@@ -72,17 +72,17 @@ func (s svcPort) name() string {
 	return n
 }
 
-// svcHash is kube-proxy's chain-name hash: the first 16 characters of the base32
+// chainHash is kube-proxy's chain-name hash: the first 16 characters of the base32
 // encoding of SHA-256 over the concatenated strings.
-func svcHash(parts ...string) string {
+func chainHash(parts ...string) string {
 	sum := sha256.Sum256([]byte(strings.Join(parts, "")))
 	return base32.StdEncoding.EncodeToString(sum[:])[:16]
 }
 
-func (s svcPort) svcChain() string { return "KUBE-SVC-" + svcHash(s.name(), s.Protocol) }
-func (s svcPort) extChain() string { return "KUBE-EXT-" + svcHash(s.name(), s.Protocol) }
-func (s svcPort) sepChain(ep netip.AddrPort) string {
-	return "KUBE-SEP-" + svcHash(s.name(), s.Protocol, ep.String())
+func (s servicePort) svcChain() string { return "KUBE-SVC-" + chainHash(s.name(), s.Protocol) }
+func (s servicePort) extChain() string { return "KUBE-EXT-" + chainHash(s.name(), s.Protocol) }
+func (s servicePort) sepChain(ep netip.AddrPort) string {
+	return "KUBE-SEP-" + chainHash(s.name(), s.Protocol, ep.String())
 }
 
 // kubeMasqMark is what kube-proxy makes of --iptables-masquerade-bit=14, its default:
@@ -100,7 +100,7 @@ const kubeMasqMark = "0x004000"
 // places. Everything else is line for line what syncProxyRules writes: chain lines
 // first, then rules, arguments in its order and quoting. Only the loop over services
 // differs: kube-proxy walks a map, this walks svcs in order.
-func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []svcPort) string {
+func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) string {
 	var filterChains, filterRules, natChains, natRules []string
 	chain := func(buf *[]string, name string) { *buf = append(*buf, ":"+name+" - [0:0]") }
 	rule := func(buf *[]string, args ...string) { *buf = append(*buf, strings.Join(args, " ")) }
@@ -223,10 +223,10 @@ func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []svcPort) stri
 	return b.String()
 }
 
-// svcLoadKubeProxy does on n what kube-proxy does at start and on its first sync: the
+// loadKubeProxy does on n what kube-proxy does at start and on its first sync: the
 // route_localnet sysctl for localhost NodePorts, the be_liberal probe, the jumps and
 // the rule set, loaded with iptables-restore --noflush.
-func svcLoadKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, svcs []svcPort) {
+func loadKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, svcs []servicePort) {
 	t.Helper()
 	if out, err := n.Exec(ctx, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"); err != nil {
 		t.Fatalf("route_localnet on %s: %v\n%s", n.NetNS, err, out)
@@ -236,7 +236,7 @@ func svcLoadKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, svcs []svc
 		t.Fatalf("read nf_conntrack_tcp_be_liberal on %s: %v", n.NetNS, err)
 	}
 	liberal := strings.TrimSpace(string(out)) != "0"
-	rules := kubeProxyRules(svcClusterCIDR, liberal, svcs)
+	rules := kubeProxyRules(podsCIDR, liberal, svcs)
 	file := filepath.Join(n.Lab.Dir, fmt.Sprintf("kube-proxy-n%d.rules", n.Index))
 	if err := os.WriteFile(file, []byte(rules), 0o644); err != nil {
 		t.Fatal(err)
@@ -249,11 +249,11 @@ func svcLoadKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, svcs []svc
 
 // ---- servers and clients -----------------------------------------------------------------
 
-// svcServerPy answers HTTP GET / with "<name> <peer ip>:<port>", GET /bytes/N with N
+// serverScript answers HTTP GET / with "<name> <peer ip>:<port>", GET /bytes/N with N
 // bytes, and each UDP datagram with "<name> <peer ip>:<port>", so that clients can tell
 // which backend answered and from which address it saw them. It binds UDP before it
 // listens on TCP: a listening TCP port means both are up.
-const svcServerPy = `
+const serverScript = `
 import http.server, socket, socketserver, sys, threading
 name, tcp_port = sys.argv[1], int(sys.argv[2])
 udp_port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
@@ -296,14 +296,14 @@ if udp_port:
 Server(("0.0.0.0", tcp_port), Handler).serve_forever()
 `
 
-// svcClientPy is the client side, one JSON line per run:
+// clientScript is the client side, one JSON line per run:
 //
 //	get HOST PORT PATH TIMEOUT    {"status", "body", "bytes"}
 //	many HOST PORT N TIMEOUT      N GETs of /, one connection each: {"ok", "names", "errors"}
 //	udp HOST PORT TIMEOUT         {"from": "ip:port", "body"}
 //
 // http.client rather than urllib: no proxy from the environment can get in the way.
-const svcClientPy = `
+const clientScript = `
 import http.client, json, socket, sys, time
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -351,9 +351,9 @@ elif mode == "udp":
     print(json.dumps({"from": "%s:%d" % peer, "body": data.decode()}))
 `
 
-// svcPython is Debian's python3 when present: the pyenv shim on PATH costs a shell
+// python is Debian's python3 when present: the pyenv shim on PATH costs a shell
 // script per start.
-func svcPython() string {
+func python() string {
 	if _, err := os.Stat("/usr/bin/python3"); err == nil {
 		return "/usr/bin/python3"
 	}
@@ -367,15 +367,15 @@ type host interface {
 	WaitListening(context.Context, int) error
 }
 
-// svcServe starts the server script as name in e, on TCP tcpPort and (if not 0) UDP
+// serve starts the server script as name in e, on TCP tcpPort and (if not 0) UDP
 // udpPort, and returns once it listens.
-func (c *svcCluster) svcServe(t *testing.T, ctx context.Context, e host, name string, tcpPort, udpPort int) *lab.Process {
+func (c *serviceLab) serve(t *testing.T, ctx context.Context, e host, name string, tcpPort, udpPort int) *lab.Process {
 	t.Helper()
 	args := []string{c.serverPy, name, strconv.Itoa(tcpPort)}
 	if udpPort != 0 {
 		args = append(args, strconv.Itoa(udpPort))
 	}
-	p, err := e.Start(ctx, svcPython(), args...)
+	p, err := e.Start(ctx, python(), args...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -386,8 +386,8 @@ func (c *svcCluster) svcServe(t *testing.T, ctx context.Context, e host, name st
 	return p
 }
 
-// svcReply is a client's answer.
-type svcReply struct {
+// serverReply is a client's answer.
+type serverReply struct {
 	Status  int            `json:"status"`
 	Body    string         `json:"body"`
 	Bytes   int64          `json:"bytes"`
@@ -399,10 +399,10 @@ type svcReply struct {
 }
 
 // who is the backend name in a body "<name> <peer>"; peer the address it saw.
-func (r svcReply) who() string  { f := strings.Fields(r.Body); return svcField(f, 0) }
-func (r svcReply) peer() string { f := strings.Fields(r.Body); return svcField(f, 1) }
+func (r serverReply) who() string  { f := strings.Fields(r.Body); return field(f, 0) }
+func (r serverReply) peer() string { f := strings.Fields(r.Body); return field(f, 1) }
 
-func svcField(f []string, i int) string {
+func field(f []string, i int) string {
 	if i < len(f) {
 		return f[i]
 	}
@@ -410,7 +410,7 @@ func svcField(f []string, i int) string {
 }
 
 // peerIP is the address part of peer().
-func (r svcReply) peerIP() string {
+func (r serverReply) peerIP() string {
 	ap, err := netip.ParseAddrPort(r.peer())
 	if err != nil {
 		return r.peer()
@@ -418,10 +418,10 @@ func (r svcReply) peerIP() string {
 	return ap.Addr().String()
 }
 
-// svcClient runs the client script in e and parses its answer.
-func (c *svcCluster) svcClient(ctx context.Context, e host, args ...string) (svcReply, error) {
-	var r svcReply
-	out, err := e.Exec(ctx, svcPython(), append([]string{c.clientPy}, args...)...)
+// runClient runs the client script in e and parses its answer.
+func (c *serviceLab) runClient(ctx context.Context, e host, args ...string) (serverReply, error) {
+	var r serverReply
+	out, err := e.Exec(ctx, python(), append([]string{c.clientPy}, args...)...)
 	if err != nil {
 		return r, fmt.Errorf("client %s: %w", strings.Join(args, " "), err)
 	}
@@ -432,10 +432,10 @@ func (c *svcCluster) svcClient(ctx context.Context, e host, args ...string) (svc
 	return r, nil
 }
 
-// svcGet is one HTTP GET of path from e that must succeed within timeout.
-func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e host, host string, port int, path string, timeout time.Duration) svcReply {
+// httpGet is one HTTP GET of path from e that must succeed within timeout.
+func (c *serviceLab) httpGet(t *testing.T, ctx context.Context, e host, host string, port int, path string, timeout time.Duration) serverReply {
 	t.Helper()
-	r, err := c.svcClient(ctx, e, "get", host, strconv.Itoa(port), path, svcSeconds(timeout))
+	r, err := c.runClient(ctx, e, "get", host, strconv.Itoa(port), path, secondsArg(timeout))
 	if err != nil {
 		t.Fatalf("GET http://%s:%d%s: %v", host, port, path, err)
 	}
@@ -445,21 +445,21 @@ func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e host, host stri
 	return r
 }
 
-// svcUDP sends one datagram from e and returns the reply, which must come within 3s.
-func (c *svcCluster) svcUDP(t *testing.T, ctx context.Context, e host, host string, port int) svcReply {
+// udpQuery sends one datagram from e and returns the reply, which must come within 3s.
+func (c *serviceLab) udpQuery(t *testing.T, ctx context.Context, e host, host string, port int) serverReply {
 	t.Helper()
-	r, err := c.svcClient(ctx, e, "udp", host, strconv.Itoa(port), "3")
+	r, err := c.runClient(ctx, e, "udp", host, strconv.Itoa(port), "3")
 	if err != nil {
 		t.Fatalf("UDP %s:%d: %v", host, port, err)
 	}
 	return r
 }
 
-func svcSeconds(d time.Duration) string { return strconv.FormatFloat(d.Seconds(), 'f', 1, 64) }
+func secondsArg(d time.Duration) string { return strconv.FormatFloat(d.Seconds(), 'f', 1, 64) }
 
 // ---- the cluster -------------------------------------------------------------------------
 
-// svcCluster is two patchcord nodes running kube-proxy's rules for three services:
+// serviceLab is two patchcord nodes running kube-proxy's rules for three services:
 //
 //	web     10.96.0.10  backends b1 (node 1) and b2 (node 2), NodePort 30080
 //	web-n1  10.96.0.11  backend b1 only, NodePort 30081
@@ -467,7 +467,7 @@ func svcSeconds(d time.Duration) string { return strconv.FormatFloat(d.Seconds()
 //
 // each with port http (TCP 80 -> 8080) and port dns (UDP 53 -> 5353). Clients: pod c1 on
 // node 1, pod c2 on node 2. A host outside the cluster sits on the fabric.
-type svcCluster struct {
+type serviceLab struct {
 	lab        *lab.Lab
 	n1, n2     *lab.Node
 	nodesFile  string
@@ -477,28 +477,28 @@ type svcCluster struct {
 	outside    *lab.Node // a namespace on the fabric; not a cluster node
 	serverPy   string
 	clientPy   string
-	svcs       []svcPort
+	svcs       []servicePort
 }
 
 var (
-	svcWeb   = netip.MustParseAddr("10.96.0.10")
-	svcWebN1 = netip.MustParseAddr("10.96.0.11")
-	svcWebN2 = netip.MustParseAddr("10.96.0.12")
+	webIP   = netip.MustParseAddr("10.96.0.10")
+	webN1IP = netip.MustParseAddr("10.96.0.11")
+	webN2IP = netip.MustParseAddr("10.96.0.12")
 )
 
 const (
-	svcNodePortWeb   = 30080
-	svcNodePortWebN1 = 30081
-	svcNodePortWebN2 = 30082
+	nodePortWeb   = 30080
+	nodePortWebN1 = 30081
+	nodePortWebN2 = 30082
 )
 
-func newSvcCluster(t *testing.T, ctx context.Context) *svcCluster {
+func newCluster(t *testing.T, ctx context.Context) *serviceLab {
 	t.Helper()
 	l := e2e.NewLab(t)
-	c := &svcCluster{lab: l, agents: map[int]*lab.Process{}}
+	c := &serviceLab{lab: l, agents: map[int]*lab.Process{}}
 	c.serverPy = filepath.Join(l.Dir, "svc_server.py")
 	c.clientPy = filepath.Join(l.Dir, "svc_client.py")
-	for path, src := range map[string]string{c.serverPy: svcServerPy, c.clientPy: svcClientPy} {
+	for path, src := range map[string]string{c.serverPy: serverScript, c.clientPy: clientScript} {
 		if err := os.WriteFile(path, []byte(src), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -524,7 +524,7 @@ func newSvcCluster(t *testing.T, ctx context.Context) *svcCluster {
 		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
 		// What a real node's default route does for the service range: without a
 		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
-		if out, err := n.Exec(ctx, "ip", "route", "add", svcRange.String(), "dev", "eth0"); err != nil {
+		if out, err := n.Exec(ctx, "ip", "route", "add", serviceRange.String(), "dev", "eth0"); err != nil {
 			t.Fatalf("route to service range on %s: %v\n%s", n.NetNS, err, out)
 		}
 	}
@@ -544,47 +544,47 @@ func newSvcCluster(t *testing.T, ctx context.Context) *svcCluster {
 		t.Fatal(err)
 	}
 
-	c.svcServe(t, ctx, c.b1, "b1", svcBackendTCP, svcBackendUDP)
-	c.svcServe(t, ctx, c.b2, "b2", svcBackendTCP, svcBackendUDP)
-	c.svcServe(t, ctx, c.n2, "n2", svcNodeServerPort, 0)
+	c.serve(t, ctx, c.b1, "b1", backendTCP, backendUDP)
+	c.serve(t, ctx, c.b2, "b2", backendTCP, backendUDP)
+	c.serve(t, ctx, c.n2, "n2", nodeServerPort, 0)
 
 	ep := func(p *lab.Pod, port int) netip.AddrPort { return netip.AddrPortFrom(p.IP, uint16(port)) }
-	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []svcPort {
+	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []servicePort {
 		var tcp, udp []netip.AddrPort
 		for _, b := range backends {
-			tcp = append(tcp, ep(b, svcBackendTCP))
-			udp = append(udp, ep(b, svcBackendUDP))
+			tcp = append(tcp, ep(b, backendTCP))
+			udp = append(udp, ep(b, backendUDP))
 		}
 		// The endpoints cache hands them over sorted.
 		slices.SortFunc(tcp, netip.AddrPort.Compare)
 		slices.SortFunc(udp, netip.AddrPort.Compare)
-		return []svcPort{
-			{Namespace: "default", Name: name, PortName: "http", Protocol: "tcp", ClusterIP: ip, Port: svcHTTPPort, NodePort: nodePort, Endpoints: tcp},
-			{Namespace: "default", Name: name, PortName: "dns", Protocol: "udp", ClusterIP: ip, Port: svcDNSPort, Endpoints: udp},
+		return []servicePort{
+			{Namespace: "default", Name: name, PortName: "http", Protocol: "tcp", ClusterIP: ip, Port: httpPort, NodePort: nodePort, Endpoints: tcp},
+			{Namespace: "default", Name: name, PortName: "dns", Protocol: "udp", ClusterIP: ip, Port: dnsPort, Endpoints: udp},
 		}
 	}
 	c.svcs = slices.Concat(
-		service("web", svcWeb, svcNodePortWeb, c.b1, c.b2),
-		service("web-n1", svcWebN1, svcNodePortWebN1, c.b1),
-		service("web-n2", svcWebN2, svcNodePortWebN2, c.b2),
+		service("web", webIP, nodePortWeb, c.b1, c.b2),
+		service("web-n1", webN1IP, nodePortWebN1, c.b1),
+		service("web-n2", webN2IP, nodePortWebN2, c.b2),
 	)
 	// kube-proxy runs on every node.
 	for _, n := range nodes {
-		svcLoadKubeProxy(t, ctx, n, c.svcs)
+		loadKubeProxy(t, ctx, n, c.svcs)
 	}
 
-	c.outside = svcAddOutsideHost(t, ctx, l)
-	srv := c.svcServe(t, ctx, c.outside, "outside", svcBackendTCP, 0)
+	c.outside = addOutsideHost(t, ctx, l)
+	srv := c.serve(t, ctx, c.outside, "outside", backendTCP, 0)
 	t.Cleanup(func() { _ = srv.Stop() })
 	return c
 }
 
-// svcAddOutsideHost plugs a namespace "<Prefix>-outside" into the fabric with
-// svcOutsideIP/24 and no other route: a host beyond the cluster that can answer only
+// addOutsideHost plugs a namespace "<Prefix>-outside" into the fabric with
+// outsideIP/24 and no other route: a host beyond the cluster that can answer only
 // addresses on the fabric. It returns it as a lab.Node for Exec and Start (it is no
 // cluster node: no agent, no bpffs); it goes before the lab does, and lab.Sweep knows
 // it by its prefix if a run dies.
-func svcAddOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node {
+func addOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node {
 	t.Helper()
 	name := l.Prefix + "-outside"
 	fabric := l.FabricNS()
@@ -595,7 +595,7 @@ func svcAddOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node 
 		}
 	}
 	ipCmd("netns", "add", name)
-	host := &lab.Node{Lab: l, Index: 200, NetNS: name, NSPath: filepath.Join("/var/run/netns", name), IP: svcOutsideIP}
+	host := &lab.Node{Lab: l, Index: 200, NetNS: name, NSPath: filepath.Join("/var/run/netns", name), IP: outsideIP}
 	t.Cleanup(func() {
 		// Its veth goes with it, and with that the fabric port. Processes started
 		// in it must be stopped by cleanups registered later (they run first).
@@ -610,42 +610,42 @@ func svcAddOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node 
 	ipCmd("-n", fabric, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", name)
 	ipCmd("-n", fabric, "link", "set", "out0", "master", "br0", "up")
 	ipCmd("-n", name, "link", "set", "lo", "up")
-	ipCmd("-n", name, "addr", "add", netip.PrefixFrom(svcOutsideIP, 24).String(), "dev", "eth0")
+	ipCmd("-n", name, "addr", "add", netip.PrefixFrom(outsideIP, 24).String(), "dev", "eth0")
 	ipCmd("-n", name, "link", "set", "eth0", "up")
 	return host
 }
 
 // ---- assertions --------------------------------------------------------------------------
 
-// svcCounters are one node's counters by name.
-type svcCounters map[string]e2e.Counter
+// nodeCounters are one node's counters by name.
+type nodeCounters map[string]e2e.Counter
 
-func (c *svcCluster) counters(t *testing.T, ctx context.Context) map[int]svcCounters {
+func (c *serviceLab) counters(t *testing.T, ctx context.Context) map[int]nodeCounters {
 	t.Helper()
-	return map[int]svcCounters{1: e2e.Stats(t, ctx, c.n1), 2: e2e.Stats(t, ctx, c.n2)}
+	return map[int]nodeCounters{1: e2e.Stats(t, ctx, c.n1), 2: e2e.Stats(t, ctx, c.n2)}
 }
 
-// svcGrew is after minus before for one counter of one node.
-func svcGrew(before, after map[int]svcCounters, node int, name string) e2e.Counter {
+// grewOn is after minus before for one counter of one node.
+func grewOn(before, after map[int]nodeCounters, node int, name string) e2e.Counter {
 	b, a := before[node][name], after[node][name]
 	return e2e.Counter{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
 }
 
-// svcChatter bounds what a node's pods send to the host stack by themselves during a
+// chatterMax bounds what a node's pods send to the host stack by themselves during a
 // second of pings (ARP for the gateway; router solicitations and MLD reports in a new
-// pod's first seconds), well below the svcPings packets pod-to-pod pings would add to
+// pod's first seconds), well below the pingCount packets pod-to-pod pings would add to
 // to_host if they took the host path.
 const (
-	svcChatter = 12
-	svcPings   = 30
+	chatterMax = 12
+	pingCount  = 30
 )
 
 // checkRedirect proves that pod-to-pod traffic still takes the fast path: pings
 // between c1 and b1 (same node) are redirected, pings between c1 and b2 (across) are
 // encapsulated and decapsulated, and neither goes through the host stack.
-func (c *svcCluster) checkRedirect(t *testing.T, ctx context.Context) {
+func (c *serviceLab) checkRedirect(t *testing.T, ctx context.Context) {
 	t.Helper()
-	const count = svcPings
+	const count = pingCount
 	before := c.counters(t, ctx)
 	for _, dst := range []*lab.Pod{c.b1, c.b2} {
 		out, err := c.c1.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", "0.02", "-W", "2", dst.IP.String())
@@ -654,7 +654,7 @@ func (c *svcCluster) checkRedirect(t *testing.T, ctx context.Context) {
 		}
 	}
 	after := c.counters(t, ctx)
-	grew := func(node int, name string) uint64 { return svcGrew(before, after, node, name).Packets }
+	grew := func(node int, name string) uint64 { return grewOn(before, after, node, name).Packets }
 	t.Logf("node1: local_redirect +%d encap +%d decap +%d to_host +%d to_host_nat +%d; node2: encap +%d decap +%d to_host +%d to_host_nat +%d",
 		grew(1, "local_redirect"), grew(1, "encap"), grew(1, "decap"), grew(1, "to_host"), grew(1, "to_host_nat"),
 		grew(2, "encap"), grew(2, "decap"), grew(2, "to_host"), grew(2, "to_host_nat"))
@@ -667,8 +667,8 @@ func (c *svcCluster) checkRedirect(t *testing.T, ctx context.Context) {
 		}
 	}
 	for _, i := range []int{1, 2} {
-		if got := grew(i, "to_host"); got > svcChatter {
-			t.Errorf("node%d to_host grew by %d during pod-to-pod pings (at most %d expected): pod traffic took the host path", i, got, svcChatter)
+		if got := grew(i, "to_host"); got > chatterMax {
+			t.Errorf("node%d to_host grew by %d during pod-to-pod pings (at most %d expected): pod traffic took the host path", i, got, chatterMax)
 		}
 		if got := grew(i, "to_host_nat"); got != 0 {
 			t.Errorf("node%d to_host_nat grew by %d during pod-to-pod pings", i, got)
@@ -679,26 +679,26 @@ func (c *svcCluster) checkRedirect(t *testing.T, ctx context.Context) {
 // checkService sends one GET and one UDP datagram from client to the service at ip,
 // whose only backend is want, and checks that the answers come from the service's
 // address, from want, and that the client's own address reached want unchanged.
-func (c *svcCluster) checkService(t *testing.T, ctx context.Context, client *lab.Pod, ip netip.Addr, want *lab.Pod) {
+func (c *serviceLab) checkService(t *testing.T, ctx context.Context, client *lab.Pod, ip netip.Addr, want *lab.Pod) {
 	t.Helper()
-	r := c.svcGet(t, ctx, client, ip.String(), svcHTTPPort, "/", 5*time.Second)
+	r := c.httpGet(t, ctx, client, ip.String(), httpPort, "/", 5*time.Second)
 	if r.who() != want.Name || r.peerIP() != client.IP.String() {
 		t.Errorf("GET http://%s/ from %s: got %q, want %s to answer and see %s (no SNAT inside the cluster)", ip, client.Name, r.Body, want.Name, client.IP)
 	}
-	u := c.svcUDP(t, ctx, client, ip.String(), svcDNSPort)
-	wantFrom := netip.AddrPortFrom(ip, svcDNSPort).String()
+	u := c.udpQuery(t, ctx, client, ip.String(), dnsPort)
+	wantFrom := netip.AddrPortFrom(ip, dnsPort).String()
 	if u.From != wantFrom {
-		t.Errorf("UDP to %s:%d from %s: reply came from %s, want %s (the ClusterIP: conntrack must reverse the DNAT)", ip, svcDNSPort, client.Name, u.From, wantFrom)
+		t.Errorf("UDP to %s:%d from %s: reply came from %s, want %s (the ClusterIP: conntrack must reverse the DNAT)", ip, dnsPort, client.Name, u.From, wantFrom)
 	}
 	if who := strings.Fields(u.Body); len(who) == 0 || who[0] != want.Name {
-		t.Errorf("UDP to %s:%d from %s: answered %q, want %s", ip, svcDNSPort, client.Name, u.Body, want.Name)
+		t.Errorf("UDP to %s:%d from %s: answered %q, want %s", ip, dnsPort, client.Name, u.Body, want.Name)
 	}
 }
 
-// svcInvalidDrops is how many packets kube-proxy's "KUBE-FORWARD -m conntrack
+// invalidDrops is how many packets kube-proxy's "KUBE-FORWARD -m conntrack
 // --ctstate INVALID -j DROP" dropped on n so far. Conntrack calls a packet INVALID when
 // it saw its connection only in part, e.g. a reply whose request bypassed the stack.
-func svcInvalidDrops(t *testing.T, ctx context.Context, n *lab.Node) uint64 {
+func invalidDrops(t *testing.T, ctx context.Context, n *lab.Node) uint64 {
 	t.Helper()
 	out, err := n.Exec(ctx, "iptables", "-w", "-t", "filter", "-L", "KUBE-FORWARD", "-v", "-n", "-x")
 	if err != nil {
@@ -715,24 +715,24 @@ func svcInvalidDrops(t *testing.T, ctx context.Context, n *lab.Node) uint64 {
 
 // explainFailure, deferred at the start of a subtest, says on failure where conntrack
 // dropped packets as INVALID during it.
-func (c *svcCluster) explainFailure(t *testing.T, ctx context.Context) func() {
+func (c *serviceLab) explainFailure(t *testing.T, ctx context.Context) func() {
 	t.Helper()
-	before := map[int]uint64{1: svcInvalidDrops(t, ctx, c.n1), 2: svcInvalidDrops(t, ctx, c.n2)}
+	before := map[int]uint64{1: invalidDrops(t, ctx, c.n1), 2: invalidDrops(t, ctx, c.n2)}
 	return func() {
 		if !t.Failed() {
 			return
 		}
 		for _, n := range []*lab.Node{c.n1, c.n2} {
-			if d := svcInvalidDrops(t, ctx, n) - before[n.Index]; d > 0 {
+			if d := invalidDrops(t, ctx, n) - before[n.Index]; d > 0 {
 				t.Logf("node%d: kube-proxy's KUBE-FORWARD dropped %d packets as conntrack INVALID during this test: its stack saw those connections only in part", n.Index, d)
 			}
 		}
 	}
 }
 
-// svcConntrackStates counts n's conntrack entries of TCP connections to ip by state,
+// conntrackStates counts n's conntrack entries of TCP connections to ip by state,
 // plus "UNREPLIED" (no reply seen) and "total".
-func svcConntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Addr) map[string]int {
+func conntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Addr) map[string]int {
 	t.Helper()
 	out, err := n.Exec(ctx, "conntrack", "-L", "-p", "tcp", "--orig-dst", ip.String())
 	if err != nil {
@@ -754,8 +754,8 @@ func svcConntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip
 	return states
 }
 
-// svcMasqChain tells whether the agent's masquerade chain is in n's nat table.
-func svcMasqChain(t *testing.T, ctx context.Context, n *lab.Node) bool {
+// masqChain tells whether the agent's masquerade chain is in n's nat table.
+func masqChain(t *testing.T, ctx context.Context, n *lab.Node) bool {
 	t.Helper()
 	out, err := n.Exec(ctx, "iptables-save", "-t", "nat")
 	if err != nil {
@@ -765,7 +765,7 @@ func svcMasqChain(t *testing.T, ctx context.Context, n *lab.Node) bool {
 }
 
 // restartAgent stops node i's agent and starts it again with args.
-func (c *svcCluster) restartAgent(t *testing.T, ctx context.Context, i int, args ...string) {
+func (c *serviceLab) restartAgent(t *testing.T, ctx context.Context, i int, args ...string) {
 	t.Helper()
 	if err := c.agents[i].Stop(); err != nil {
 		t.Fatalf("stop agent on node%d: %v", i, err)
@@ -775,17 +775,17 @@ func (c *svcCluster) restartAgent(t *testing.T, ctx context.Context, i int, args
 
 // ---- tests -------------------------------------------------------------------------------
 
-// TestServicesKubeProxyChainNames checks the chain-name hash against names every
+// TestKubeProxyChainNames checks the chain-name hash against names every
 // kube-proxy cluster has: the apiserver's service and kube-dns.
-func TestServicesKubeProxyChainNames(t *testing.T) {
+func TestKubeProxyChainNames(t *testing.T) {
 	for _, tc := range []struct {
-		port svcPort
+		port servicePort
 		want string
 	}{
-		{svcPort{Namespace: "default", Name: "kubernetes", PortName: "https", Protocol: "tcp"}, "KUBE-SVC-NPX46M4PTMTKRN6Y"},
-		{svcPort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns", Protocol: "udp"}, "KUBE-SVC-TCOU7JCQXEZGVUNU"},
-		{svcPort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns-tcp", Protocol: "tcp"}, "KUBE-SVC-ERIFXISQEP7F7OF4"},
-		{svcPort{Namespace: "kube-system", Name: "kube-dns", PortName: "metrics", Protocol: "tcp"}, "KUBE-SVC-JD5MR3NA4I4DYORP"},
+		{servicePort{Namespace: "default", Name: "kubernetes", PortName: "https", Protocol: "tcp"}, "KUBE-SVC-NPX46M4PTMTKRN6Y"},
+		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns", Protocol: "udp"}, "KUBE-SVC-TCOU7JCQXEZGVUNU"},
+		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns-tcp", Protocol: "tcp"}, "KUBE-SVC-ERIFXISQEP7F7OF4"},
+		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "metrics", Protocol: "tcp"}, "KUBE-SVC-JD5MR3NA4I4DYORP"},
 	} {
 		if got := tc.port.svcChain(); got != tc.want {
 			t.Errorf("%s/%s: chain %s, want %s", tc.port.name(), tc.port.Protocol, got, tc.want)
@@ -797,7 +797,7 @@ func TestServicesKubeProxyChainNames(t *testing.T) {
 // before, between and after them.
 func TestServices(t *testing.T) {
 	ctx := e2e.Ctx(t)
-	c := newSvcCluster(t, ctx)
+	c := newCluster(t, ctx)
 	web := c.svcs[0]
 
 	t.Run("kube-proxy-rules", func(t *testing.T) {
@@ -842,13 +842,13 @@ func TestServices(t *testing.T) {
 	t.Run("clusterip-same-node", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()
 		before := c.counters(t, ctx)
-		c.checkService(t, ctx, c.c1, svcWebN1, c.b1)
-		r := c.svcGet(t, ctx, c.c1, svcWebN1.String(), svcHTTPPort, "/bytes/50000000", 30*time.Second)
+		c.checkService(t, ctx, c.c1, webN1IP, c.b1)
+		r := c.httpGet(t, ctx, c.c1, webN1IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
 		if r.Bytes != 50_000_000 {
-			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, svcWebN1)
+			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN1IP)
 		}
 		after := c.counters(t, ctx)
-		nat := svcGrew(before, after, 1, "to_host_nat")
+		nat := grewOn(before, after, 1, "to_host_nat")
 		t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes", r.Seconds, nat.Packets, nat.Bytes)
 		// Every reply of b1 to c1 belongs to a DNATed connection: none may be
 		// redirected past the stack.
@@ -860,27 +860,27 @@ func TestServices(t *testing.T) {
 	t.Run("clusterip-other-node", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()
 		before := c.counters(t, ctx)
-		c.checkService(t, ctx, c.c1, svcWebN2, c.b2)
+		c.checkService(t, ctx, c.c1, webN2IP, c.b2)
 		// GSO packets of the backend cross the tunnel whole and must survive the
 		// decap-to-stack path and the forwarding after it.
-		r := c.svcGet(t, ctx, c.c1, svcWebN2.String(), svcHTTPPort, "/bytes/50000000", 30*time.Second)
+		r := c.httpGet(t, ctx, c.c1, webN2IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
 		if r.Bytes != 50_000_000 {
-			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, svcWebN2)
+			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN2IP)
 		}
 		after := c.counters(t, ctx)
-		nat := svcGrew(before, after, 1, "to_host_nat")
+		nat := grewOn(before, after, 1, "to_host_nat")
 		t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes, decap +%d packets; node1 encap +%d; node2 encap +%d",
-			r.Seconds, nat.Packets, nat.Bytes, svcGrew(before, after, 1, "decap").Packets,
-			svcGrew(before, after, 1, "encap").Packets, svcGrew(before, after, 2, "encap").Packets)
+			r.Seconds, nat.Packets, nat.Bytes, grewOn(before, after, 1, "decap").Packets,
+			grewOn(before, after, 1, "encap").Packets, grewOn(before, after, 2, "encap").Packets)
 		if nat.Bytes < 50_000_000 {
 			t.Errorf("node1 to_host_nat grew by %d bytes while b2 sent 50 MB through the service", nat.Bytes)
 		}
 		// The DNATed requests leave node1 through to_uplink; b2's replies through
 		// from_pod on node2.
-		if got := svcGrew(before, after, 1, "encap").Packets; got == 0 {
+		if got := grewOn(before, after, 1, "encap").Packets; got == 0 {
 			t.Error("node1 encapsulated nothing: the DNATed requests did not cross to node2 through to_uplink")
 		}
-		if got := svcGrew(before, after, 2, "encap").Bytes; got < 50_000_000 {
+		if got := grewOn(before, after, 2, "encap").Bytes; got < 50_000_000 {
 			t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
 		}
 	})
@@ -888,7 +888,7 @@ func TestServices(t *testing.T) {
 	t.Run("clusterip-from-other-node-client", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()
 		// The mirror image: the service is NATed on node2, the backend on node1.
-		c.checkService(t, ctx, c.c2, svcWebN1, c.b1)
+		c.checkService(t, ctx, c.c2, webN1IP, c.b1)
 	})
 
 	t.Run("redirect-during", func(t *testing.T) { c.checkRedirect(t, ctx) })
@@ -896,27 +896,27 @@ func TestServices(t *testing.T) {
 	t.Run("clusterip-many-connections", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()
 		const n = 200
-		r, err := c.svcClient(ctx, c.c1, "many", svcWeb.String(), strconv.Itoa(svcHTTPPort), strconv.Itoa(n), "5")
+		r, err := c.runClient(ctx, c.c1, "many", webIP.String(), strconv.Itoa(httpPort), strconv.Itoa(n), "5")
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%d of %d GETs through %s answered: %v", r.OK, n, svcWeb, r.Names)
+		t.Logf("%d of %d GETs through %s answered: %v", r.OK, n, webIP, r.Names)
 		if r.OK != n {
-			t.Errorf("%d of %d connections through %s failed; first errors: %v", n-r.OK, n, svcWeb, r.Errors)
+			t.Errorf("%d of %d connections through %s failed; first errors: %v", n-r.OK, n, webIP, r.Errors)
 		}
 		// Two endpoints at probability 0.5: both answer 200 connections unless
 		// one path is broken (a miss happens with probability 2^-199).
 		for _, b := range []string{"b1", "b2"} {
 			if r.Names[b] == 0 {
-				t.Errorf("backend %s answered none of %d connections through %s: %v", b, n, svcWeb, r.Names)
+				t.Errorf("backend %s answered none of %d connections through %s: %v", b, n, webIP, r.Names)
 			}
 		}
 		// Every connection was closed by both sides, so node1's conntrack, which
 		// NATed them, must have seen each through to its end: an entry left
 		// unreplied or half open means a direction bypassed the stack.
 		var states map[string]int
-		err = lab.WaitFor(ctx, "conntrack entries of "+svcWeb.String()+" to close", func(ctx context.Context) error {
-			states = svcConntrackStates(t, ctx, c.n1, svcWeb)
+		err = lab.WaitFor(ctx, "conntrack entries of "+webIP.String()+" to close", func(ctx context.Context) error {
+			states = conntrackStates(t, ctx, c.n1, webIP)
 			var stale []string
 			for _, st := range []string{"UNREPLIED", "SYN_SENT", "SYN_RECV", "ESTABLISHED"} {
 				if states[st] > 0 {
@@ -928,12 +928,12 @@ func TestServices(t *testing.T) {
 			}
 			return nil
 		})
-		t.Logf("node1 conntrack entries for %s by state: %v", svcWeb, states)
+		t.Logf("node1 conntrack entries for %s by state: %v", webIP, states)
 		if err != nil {
 			t.Error(err)
 		}
 		if states["total"] < n {
-			t.Errorf("node1 conntrack holds %d entries for %s after %d connections", states["total"], svcWeb, n)
+			t.Errorf("node1 conntrack holds %d entries for %s after %d connections", states["total"], webIP, n)
 		}
 	})
 
@@ -944,8 +944,8 @@ func TestServices(t *testing.T) {
 		for _, tc := range []struct {
 			ip   netip.Addr
 			want *lab.Pod
-		}{{svcWebN1, c.b1}, {svcWebN2, c.b2}} {
-			r, err := c.svcClient(ctx, c.n1, "get", tc.ip.String(), strconv.Itoa(svcHTTPPort), "/", "5")
+		}{{webN1IP, c.b1}, {webN2IP, c.b2}} {
+			r, err := c.runClient(ctx, c.n1, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
 			if err != nil {
 				t.Errorf("node1 -> %s (backend %s): %v", tc.ip, tc.want.Name, err)
 				continue
@@ -965,7 +965,7 @@ func TestServices(t *testing.T) {
 			from *lab.Node
 			to   *lab.Pod
 		}{{c.n1, c.b1}, {c.n2, c.b1}, {c.n1, c.b2}} {
-			r, err := c.svcClient(ctx, tc.from, "get", tc.to.IP.String(), strconv.Itoa(svcBackendTCP), "/", "5")
+			r, err := c.runClient(ctx, tc.from, "get", tc.to.IP.String(), strconv.Itoa(backendTCP), "/", "5")
 			if err != nil {
 				t.Errorf("node%d -> %s on node%d: %v", tc.from.Index, tc.to.Name, tc.to.Node.Index, err)
 				continue
@@ -982,8 +982,8 @@ func TestServices(t *testing.T) {
 		for _, tc := range []struct {
 			port int
 			want *lab.Pod
-		}{{svcNodePortWebN1, c.b1}, {svcNodePortWebN2, c.b2}} {
-			r, err := c.svcClient(ctx, c.n2, "get", c.n1.IP.String(), strconv.Itoa(tc.port), "/", "5")
+		}{{nodePortWebN1, c.b1}, {nodePortWebN2, c.b2}} {
+			r, err := c.runClient(ctx, c.n2, "get", c.n1.IP.String(), strconv.Itoa(tc.port), "/", "5")
 			if err != nil {
 				t.Errorf("node2 -> %s:%d (backend %s on node%d): %v", c.n1.IP, tc.port, tc.want.Name, tc.want.Node.Index, err)
 				continue
@@ -1001,8 +1001,8 @@ func TestServices(t *testing.T) {
 		for _, tc := range []struct {
 			self *lab.Pod
 			ip   netip.Addr
-		}{{c.b1, svcWebN1}, {c.b2, svcWebN2}} {
-			r, err := c.svcClient(ctx, tc.self, "get", tc.ip.String(), strconv.Itoa(svcHTTPPort), "/", "5")
+		}{{c.b1, webN1IP}, {c.b2, webN2IP}} {
+			r, err := c.runClient(ctx, tc.self, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
 			if err != nil {
 				t.Errorf("%s -> %s (itself): %v", tc.self.Name, tc.ip, err)
 				continue
@@ -1010,49 +1010,49 @@ func TestServices(t *testing.T) {
 			if r.who() != tc.self.Name || r.peerIP() == tc.self.IP.String() {
 				t.Errorf("%s -> %s: got %q, want %s to answer a masqueraded peer", tc.self.Name, tc.ip, r.Body, tc.self.Name)
 			}
-			u := c.svcUDP(t, ctx, tc.self, tc.ip.String(), svcDNSPort)
-			if want := netip.AddrPortFrom(tc.ip, svcDNSPort).String(); u.From != want {
-				t.Errorf("%s -> %s:%d (itself, UDP): reply from %s, want %s", tc.self.Name, tc.ip, svcDNSPort, u.From, want)
+			u := c.udpQuery(t, ctx, tc.self, tc.ip.String(), dnsPort)
+			if want := netip.AddrPortFrom(tc.ip, dnsPort).String(); u.From != want {
+				t.Errorf("%s -> %s:%d (itself, UDP): reply from %s, want %s", tc.self.Name, tc.ip, dnsPort, u.From, want)
 			}
 		}
 	})
 
 	t.Run("masquerade", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()
-		outside := svcOutsideIP.String()
+		outside := outsideIP.String()
 		// On: the outside host answers the node, which it can reach.
-		r := c.svcGet(t, ctx, c.c1, outside, svcBackendTCP, "/", 5*time.Second)
+		r := c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
 		if r.peerIP() != c.n1.IP.String() {
 			t.Errorf("outside host saw %s, want node1's %s (masquerade)", r.peer(), c.n1.IP)
 		}
 		// Inside the cluster nothing is masqueraded: a pod on another node and
 		// another node see the pod's own address.
-		if r, err := c.svcClient(ctx, c.c1, "get", c.b2.IP.String(), strconv.Itoa(svcBackendTCP), "/", "5"); err != nil {
+		if r, err := c.runClient(ctx, c.c1, "get", c.b2.IP.String(), strconv.Itoa(backendTCP), "/", "5"); err != nil {
 			t.Errorf("c1 -> b2 directly: %v", err)
 		} else if r.peerIP() != c.c1.IP.String() {
 			t.Errorf("b2 saw c1 as %s, want %s (pod-to-pod is never masqueraded)", r.peer(), c.c1.IP)
 		}
-		if r, err := c.svcClient(ctx, c.c1, "get", c.n2.IP.String(), strconv.Itoa(svcNodeServerPort), "/", "5"); err != nil {
-			t.Errorf("c1 -> node2 %s:%d: %v", c.n2.IP, svcNodeServerPort, err)
+		if r, err := c.runClient(ctx, c.c1, "get", c.n2.IP.String(), strconv.Itoa(nodeServerPort), "/", "5"); err != nil {
+			t.Errorf("c1 -> node2 %s:%d: %v", c.n2.IP, nodeServerPort, err)
 		} else if r.peerIP() != c.c1.IP.String() {
 			t.Errorf("node2 saw c1 as %s, want %s (pod-to-node is never masqueraded)", r.peer(), c.c1.IP)
 		}
 
 		// Off: the chain goes, and the outside host cannot answer a pod address.
 		c.restartAgent(t, ctx, 1, "--masquerade=false")
-		if svcMasqChain(t, ctx, c.n1) {
+		if masqChain(t, ctx, c.n1) {
 			t.Error("PATCHCORD-MASQ still in node1's nat table with --masquerade=false")
 		}
-		if r, err := c.svcClient(ctx, c.c1, "get", outside, strconv.Itoa(svcBackendTCP), "/", "2"); err == nil {
+		if r, err := c.runClient(ctx, c.c1, "get", outside, strconv.Itoa(backendTCP), "/", "2"); err == nil {
 			t.Errorf("c1 reached the outside host without masquerade: %q (it has no route to pods)", r.Body)
 		}
 
 		// On again: back as it was.
 		c.restartAgent(t, ctx, 1)
-		if !svcMasqChain(t, ctx, c.n1) {
+		if !masqChain(t, ctx, c.n1) {
 			t.Error("PATCHCORD-MASQ missing from node1's nat table after restarting with masquerade")
 		}
-		r = c.svcGet(t, ctx, c.c1, outside, svcBackendTCP, "/", 5*time.Second)
+		r = c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
 		if r.peerIP() != c.n1.IP.String() {
 			t.Errorf("outside host saw %s after masquerade came back, want %s", r.peer(), c.n1.IP)
 		}
