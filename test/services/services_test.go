@@ -798,265 +798,282 @@ func TestKubeProxyChainNames(t *testing.T) {
 func TestServices(t *testing.T) {
 	ctx := e2e.Ctx(t)
 	c := newCluster(t, ctx)
-	web := c.svcs[0]
-
-	t.Run("kube-proxy-rules", func(t *testing.T) {
-		// What iptables-save prints for kube-proxy's rules is well known from every
-		// cluster; the kernel's normalised form of ours must read the same.
-		out, err := c.n1.Exec(ctx, "iptables-save", "-t", "nat")
-		if err != nil {
-			t.Fatal(err)
-		}
-		sorted := slices.Clone(web.Endpoints)
-		sepA, sepB := web.sepChain(sorted[0]), web.sepChain(sorted[1])
-		for _, line := range []string{
-			`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-			`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-			`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
-			`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
-			`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
-			`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
-			`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`,
-			`-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j ` + web.svcChain(),
-			`-A ` + web.svcChain() + ` ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ`,
-			`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[0].String() + `" -m statistic --mode random --probability 0.50000000000 -j ` + sepA,
-			`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[1].String() + `" -j ` + sepB,
-			`-A ` + sepA + ` -s ` + sorted[0].Addr().String() + `/32 -m comment --comment "default/web:http" -j KUBE-MARK-MASQ`,
-			`-A ` + sepA + ` -p tcp -m comment --comment "default/web:http" -m tcp -j DNAT --to-destination ` + sorted[0].String(),
-			`-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 -j ` + web.extChain(),
-			`-A ` + web.extChain() + ` -m comment --comment "masquerade traffic for default/web:http external destinations" -j KUBE-MARK-MASQ`,
-			`-A ` + web.extChain() + ` -j ` + web.svcChain(),
-			`-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`,
-		} {
-			if !strings.Contains(string(out), line+"\n") {
-				t.Errorf("iptables-save -t nat on node1 lacks\n\t%s", line)
-			}
-		}
-		if t.Failed() {
-			t.Logf("iptables-save -t nat:\n%s", out)
-		}
-	})
-
+	t.Run("kube-proxy-rules", func(t *testing.T) { c.kubeProxyRules(t, ctx) })
 	t.Run("redirect-before", func(t *testing.T) { c.checkRedirect(t, ctx) })
-
-	t.Run("clusterip-same-node", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		before := c.counters(t, ctx)
-		c.checkService(t, ctx, c.c1, webN1IP, c.b1)
-		r := c.httpGet(t, ctx, c.c1, webN1IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
-		if r.Bytes != 50_000_000 {
-			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN1IP)
-		}
-		after := c.counters(t, ctx)
-		nat := grewOn(before, after, 1, "to_host_nat")
-		t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes", r.Seconds, nat.Packets, nat.Bytes)
-		// Every reply of b1 to c1 belongs to a DNATed connection: none may be
-		// redirected past the stack.
-		if nat.Bytes < 50_000_000 {
-			t.Errorf("node1 to_host_nat grew by %d bytes while b1 sent 50 MB through the service", nat.Bytes)
-		}
-	})
-
-	t.Run("clusterip-other-node", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		before := c.counters(t, ctx)
-		c.checkService(t, ctx, c.c1, webN2IP, c.b2)
-		// GSO packets of the backend cross the tunnel whole and must survive the
-		// decap-to-stack path and the forwarding after it.
-		r := c.httpGet(t, ctx, c.c1, webN2IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
-		if r.Bytes != 50_000_000 {
-			t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN2IP)
-		}
-		after := c.counters(t, ctx)
-		nat := grewOn(before, after, 1, "to_host_nat")
-		t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes, decap +%d packets; node1 encap +%d; node2 encap +%d",
-			r.Seconds, nat.Packets, nat.Bytes, grewOn(before, after, 1, "decap").Packets,
-			grewOn(before, after, 1, "encap").Packets, grewOn(before, after, 2, "encap").Packets)
-		if nat.Bytes < 50_000_000 {
-			t.Errorf("node1 to_host_nat grew by %d bytes while b2 sent 50 MB through the service", nat.Bytes)
-		}
-		// The DNATed requests leave node1 through to_uplink; b2's replies through
-		// from_pod on node2.
-		if got := grewOn(before, after, 1, "encap").Packets; got == 0 {
-			t.Error("node1 encapsulated nothing: the DNATed requests did not cross to node2 through to_uplink")
-		}
-		if got := grewOn(before, after, 2, "encap").Bytes; got < 50_000_000 {
-			t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
-		}
-	})
-
-	t.Run("clusterip-from-other-node-client", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		// The mirror image: the service is NATed on node2, the backend on node1.
-		c.checkService(t, ctx, c.c2, webN1IP, c.b1)
-	})
-
+	t.Run("clusterip-same-node", func(t *testing.T) { c.clusteripSameNode(t, ctx) })
+	t.Run("clusterip-other-node", func(t *testing.T) { c.clusteripOtherNode(t, ctx) })
+	t.Run("clusterip-from-other-node-client", func(t *testing.T) { c.clusteripFromOtherNodeClient(t, ctx) })
 	t.Run("redirect-during", func(t *testing.T) { c.checkRedirect(t, ctx) })
-
-	t.Run("clusterip-many-connections", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		const n = 200
-		r, err := c.runClient(ctx, c.c1, "many", webIP.String(), strconv.Itoa(httpPort), strconv.Itoa(n), "5")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("%d of %d GETs through %s answered: %v", r.OK, n, webIP, r.Names)
-		if r.OK != n {
-			t.Errorf("%d of %d connections through %s failed; first errors: %v", n-r.OK, n, webIP, r.Errors)
-		}
-		// Two endpoints at probability 0.5: both answer 200 connections unless
-		// one path is broken (a miss happens with probability 2^-199).
-		for _, b := range []string{"b1", "b2"} {
-			if r.Names[b] == 0 {
-				t.Errorf("backend %s answered none of %d connections through %s: %v", b, n, webIP, r.Names)
-			}
-		}
-		// Every connection was closed by both sides, so node1's conntrack, which
-		// NATed them, must have seen each through to its end: an entry left
-		// unreplied or half open means a direction bypassed the stack.
-		var states map[string]int
-		err = lab.WaitFor(ctx, "conntrack entries of "+webIP.String()+" to close", func(ctx context.Context) error {
-			states = conntrackStates(t, ctx, c.n1, webIP)
-			var stale []string
-			for _, st := range []string{"UNREPLIED", "SYN_SENT", "SYN_RECV", "ESTABLISHED"} {
-				if states[st] > 0 {
-					stale = append(stale, fmt.Sprintf("%s: %d", st, states[st]))
-				}
-			}
-			if len(stale) > 0 {
-				return errors.New(strings.Join(stale, ", "))
-			}
-			return nil
-		})
-		t.Logf("node1 conntrack entries for %s by state: %v", webIP, states)
-		if err != nil {
-			t.Error(err)
-		}
-		if states["total"] < n {
-			t.Errorf("node1 conntrack holds %d entries for %s after %d connections", states["total"], webIP, n)
-		}
-	})
-
-	t.Run("node-to-clusterip", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		// The node's own connections are masqueraded by KUBE-SVC (source outside the
-		// cluster CIDR), so the backends see the node's address.
-		for _, tc := range []struct {
-			ip   netip.Addr
-			want *lab.Pod
-		}{{webN1IP, c.b1}, {webN2IP, c.b2}} {
-			r, err := c.runClient(ctx, c.n1, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
-			if err != nil {
-				t.Errorf("node1 -> %s (backend %s): %v", tc.ip, tc.want.Name, err)
-				continue
-			}
-			if r.who() != tc.want.Name || r.peerIP() != c.n1.IP.String() {
-				t.Errorf("node1 -> %s: got %q, want %s to answer and see %s", tc.ip, r.Body, tc.want.Name, c.n1.IP)
-			}
-		}
-	})
-
-	t.Run("node-to-pod", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		// A node reaching pods directly (kubelet probes on its own node; an
-		// apiserver or a hostNetwork scraper on another): no NAT, and the pod sees
-		// the node's address.
-		for _, tc := range []struct {
-			from *lab.Node
-			to   *lab.Pod
-		}{{c.n1, c.b1}, {c.n2, c.b1}, {c.n1, c.b2}} {
-			r, err := c.runClient(ctx, tc.from, "get", tc.to.IP.String(), strconv.Itoa(backendTCP), "/", "5")
-			if err != nil {
-				t.Errorf("node%d -> %s on node%d: %v", tc.from.Index, tc.to.Name, tc.to.Node.Index, err)
-				continue
-			}
-			if r.who() != tc.to.Name || r.peerIP() != tc.from.IP.String() {
-				t.Errorf("node%d -> %s: got %q, want %s to answer and see %s", tc.from.Index, tc.to.Name, r.Body, tc.to.Name, tc.from.IP)
-			}
-		}
-	})
-
-	t.Run("nodeport-from-other-node", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		// node2 reaches node1's NodePorts; node1 DNATs and masquerades.
-		for _, tc := range []struct {
-			port int
-			want *lab.Pod
-		}{{nodePortWebN1, c.b1}, {nodePortWebN2, c.b2}} {
-			r, err := c.runClient(ctx, c.n2, "get", c.n1.IP.String(), strconv.Itoa(tc.port), "/", "5")
-			if err != nil {
-				t.Errorf("node2 -> %s:%d (backend %s on node%d): %v", c.n1.IP, tc.port, tc.want.Name, tc.want.Node.Index, err)
-				continue
-			}
-			if r.who() != tc.want.Name || r.peerIP() != c.n1.IP.String() {
-				t.Errorf("node2 -> %s:%d: got %q, want %s to answer and see %s (KUBE-EXT masquerades)", c.n1.IP, tc.port, r.Body, tc.want.Name, c.n1.IP)
-			}
-		}
-	})
-
-	t.Run("hairpin", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		// A backend reaching itself through its service: KUBE-SEP masquerades it,
-		// or its own reply would go straight back to itself.
-		for _, tc := range []struct {
-			self *lab.Pod
-			ip   netip.Addr
-		}{{c.b1, webN1IP}, {c.b2, webN2IP}} {
-			r, err := c.runClient(ctx, tc.self, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
-			if err != nil {
-				t.Errorf("%s -> %s (itself): %v", tc.self.Name, tc.ip, err)
-				continue
-			}
-			if r.who() != tc.self.Name || r.peerIP() == tc.self.IP.String() {
-				t.Errorf("%s -> %s: got %q, want %s to answer a masqueraded peer", tc.self.Name, tc.ip, r.Body, tc.self.Name)
-			}
-			u := c.udpQuery(t, ctx, tc.self, tc.ip.String(), dnsPort)
-			if want := netip.AddrPortFrom(tc.ip, dnsPort).String(); u.From != want {
-				t.Errorf("%s -> %s:%d (itself, UDP): reply from %s, want %s", tc.self.Name, tc.ip, dnsPort, u.From, want)
-			}
-		}
-	})
-
-	t.Run("masquerade", func(t *testing.T) {
-		defer c.explainFailure(t, ctx)()
-		outside := outsideIP.String()
-		// On: the outside host answers the node, which it can reach.
-		r := c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
-		if r.peerIP() != c.n1.IP.String() {
-			t.Errorf("outside host saw %s, want node1's %s (masquerade)", r.peer(), c.n1.IP)
-		}
-		// Inside the cluster nothing is masqueraded: a pod on another node and
-		// another node see the pod's own address.
-		if r, err := c.runClient(ctx, c.c1, "get", c.b2.IP.String(), strconv.Itoa(backendTCP), "/", "5"); err != nil {
-			t.Errorf("c1 -> b2 directly: %v", err)
-		} else if r.peerIP() != c.c1.IP.String() {
-			t.Errorf("b2 saw c1 as %s, want %s (pod-to-pod is never masqueraded)", r.peer(), c.c1.IP)
-		}
-		if r, err := c.runClient(ctx, c.c1, "get", c.n2.IP.String(), strconv.Itoa(nodeServerPort), "/", "5"); err != nil {
-			t.Errorf("c1 -> node2 %s:%d: %v", c.n2.IP, nodeServerPort, err)
-		} else if r.peerIP() != c.c1.IP.String() {
-			t.Errorf("node2 saw c1 as %s, want %s (pod-to-node is never masqueraded)", r.peer(), c.c1.IP)
-		}
-
-		// Off: the chain goes, and the outside host cannot answer a pod address.
-		c.restartAgent(t, ctx, 1, "--masquerade=false")
-		if masqChain(t, ctx, c.n1) {
-			t.Error("PATCHCORD-MASQ still in node1's nat table with --masquerade=false")
-		}
-		if r, err := c.runClient(ctx, c.c1, "get", outside, strconv.Itoa(backendTCP), "/", "2"); err == nil {
-			t.Errorf("c1 reached the outside host without masquerade: %q (it has no route to pods)", r.Body)
-		}
-
-		// On again: back as it was.
-		c.restartAgent(t, ctx, 1)
-		if !masqChain(t, ctx, c.n1) {
-			t.Error("PATCHCORD-MASQ missing from node1's nat table after restarting with masquerade")
-		}
-		r = c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
-		if r.peerIP() != c.n1.IP.String() {
-			t.Errorf("outside host saw %s after masquerade came back, want %s", r.peer(), c.n1.IP)
-		}
-	})
-
+	t.Run("clusterip-many-connections", func(t *testing.T) { c.clusteripManyConnections(t, ctx) })
+	t.Run("node-to-clusterip", func(t *testing.T) { c.nodeToClusterip(t, ctx) })
+	t.Run("node-to-pod", func(t *testing.T) { c.nodeToPod(t, ctx) })
+	t.Run("nodeport-from-other-node", func(t *testing.T) { c.nodeportFromOtherNode(t, ctx) })
+	t.Run("hairpin", func(t *testing.T) { c.hairpin(t, ctx) })
+	t.Run("masquerade", func(t *testing.T) { c.masquerade(t, ctx) })
 	t.Run("redirect-after", func(t *testing.T) { c.checkRedirect(t, ctx) })
+}
+
+// kubeProxyRules is the kube-proxy-rules step of TestServices.
+func (c *serviceLab) kubeProxyRules(t *testing.T, ctx context.Context) {
+	web := c.svcs[0]
+	// What iptables-save prints for kube-proxy's rules is well known from every
+	// cluster; the kernel's normalised form of ours must read the same.
+	out, err := c.n1.Exec(ctx, "iptables-save", "-t", "nat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sorted := slices.Clone(web.Endpoints)
+	sepA, sepB := web.sepChain(sorted[0]), web.sepChain(sorted[1])
+	for _, line := range []string{
+		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
+		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
+		`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
+		`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
+		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
+		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
+		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`,
+		`-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j ` + web.svcChain(),
+		`-A ` + web.svcChain() + ` ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ`,
+		`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[0].String() + `" -m statistic --mode random --probability 0.50000000000 -j ` + sepA,
+		`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[1].String() + `" -j ` + sepB,
+		`-A ` + sepA + ` -s ` + sorted[0].Addr().String() + `/32 -m comment --comment "default/web:http" -j KUBE-MARK-MASQ`,
+		`-A ` + sepA + ` -p tcp -m comment --comment "default/web:http" -m tcp -j DNAT --to-destination ` + sorted[0].String(),
+		`-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 -j ` + web.extChain(),
+		`-A ` + web.extChain() + ` -m comment --comment "masquerade traffic for default/web:http external destinations" -j KUBE-MARK-MASQ`,
+		`-A ` + web.extChain() + ` -j ` + web.svcChain(),
+		`-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`,
+	} {
+		if !strings.Contains(string(out), line+"\n") {
+			t.Errorf("iptables-save -t nat on node1 lacks\n\t%s", line)
+		}
+	}
+	if t.Failed() {
+		t.Logf("iptables-save -t nat:\n%s", out)
+	}
+}
+
+// clusteripSameNode is the clusterip-same-node step of TestServices.
+func (c *serviceLab) clusteripSameNode(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	before := c.counters(t, ctx)
+	c.checkService(t, ctx, c.c1, webN1IP, c.b1)
+	r := c.httpGet(t, ctx, c.c1, webN1IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
+	if r.Bytes != 50_000_000 {
+		t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN1IP)
+	}
+	after := c.counters(t, ctx)
+	nat := grewOn(before, after, 1, "to_host_nat")
+	t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes", r.Seconds, nat.Packets, nat.Bytes)
+	// Every reply of b1 to c1 belongs to a DNATed connection: none may be
+	// redirected past the stack.
+	if nat.Bytes < 50_000_000 {
+		t.Errorf("node1 to_host_nat grew by %d bytes while b1 sent 50 MB through the service", nat.Bytes)
+	}
+}
+
+// clusteripOtherNode is the clusterip-other-node step of TestServices.
+func (c *serviceLab) clusteripOtherNode(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	before := c.counters(t, ctx)
+	c.checkService(t, ctx, c.c1, webN2IP, c.b2)
+	// GSO packets of the backend cross the tunnel whole and must survive the
+	// decap-to-stack path and the forwarding after it.
+	r := c.httpGet(t, ctx, c.c1, webN2IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
+	if r.Bytes != 50_000_000 {
+		t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN2IP)
+	}
+	after := c.counters(t, ctx)
+	nat := grewOn(before, after, 1, "to_host_nat")
+	t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes, decap +%d packets; node1 encap +%d; node2 encap +%d",
+		r.Seconds, nat.Packets, nat.Bytes, grewOn(before, after, 1, "decap").Packets,
+		grewOn(before, after, 1, "encap").Packets, grewOn(before, after, 2, "encap").Packets)
+	if nat.Bytes < 50_000_000 {
+		t.Errorf("node1 to_host_nat grew by %d bytes while b2 sent 50 MB through the service", nat.Bytes)
+	}
+	// The DNATed requests leave node1 through to_uplink; b2's replies through
+	// from_pod on node2.
+	if got := grewOn(before, after, 1, "encap").Packets; got == 0 {
+		t.Error("node1 encapsulated nothing: the DNATed requests did not cross to node2 through to_uplink")
+	}
+	if got := grewOn(before, after, 2, "encap").Bytes; got < 50_000_000 {
+		t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
+	}
+}
+
+// clusteripFromOtherNodeClient is the clusterip-from-other-node-client step of TestServices.
+func (c *serviceLab) clusteripFromOtherNodeClient(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	// The mirror image: the service is NATed on node2, the backend on node1.
+	c.checkService(t, ctx, c.c2, webN1IP, c.b1)
+}
+
+// clusteripManyConnections is the clusterip-many-connections step of TestServices.
+func (c *serviceLab) clusteripManyConnections(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	const n = 200
+	r, err := c.runClient(ctx, c.c1, "many", webIP.String(), strconv.Itoa(httpPort), strconv.Itoa(n), "5")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d of %d GETs through %s answered: %v", r.OK, n, webIP, r.Names)
+	if r.OK != n {
+		t.Errorf("%d of %d connections through %s failed; first errors: %v", n-r.OK, n, webIP, r.Errors)
+	}
+	// Two endpoints at probability 0.5: both answer 200 connections unless
+	// one path is broken (a miss happens with probability 2^-199).
+	for _, b := range []string{"b1", "b2"} {
+		if r.Names[b] == 0 {
+			t.Errorf("backend %s answered none of %d connections through %s: %v", b, n, webIP, r.Names)
+		}
+	}
+	// Every connection was closed by both sides, so node1's conntrack, which
+	// NATed them, must have seen each through to its end: an entry left
+	// unreplied or half open means a direction bypassed the stack.
+	var states map[string]int
+	err = lab.WaitFor(ctx, "conntrack entries of "+webIP.String()+" to close", func(ctx context.Context) error {
+		states = conntrackStates(t, ctx, c.n1, webIP)
+		var stale []string
+		for _, st := range []string{"UNREPLIED", "SYN_SENT", "SYN_RECV", "ESTABLISHED"} {
+			if states[st] > 0 {
+				stale = append(stale, fmt.Sprintf("%s: %d", st, states[st]))
+			}
+		}
+		if len(stale) > 0 {
+			return errors.New(strings.Join(stale, ", "))
+		}
+		return nil
+	})
+	t.Logf("node1 conntrack entries for %s by state: %v", webIP, states)
+	if err != nil {
+		t.Error(err)
+	}
+	if states["total"] < n {
+		t.Errorf("node1 conntrack holds %d entries for %s after %d connections", states["total"], webIP, n)
+	}
+}
+
+// nodeToClusterip is the node-to-clusterip step of TestServices.
+func (c *serviceLab) nodeToClusterip(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	// The node's own connections are masqueraded by KUBE-SVC (source outside the
+	// cluster CIDR), so the backends see the node's address.
+	for _, tc := range []struct {
+		ip   netip.Addr
+		want *lab.Pod
+	}{{webN1IP, c.b1}, {webN2IP, c.b2}} {
+		r, err := c.runClient(ctx, c.n1, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
+		if err != nil {
+			t.Errorf("node1 -> %s (backend %s): %v", tc.ip, tc.want.Name, err)
+			continue
+		}
+		if r.who() != tc.want.Name || r.peerIP() != c.n1.IP.String() {
+			t.Errorf("node1 -> %s: got %q, want %s to answer and see %s", tc.ip, r.Body, tc.want.Name, c.n1.IP)
+		}
+	}
+}
+
+// nodeToPod is the node-to-pod step of TestServices.
+func (c *serviceLab) nodeToPod(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	// A node reaching pods directly (kubelet probes on its own node; an
+	// apiserver or a hostNetwork scraper on another): no NAT, and the pod sees
+	// the node's address.
+	for _, tc := range []struct {
+		from *lab.Node
+		to   *lab.Pod
+	}{{c.n1, c.b1}, {c.n2, c.b1}, {c.n1, c.b2}} {
+		r, err := c.runClient(ctx, tc.from, "get", tc.to.IP.String(), strconv.Itoa(backendTCP), "/", "5")
+		if err != nil {
+			t.Errorf("node%d -> %s on node%d: %v", tc.from.Index, tc.to.Name, tc.to.Node.Index, err)
+			continue
+		}
+		if r.who() != tc.to.Name || r.peerIP() != tc.from.IP.String() {
+			t.Errorf("node%d -> %s: got %q, want %s to answer and see %s", tc.from.Index, tc.to.Name, r.Body, tc.to.Name, tc.from.IP)
+		}
+	}
+}
+
+// nodeportFromOtherNode is the nodeport-from-other-node step of TestServices.
+func (c *serviceLab) nodeportFromOtherNode(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	// node2 reaches node1's NodePorts; node1 DNATs and masquerades.
+	for _, tc := range []struct {
+		port int
+		want *lab.Pod
+	}{{nodePortWebN1, c.b1}, {nodePortWebN2, c.b2}} {
+		r, err := c.runClient(ctx, c.n2, "get", c.n1.IP.String(), strconv.Itoa(tc.port), "/", "5")
+		if err != nil {
+			t.Errorf("node2 -> %s:%d (backend %s on node%d): %v", c.n1.IP, tc.port, tc.want.Name, tc.want.Node.Index, err)
+			continue
+		}
+		if r.who() != tc.want.Name || r.peerIP() != c.n1.IP.String() {
+			t.Errorf("node2 -> %s:%d: got %q, want %s to answer and see %s (KUBE-EXT masquerades)", c.n1.IP, tc.port, r.Body, tc.want.Name, c.n1.IP)
+		}
+	}
+}
+
+// hairpin is the hairpin step of TestServices.
+func (c *serviceLab) hairpin(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	// A backend reaching itself through its service: KUBE-SEP masquerades it,
+	// or its own reply would go straight back to itself.
+	for _, tc := range []struct {
+		self *lab.Pod
+		ip   netip.Addr
+	}{{c.b1, webN1IP}, {c.b2, webN2IP}} {
+		r, err := c.runClient(ctx, tc.self, "get", tc.ip.String(), strconv.Itoa(httpPort), "/", "5")
+		if err != nil {
+			t.Errorf("%s -> %s (itself): %v", tc.self.Name, tc.ip, err)
+			continue
+		}
+		if r.who() != tc.self.Name || r.peerIP() == tc.self.IP.String() {
+			t.Errorf("%s -> %s: got %q, want %s to answer a masqueraded peer", tc.self.Name, tc.ip, r.Body, tc.self.Name)
+		}
+		u := c.udpQuery(t, ctx, tc.self, tc.ip.String(), dnsPort)
+		if want := netip.AddrPortFrom(tc.ip, dnsPort).String(); u.From != want {
+			t.Errorf("%s -> %s:%d (itself, UDP): reply from %s, want %s", tc.self.Name, tc.ip, dnsPort, u.From, want)
+		}
+	}
+}
+
+// masquerade is the masquerade step of TestServices.
+func (c *serviceLab) masquerade(t *testing.T, ctx context.Context) {
+	defer c.explainFailure(t, ctx)()
+	outside := outsideIP.String()
+	// On: the outside host answers the node, which it can reach.
+	r := c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
+	if r.peerIP() != c.n1.IP.String() {
+		t.Errorf("outside host saw %s, want node1's %s (masquerade)", r.peer(), c.n1.IP)
+	}
+	// Inside the cluster nothing is masqueraded: a pod on another node and
+	// another node see the pod's own address.
+	if r, err := c.runClient(ctx, c.c1, "get", c.b2.IP.String(), strconv.Itoa(backendTCP), "/", "5"); err != nil {
+		t.Errorf("c1 -> b2 directly: %v", err)
+	} else if r.peerIP() != c.c1.IP.String() {
+		t.Errorf("b2 saw c1 as %s, want %s (pod-to-pod is never masqueraded)", r.peer(), c.c1.IP)
+	}
+	if r, err := c.runClient(ctx, c.c1, "get", c.n2.IP.String(), strconv.Itoa(nodeServerPort), "/", "5"); err != nil {
+		t.Errorf("c1 -> node2 %s:%d: %v", c.n2.IP, nodeServerPort, err)
+	} else if r.peerIP() != c.c1.IP.String() {
+		t.Errorf("node2 saw c1 as %s, want %s (pod-to-node is never masqueraded)", r.peer(), c.c1.IP)
+	}
+
+	// Off: the chain goes, and the outside host cannot answer a pod address.
+	c.restartAgent(t, ctx, 1, "--masquerade=false")
+	if masqChain(t, ctx, c.n1) {
+		t.Error("PATCHCORD-MASQ still in node1's nat table with --masquerade=false")
+	}
+	if r, err := c.runClient(ctx, c.c1, "get", outside, strconv.Itoa(backendTCP), "/", "2"); err == nil {
+		t.Errorf("c1 reached the outside host without masquerade: %q (it has no route to pods)", r.Body)
+	}
+
+	// On again: back as it was.
+	c.restartAgent(t, ctx, 1)
+	if !masqChain(t, ctx, c.n1) {
+		t.Error("PATCHCORD-MASQ missing from node1's nat table after restarting with masquerade")
+	}
+	r = c.httpGet(t, ctx, c.c1, outside, backendTCP, "/", 5*time.Second)
+	if r.peerIP() != c.n1.IP.String() {
+		t.Errorf("outside host saw %s after masquerade came back, want %s", r.peer(), c.n1.IP)
+	}
 }
