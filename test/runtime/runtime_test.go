@@ -478,156 +478,162 @@ func countDelta(before, after map[string]int) map[string]int {
 // runtime's DEL must then remove everything the dead ADD made (through cnitool and through
 // containerd), and so must GC when no DEL comes. A live pod stays untouched throughout.
 func TestKillMidAdd(t *testing.T) {
-	t.Run("cnitool", func(t *testing.T) {
-		t.Parallel()
-		ctx := e2e.Ctx(t)
-		cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
-		n := cl.Nodes[0]
-		dir := filepath.Join(cl.Lab.Dir, "killer")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		k := newKiller(t, dir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
-		cniPathKill := dir + ":" + strings.Join(e2e.CNIPathWithPlugin(t), ":")
-		add := func(name string) (*e2e.CNIPod, error) {
-			p := e2e.NewCNIPod(t, n, name, cl.Network, nil)
-			p.CNIPath = cniPathKill
-			out, err := p.CNI(ctx, "add")
-			if err != nil {
-				return p, fmt.Errorf("%w\n%s", err, out)
-			}
-			p.ReadAddr(t, ctx)
-			return p, nil
-		}
+	t.Run("cnitool", killMidAddCnitool)
 
-		live, err := add("live")
+	t.Run("containerd", killMidAddContainerd)
+}
+
+// killMidAddCnitool is TestKillMidAdd through cnitool.
+func killMidAddCnitool(t *testing.T) {
+	t.Parallel()
+	ctx := e2e.Ctx(t)
+	cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
+	n := cl.Nodes[0]
+	dir := filepath.Join(cl.Lab.Dir, "killer")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	k := newKiller(t, dir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
+	cniPathKill := dir + ":" + strings.Join(e2e.CNIPathWithPlugin(t), ":")
+	add := func(name string) (*e2e.CNIPod, error) {
+		p := e2e.NewCNIPod(t, n, name, cl.Network, nil)
+		p.CNIPath = cniPathKill
+		out, err := p.CNI(ctx, "add")
 		if err != nil {
-			t.Fatal(err)
+			return p, fmt.Errorf("%w\n%s", err, out)
 		}
-		k.set(t, "trace")
-		cal, err := add("cal")
-		if err != nil {
-			t.Fatal(err)
-		}
-		k.set(t, "")
-		cal.Del(t, ctx)
-		points := killPoints(t, k.trace)
+		p.ReadAddr(t, ctx)
+		return p, nil
+	}
 
-		// killAt makes pods whose ADD is killed at points[i] until one dies there: the
-		// count of bpf() calls before a step varies now and then between runs, so what
-		// a killed ADD left says where it died, and a kill that came early or late is
-		// moved a call and tried again (at most four times). After each attempt, then
-		// cleans up (or not).
-		killAt := func(t *testing.T, i int, prefix string, then func(*e2e.CNIPod)) {
-			t.Helper()
-			pt := &points[i]
-			for attempt := range 4 {
-				before := mapCounts(t, ctx, n, cl.Network, "pc")
-				k.set(t, pt.at())
-				p, err := add(fmt.Sprintf("%s-%s-%d", prefix, pt.name, attempt))
-				k.set(t, "")
-				delta := countDelta(before, mapCounts(t, ctx, n, cl.Network, "pc"))
-				level := len(points)
-				if err != nil {
-					level = killLevel(points, delta)
-				}
-				then(p)
-				switch {
-				case level == i:
-					return
-				case level < 0:
-					t.Fatalf("%s: the killed ADD left %v, which is no step of ADD's", pt.name, delta)
-				case pt.bpf == 0:
-					t.Fatalf("%s: the killed ADD left %v, want %v", pt.name, delta, pt.left)
-				case level > i:
-					t.Logf("%s: kill at bpf() call %d came late (left %v): one earlier", pt.name, pt.bpf, delta)
-					pt.bpf--
-				default:
-					t.Logf("%s: kill at bpf() call %d came early (left %v): one later", pt.name, pt.bpf, delta)
-					pt.bpf++
-				}
-			}
-			t.Errorf("%s: no kill left %v", pt.name, pt.left)
-		}
+	live, err := add("live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.set(t, "trace")
+	cal, err := add("cal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.set(t, "")
+	cal.Del(t, ctx)
+	points := killPoints(t, k.trace)
 
-		// Whatever a killed ADD left, DEL removes it.
-		t.Run("del", func(t *testing.T) {
-			for i := range points {
-				killAt(t, i, "del", func(p *e2e.CNIPod) {
-					if out, err := p.CNI(ctx, "del"); err != nil {
-						t.Errorf("%s: DEL after the killed ADD: %v\n%s", p.Name, err, out)
-					}
-					p.RemoveNS()
-					e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
-				})
-			}
-		})
-
-		// No DEL comes (the runtime went away): GC, told only of the live pod,
-		// removes what every killed ADD left (and any that got through).
-		t.Run("gc", func(t *testing.T) {
-			for i := range points {
-				killAt(t, i, "gc", func(*e2e.CNIPod) {})
-			}
-			liveEP, ok := e2e.Endpoints(t, ctx, n)[live.IP.String()]
-			if !ok {
-				t.Fatal("the live pod lost its endpoint")
-			}
-			conflist, err := os.ReadFile(filepath.Join(n.ConfDir, cl.Network+".conflist"))
+	// killAt makes pods whose ADD is killed at points[i] until one dies there: the
+	// count of bpf() calls before a step varies now and then between runs, so what
+	// a killed ADD left says where it died, and a kill that came early or late is
+	// moved a call and tried again (at most four times). After each attempt, then
+	// cleans up (or not).
+	killAt := func(t *testing.T, i int, prefix string, then func(*e2e.CNIPod)) {
+		t.Helper()
+		pt := &points[i]
+		for attempt := range 4 {
+			before := mapCounts(t, ctx, n, cl.Network, "pc")
+			k.set(t, pt.at())
+			p, err := add(fmt.Sprintf("%s-%s-%d", prefix, pt.name, attempt))
+			k.set(t, "")
+			delta := countDelta(before, mapCounts(t, ctx, n, cl.Network, "pc"))
+			level := len(points)
 			if err != nil {
-				t.Fatal(err)
+				level = killLevel(points, delta)
 			}
-			t.Logf("before GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
-			e2e.GC(t, ctx, n, conflist, [][2]string{{liveEP.ContainerID, "eth0"}})
-			t.Logf("after GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
-			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
-		})
+			then(p)
+			switch {
+			case level == i:
+				return
+			case level < 0:
+				t.Fatalf("%s: the killed ADD left %v, which is no step of ADD's", pt.name, delta)
+			case pt.bpf == 0:
+				t.Fatalf("%s: the killed ADD left %v, want %v", pt.name, delta, pt.left)
+			case level > i:
+				t.Logf("%s: kill at bpf() call %d came late (left %v): one earlier", pt.name, pt.bpf, delta)
+				pt.bpf--
+			default:
+				t.Logf("%s: kill at bpf() call %d came early (left %v): one later", pt.name, pt.bpf, delta)
+				pt.bpf++
+			}
+		}
+		t.Errorf("%s: no kill left %v", pt.name, pt.left)
+	}
 
-		e2e.Ping(t, ctx, live, n.IP.String())
-		if out, err := live.CNI(ctx, "check"); err != nil {
-			t.Errorf("check of the live pod: %v\n%s", err, out)
+	// Whatever a killed ADD left, DEL removes it.
+	t.Run("del", func(t *testing.T) {
+		for i := range points {
+			killAt(t, i, "del", func(p *e2e.CNIPod) {
+				if out, err := p.CNI(ctx, "del"); err != nil {
+					t.Errorf("%s: DEL after the killed ADD: %v\n%s", p.Name, err, out)
+				}
+				p.RemoveNS()
+				e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
+			})
 		}
 	})
 
-	t.Run("containerd", func(t *testing.T) {
-		t.Parallel()
-		ctx := e2e.Ctx(t)
-		cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
-		n := cl.Nodes[0]
-		c := startContainerd(t, ctx, n)
-		k := newKiller(t, c.CNIBinDir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
-		live := runPods(t, ctx, c, lab.SandboxSpec{Name: "live"})[0]
-		k.set(t, "trace")
-		cal := runPods(t, ctx, c, lab.SandboxSpec{Name: "cal"})[0]
-		k.set(t, "")
-		if err := cal.Remove(ctx); err != nil {
+	// No DEL comes (the runtime went away): GC, told only of the live pod,
+	// removes what every killed ADD left (and any that got through).
+	t.Run("gc", func(t *testing.T) {
+		for i := range points {
+			killAt(t, i, "gc", func(*e2e.CNIPod) {})
+		}
+		liveEP, ok := e2e.Endpoints(t, ctx, n)[live.IP.String()]
+		if !ok {
+			t.Fatal("the live pod lost its endpoint")
+		}
+		conflist, err := os.ReadFile(filepath.Join(n.ConfDir, cl.Network+".conflist"))
+		if err != nil {
 			t.Fatal(err)
 		}
-		// containerd DELs at once: what the dead ADD left cannot be looked at, only
-		// that the plugin died of the SIGKILL (a kill placed past the end, as the count
-		// of bpf() calls varies, is moved a call earlier).
-		for _, pt := range killPoints(t, k.trace) {
-			for attempt := 0; ; attempt++ {
-				k.set(t, pt.at())
-				s, err := c.RunPod(ctx, lab.SandboxSpec{Name: fmt.Sprintf("kill-%s-%d", pt.name, attempt)})
-				k.set(t, "")
-				if err == nil && pt.bpf > 0 && attempt < 3 {
-					if err := s.Remove(ctx); err != nil {
-						t.Fatal(err)
-					}
-					pt.bpf--
-					continue
-				}
-				if err == nil || !strings.Contains(err.Error(), "signal: killed") {
-					t.Fatalf("%s: runp: want the plugin killed (signal: killed), got %v", pt.name, err)
-				}
-				break
-			}
-			// containerd ran DEL when ADD failed, and dropped the sandbox.
-			e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
-			assertReleased(t, c, live)
-		}
-		after := runPods(t, ctx, c, lab.SandboxSpec{Name: "after"})[0]
-		e2e.Ping(t, ctx, live, after.IP.String())
+		t.Logf("before GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
+		e2e.GC(t, ctx, n, conflist, [][2]string{{liveEP.ContainerID, "eth0"}})
+		t.Logf("after GC: %v", mapCounts(t, ctx, n, cl.Network, "pc"))
+		e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
 	})
+
+	e2e.Ping(t, ctx, live, n.IP.String())
+	if out, err := live.CNI(ctx, "check"); err != nil {
+		t.Errorf("check of the live pod: %v\n%s", err, out)
+	}
+}
+
+// killMidAddContainerd is TestKillMidAdd through containerd.
+func killMidAddContainerd(t *testing.T) {
+	t.Parallel()
+	ctx := e2e.Ctx(t)
+	cl := e2e.NewCluster(t, ctx, exampleConflist, 1)
+	n := cl.Nodes[0]
+	c := startContainerd(t, ctx, n)
+	k := newKiller(t, c.CNIBinDir, filepath.Join(e2e.BinDir(), "patchcord-cni"), filepath.Join(e2e.CNIPath(t)[0], "host-local"))
+	live := runPods(t, ctx, c, lab.SandboxSpec{Name: "live"})[0]
+	k.set(t, "trace")
+	cal := runPods(t, ctx, c, lab.SandboxSpec{Name: "cal"})[0]
+	k.set(t, "")
+	if err := cal.Remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// containerd DELs at once: what the dead ADD left cannot be looked at, only
+	// that the plugin died of the SIGKILL (a kill placed past the end, as the count
+	// of bpf() calls varies, is moved a call earlier).
+	for _, pt := range killPoints(t, k.trace) {
+		for attempt := 0; ; attempt++ {
+			k.set(t, pt.at())
+			s, err := c.RunPod(ctx, lab.SandboxSpec{Name: fmt.Sprintf("kill-%s-%d", pt.name, attempt)})
+			k.set(t, "")
+			if err == nil && pt.bpf > 0 && attempt < 3 {
+				if err := s.Remove(ctx); err != nil {
+					t.Fatal(err)
+				}
+				pt.bpf--
+				continue
+			}
+			if err == nil || !strings.Contains(err.Error(), "signal: killed") {
+				t.Fatalf("%s: runp: want the plugin killed (signal: killed), got %v", pt.name, err)
+			}
+			break
+		}
+		// containerd ran DEL when ADD failed, and dropped the sandbox.
+		e2e.AssertClean(t, ctx, n, cl.Network, "", live.IP)
+		assertReleased(t, c, live)
+	}
+	after := runPods(t, ctx, c, lab.SandboxSpec{Name: "after"})[0]
+	e2e.Ping(t, ctx, live, after.IP.String())
 }
