@@ -153,24 +153,7 @@ func TestContainerd(t *testing.T) {
 	})
 
 	t.Run("hostport", func(t *testing.T) {
-		srv, err := web.Start(ctx, "iperf3", "-s", "-p", "80")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := lab.WaitFor(ctx, "iperf3 in web", func(ctx context.Context) error {
-			select {
-			case <-srv.Done():
-				return errors.New("iperf3 exited")
-			default:
-			}
-			out, err := web.Exec(ctx, "ss", "-Hltn", "sport = :80")
-			if err != nil || len(strings.TrimSpace(string(out))) == 0 {
-				return errors.New("not listening")
-			}
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
+		e2e.IperfServer(t, ctx, web, 80)
 		for _, from := range []e2e.Execer{n1, n2} {
 			if _, err := e2e.IperfErr(ctx, from, n1.IP.String(), 8081, "-n", "256K"); err != nil {
 				t.Errorf("hostPort %s:8081 of sandbox web: %v", n1.IP, err)
