@@ -281,38 +281,8 @@ func TestFlannelMigration(t *testing.T) {
 	}
 
 	api := newAPIServer()
-	// n1 and n2 ran Flannel before: their annotations still name their old
-	// flannel.1, which is gone. The agents must overwrite them.
-	stale := map[string]string{
-		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
-		nodes.FlannelBackendType:       "vxlan",
-		nodes.FlannelPublicIP:          "",
-		nodes.FlannelKubeSubnetManager: "true",
-	}
-	for _, n := range []*lab.Node{n1, n2} {
-		ann := map[string]string{}
-		for k, v := range stale {
-			ann[k] = v
-		}
-		ann[nodes.FlannelPublicIP] = n.IP.String()
-		api.set(nodeObject(n, ann))
-	}
-	api.set(nodeObject(fl, map[string]string{
-		nodes.FlannelBackendData:       fmt.Sprintf(`{"VNI":%d,"VtepMAC":"%s"}`, lab.FlannelVNI, vtep),
-		nodes.FlannelBackendType:       "vxlan",
-		nodes.FlannelPublicIP:          fl.IP.String(),
-		nodes.FlannelKubeSubnetManager: "true",
-	}))
-	kubeconfig := filepath.Join(l.Dir, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
-kind: Config
-clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
-users: [{name: agent, user: {}}]
-contexts: [{name: lab, context: {cluster: lab, user: agent}}]
-current-context: lab
-`), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	seedAPI(api, n1, n2, fl, vtep)
+	kubeconfig := writeKubeconfig(t, l.Dir)
 	for _, n := range []*lab.Node{n1, n2} {
 		api.serveIn(t, n)
 		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
@@ -395,4 +365,47 @@ current-context: lab
 	api.set(obj)
 	e2e.WaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
 	e2e.Ping(t, ctx, p1, p2.IP.String())
+}
+
+// seedAPI stores the lab's Node objects: n1 and n2 with the stale Flannel
+// annotations of the flannel.1 they ran before, fl with its live one.
+func seedAPI(api *apiServer, n1, n2, fl *lab.Node, vtep net.HardwareAddr) {
+	// The agents must overwrite n1's and n2's.
+	stale := map[string]string{
+		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          "",
+		nodes.FlannelKubeSubnetManager: "true",
+	}
+	for _, n := range []*lab.Node{n1, n2} {
+		ann := map[string]string{}
+		for k, v := range stale {
+			ann[k] = v
+		}
+		ann[nodes.FlannelPublicIP] = n.IP.String()
+		api.set(nodeObject(n, ann))
+	}
+	api.set(nodeObject(fl, map[string]string{
+		nodes.FlannelBackendData:       fmt.Sprintf(`{"VNI":%d,"VtepMAC":"%s"}`, lab.FlannelVNI, vtep),
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          fl.IP.String(),
+		nodes.FlannelKubeSubnetManager: "true",
+	}))
+}
+
+// writeKubeconfig writes the agents' kubeconfig, pointing at the API server
+// each node serves on its loopback, and returns its path.
+func writeKubeconfig(t *testing.T, dir string) string {
+	t.Helper()
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
+users: [{name: agent, user: {}}]
+contexts: [{name: lab, context: {cluster: lab, user: agent}}]
+current-context: lab
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return kubeconfig
 }
