@@ -21,20 +21,36 @@ import (
 // Leftovers lists what the node holds of pods other than keep (by address): links
 // other than lo, eth0, the bridge and keep's veths; routes into the pod CIDR other than
 // keep's and the bridge's; entries in each endpoint map; pinned from_pod links; address
-// leases of network; portmap chains; the network's cached results in cacheDir (if set).
+// leases of network; portmap chains.
 func Leftovers(t *testing.T, ctx context.Context, n *lab.Node, network, bridge string, keep ...netip.Addr) []string {
 	t.Helper()
-	var left []string
-	keepIP := map[string]bool{}
-	keepVeth := map[string]bool{}
+	k := kept{ip: map[string]bool{}, veth: map[string]bool{}, n: len(keep)}
 	eps := Endpoints(t, ctx, n)
 	for _, ip := range keep {
-		keepIP[ip.String()] = true
+		k.ip[ip.String()] = true
 		if ep, ok := eps[ip.String()]; ok {
-			keepVeth[ep.Ifname] = true
+			k.veth[ep.Ifname] = true
 		}
 	}
+	left := leftLinks(t, ctx, n, k, bridge)
+	left = append(left, leftRoutes(t, ctx, n, k, bridge)...)
+	left = append(left, leftMapEntries(t, ctx, n, k)...)
+	left = append(left, leftPins(t, ctx, n, k)...)
+	left = append(left, leftLeases(t, ctx, n, k, network)...)
+	return append(left, leftPortmaps(t, ctx, n, k)...)
+}
 
+// kept is what of a node's pods is to stay: their addresses and host veths,
+// and how many they are.
+type kept struct {
+	ip, veth map[string]bool
+	n        int
+}
+
+// leftLinks lists links other than lo, eth0, bridge and the kept veths.
+func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
+	t.Helper()
+	var left []string
 	out, err := n.Exec(ctx, "ip", "-j", "link", "show")
 	if err != nil {
 		t.Fatal(err)
@@ -46,12 +62,18 @@ func Leftovers(t *testing.T, ctx context.Context, n *lab.Node, network, bridge s
 		t.Fatalf("ip -j link: %v\n%s", err, out)
 	}
 	for _, l := range links {
-		if l.Ifname != "lo" && l.Ifname != "eth0" && (bridge == "" || l.Ifname != bridge) && !keepVeth[l.Ifname] {
+		if l.Ifname != "lo" && l.Ifname != "eth0" && (bridge == "" || l.Ifname != bridge) && !k.veth[l.Ifname] {
 			left = append(left, "link "+l.Ifname)
 		}
 	}
+	return left
+}
 
-	out, err = n.Exec(ctx, "ip", "-j", "-4", "route", "show", "table", "all")
+// leftRoutes lists routes into the pod CIDR but the bridge's and the kept veths'.
+func leftRoutes(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
+	t.Helper()
+	var left []string
+	out, err := n.Exec(ctx, "ip", "-j", "-4", "route", "show", "table", "all")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,12 +94,18 @@ func Leftovers(t *testing.T, ctx context.Context, n *lab.Node, network, bridge s
 			}
 			dst = netip.PrefixFrom(a, 32)
 		}
-		if !n.PodCIDR.Overlaps(dst) || (bridge != "" && r.Dev == bridge) || keepVeth[r.Dev] {
+		if !n.PodCIDR.Overlaps(dst) || (bridge != "" && r.Dev == bridge) || k.veth[r.Dev] {
 			continue
 		}
 		left = append(left, fmt.Sprintf("route %s dev %s table %s", r.Dst, r.Dev, r.Table))
 	}
+	return left
+}
 
+// leftMapEntries lists endpoint maps holding more entries than pods are kept.
+func leftMapEntries(t *testing.T, ctx context.Context, n *lab.Node, k kept) []string {
+	t.Helper()
+	var left []string
 	// Every map, not just what `bpf endpoint list` shows: an ADD killed between its
 	// writes leaves entries in some only.
 	for _, name := range []string{"endpoints", "ep_by_ifindex", "ep_meta"} {
@@ -85,38 +113,56 @@ func Leftovers(t *testing.T, ctx context.Context, n *lab.Node, network, bridge s
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(keys) > len(keep) {
+		if len(keys) > k.n {
 			shown := keys
 			if len(shown) > 8 {
 				shown = append(shown[:8:8], "...")
 			}
-			left = append(left, fmt.Sprintf("map %s: %d entries %v, want %d", name, len(keys), shown, len(keep)))
+			left = append(left, fmt.Sprintf("map %s: %d entries %v, want %d", name, len(keys), shown, k.n))
 		}
 	}
+	return left
+}
 
+// leftPins lists pinned from_pod links of veths not kept.
+func leftPins(t *testing.T, ctx context.Context, n *lab.Node, k kept) []string {
+	t.Helper()
+	var left []string
 	pinDir := filepath.Join(n.BpffsRoot, "links", "from_pod")
 	pins, err := os.ReadDir(pinDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	for _, e := range pins {
-		if !keepVeth[e.Name()] {
+		if !k.veth[e.Name()] {
 			left = append(left, "pinned link "+filepath.Join(pinDir, e.Name()))
 		}
 	}
+	return left
+}
 
+// leftLeases lists host-local leases of network for addresses not kept.
+func leftLeases(t *testing.T, ctx context.Context, n *lab.Node, k kept, network string) []string {
+	t.Helper()
+	var left []string
 	leaseDir := filepath.Join(n.IPAMDir, network)
 	leases, err := os.ReadDir(leaseDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	for _, e := range leases {
-		if a, err := netip.ParseAddr(e.Name()); err == nil && !keepIP[a.String()] {
+		if a, err := netip.ParseAddr(e.Name()); err == nil && !k.ip[a.String()] {
 			left = append(left, "lease "+filepath.Join(leaseDir, e.Name()))
 		}
 	}
+	return left
+}
 
-	out, err = n.Exec(ctx, "iptables-save", "-t", "nat")
+// leftPortmaps lists portmap's per-pod chains.
+func leftPortmaps(t *testing.T, ctx context.Context, n *lab.Node, k kept) []string {
+	t.Helper()
+	var left []string
+	out, err := n.Exec(ctx, "iptables-save", "-t", "nat")
 	if err != nil {
 		t.Fatal(err)
 	}
