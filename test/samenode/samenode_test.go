@@ -6,15 +6,11 @@
 package samenode
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 
@@ -60,88 +56,6 @@ func assertRegistered(t *testing.T, ctx context.Context, n *lab.Node, m cniMode,
 		t.Errorf("%d endpoints registered, want %d (one per pod): %+v", len(eps), len(pods), eps)
 	}
 	e2e.AssertRegistered(t, ctx, n, m.veth, e2e.PodRefs(pods)...)
-}
-
-// assertNodeClean checks that the node holds nothing of any pod: no veth, no
-// route or address in the pod CIDR, no endpoint, no pinned from_pod link, no
-// host-local lease.
-func assertNodeClean(t *testing.T, ctx context.Context, n *lab.Node, network string) {
-	t.Helper()
-
-	out, err := n.Exec(ctx, "ip", "-j", "link", "show")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var links []struct {
-		Ifname string `json:"ifname"`
-	}
-	if err := json.Unmarshal(out, &links); err != nil {
-		t.Fatalf("ip -j link: %v\n%s", err, out)
-	}
-	var names []string
-	for _, l := range links {
-		names = append(names, l.Ifname)
-	}
-	if strings.Join(names, " ") != "lo eth0" {
-		t.Errorf("links left on the node: %v, want only [lo eth0]", names)
-	}
-
-	// Table all: the /32 routes to pods, and (ptp) the gateway address's
-	// local route on a host veth.
-	out, err = n.Exec(ctx, "ip", "-j", "-4", "route", "show", "table", "all")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var routes []struct {
-		Dst string `json:"dst"`
-		Dev string `json:"dev"`
-	}
-	if err := json.Unmarshal(out, &routes); err != nil {
-		t.Fatalf("ip -j route: %v\n%s", err, out)
-	}
-	for _, r := range routes {
-		dst, err := netip.ParsePrefix(r.Dst)
-		if err != nil {
-			a, aerr := netip.ParseAddr(r.Dst)
-			if aerr != nil {
-				continue // "default"
-			}
-			dst = netip.PrefixFrom(a, 32)
-		}
-		if n.PodCIDR.Overlaps(dst) {
-			t.Errorf("route to %s dev %s left on the node", r.Dst, r.Dev)
-		}
-	}
-
-	out, err = n.CLI(ctx, "bpf", "endpoint", "list", "-o", "json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s := string(bytes.TrimSpace(out)); s != "[]" {
-		t.Errorf("endpoints left: %s", s)
-	}
-
-	linkDir := filepath.Join(n.BpffsRoot, "links", "from_pod")
-	pins, err := os.ReadDir(linkDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		t.Fatal(err)
-	}
-	for _, e := range pins {
-		t.Errorf("from_pod link left pinned: %s", filepath.Join(linkDir, e.Name()))
-	}
-
-	// host-local keeps one file per leased address, named by it, beside
-	// last_reserved_ip.0 and lock.
-	leaseDir := filepath.Join(n.IPAMDir, network)
-	leases, err := os.ReadDir(leaseDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		t.Fatal(err)
-	}
-	for _, e := range leases {
-		if _, err := netip.ParseAddr(e.Name()); err == nil {
-			t.Errorf("address lease left: %s", filepath.Join(leaseDir, e.Name()))
-		}
-	}
 }
 
 // pingPairs pings every ordered pair of pods at once, count pings each, and
@@ -419,7 +333,7 @@ func del(t *testing.T, ctx context.Context, n *lab.Node, m cniMode, pods []*lab.
 			t.Fatal(err)
 		}
 	}
-	assertNodeClean(t, ctx, n, m.network)
+	e2e.AssertClean(t, ctx, n, m.network, "")
 }
 
 // TestParallelAddDel runs twenty ADDs at once on a node whose
@@ -463,7 +377,7 @@ func TestParallelAddDel(t *testing.T) {
 			if err := errors.Join(errs...); err != nil {
 				t.Fatal(err)
 			}
-			assertNodeClean(t, ctx, n, m.network)
+			e2e.AssertClean(t, ctx, n, m.network, "")
 		})
 	}
 }
