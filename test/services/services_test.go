@@ -504,31 +504,8 @@ func newCluster(t *testing.T, ctx context.Context) *serviceLab {
 		}
 	}
 
-	nodes := make([]*lab.Node, 2)
-	nodeErrs := make([]error, 2)
+	nodes := c.addNodes(t, ctx)
 	var wg sync.WaitGroup
-	for i := range nodes {
-		wg.Go(func() { nodes[i], nodeErrs[i] = l.AddNode(i + 1) })
-	}
-	wg.Wait()
-	if err := errors.Join(nodeErrs...); err != nil {
-		t.Fatal(err)
-	}
-	c.n1, c.n2 = nodes[0], nodes[1]
-	c.nodesFile = filepath.Join(l.Dir, "nodes.json")
-	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
-	for _, n := range nodes {
-		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-			t.Fatal(err)
-		}
-		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
-		// What a real node's default route does for the service range: without a
-		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
-		if out, err := n.Exec(ctx, "ip", "route", "add", serviceRange.String(), "dev", "eth0"); err != nil {
-			t.Fatalf("route to service range on %s: %v\n%s", n.NetNS, err, out)
-		}
-	}
-
 	type podSpec struct {
 		node *lab.Node
 		name string
@@ -548,26 +525,7 @@ func newCluster(t *testing.T, ctx context.Context) *serviceLab {
 	c.serve(t, ctx, c.b2, "b2", backendTCP, backendUDP)
 	c.serve(t, ctx, c.n2, "n2", nodeServerPort, 0)
 
-	ep := func(p *lab.Pod, port int) netip.AddrPort { return netip.AddrPortFrom(p.IP, uint16(port)) }
-	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []servicePort {
-		var tcp, udp []netip.AddrPort
-		for _, b := range backends {
-			tcp = append(tcp, ep(b, backendTCP))
-			udp = append(udp, ep(b, backendUDP))
-		}
-		// The endpoints cache hands them over sorted.
-		slices.SortFunc(tcp, netip.AddrPort.Compare)
-		slices.SortFunc(udp, netip.AddrPort.Compare)
-		return []servicePort{
-			{Namespace: "default", Name: name, PortName: "http", Protocol: "tcp", ClusterIP: ip, Port: httpPort, NodePort: nodePort, Endpoints: tcp},
-			{Namespace: "default", Name: name, PortName: "dns", Protocol: "udp", ClusterIP: ip, Port: dnsPort, Endpoints: udp},
-		}
-	}
-	c.svcs = slices.Concat(
-		service("web", webIP, nodePortWeb, c.b1, c.b2),
-		service("web-n1", webN1IP, nodePortWebN1, c.b1),
-		service("web-n2", webN2IP, nodePortWebN2, c.b2),
-	)
+	c.svcs = services(c.b1, c.b2)
 	// kube-proxy runs on every node.
 	for _, n := range nodes {
 		loadKubeProxy(t, ctx, n, c.svcs)
@@ -1076,4 +1034,62 @@ func (c *serviceLab) masquerade(t *testing.T, ctx context.Context) {
 	if r.peerIP() != c.n1.IP.String() {
 		t.Errorf("outside host saw %s after masquerade came back, want %s", r.peer(), c.n1.IP)
 	}
+}
+
+// addNodes adds nodes 1 and 2 at once, each with its agent, the primary
+// conflist and a route to the service range.
+func (c *serviceLab) addNodes(t *testing.T, ctx context.Context) []*lab.Node {
+	t.Helper()
+	l := c.lab
+	nodes := make([]*lab.Node, 2)
+	nodeErrs := make([]error, 2)
+	var wg sync.WaitGroup
+	for i := range nodes {
+		wg.Go(func() { nodes[i], nodeErrs[i] = l.AddNode(i + 1) })
+	}
+	wg.Wait()
+	if err := errors.Join(nodeErrs...); err != nil {
+		t.Fatal(err)
+	}
+	c.n1, c.n2 = nodes[0], nodes[1]
+	c.nodesFile = filepath.Join(l.Dir, "nodes.json")
+	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
+	for _, n := range nodes {
+		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
+			t.Fatal(err)
+		}
+		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
+		// What a real node's default route does for the service range: without a
+		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
+		if out, err := n.Exec(ctx, "ip", "route", "add", serviceRange.String(), "dev", "eth0"); err != nil {
+			t.Fatalf("route to service range on %s: %v\n%s", n.NetNS, err, out)
+		}
+	}
+
+	return nodes
+}
+
+// services are the Services of the lab: web on both backends, web-n1 and
+// web-n2 on one each, with an http (TCP) and a dns (UDP) port.
+func services(b1, b2 *lab.Pod) []servicePort {
+	ep := func(p *lab.Pod, port int) netip.AddrPort { return netip.AddrPortFrom(p.IP, uint16(port)) }
+	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []servicePort {
+		var tcp, udp []netip.AddrPort
+		for _, b := range backends {
+			tcp = append(tcp, ep(b, backendTCP))
+			udp = append(udp, ep(b, backendUDP))
+		}
+		// The endpoints cache hands them over sorted.
+		slices.SortFunc(tcp, netip.AddrPort.Compare)
+		slices.SortFunc(udp, netip.AddrPort.Compare)
+		return []servicePort{
+			{Namespace: "default", Name: name, PortName: "http", Protocol: "tcp", ClusterIP: ip, Port: httpPort, NodePort: nodePort, Endpoints: tcp},
+			{Namespace: "default", Name: name, PortName: "dns", Protocol: "udp", ClusterIP: ip, Port: dnsPort, Endpoints: udp},
+		}
+	}
+	return slices.Concat(
+		service("web", webIP, nodePortWeb, b1, b2),
+		service("web-n1", webN1IP, nodePortWebN1, b1),
+		service("web-n2", webN2IP, nodePortWebN2, b2),
+	)
 }
