@@ -89,6 +89,9 @@ func (s servicePort) sepChain(ep netip.AddrPort) string {
 // fmt.Sprintf("%#08x", 1<<14).
 const kubeMasqMark = "0x004000"
 
+// kubeMasq is the mark with its mask, as the rules match it.
+const kubeMasq = kubeMasqMark + "/" + kubeMasqMark
+
 // kubeProxyRules returns the iptables-restore input kube-proxy's iptables proxier
 // (pkg/proxy/iptables/proxier.go, v1.30 and later) writes on a node for svcs, with
 // --cluster-cidr clusterCIDR (detect-local by cluster CIDR), masquerade bit 14,
@@ -101,10 +104,33 @@ const kubeMasqMark = "0x004000"
 // first, then rules, arguments in its order and quoting. Only the loop over services
 // differs: kube-proxy walks a map, this walks svcs in order.
 func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) string {
-	var filterChains, filterRules, natChains, natRules []string
-	chain := func(buf *[]string, name string) { *buf = append(*buf, ":"+name+" - [0:0]") }
-	rule := func(buf *[]string, args ...string) { *buf = append(*buf, strings.Join(args, " ")) }
+	r := &ruleSet{}
+	r.addJumps()
+	r.addBase()
+	for _, s := range svcs {
+		r.addService(s, clusterCIDR)
+	}
+	r.rule(&r.natRules, `-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`)
+	if !liberal {
+		r.rule(&r.filterRules, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+	}
+	r.rule(&r.filterRules, `-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark`, kubeMasq, "-j ACCEPT")
+	r.rule(&r.filterRules, `-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`)
+	return r.render()
+}
 
+// ruleSet is kube-proxy's iptables-restore input being built, by table and part.
+type ruleSet struct {
+	filterChains, filterRules, filterJumps []string
+	natChains, natRules, natJumps          []string
+}
+
+func (r *ruleSet) chain(buf *[]string, name string) { *buf = append(*buf, ":"+name+" - [0:0]") }
+
+func (r *ruleSet) rule(buf *[]string, args ...string) { *buf = append(*buf, strings.Join(args, " ")) }
+
+// addJumps adds the jumps from the built-in chains.
+func (r *ruleSet) addJumps() {
 	// iptablesJumpChains, then iptablesKubeletJumpChains, each by EnsureRule(Prepend).
 	jumps := []struct{ table, dst, src, comment, extra string }{
 		{"filter", "KUBE-EXTERNAL-SERVICES", "INPUT", "kubernetes externally-visible service portals", "-m conntrack --ctstate NEW"},
@@ -122,7 +148,6 @@ func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) 
 		{"filter", "KUBE-FIREWALL", "INPUT", "", ""},
 		{"filter", "KUBE-FIREWALL", "OUTPUT", "", ""},
 	}
-	var filterJumps, natJumps []string
 	for _, j := range jumps {
 		args := []string{"-I", j.src}
 		if j.extra != "" {
@@ -133,78 +158,78 @@ func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) 
 		}
 		args = append(args, "-j", j.dst)
 		if j.table == "filter" {
-			rule(&filterJumps, args...)
+			r.rule(&r.filterJumps, args...)
 		} else {
-			rule(&natJumps, args...)
+			r.rule(&r.natJumps, args...)
 		}
 	}
+}
 
+// addBase adds the chains and rules that do not depend on services.
+func (r *ruleSet) addBase() {
 	for _, c := range []string{"KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL"} {
-		chain(&filterChains, c)
+		r.chain(&r.filterChains, c)
 	}
 	for _, c := range []string{"KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"} {
-		chain(&natChains, c)
+		r.chain(&r.natChains, c)
 	}
-	masq := kubeMasqMark + "/" + kubeMasqMark
-	rule(&natRules, "-A KUBE-POSTROUTING -m mark ! --mark", masq, "-j RETURN")
-	rule(&natRules, "-A KUBE-POSTROUTING -j MARK --xor-mark", kubeMasqMark)
-	rule(&natRules, `-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`)
-	rule(&natRules, "-A KUBE-MARK-MASQ -j MARK --or-mark", kubeMasqMark)
+	r.rule(&r.natRules, "-A KUBE-POSTROUTING -m mark ! --mark", kubeMasq, "-j RETURN")
+	r.rule(&r.natRules, "-A KUBE-POSTROUTING -j MARK --xor-mark", kubeMasqMark)
+	r.rule(&r.natRules, `-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`)
+	r.rule(&r.natRules, "-A KUBE-MARK-MASQ -j MARK --or-mark", kubeMasqMark)
 	// localhostNodePorts: kubelet's anti-martian rule, duplicated by kube-proxy.
-	chain(&filterChains, "KUBE-FIREWALL")
-	rule(&filterRules, `-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP`)
+	r.chain(&r.filterChains, "KUBE-FIREWALL")
+	r.rule(&r.filterRules, `-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP`)
+}
 
-	for _, s := range svcs {
-		name, proto := s.name(), s.Protocol
-		svcChain, extChain := s.svcChain(), s.extChain()
-		if len(s.Endpoints) == 0 {
-			rule(&filterRules, "-A KUBE-SERVICES -m comment --comment", strconv.Quote(name+" has no endpoints"),
-				"-m", proto, "-p", proto, "-d", s.ClusterIP.String(), "--dport", strconv.Itoa(s.Port), "-j REJECT")
-			if s.NodePort != 0 {
-				rule(&filterRules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment", strconv.Quote(name+" has no endpoints"),
-					"-m addrtype --dst-type LOCAL -m", proto, "-p", proto, "--dport", strconv.Itoa(s.NodePort), "-j REJECT")
-			}
-			continue
-		}
-		clusterIP := []string{"-m comment --comment", strconv.Quote(name + " cluster IP"),
-			"-m", proto, "-p", proto, "-d", s.ClusterIP.String(), "--dport", strconv.Itoa(s.Port)}
-		rule(&natRules, append(append([]string{"-A KUBE-SERVICES"}, clusterIP...), "-j", svcChain)...)
+// addService adds the rules of one service port.
+func (r *ruleSet) addService(s servicePort, clusterCIDR netip.Prefix) {
+	name, proto := s.name(), s.Protocol
+	svcChain, extChain := s.svcChain(), s.extChain()
+	if len(s.Endpoints) == 0 {
+		r.rule(&r.filterRules, "-A KUBE-SERVICES -m comment --comment", strconv.Quote(name+" has no endpoints"),
+			"-m", proto, "-p", proto, "-d", s.ClusterIP.String(), "--dport", strconv.Itoa(s.Port), "-j REJECT")
 		if s.NodePort != 0 {
-			rule(&natRules, "-A KUBE-NODEPORTS -m comment --comment", name, "-m", proto, "-p", proto,
-				"--dport", strconv.Itoa(s.NodePort), "-j", extChain)
+			r.rule(&r.filterRules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment", strconv.Quote(name+" has no endpoints"),
+				"-m addrtype --dst-type LOCAL -m", proto, "-p", proto, "--dport", strconv.Itoa(s.NodePort), "-j REJECT")
 		}
-		// Off-cluster sources reaching the ClusterIP are masqueraded.
-		rule(&natRules, append(append([]string{"-A", svcChain}, clusterIP...), "!", "-s", clusterCIDR.String(), "-j KUBE-MARK-MASQ")...)
-		if s.NodePort != 0 {
-			chain(&natChains, extChain)
-			rule(&natRules, "-A", extChain, "-m comment --comment",
-				strconv.Quote("masquerade traffic for "+name+" external destinations"), "-j KUBE-MARK-MASQ")
-			rule(&natRules, "-A", extChain, "-j", svcChain)
-		}
-		chain(&natChains, svcChain)
-		for i, ep := range s.Endpoints {
-			args := []string{"-A", svcChain, "-m comment --comment", strconv.Quote(name + " -> " + ep.String())}
-			if n := len(s.Endpoints) - i; n > 1 {
-				args = append(args, "-m statistic --mode random --probability", fmt.Sprintf("%0.10f", 1.0/float64(n)))
-			}
-			rule(&natRules, append(args, "-j", s.sepChain(ep))...)
-		}
-		for _, ep := range s.Endpoints {
-			sep := s.sepChain(ep)
-			chain(&natChains, sep)
-			// A pod reaching itself through its service (hairpin) is masqueraded.
-			rule(&natRules, "-A", sep, "-m comment --comment", name, "-s", ep.Addr().String(), "-j KUBE-MARK-MASQ")
-			rule(&natRules, "-A", sep, "-m comment --comment", name, "-m", proto, "-p", proto,
-				"-j DNAT --to-destination", ep.String())
-		}
+		return
 	}
-	rule(&natRules, `-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`)
-	if !liberal {
-		rule(&filterRules, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+	clusterIP := []string{"-m comment --comment", strconv.Quote(name + " cluster IP"),
+		"-m", proto, "-p", proto, "-d", s.ClusterIP.String(), "--dport", strconv.Itoa(s.Port)}
+	r.rule(&r.natRules, append(append([]string{"-A KUBE-SERVICES"}, clusterIP...), "-j", svcChain)...)
+	if s.NodePort != 0 {
+		r.rule(&r.natRules, "-A KUBE-NODEPORTS -m comment --comment", name, "-m", proto, "-p", proto,
+			"--dport", strconv.Itoa(s.NodePort), "-j", extChain)
 	}
-	rule(&filterRules, `-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark`, masq, "-j ACCEPT")
-	rule(&filterRules, `-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`)
+	// Off-cluster sources reaching the ClusterIP are masqueraded.
+	r.rule(&r.natRules, append(append([]string{"-A", svcChain}, clusterIP...), "!", "-s", clusterCIDR.String(), "-j KUBE-MARK-MASQ")...)
+	if s.NodePort != 0 {
+		r.chain(&r.natChains, extChain)
+		r.rule(&r.natRules, "-A", extChain, "-m comment --comment",
+			strconv.Quote("masquerade traffic for "+name+" external destinations"), "-j KUBE-MARK-MASQ")
+		r.rule(&r.natRules, "-A", extChain, "-j", svcChain)
+	}
+	r.chain(&r.natChains, svcChain)
+	for i, ep := range s.Endpoints {
+		args := []string{"-A", svcChain, "-m comment --comment", strconv.Quote(name + " -> " + ep.String())}
+		if n := len(s.Endpoints) - i; n > 1 {
+			args = append(args, "-m statistic --mode random --probability", fmt.Sprintf("%0.10f", 1.0/float64(n)))
+		}
+		r.rule(&r.natRules, append(args, "-j", s.sepChain(ep))...)
+	}
+	for _, ep := range s.Endpoints {
+		sep := s.sepChain(ep)
+		r.chain(&r.natChains, sep)
+		// A pod reaching itself through its service (hairpin) is masqueraded.
+		r.rule(&r.natRules, "-A", sep, "-m comment --comment", name, "-s", ep.Addr().String(), "-j KUBE-MARK-MASQ")
+		r.rule(&r.natRules, "-A", sep, "-m comment --comment", name, "-m", proto, "-p", proto,
+			"-j DNAT --to-destination", ep.String())
+	}
+}
 
+// render is the rule set as iptables-restore reads it.
+func (r *ruleSet) render() string {
 	var b strings.Builder
 	table := func(name string, parts ...[]string) {
 		b.WriteString("*" + name + "\n")
@@ -218,8 +243,8 @@ func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) 
 	// ipt.Monitor's canaries, which tell kube-proxy that someone flushed a table.
 	canary := []string{":KUBE-PROXY-CANARY - [0:0]"}
 	table("mangle", canary)
-	table("filter", filterChains, canary, filterJumps, filterRules)
-	table("nat", natChains, canary, natJumps, natRules)
+	table("filter", r.filterChains, canary, r.filterJumps, r.filterRules)
+	table("nat", r.natChains, canary, r.natJumps, r.natRules)
 	return b.String()
 }
 
