@@ -142,3 +142,20 @@ func IperfServer(t *testing.T, ctx context.Context, p Starter, port int) *lab.Pr
 	}
 	return s
 }
+
+// DefaultGateway is the gateway of a pod's default route: 169.254.1.1 in
+// primary mode, the first address of the pod CIDR with ptp.
+func DefaultGateway(t *testing.T, ctx context.Context, p Execer) string {
+	t.Helper()
+	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var routes []struct {
+		Gateway string `json:"gateway"`
+	}
+	if err := json.Unmarshal(out, &routes); err != nil || len(routes) != 1 || routes[0].Gateway == "" {
+		t.Fatalf("default route: %v\n%s", err, out)
+	}
+	return routes[0].Gateway
+}

@@ -143,7 +143,7 @@ func (f *chainRun) ping(t *testing.T, ctx context.Context) {
 	e2e.Ping(t, ctx, b, slow.IP.String())
 	if m.bridge != "" {
 		// The pod's gateway is the bridge's address.
-		e2e.Ping(t, ctx, a, defaultGateway(t, ctx, a))
+		e2e.Ping(t, ctx, a, e2e.DefaultGateway(t, ctx, a))
 	}
 }
 
@@ -278,22 +278,6 @@ func (f *chainRun) del(t *testing.T, ctx context.Context) {
 	for _, n := range c.Nodes {
 		e2e.AssertClean(t, ctx, n, c.Network, m.bridge)
 	}
-}
-
-// defaultGateway is the gateway of a pod's default route.
-func defaultGateway(t *testing.T, ctx context.Context, p e2e.Execer) string {
-	t.Helper()
-	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var routes []struct {
-		Gateway string `json:"gateway"`
-	}
-	if err := json.Unmarshal(out, &routes); err != nil || len(routes) != 1 || routes[0].Gateway == "" {
-		t.Fatalf("default route: %v\n%s", err, out)
-	}
-	return routes[0].Gateway
 }
 
 // assertStatus checks STATUS through cnitool: ready on the node (loading the datapath if it

@@ -7,7 +7,6 @@ package samenode
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -91,23 +90,6 @@ func pingPairs(t *testing.T, ctx context.Context, pods []*lab.Pod, count int, in
 		t.FailNow()
 	}
 	return pairs * count
-}
-
-// defaultGateway is the gateway of the pod's default route: 169.254.1.1 in
-// primary mode, the first address of the pod CIDR with ptp.
-func defaultGateway(t *testing.T, ctx context.Context, p *lab.Pod) string {
-	t.Helper()
-	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var routes []struct {
-		Gateway string `json:"gateway"`
-	}
-	if err := json.Unmarshal(out, &routes); err != nil || len(routes) != 1 || routes[0].Gateway == "" {
-		t.Fatalf("default route of pod %s: %v\n%s", p.Name, err, out)
-	}
-	return routes[0].Gateway
 }
 
 // chatterPerPod bounds what a pod sends to the host stack by itself while
@@ -248,7 +230,7 @@ func counters(t *testing.T, ctx context.Context, n *lab.Node, m cniMode, pods []
 func spoofing(t *testing.T, ctx context.Context, n *lab.Node, m cniMode, pods []*lab.Pod) {
 	spoofer, victim, target := pods[0], pods[1], pods[2]
 	self := e2e.Endpoints(t, ctx, n)[spoofer.IP.String()]
-	gw := defaultGateway(t, ctx, spoofer)
+	gw := e2e.DefaultGateway(t, ctx, spoofer)
 	for _, tc := range []struct {
 		name       string
 		spoof, fix [][]string // commands in the spoofer, to spoof and to undo it
