@@ -13,8 +13,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 // AgentResult is the agent's part of the JSON.
@@ -46,12 +48,12 @@ func (b *builder) measureAgentSync(ctx context.Context, rounds int) (*AgentResul
 		return nil, err
 	}
 	file := filepath.Join(b.lab.Dir, "nodes-sync.json")
-	entries := append([]nodeEntry{entryOf(n)}, fakeNodes(scaleNodes-1)...)
-	if err := writeNodesFile(file, entries); err != nil {
+	entries := append([]nodes.Entry{e2e.EntryOf(n)}, fakeNodes(scaleNodes-1)...)
+	if err := nodes.WriteFile(file, entries); err != nil {
 		return nil, err
 	}
 	res := &AgentResult{NodesInFile: len(entries), Masquerade: true}
-	agent, took, err := startAgent(ctx, b.lab, n, file, "--log-level", "info")
+	agent, took, err := startAgent(ctx, n, file, "--log-level", "info")
 	if err != nil {
 		return nil, err
 	}
@@ -63,7 +65,7 @@ func (b *builder) measureAgentSync(ctx context.Context, rounds int) (*AgentResul
 		return nil, err
 	}
 	defer dp.Close()
-	var last nodeEntry
+	var last nodes.Entry
 	for r := range rounds {
 		// A fake node moves to an address no other node has.
 		i := 1 + r*997%(scaleNodes-1)
@@ -83,7 +85,7 @@ func (b *builder) measureAgentSync(ctx context.Context, rounds int) (*AgentResul
 		if err := agent.Stop(); err != nil {
 			return nil, err
 		}
-		if agent, took, err = startAgent(ctx, b.lab, n, file, "--log-level", "info"); err != nil {
+		if agent, took, err = startAgent(ctx, n, file, "--log-level", "info"); err != nil {
 			return nil, err
 		}
 		res.RestartMs = append(res.RestartMs, ms(took))
@@ -94,7 +96,7 @@ func (b *builder) measureAgentSync(ctx context.Context, rounds int) (*AgentResul
 // changeAndWait writes entries and returns when the node map shows want's
 // new IP, and when the agent has logged the end of the sync that put it
 // there.
-func changeAndWait(ctx context.Context, agent *lab.Process, dp *datapath.Datapath, file string, entries []nodeEntry, want nodeEntry) (changed, synced time.Duration, err error) {
+func changeAndWait(ctx context.Context, agent *lab.Process, dp *datapath.Datapath, file string, entries []nodes.Entry, want nodes.Entry) (changed, synced time.Duration, err error) {
 	before, err := syncsLogged(agent)
 	if err != nil {
 		return 0, 0, err
@@ -103,12 +105,12 @@ func changeAndWait(ctx context.Context, agent *lab.Process, dp *datapath.Datapat
 	ip := netip.MustParseAddr(want.NodeIP)
 	key := datapath.LPMKey{Prefixlen: uint32(cidr.Bits()), Addr: nativeU32(cidr.Addr())}
 	start := time.Now()
-	if err := writeNodesFile(file, entries); err != nil {
+	if err := nodes.WriteFile(file, entries); err != nil {
 		return 0, 0, err
 	}
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	err = waitFast(wctx, "node map to show "+want.PodCIDR+" at "+want.NodeIP, func() error {
+	err = e2e.Poll(wctx, "node map to show "+want.PodCIDR+" at "+want.NodeIP, func() error {
 		var v datapath.NodeInfo
 		if err := dp.Maps.Nodes.Lookup(&key, &v); err != nil {
 			return err
@@ -122,7 +124,7 @@ func changeAndWait(ctx context.Context, agent *lab.Process, dp *datapath.Datapat
 		return 0, 0, err
 	}
 	changed = time.Since(start)
-	err = waitFast(wctx, "agent to log the sync", func() error {
+	err = e2e.Poll(wctx, "agent to log the sync", func() error {
 		n, err := syncsLogged(agent)
 		if err == nil && n <= before {
 			err = fmt.Errorf("%d syncs logged", n)
@@ -143,7 +145,7 @@ func syncsLogged(agent *lab.Process) (int, error) {
 
 // nodeList times the CLI listing every node and checks that it shows the
 // last change.
-func (res *AgentResult) nodeList(ctx context.Context, n *lab.Node, want nodeEntry) error {
+func (res *AgentResult) nodeList(ctx context.Context, n *lab.Node, want nodes.Entry) error {
 	start := time.Now()
 	out, err := n.CLI(ctx, "bpf", "node", "list", "-o", "json")
 	res.NodeListMs = ms(time.Since(start))

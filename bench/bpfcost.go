@@ -19,8 +19,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/lab"
 	"github.com/patchcord/patchcord/pkg/maps"
 )
 

@@ -10,7 +10,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 // CNIResults is the CNI group's part of the JSON.
@@ -75,15 +77,15 @@ func (b *builder) cniSubjects(ctx context.Context, n int) ([]*cniSubject, error)
 	// A node runs its agent; the plugin does not need it, but reads the
 	// pod MTU from the config the agent writes.
 	file := filepath.Join(b.lab.Dir, "nodes-cni.json")
-	if err := writeNodesFile(file, []nodeEntry{entryOf(pc)}); err != nil {
+	if err := nodes.WriteFile(file, []nodes.Entry{e2e.EntryOf(pc)}); err != nil {
 		return nil, err
 	}
-	agent, _, err := startAgent(ctx, b.lab, pc, file, "--masquerade=false")
+	agent, _, err := startAgent(ctx, pc, file, "--masquerade=false")
 	if err != nil {
 		return nil, err
 	}
 	b.agents = append(b.agents, agent)
-	if err := br.WriteConflist("bridge", bridgeConflist(br, "bridge", podMTU)); err != nil {
+	if err := br.WriteConflist("bridge", e2e.BridgeConflist(br, "bridge", podMTU)); err != nil {
 		return nil, err
 	}
 	subjects := []*cniSubject{

@@ -35,7 +35,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 type options struct {
@@ -195,8 +195,8 @@ func progress(format string, args ...any) {
 }
 
 func run(ctx context.Context, o options) (err error) {
-	if os.Geteuid() != 0 {
-		return errors.New("bench builds network namespaces, mounts bpffs and loads BPF: run it as root")
+	if err := lab.CheckRoot("bench"); err != nil {
+		return err
 	}
 	t, err := findTools()
 	if err != nil {

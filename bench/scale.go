@@ -9,8 +9,8 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/lab"
 	"github.com/patchcord/patchcord/pkg/maps"
 )
 

@@ -5,15 +5,14 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 // Lab node indices, one set per datapath or control-plane measurement.
@@ -121,9 +120,9 @@ func (b *builder) sameNode(ctx context.Context, pc, loaded *pcPair) ([]*subject,
 		conf                 func(*lab.Node) []byte
 	}{
 		{"bridge + host-local", "bridge", "reference bridge plugin: cni0 bridge as the pods' gateway, host-local; br_netfilter at the kernel's default (on), as kube-proxy needs it", nodeBridge,
-			func(n *lab.Node) []byte { return bridgeConflist(n, "bridge", podMTU) }},
+			func(n *lab.Node) []byte { return e2e.BridgeConflist(n, "bridge", podMTU) }},
 		{"ptp + host-local", "ptp", "reference ptp plugin: veth per pod, /32 host routes, host-local", nodePTP,
-			func(n *lab.Node) []byte { return ptpConflist(n, "ptp", podMTU) }},
+			func(n *lab.Node) []byte { return e2e.PTPConflist(n, "ptp", podMTU) }},
 	} {
 		n, err := b.node(c.index)
 		if err != nil {
@@ -213,7 +212,7 @@ func (b *builder) hostGW(ctx context.Context) (*subject, error) {
 		if _, err := p[0].Exec(ctx, "ip", "route", "add", p[1].PodCIDR.String(), "via", p[1].IP.String(), "dev", "eth0"); err != nil {
 			return nil, fmt.Errorf("build host-gw: %w", err)
 		}
-		if err := p[0].WriteConflist("ptp", ptpConflist(p[0], "ptp", 1500)); err != nil {
+		if err := p[0].WriteConflist("ptp", e2e.PTPConflist(p[0], "ptp", 1500)); err != nil {
 			return nil, err
 		}
 	}
@@ -243,7 +242,7 @@ func (b *builder) flannel(ctx context.Context) (*subject, error) {
 			return nil, err
 		}
 		vteps[n] = lab.VXLANPeer{PodCIDR: n.PodCIDR, NodeIP: n.IP, VtepMAC: mac}
-		if err := n.WriteConflist("flannel", bridgeConflist(n, "flannel", podMTU)); err != nil {
+		if err := n.WriteConflist("flannel", e2e.BridgeConflist(n, "flannel", podMTU)); err != nil {
 			return nil, err
 		}
 	}
@@ -324,14 +323,14 @@ func (b *builder) patchcordPair(ctx context.Context, i, j, fake int) (*pcPair, e
 	}
 	p := &pcPair{a: na, b: nb, fakeNodes: fake, fakeEndpointsOn: map[int]int{},
 		nodesFile: filepath.Join(b.lab.Dir, fmt.Sprintf("nodes-%d-%d.json", i, j))}
-	entries := append([]nodeEntry{entryOf(na), entryOf(nb)}, fakeNodes(fake)...)
-	if err := writeNodesFile(p.nodesFile, entries); err != nil {
+	entries := append([]nodes.Entry{e2e.EntryOf(na), e2e.EntryOf(nb)}, fakeNodes(fake)...)
+	if err := nodes.WriteFile(p.nodesFile, entries); err != nil {
 		return nil, err
 	}
 	// Masquerade off: none of the reference datapaths masquerades either,
 	// and pod-to-pod traffic is never translated.
 	for _, n := range []*lab.Node{na, nb} {
-		agent, took, err := startAgent(ctx, b.lab, n, p.nodesFile, "--masquerade=false")
+		agent, took, err := startAgent(ctx, n, p.nodesFile, "--masquerade=false")
 		if err != nil {
 			return nil, err
 		}
@@ -388,143 +387,31 @@ func stopAgent(agents []*lab.Process, n *lab.Node) error {
 	return fmt.Errorf("no agent on node %d", n.Index)
 }
 
-// startAgent runs `patchcord agent` on n and returns once its ready file
-// appears (the first node sync is done), with the time from start to ready.
-func startAgent(ctx context.Context, l *lab.Lab, n *lab.Node, nodesFile string, extra ...string) (*lab.Process, time.Duration, error) {
-	ready := filepath.Join(l.Dir, fmt.Sprintf("n%d.ready", n.Index))
-	if err := os.Remove(ready); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, 0, err
-	}
-	args := append([]string{"--bpffs-root", n.BpffsRoot, "agent",
-		"--uplink", "eth0", "--node-ip", n.IP.String(), "--pod-cidr", n.PodCIDR.String(),
-		"--nodes", nodesFile, "--ready-file", ready, "--log-level", "warn"}, extra...)
+// startAgent runs `patchcord agent` on n (warnings only) and returns once
+// its ready file appears (the first node sync is done), with the time from
+// start to ready.
+func startAgent(ctx context.Context, n *lab.Node, nodesFile string, extra ...string) (*lab.Process, time.Duration, error) {
 	start := time.Now()
-	agent, err := n.Start(ctx, l.Bin("patchcord"), args...)
-	if err != nil {
-		return nil, 0, err
-	}
-	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
-	err = waitFast(wctx, "agent on node "+fmt.Sprint(n.Index)+" ready", func() error {
-		select {
-		case <-agent.Done():
-			return errExited
-		default:
-		}
-		_, err := os.Stat(ready)
-		return err
-	})
-	took := time.Since(start)
-	if err != nil {
-		out, _ := agent.Output()
-		return nil, 0, fmt.Errorf("%w\nagent log:\n%s", err, out)
-	}
-	return agent, took, nil
-}
-
-// errExited, from a condition, ends the wait at once: the process that was
-// to make it true is gone.
-var errExited = errors.New("process exited")
-
-// waitFast polls cond every 5 ms: lab.WaitFor's 20 ms would be the
-// resolution of the sync times measured with it.
-func waitFast(ctx context.Context, what string, cond func() error) error {
-	t := time.NewTicker(5 * time.Millisecond)
-	defer t.Stop()
-	for {
-		err := cond()
-		if err == nil {
-			return nil
-		}
-		if errors.Is(err, errExited) {
-			return fmt.Errorf("wait for %s: %w", what, err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("wait for %s: %w (last: %w)", what, ctx.Err(), err)
-		case <-t.C:
-		}
-	}
-}
-
-// nodeEntry is one entry of a nodes file.
-type nodeEntry struct {
-	Name    string `json:"name"`
-	NodeIP  string `json:"nodeIP"`
-	PodCIDR string `json:"podCIDR"`
-}
-
-func entryOf(n *lab.Node) nodeEntry {
-	return nodeEntry{Name: n.NetNS, NodeIP: n.IP.String(), PodCIDR: n.PodCIDR.String()}
+	args := e2e.AgentArgs(n, nodesFile, append([]string{"--log-level", "warn"}, extra...)...)
+	agent, err := e2e.Launch(ctx, n, "agent", e2e.ReadyFile(n), 3*time.Minute, args...)
+	return agent, time.Since(start), err
 }
 
 // fakeNode is the i-th node that exists only in nodes files and maps: its
 // pod CIDR lies outside the lab's 10.244.0.0/16 and its IP outside the
 // fabric's 198.18.0.0/24, so no lab packet is ever routed to it.
-func fakeNode(i int) nodeEntry {
-	return nodeEntry{
+func fakeNode(i int) nodes.Entry {
+	return nodes.Entry{
 		Name:    fmt.Sprintf("fake%d", i),
 		NodeIP:  fmt.Sprintf("198.18.%d.%d", 1+i/250, 1+i%250),
 		PodCIDR: fmt.Sprintf("10.%d.%d.0/24", 100+i/256, i%256),
 	}
 }
 
-func fakeNodes(count int) []nodeEntry {
-	out := make([]nodeEntry, count)
+func fakeNodes(count int) []nodes.Entry {
+	out := make([]nodes.Entry, count)
 	for i := range out {
 		out[i] = fakeNode(i)
 	}
 	return out
-}
-
-// writeNodesFile replaces the file atomically, as config management does,
-// so that an agent never reads half of it.
-func writeNodesFile(path string, entries []nodeEntry) error {
-	b, err := json.Marshal(struct {
-		Nodes []nodeEntry `json:"nodes"`
-	}{entries})
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return fmt.Errorf("write nodes file: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write nodes file: %w", err)
-	}
-	return nil
-}
-
-// bridgeConflist is the reference bridge plugin as Flannel's CNI plugin
-// configures it: cni0 as the pods' default gateway, hairpin on, no
-// masquerade, host-local over the node's pod CIDR.
-func bridgeConflist(n *lab.Node, name string, mtu int) []byte {
-	return conflist(name, map[string]any{
-		"type": "bridge", "bridge": "cni0", "isGateway": true, "isDefaultGateway": true,
-		"hairpinMode": true, "ipMasq": false, "mtu": mtu, "ipam": hostLocal(n),
-	})
-}
-
-// ptpConflist is the reference ptp plugin, no masquerade.
-func ptpConflist(n *lab.Node, name string, mtu int) []byte {
-	ipam := hostLocal(n)
-	ipam["routes"] = []map[string]string{{"dst": "0.0.0.0/0"}}
-	return conflist(name, map[string]any{"type": "ptp", "ipMasq": false, "mtu": mtu, "ipam": ipam})
-}
-
-func hostLocal(n *lab.Node) map[string]any {
-	return map[string]any{
-		"type":    "host-local",
-		"ranges":  [][]map[string]string{{{"subnet": n.PodCIDR.String()}}},
-		"dataDir": n.IPAMDir,
-	}
-}
-
-func conflist(name string, plugins ...any) []byte {
-	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": name, "plugins": plugins})
-	if err != nil {
-		panic(err) // maps of strings, numbers and bools: cannot fail
-	}
-	return b
 }

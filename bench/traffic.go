@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/patchcord/patchcord/internal/e2e"
 )
 
 // figure is one number a traffic run yields.
@@ -66,11 +68,11 @@ func startServers(ctx context.Context, s *subject) error {
 	// sockperf serves UDP: lab's WaitListening only knows TCP.
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return waitFast(wctx, "sockperf server on "+s.ServerIP.String(), func() error {
+	return e2e.Poll(wctx, "sockperf server on "+s.ServerIP.String(), func() error {
 		select {
 		case <-sp.Done():
 			out, _ := sp.Output()
-			return fmt.Errorf("%w: %s", errExited, out)
+			return fmt.Errorf("%w: %s", e2e.ErrExited, out)
 		default:
 		}
 		out, err := s.Server.Exec(wctx, "ss", "-Hlun", fmt.Sprintf("sport = :%d", sockperfPort))

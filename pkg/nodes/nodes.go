@@ -32,8 +32,9 @@ type Source interface {
 	Run(ctx context.Context, updates chan<- []Node) error
 }
 
-// fileNode is the JSON shape of one entry of a nodes file.
-type fileNode struct {
+// Entry is the JSON shape of one entry of a nodes file: the file's one
+// definition, which the writers (labs, bench) share with Parse.
+type Entry struct {
 	Name    string `json:"name"`
 	NodeIP  string `json:"nodeIP"`
 	PodCIDR string `json:"podCIDR"`
@@ -44,7 +45,7 @@ type fileNode struct {
 // Errors name the offending field, e.g. `nodes[1].podCIDR`.
 func Parse(data []byte) ([]Node, error) {
 	var f struct {
-		Nodes []fileNode `json:"nodes"`
+		Nodes []Entry `json:"nodes"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -89,6 +90,25 @@ func Parse(data []byte) ([]Node, error) {
 		out = append(out, n)
 	}
 	return out, nil
+}
+
+// WriteFile writes a nodes file of entries atomically (a rename, as config
+// management does), so that an agent never reads half of it.
+func WriteFile(path string, entries []Entry) error {
+	b, err := json.Marshal(struct {
+		Nodes []Entry `json:"nodes"`
+	}{entries})
+	if err != nil {
+		return fmt.Errorf("encode nodes file: %w", err)
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return fmt.Errorf("write nodes file: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write nodes file: %w", err)
+	}
+	return nil
 }
 
 // File is a Source reading a nodes file. It polls rather than using inotify:

@@ -2,6 +2,7 @@ package nodes
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -88,5 +89,32 @@ func TestFileFollowsChanges(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Errorf("run: %v", err)
+	}
+}
+
+// TestWriteFile checks that what WriteFile writes, Parse reads back, and
+// that no temporary file stays beside it.
+func TestWriteFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nodes.json")
+	entries := []Entry{
+		{Name: "a", NodeIP: "198.18.0.1", PodCIDR: "10.244.1.0/24"},
+		{Name: "f", NodeIP: "198.18.0.4", PodCIDR: "10.244.4.0/24", VtepMAC: "0e:00:00:00:00:04"},
+	}
+	if err := WriteFile(path, entries); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Parse(data)
+	if err != nil {
+		t.Fatalf("parse what WriteFile wrote: %v\n%s", err, data)
+	}
+	if len(got) != 2 || got[0].Name != "a" || got[1].PodCIDR.String() != "10.244.4.0/24" || got[1].VtepMAC.String() != "0e:00:00:00:00:04" {
+		t.Errorf("read back %+v from\n%s", got, data)
+	}
+	if _, err := os.Stat(path + ".tmp"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("temporary file left: %v", err)
 	}
 }

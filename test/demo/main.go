@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 func main() {
@@ -41,8 +41,8 @@ func env(name, def string) string {
 }
 
 func run(ctx context.Context) (err error) {
-	if os.Geteuid() != 0 {
-		return errors.New("the demo builds network namespaces and loads BPF: run it as root")
+	if err := lab.CheckRoot("the demo"); err != nil {
+		return err
 	}
 	cnitool, err := exec.LookPath(env("CNITOOL", "bin/tools/cnitool"))
 	if err != nil {

@@ -1,60 +1,31 @@
 // The agent's Prometheus metrics, scraped the way Prometheus would, from
 // inside the node: the datapath counters move with traffic, and the
 // endpoint and node counts follow the maps.
-package test
+package cli
 
 import (
-	"bufio"
-	"bytes"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
+
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
-// metricsPort is where the agent serves metrics; each lab node has its own
-// loopback, so every test can use the same port.
-const metricsPort = 9964
-
-// scrapeMetrics fetches the node's metrics from inside its namespace and
-// returns each sample by name and labels as printed, e.g.
-// `patchcord_datapath_packets_total{counter="encap"}`.
-func scrapeMetrics(t *testing.T, out []byte) map[string]float64 {
-	t.Helper()
-	samples := make(map[string]float64)
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			t.Fatalf("bad sample line %q", line)
-		}
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("bad sample line %q: %v", line, err)
-		}
-		samples[line[:i]] = v
-	}
-	return samples
-}
-
 func TestMetrics(t *testing.T) {
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	n, err := l.AddNode(1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A remote node that does not exist: the map holds it all the same.
-	remote := nodeEntry{Name: "remote", NodeIP: "198.18.0.2", PodCIDR: "10.244.2.0/24"}
+	remote := nodes.Entry{Name: "remote", NodeIP: "198.18.0.2", PodCIDR: "10.244.2.0/24"}
 	nodesFile := filepath.Join(l.Dir, "nodes.json")
-	writeNodes(t, nodesFile, entryOf(n), remote)
-	addr := "127.0.0.1:" + strconv.Itoa(metricsPort)
-	agent := startAgent(t, ctx, n, nodesFile, "--metrics-addr", addr)
-	if err := agent.WaitListening(ctx, metricsPort); err != nil {
+	e2e.WriteNodes(t, nodesFile, e2e.EntryOf(n), remote)
+	addr := "127.0.0.1:" + strconv.Itoa(e2e.MetricsPort)
+	agent := e2e.StartAgent(t, ctx, n, nodesFile, "--metrics-addr", addr)
+	if err := agent.WaitListening(ctx, e2e.MetricsPort); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
@@ -68,14 +39,14 @@ func TestMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
 
 	// The node's loopback is reachable only from inside the node.
 	out, err := n.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://"+addr+"/metrics")
 	if err != nil {
 		t.Fatalf("scrape %s in %s: %v", addr, n.NetNS, err)
 	}
-	got := scrapeMetrics(t, out)
+	got := e2e.ScrapeMetrics(t, out)
 	if v := got[`patchcord_datapath_packets_total{counter="local_redirect"}`]; v == 0 {
 		t.Errorf("local_redirect packets = 0 after pod-to-pod pings\n%s", out)
 	}
@@ -93,7 +64,7 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 	// The CLI and the metrics read the same counters.
-	cli := stats(t, ctx, n)
+	cli := e2e.Stats(t, ctx, n)
 	if m := got[`patchcord_datapath_packets_total{counter="arp_reply"}`]; m == 0 || uint64(m) > cli["arp_reply"].Packets {
 		t.Errorf("arp_reply: metrics %v, CLI later %d", m, cli["arp_reply"].Packets)
 	}
@@ -106,7 +77,7 @@ func TestMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := scrapeMetrics(t, out)["patchcord_endpoints"]; v != 1 {
+	if v := e2e.ScrapeMetrics(t, out)["patchcord_endpoints"]; v != 1 {
 		t.Errorf("patchcord_endpoints = %v after a DEL, want 1", v)
 	}
 }

@@ -4,7 +4,7 @@
 // it up, drop tunnels from strangers and with a wrong VNI, follow the nodes file (a node
 // removed, a node renumbered), and keep carrying traffic while the agent is SIGKILLed and
 // restarted.
-package test
+package crossnode
 
 import (
 	"context"
@@ -20,12 +20,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
-// xnCluster is a lab of patchcord nodes, each with its own nodes file (so that a test can
+// nodeMesh is a lab of patchcord nodes, each with its own nodes file (so that a test can
 // make one node forget another), its agent and its pods.
-type xnCluster struct {
+type nodeMesh struct {
 	lab    *lab.Lab
 	nodes  []*lab.Node          // patchcord nodes, by position
 	files  map[int]string       // nodes file per node index
@@ -33,12 +35,12 @@ type xnCluster struct {
 	pods   map[int][]*lab.Pod   // by node index
 }
 
-// newXNCluster adds patchcord nodes with the given indexes (in parallel) and writes the
+// newCluster adds patchcord nodes with the given indexes (in parallel) and writes the
 // primary conflist on each. Agents and pods come with startAgents and addPods.
-func newXNCluster(t *testing.T, idx ...int) *xnCluster {
+func newCluster(t *testing.T, idx ...int) *nodeMesh {
 	t.Helper()
-	c := &xnCluster{lab: newLab(t), files: map[int]string{}, agents: map[int]*lab.Process{}, pods: map[int][]*lab.Pod{}}
-	c.nodes = xnAddNodes(t, c.lab, idx...)
+	c := &nodeMesh{lab: e2e.NewLab(t), files: map[int]string{}, agents: map[int]*lab.Process{}, pods: map[int][]*lab.Pod{}}
+	c.nodes = e2e.AddNodes(t, c.lab, idx...)
 	for _, n := range c.nodes {
 		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
 			t.Fatal(err)
@@ -48,43 +50,27 @@ func newXNCluster(t *testing.T, idx ...int) *xnCluster {
 	return c
 }
 
-// xnAddNodes adds lab nodes concurrently, in the order given.
-func xnAddNodes(t *testing.T, l *lab.Lab, idx ...int) []*lab.Node {
-	t.Helper()
-	nodes := make([]*lab.Node, len(idx))
-	errs := make([]error, len(idx))
-	var wg sync.WaitGroup
-	for i, ix := range idx {
-		wg.Go(func() { nodes[i], errs[i] = l.AddNode(ix) })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
-	return nodes
-}
-
 // entries lists every patchcord node of the cluster, then extra.
-func (c *xnCluster) entries(extra ...nodeEntry) []nodeEntry {
-	var es []nodeEntry
+func (c *nodeMesh) entries(extra ...nodes.Entry) []nodes.Entry {
+	var es []nodes.Entry
 	for _, n := range c.nodes {
-		es = append(es, entryOf(n))
+		es = append(es, e2e.EntryOf(n))
 	}
 	return append(es, extra...)
 }
 
 // startAgents writes each node's nodes file (all patchcord nodes plus extra) and starts
 // its agent with args.
-func (c *xnCluster) startAgents(t *testing.T, ctx context.Context, extra []nodeEntry, args ...string) {
+func (c *nodeMesh) startAgents(t *testing.T, ctx context.Context, extra []nodes.Entry, args ...string) {
 	t.Helper()
 	for _, n := range c.nodes {
-		writeNodes(t, c.files[n.Index], c.entries(extra...)...)
-		c.agents[n.Index] = startAgent(t, ctx, n, c.files[n.Index], args...)
+		e2e.WriteNodes(t, c.files[n.Index], c.entries(extra...)...)
+		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.files[n.Index], args...)
 	}
 }
 
 // addPods adds pods named a, b, ... to every node, all concurrently.
-func (c *xnCluster) addPods(t *testing.T, ctx context.Context, perNode int) {
+func (c *nodeMesh) addPods(t *testing.T, ctx context.Context, perNode int) {
 	t.Helper()
 	type slot struct {
 		node *lab.Node
@@ -111,135 +97,11 @@ func (c *xnCluster) addPods(t *testing.T, ctx context.Context, perNode int) {
 }
 
 // pod returns pod i (0 = "a") of node index n.
-func (c *xnCluster) pod(n, i int) *lab.Pod { return c.pods[n][i] }
+func (c *nodeMesh) pod(n, i int) *lab.Pod { return c.pods[n][i] }
 
-type xnExecer interface {
-	Exec(context.Context, string, ...string) ([]byte, error)
-}
-
-// xnPing sends count pings and reports an error unless all are answered; unlike ping it
-// may run in a goroutine.
-func xnPing(ctx context.Context, from xnExecer, dst string, count int, args ...string) error {
-	out, err := from.Exec(ctx, "ping", append([]string{"-c", strconv.Itoa(count), "-i", "0.2", "-W", "2", dst}, args...)...)
-	if err != nil || !strings.Contains(string(out), " 0% packet loss") {
-		return fmt.Errorf("ping %s: %v\n%s", dst, err, out)
-	}
-	return nil
-}
-
-// xnNoPing sends count pings and reports an error if any is answered.
-func xnNoPing(ctx context.Context, from xnExecer, dst string, count int) error {
-	out, err := from.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", "0.2", "-W", "1", dst)
-	if err == nil || !strings.Contains(string(out), " 100% packet loss") {
-		return fmt.Errorf("ping %s: want no reply, got: %v\n%s", dst, err, out)
-	}
-	return nil
-}
-
-// xnDelta is after minus before for one counter, in packets and bytes.
-func xnDelta(before, after map[string]counter, name string) counter {
-	return counter{after[name].Packets - before[name].Packets, after[name].Bytes - before[name].Bytes}
-}
-
-// xnIperf is what we read of `iperf3 -J` (3.12 and later).
-type xnIperf struct {
-	Intervals []struct {
-		Sum xnIperfSum `json:"sum"`
-	} `json:"intervals"`
-	End struct {
-		Sum         xnIperfSum `json:"sum"`
-		SumSent     xnIperfSum `json:"sum_sent"`
-		SumReceived xnIperfSum `json:"sum_received"`
-	} `json:"end"`
-	Error string `json:"error"`
-}
-
-type xnIperfSum struct {
-	Bytes         uint64  `json:"bytes"`
-	BitsPerSecond float64 `json:"bits_per_second"`
-	Packets       int64   `json:"packets"`
-	LostPackets   int64   `json:"lost_packets"`
-}
-
-func (r xnIperf) gbps() float64 { return r.End.SumReceived.BitsPerSecond / 1e9 }
-
-// xnIperfServer starts an iperf3 server on port in the pod; it stops with the test.
-func xnIperfServer(t *testing.T, ctx context.Context, p *lab.Pod, port int) {
-	t.Helper()
-	srv, err := p.Start(ctx, "iperf3", "-s", "-p", strconv.Itoa(port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.WaitListening(ctx, port); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// xnParseIperf parses iperf3 -J output; an iperf3 error (also one with exit status 0) is
-// returned as an error.
-func xnParseIperf(out []byte, runErr error) (xnIperf, error) {
-	var r xnIperf
-	// -J prints one JSON object; anything before it (nsenter, a warning) is skipped.
-	start := strings.IndexByte(string(out), '{')
-	if start < 0 {
-		return r, fmt.Errorf("iperf3: no JSON output: %v\n%s", runErr, out)
-	}
-	if err := json.Unmarshal(out[start:], &r); err != nil {
-		return r, fmt.Errorf("iperf3: parse JSON: %v (run: %v)\n%s", err, runErr, out)
-	}
-	if r.Error != "" || runErr != nil {
-		return r, fmt.Errorf("iperf3: %s (run: %v)", r.Error, runErr)
-	}
-	return r, nil
-}
-
-// xnIperfRun runs an iperf3 client in from against dst:port and returns its result.
-func xnIperfRun(t *testing.T, ctx context.Context, from *lab.Pod, dst string, port int, args ...string) xnIperf {
-	t.Helper()
-	out, err := from.Exec(ctx, "iperf3", append([]string{"-c", dst, "-p", strconv.Itoa(port), "-J"}, args...)...)
-	r, err := xnParseIperf(out, err)
-	if err != nil {
-		t.Fatalf("iperf3 %s -> %s: %v", from.Name, dst, err)
-	}
-	return r
-}
-
-// xnWaitNodeList polls `patchcord bpf node list` on n until want holds for what it lists
-// (pod CIDR -> node IP).
-func xnWaitNodeList(t *testing.T, ctx context.Context, n *lab.Node, what string, want func(map[string]string) bool) {
-	t.Helper()
-	// The agent follows its nodes file "within a second"; a few are allowed.
-	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	err := lab.WaitFor(wctx, what, func(ctx context.Context) error {
-		out, err := n.CLI(ctx, "bpf", "node", "list", "-o", "json")
-		if err != nil {
-			return err
-		}
-		var list []struct {
-			PodCIDR string `json:"podCIDR"`
-			NodeIP  string `json:"nodeIP"`
-		}
-		if err := json.Unmarshal(out, &list); err != nil {
-			return fmt.Errorf("%w: %s", err, out)
-		}
-		nodes := map[string]string{}
-		for _, e := range list {
-			nodes[e.PodCIDR] = e.NodeIP
-		}
-		if !want(nodes) {
-			return fmt.Errorf("node list: %s", out)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-// xnSNMP reads one counter of /proc/net/snmp as the namespace of e sees it (/proc/net is
+// snmpCounter reads one counter of /proc/net/snmp as the namespace of e sees it (/proc/net is
 // the reader's network namespace), e.g. ("Ip", "InReceives").
-func xnSNMP(t *testing.T, ctx context.Context, e xnExecer, proto, name string) uint64 {
+func snmpCounter(t *testing.T, ctx context.Context, e e2e.Execer, proto, name string) uint64 {
 	t.Helper()
 	out, err := e.Exec(ctx, "cat", "/proc/net/snmp")
 	if err != nil {
@@ -269,8 +131,8 @@ func xnSNMP(t *testing.T, ctx context.Context, e xnExecer, proto, name string) u
 	return 0
 }
 
-// xnSysctl reads an integer sysctl as the namespace of e sees it.
-func xnSysctl(t *testing.T, ctx context.Context, e xnExecer, key string) int {
+// sysctlInt reads an integer sysctl as the namespace of e sees it.
+func sysctlInt(t *testing.T, ctx context.Context, e e2e.Execer, key string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "cat", "/proc/sys/"+strings.ReplaceAll(key, ".", "/"))
 	if err != nil {
@@ -283,8 +145,8 @@ func xnSysctl(t *testing.T, ctx context.Context, e xnExecer, key string) int {
 	return v
 }
 
-// xnLinkMTU reads an interface's MTU through `ip -j link`.
-func xnLinkMTU(t *testing.T, ctx context.Context, e xnExecer, dev string) int {
+// linkMTU reads an interface's MTU through `ip -j link`.
+func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
 	if err != nil {
@@ -299,19 +161,19 @@ func xnLinkMTU(t *testing.T, ctx context.Context, e xnExecer, dev string) int {
 	return links[0].MTU
 }
 
-// TestCrossNodeMesh: three patchcord nodes with two pods each. Every pod reaches every
+// TestMesh: three patchcord nodes with two pods each. Every pod reaches every
 // other; bulk TCP crosses nodes (GSO segments whole: > 100 MB in a second for one pair);
 // a node reaches a remote pod (to_uplink) and a pod a remote node; encap and decap count.
-func TestCrossNodeMesh(t *testing.T) {
-	c := newXNCluster(t, 1, 2, 3)
-	ctx := testCtx(t)
+func TestMesh(t *testing.T) {
+	c := newCluster(t, 1, 2, 3)
+	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil, "--vxlan-port", "4789")
 	c.addPods(t, ctx, 2)
 
 	t.Run("full mesh ping", func(t *testing.T) {
-		before := map[int]map[string]counter{}
+		before := map[int]map[string]e2e.Counter{}
 		for _, n := range c.nodes {
-			before[n.Index] = stats(t, ctx, n)
+			before[n.Index] = e2e.Stats(t, ctx, n)
 		}
 		var all []*lab.Pod
 		for _, n := range c.nodes {
@@ -329,7 +191,7 @@ func TestCrossNodeMesh(t *testing.T) {
 				wg.Go(func() {
 					sem <- struct{}{}
 					defer func() { <-sem }()
-					if err := xnPing(ctx, from, to.IP.String(), 3); err != nil {
+					if err := e2e.PingErr(ctx, from, to.IP.String(), 3); err != nil {
 						mu.Lock()
 						errs = append(errs, fmt.Errorf("%s -> %s: %w", from.NetNS, to.NetNS, err))
 						mu.Unlock()
@@ -345,12 +207,12 @@ func TestCrossNodeMesh(t *testing.T) {
 		// requests from the others; replies come on top.
 		const min = 2 * 4 * 3 * 2
 		for _, n := range c.nodes {
-			after := stats(t, ctx, n)
-			enc, dec := xnDelta(before[n.Index], after, "encap"), xnDelta(before[n.Index], after, "decap")
+			after := e2e.Stats(t, ctx, n)
+			enc, dec := e2e.Delta(before[n.Index], after, "encap"), e2e.Delta(before[n.Index], after, "decap")
 			if enc.Packets < min || dec.Packets < min {
 				t.Errorf("%s: encap %d, decap %d packets: want >= %d each", n.NetNS, enc.Packets, dec.Packets, min)
 			}
-			if lr := xnDelta(before[n.Index], after, "local_redirect"); lr.Packets < 2*3*2 {
+			if lr := e2e.Delta(before[n.Index], after, "local_redirect"); lr.Packets < 2*3*2 {
 				t.Errorf("%s: local_redirect %d packets: want >= %d", n.NetNS, lr.Packets, 2*3*2)
 			}
 		}
@@ -369,23 +231,23 @@ func TestCrossNodeMesh(t *testing.T) {
 			{c.pod(3, 1), c.pod(1, 1), 1},
 		}
 		for _, p := range pairs {
-			xnIperfServer(t, ctx, p.to, 5201)
+			e2e.IperfServer(t, ctx, p.to, 5201)
 		}
 		for i, p := range pairs {
-			var b1, b2 map[string]counter
+			var b1, b2 map[string]e2e.Counter
 			if i == 0 {
-				b1, b2 = stats(t, ctx, n1), stats(t, ctx, n2)
+				b1, b2 = e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
 			}
-			r := xnIperfRun(t, ctx, p.from, p.to.IP.String(), 5201, "-t", "1")
+			r := e2e.IperfRun(t, ctx, p.from, p.to.IP.String(), 5201, "-t", "1")
 			got := r.End.SumReceived.Bytes
-			t.Logf("tcp %s -> %s: %d bytes received, %.2f Gbit/s", p.from.NetNS, p.to.NetNS, got, r.gbps())
+			t.Logf("tcp %s -> %s: %d bytes received, %.2f Gbit/s", p.from.NetNS, p.to.NetNS, got, r.Gbps())
 			if got < p.min {
 				t.Errorf("tcp %s -> %s: %d bytes received, want >= %d", p.from.NetNS, p.to.NetNS, got, p.min)
 			}
 			if i == 0 {
 				// Counted before encapsulation and after decapsulation, whole GSO
 				// packets: at least the payload in bytes.
-				enc, dec := xnDelta(b1, stats(t, ctx, n1), "encap"), xnDelta(b2, stats(t, ctx, n2), "decap")
+				enc, dec := e2e.Delta(b1, e2e.Stats(t, ctx, n1), "encap"), e2e.Delta(b2, e2e.Stats(t, ctx, n2), "decap")
 				if enc.Bytes < got || dec.Bytes < got {
 					t.Errorf("bulk pair: %s encap %d bytes, %s decap %d bytes: want >= %d received", n1.NetNS, enc.Bytes, n2.NetNS, dec.Bytes, got)
 				}
@@ -395,60 +257,60 @@ func TestCrossNodeMesh(t *testing.T) {
 
 	t.Run("node to remote pod", func(t *testing.T) {
 		n1 := c.nodes[0]
-		before := stats(t, ctx, n1)
-		ping(t, ctx, n1, c.pod(2, 0).IP.String())
-		ping(t, ctx, n1, c.pod(3, 1).IP.String())
-		if enc := xnDelta(before, stats(t, ctx, n1), "encap"); enc.Packets < 6 {
+		before := e2e.Stats(t, ctx, n1)
+		e2e.Ping(t, ctx, n1, c.pod(2, 0).IP.String())
+		e2e.Ping(t, ctx, n1, c.pod(3, 1).IP.String())
+		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 6 {
 			t.Errorf("%s: encap grew by %d packets for 6 echo requests (to_uplink)", n1.NetNS, enc.Packets)
 		}
 	})
 
 	t.Run("pod to remote node", func(t *testing.T) {
 		n2 := c.nodes[1]
-		before := stats(t, ctx, n2)
-		ping(t, ctx, c.pod(1, 0), n2.IP.String())
-		ping(t, ctx, c.pod(3, 0), n2.IP.String())
+		before := e2e.Stats(t, ctx, n2)
+		e2e.Ping(t, ctx, c.pod(1, 0), n2.IP.String())
+		e2e.Ping(t, ctx, c.pod(3, 0), n2.IP.String())
 		// The replies go to remote pod CIDRs: to_uplink encapsulates them.
-		if enc := xnDelta(before, stats(t, ctx, n2), "encap"); enc.Packets < 6 {
+		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n2), "encap"); enc.Packets < 6 {
 			t.Errorf("%s: encap grew by %d packets for 6 echo replies (to_uplink)", n2.NetNS, enc.Packets)
 		}
 	})
 }
 
-// TestCrossNodeDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
+// TestDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
 // size crosses nodes (1500 bytes on the wire), one byte more is refused by the pod itself.
-func TestCrossNodeDFAtPodMTU(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
-	ctx := testCtx(t)
+func TestDFAtPodMTU(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
 	n1, from, to := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
 
-	if mtu := xnLinkMTU(t, ctx, from, "eth0"); mtu != 1450 {
+	if mtu := linkMTU(t, ctx, from, "eth0"); mtu != 1450 {
 		t.Fatalf("pod MTU %d, want 1450 (uplink 1500 - 50)", mtu)
 	}
 	// 1422 bytes of ICMP payload + 8 ICMP + 20 IP = 1450.
-	ping(t, ctx, from, to.IP.String(), "-M", "do", "-s", "1422")
-	ping(t, ctx, to, from.IP.String(), "-M", "do", "-s", "1422")
+	e2e.Ping(t, ctx, from, to.IP.String(), "-M", "do", "-s", "1422")
+	e2e.Ping(t, ctx, to, from.IP.String(), "-M", "do", "-s", "1422")
 	// The node's route to the remote pod CIDR has the same MTU (to_uplink path).
-	ping(t, ctx, n1, to.IP.String(), "-M", "do", "-s", "1422")
+	e2e.Ping(t, ctx, n1, to.IP.String(), "-M", "do", "-s", "1422")
 
-	before := stats(t, ctx, n1)
+	before := e2e.Stats(t, ctx, n1)
 	out, err := from.Exec(ctx, "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1423", to.IP.String())
 	if err == nil || !strings.Contains(strings.ToLower(string(out)), "message too long") {
 		t.Errorf("ping -M do -s 1423: want the pod's own 'message too long', got %v\n%s", err, out)
 	}
-	if enc := xnDelta(before, stats(t, ctx, n1), "encap"); enc.Packets != 0 {
+	if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets != 0 {
 		t.Errorf("an oversized DF packet left the pod: encap grew by %d", enc.Packets)
 	}
 }
 
-// TestCrossNodeFlannelInterop: patchcord nodes on Flannel's wire (port 8472, VNI 1) and a
+// TestFlannelInterop: patchcord nodes on Flannel's wire (port 8472, VNI 1) and a
 // node with the kernel's flannel.1, set up as flanneld does, whose pod is wired by ptp.
-func TestCrossNodeFlannelInterop(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
-	ctx := testCtx(t)
-	fl := xnAddNodes(t, c.lab, 4)[0]
+func TestFlannelInterop(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := e2e.Ctx(t)
+	fl := e2e.AddNodes(t, c.lab, 4)[0]
 	vtep, err := fl.AddFlannel()
 	if err != nil {
 		t.Fatal(err)
@@ -463,9 +325,9 @@ func TestCrossNodeFlannelInterop(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	flEntry := entryOf(fl)
+	flEntry := e2e.EntryOf(fl)
 	flEntry.VtepMAC = vtep.String()
-	c.startAgents(t, ctx, []nodeEntry{flEntry}, "--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI))
+	c.startAgents(t, ctx, []nodes.Entry{flEntry}, "--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI))
 	c.addPods(t, ctx, 1)
 	if err := fl.WriteConflist("flannel-ptp", fl.FlannelConflist()); err != nil {
 		t.Fatal(err)
@@ -477,35 +339,35 @@ func TestCrossNodeFlannelInterop(t *testing.T) {
 	n1, p1, p2 := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
 
 	t.Run("ping", func(t *testing.T) {
-		b1 := stats(t, ctx, n1)
-		ping(t, ctx, p1, fpod.IP.String())
-		ping(t, ctx, fpod, p1.IP.String())
-		ping(t, ctx, fpod, p2.IP.String())
-		ping(t, ctx, p1, p2.IP.String()) // port 8472 between patchcord nodes too
+		b1 := e2e.Stats(t, ctx, n1)
+		e2e.Ping(t, ctx, p1, fpod.IP.String())
+		e2e.Ping(t, ctx, fpod, p1.IP.String())
+		e2e.Ping(t, ctx, fpod, p2.IP.String())
+		e2e.Ping(t, ctx, p1, p2.IP.String()) // port 8472 between patchcord nodes too
 		// Node to pod both ways: to_uplink with the VtepMAC, flannel.1's own route.
-		ping(t, ctx, n1, fpod.IP.String())
-		ping(t, ctx, fl, p1.IP.String())
-		a1 := stats(t, ctx, n1)
-		if enc, dec := xnDelta(b1, a1, "encap"), xnDelta(b1, a1, "decap"); enc.Packets == 0 || dec.Packets == 0 {
+		e2e.Ping(t, ctx, n1, fpod.IP.String())
+		e2e.Ping(t, ctx, fl, p1.IP.String())
+		a1 := e2e.Stats(t, ctx, n1)
+		if enc, dec := e2e.Delta(b1, a1, "encap"), e2e.Delta(b1, a1, "decap"); enc.Packets == 0 || dec.Packets == 0 {
 			t.Errorf("%s: encap %d, decap %d packets: want both > 0", n1.NetNS, enc.Packets, dec.Packets)
 		}
 		for _, reason := range []string{"drop_unknown_tunnel", "drop_bad_vni", "drop_no_endpoint", "drop_malformed"} {
-			if d := xnDelta(b1, a1, reason); d.Packets != 0 {
+			if d := e2e.Delta(b1, a1, reason); d.Packets != 0 {
 				t.Errorf("%s: %s grew by %d", n1.NetNS, reason, d.Packets)
 			}
 		}
 	})
 
 	t.Run("tcp", func(t *testing.T) {
-		xnIperfServer(t, ctx, fpod, 5201)
-		xnIperfServer(t, ctx, p1, 5201)
-		xnIperfServer(t, ctx, p2, 5201)
-		toFl := xnIperfRun(t, ctx, p1, fpod.IP.String(), 5201, "-t", "1")
-		fromFl := xnIperfRun(t, ctx, fpod, p1.IP.String(), 5201, "-t", "1")
-		pp := xnIperfRun(t, ctx, p1, p2.IP.String(), 5201, "-t", "1")
+		e2e.IperfServer(t, ctx, fpod, 5201)
+		e2e.IperfServer(t, ctx, p1, 5201)
+		e2e.IperfServer(t, ctx, p2, 5201)
+		toFl := e2e.IperfRun(t, ctx, p1, fpod.IP.String(), 5201, "-t", "1")
+		fromFl := e2e.IperfRun(t, ctx, fpod, p1.IP.String(), 5201, "-t", "1")
+		pp := e2e.IperfRun(t, ctx, p1, p2.IP.String(), 5201, "-t", "1")
 		// Not a benchmark: printed for the reader, never asserted.
 		t.Logf("tcp patchcord -> flannel %.2f Gbit/s, flannel -> patchcord %.2f Gbit/s, patchcord -> patchcord %.2f Gbit/s",
-			toFl.gbps(), fromFl.gbps(), pp.gbps())
+			toFl.Gbps(), fromFl.Gbps(), pp.Gbps())
 		if got := toFl.End.SumReceived.Bytes; got < 100<<20 {
 			t.Errorf("tcp patchcord -> flannel: %d bytes received, want >= %d (GSO segments into flannel.1)", got, 100<<20)
 		}
@@ -515,9 +377,9 @@ func TestCrossNodeFlannelInterop(t *testing.T) {
 	})
 }
 
-// xnTunnel gives n a kernel vxlan device (port 4789, source n's node IP) through which
+// foreignTunnel gives n a kernel vxlan device (port 4789, source n's node IP) through which
 // n's own packets to to's pod CIDR are encapsulated toward to, as a peer would send them.
-func xnTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
+func foreignTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
 	t.Helper()
 	mac, err := to.LinkMAC("eth0")
 	if err != nil {
@@ -531,41 +393,41 @@ func xnTunnel(t *testing.T, n *lab.Node, name string, vni int, to *lab.Node) {
 	}
 }
 
-// xnTunnelDropped sends 3 pings from sender through its tunnel (xnTunnel) to pod and
+// tunnelDropped sends 3 pings from sender through its tunnel (foreignTunnel) to pod and
 // checks that pod's node counted them under reason, decapsulated nothing, and that the
 // pod received nothing.
-func xnTunnelDropped(t *testing.T, ctx context.Context, sender *lab.Node, pod *lab.Pod, reason string) {
+func tunnelDropped(t *testing.T, ctx context.Context, sender *lab.Node, pod *lab.Pod, reason string) {
 	t.Helper()
 	n := pod.Node
-	before, rx := stats(t, ctx, n), xnSNMP(t, ctx, pod, "Ip", "InReceives")
-	if err := xnNoPing(ctx, sender, pod.IP.String(), 3); err != nil {
+	before, rx := e2e.Stats(t, ctx, n), snmpCounter(t, ctx, pod, "Ip", "InReceives")
+	if err := e2e.NoPing(ctx, sender, pod.IP.String(), 3); err != nil {
 		t.Errorf("from %s through a tunnel: %v", sender.NetNS, err)
 	}
-	after := stats(t, ctx, n)
-	if d := xnDelta(before, after, reason); d.Packets < 3 {
+	after := e2e.Stats(t, ctx, n)
+	if d := e2e.Delta(before, after, reason); d.Packets < 3 {
 		t.Errorf("%s: %s grew by %d packets for 3 echo requests", n.NetNS, reason, d.Packets)
 	}
-	if d := xnDelta(before, after, "decap"); d.Packets != 0 {
+	if d := e2e.Delta(before, after, "decap"); d.Packets != 0 {
 		t.Errorf("%s: decap grew by %d", n.NetNS, d.Packets)
 	}
-	if got := xnSNMP(t, ctx, pod, "Ip", "InReceives"); got != rx {
+	if got := snmpCounter(t, ctx, pod, "Ip", "InReceives"); got != rx {
 		t.Errorf("the pod received %d IPv4 packets", got-rx)
 	}
 }
 
-// TestCrossNodeForeignTunnel: VXLAN to node1 from an address that is no node is dropped
+// TestForeignTunnel: VXLAN to node1 from an address that is no node is dropped
 // as drop_unknown_tunnel, VXLAN from a listed node with another VNI as drop_bad_vni; the
 // pod sees neither. The same sender with VNI 1 gets through, so the drops are the checks'.
-func TestCrossNodeForeignTunnel(t *testing.T) {
-	l := newLab(t)
-	ctx := testCtx(t)
+func TestForeignTunnel(t *testing.T) {
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	// Node 2 is listed but runs no patchcord: only its kernel vxlan devices send. Node
 	// 99 (198.18.0.99) is a stranger on the fabric.
-	ns := xnAddNodes(t, l, 1, 2, 99)
+	ns := e2e.AddNodes(t, l, 1, 2, 99)
 	n1, n2, stranger := ns[0], ns[1], ns[2]
 	file := filepath.Join(l.Dir, "nodes.json")
-	writeNodes(t, file, entryOf(n1), entryOf(n2))
-	startAgent(t, ctx, n1, file)
+	e2e.WriteNodes(t, file, e2e.EntryOf(n1), e2e.EntryOf(n2))
+	e2e.StartAgent(t, ctx, n1, file)
 	if err := n1.WriteConflist("patchcord", n1.PrimaryConflist()); err != nil {
 		t.Fatal(err)
 	}
@@ -574,85 +436,85 @@ func TestCrossNodeForeignTunnel(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Run("unknown source", func(t *testing.T) {
-		xnTunnel(t, stranger, "vx1", 1, n1)
-		xnTunnelDropped(t, ctx, stranger, pod, "drop_unknown_tunnel")
+		foreignTunnel(t, stranger, "vx1", 1, n1)
+		tunnelDropped(t, ctx, stranger, pod, "drop_unknown_tunnel")
 	})
 	t.Run("bad vni", func(t *testing.T) {
-		xnTunnel(t, n2, "vx2", 2, n1)
-		xnTunnelDropped(t, ctx, n2, pod, "drop_bad_vni")
+		foreignTunnel(t, n2, "vx2", 2, n1)
+		tunnelDropped(t, ctx, n2, pod, "drop_bad_vni")
 	})
 	t.Run("listed node with vni 1 passes", func(t *testing.T) {
 		// Re-routes node2's tunnel through a VNI 1 device: now node1 decapsulates, and the
 		// pod's replies go back to 198.18.0.2 unencapsulated, through node1's stack.
-		xnTunnel(t, n2, "vx1", 1, n1)
-		before := stats(t, ctx, n1)
-		ping(t, ctx, n2, pod.IP.String())
-		if d := xnDelta(before, stats(t, ctx, n1), "decap"); d.Packets < 3 {
+		foreignTunnel(t, n2, "vx1", 1, n1)
+		before := e2e.Stats(t, ctx, n1)
+		e2e.Ping(t, ctx, n2, pod.IP.String())
+		if d := e2e.Delta(before, e2e.Stats(t, ctx, n1), "decap"); d.Packets < 3 {
 			t.Errorf("decap grew by %d packets for 3 echo requests", d.Packets)
 		}
 	})
 }
 
-// TestCrossNodeNodeRemoved: a node taken out of one agent's nodes file is forgotten by
+// TestNodeRemoved: a node taken out of one agent's nodes file is forgotten by
 // that node alone, within seconds: no more encapsulation toward it, and its tunnel traffic
 // is dropped as unknown. Putting it back restores traffic.
-func TestCrossNodeNodeRemoved(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
-	ctx := testCtx(t)
+func TestNodeRemoved(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
 	n1, n2, p1, p2 := c.nodes[0], c.nodes[1], c.pod(1, 0), c.pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p2, p1.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p2, p1.IP.String())
 
-	writeNodes(t, c.files[1], entryOf(n1))
-	xnWaitNodeList(t, ctx, n1, "node1 to forget node2", func(m map[string]string) bool { return m[cidr2] == "" })
+	e2e.WriteNodes(t, c.files[1], e2e.EntryOf(n1))
+	e2e.WaitNodeList(t, ctx, n1, "node1 to forget node2", func(m map[string]string) bool { return m[cidr2] == "" })
 
-	b1, b2 := stats(t, ctx, n1), stats(t, ctx, n2)
+	b1, b2 := e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
 	// node1 no longer encapsulates: the packet goes to its stack, which has no route.
-	if err := xnNoPing(ctx, p1, p2.IP.String(), 3); err != nil {
+	if err := e2e.NoPing(ctx, p1, p2.IP.String(), 3); err != nil {
 		t.Fatal(err)
 	}
-	a1 := stats(t, ctx, n1)
-	if d := xnDelta(b1, a1, "encap"); d.Packets != 0 {
+	a1 := e2e.Stats(t, ctx, n1)
+	if d := e2e.Delta(b1, a1, "encap"); d.Packets != 0 {
 		t.Errorf("%s still encapsulates toward the removed node: encap grew by %d", n1.NetNS, d.Packets)
 	}
 	if out, err := n1.Exec(ctx, "ip", "route", "show", cidr2); err != nil || len(strings.TrimSpace(string(out))) != 0 {
 		t.Errorf("%s still routes %s: %v\n%s", n1.NetNS, cidr2, err, out)
 	}
 	// node2 still knows node1 and encapsulates; node1 drops what arrives.
-	if err := xnNoPing(ctx, p2, p1.IP.String(), 3); err != nil {
+	if err := e2e.NoPing(ctx, p2, p1.IP.String(), 3); err != nil {
 		t.Fatal(err)
 	}
-	if d := xnDelta(b2, stats(t, ctx, n2), "encap"); d.Packets < 3 {
+	if d := e2e.Delta(b2, e2e.Stats(t, ctx, n2), "encap"); d.Packets < 3 {
 		t.Errorf("%s: encap grew by %d packets for 3 echo requests", n2.NetNS, d.Packets)
 	}
-	a1 = stats(t, ctx, n1)
-	if d := xnDelta(b1, a1, "drop_unknown_tunnel"); d.Packets < 3 {
+	a1 = e2e.Stats(t, ctx, n1)
+	if d := e2e.Delta(b1, a1, "drop_unknown_tunnel"); d.Packets < 3 {
 		t.Errorf("%s: drop_unknown_tunnel grew by %d packets for 3 echo requests", n1.NetNS, d.Packets)
 	}
-	if d := xnDelta(b1, a1, "decap"); d.Packets != 0 {
+	if d := e2e.Delta(b1, a1, "decap"); d.Packets != 0 {
 		t.Errorf("%s: decap grew by %d from a removed node", n1.NetNS, d.Packets)
 	}
 
-	writeNodes(t, c.files[1], c.entries()...)
-	xnWaitNodeList(t, ctx, n1, "node1 to learn node2 again", func(m map[string]string) bool { return m[cidr2] != "" })
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p2, p1.IP.String())
+	e2e.WriteNodes(t, c.files[1], c.entries()...)
+	e2e.WaitNodeList(t, ctx, n1, "node1 to learn node2 again", func(m map[string]string) bool { return m[cidr2] != "" })
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p2, p1.IP.String())
 }
 
-// TestCrossNodeNodeIPChanged: a node keeps its pod CIDR but moves to another IP. Traffic
+// TestNodeIPChanged: a node keeps its pod CIDR but moves to another IP. Traffic
 // follows it, and its old address is no node's any more: VXLAN from there is dropped as
 // from an unknown tunnel, as for any address the nodes file does not list.
-func TestCrossNodeNodeIPChanged(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
-	ctx := testCtx(t)
+func TestNodeIPChanged(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
 	n1, n2, p1, p2 := c.nodes[0], c.nodes[1], c.pod(1, 0), c.pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
-	ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
 
 	// node2 moves to 198.18.0.102: the address on its uplink, its agent restarted with
 	// it, both nodes files updated. The old address stays on eth0 (a renumbering in
@@ -661,34 +523,34 @@ func TestCrossNodeNodeIPChanged(t *testing.T) {
 	if _, err := n2.Exec(ctx, "ip", "addr", "add", newIP+"/24", "dev", "eth0"); err != nil {
 		t.Fatal(err)
 	}
-	moved := entryOf(n2)
+	moved := e2e.EntryOf(n2)
 	moved.NodeIP = newIP
 	for _, n := range c.nodes {
-		writeNodes(t, c.files[n.Index], entryOf(n1), moved)
+		e2e.WriteNodes(t, c.files[n.Index], e2e.EntryOf(n1), moved)
 	}
 	if err := c.agents[2].Stop(); err != nil {
 		t.Fatal(err)
 	}
-	c.agents[2] = startAgent(t, ctx, n2, c.files[2], "--node-ip", newIP)
-	xnWaitNodeList(t, ctx, n1, "node1 to learn node2's new IP", func(m map[string]string) bool { return m[cidr2] == newIP })
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p2, p1.IP.String())
+	c.agents[2] = e2e.StartAgent(t, ctx, n2, c.files[2], "--node-ip", newIP)
+	e2e.WaitNodeList(t, ctx, n1, "node1 to learn node2's new IP", func(m map[string]string) bool { return m[cidr2] == newIP })
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p2, p1.IP.String())
 
-	xnTunnel(t, n2, "vx1", 1, n1) // from 198.18.0.2, the old address
-	xnTunnelDropped(t, ctx, n2, p1, "drop_unknown_tunnel")
+	foreignTunnel(t, n2, "vx1", 1, n1) // from 198.18.0.2, the old address
+	tunnelDropped(t, ctx, n2, p1, "drop_unknown_tunnel")
 }
 
-// TestCrossNodeAgentKillRestart: SIGKILL node1's agent in the middle of a UDP flow and a
+// TestAgentKillRestart: SIGKILL node1's agent in the middle of a UDP flow and a
 // TCP flow from node1's pod to node2's, start a new agent: the datapath lives in the
 // kernel, so not one UDP datagram is lost and TCP carries on.
-func TestCrossNodeAgentKillRestart(t *testing.T) {
-	c := newXNCluster(t, 1, 2)
-	ctx := testCtx(t)
+func TestAgentKillRestart(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := e2e.Ctx(t)
 	c.startAgents(t, ctx, nil)
 	c.addPods(t, ctx, 1)
 	n1, p1, p2 := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
-	xnIperfServer(t, ctx, p2, 5201)
-	xnIperfServer(t, ctx, p2, 5202)
+	e2e.IperfServer(t, ctx, p2, 5201)
+	e2e.IperfServer(t, ctx, p2, 5202)
 
 	// Modest rates, and socket buffers as large as the namespaces allow (iperf3 sets
 	// both ends from the client's -w): on a small, busy machine the receiver stalls for
@@ -698,16 +560,16 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 	udpArgs := []string{"-c", p2.IP.String(), "-p", "5201", "-J", "-u", "-b", "50M", "-t", "6", "-l", "1200"}
 	buf := 4 << 20
 	for _, p := range []*lab.Pod{p1, p2} {
-		buf = min(buf, xnSysctl(t, ctx, p, "net.core.rmem_max"), xnSysctl(t, ctx, p, "net.core.wmem_max"))
+		buf = min(buf, sysctlInt(t, ctx, p, "net.core.rmem_max"), sysctlInt(t, ctx, p, "net.core.wmem_max"))
 	}
 	if buf >= 1<<20 {
 		udpArgs = append(udpArgs, "-w", strconv.Itoa(buf))
 	} else {
 		t.Logf("net.core.[rw]mem_max is %d: UDP socket buffers stay at their default", buf)
 	}
-	rcvbufErrs := xnSNMP(t, ctx, p2, "Udp", "RcvbufErrors")
+	rcvbufErrs := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors")
 
-	before := stats(t, ctx, n1)
+	before := e2e.Stats(t, ctx, n1)
 	udp, err := p1.Start(ctx, "iperf3", udpArgs...)
 	if err != nil {
 		t.Fatal(err)
@@ -720,7 +582,7 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	err = lab.WaitFor(wctx, "flows under way", func(ctx context.Context) error {
-		if enc := xnDelta(before, stats(t, ctx, n1), "encap"); enc.Packets < 5000 {
+		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 5000 {
 			return fmt.Errorf("encap %d packets", enc.Packets)
 		}
 		return nil
@@ -732,7 +594,7 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 	if err := c.agents[1].Kill(); err != nil {
 		t.Fatalf("kill agent: %v", err)
 	}
-	c.agents[1] = startAgent(t, ctx, n1, c.files[1])
+	c.agents[1] = e2e.StartAgent(t, ctx, n1, c.files[1])
 	for _, p := range []*lab.Process{udp, tcp} {
 		select {
 		case <-p.Done():
@@ -740,25 +602,25 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 		default:
 		}
 	}
-	mid := stats(t, ctx, n1)
+	mid := e2e.Stats(t, ctx, n1)
 
-	results := map[string]xnIperf{}
+	results := map[string]e2e.Iperf{}
 	for name, p := range map[string]*lab.Process{"udp": udp, "tcp": tcp} {
 		werr := p.Wait()
 		out, err := p.Output()
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := xnParseIperf(out, werr)
+		r, err := e2e.ParseIperf(out, werr)
 		if err != nil {
 			t.Fatalf("%s flow: %v", name, err)
 		}
 		results[name] = r
 	}
 	u, tc := results["udp"], results["tcp"]
-	sockDrops := xnSNMP(t, ctx, p2, "Udp", "RcvbufErrors") - rcvbufErrs
+	sockDrops := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors") - rcvbufErrs
 	t.Logf("udp: %d datagrams sent, %d lost (%d of them in the receiver's socket buffer); tcp: %d bytes, %.2f Gbit/s",
-		u.End.Sum.Packets, u.End.Sum.LostPackets, sockDrops, tc.End.SumReceived.Bytes, tc.gbps())
+		u.End.Sum.Packets, u.End.Sum.LostPackets, sockDrops, tc.End.SumReceived.Bytes, tc.Gbps())
 	// end.sum.lost_packets is the receiver's count, reported back to the client.
 	if u.End.Sum.LostPackets != 0 || u.End.SumReceived.Packets == 0 {
 		t.Errorf("udp across the agent restart: %d of %d datagrams lost (%d by the receiver's socket buffer, the rest on the way)",
@@ -776,24 +638,24 @@ func TestCrossNodeAgentKillRestart(t *testing.T) {
 		}
 	}
 	// Traffic kept being encapsulated after the restart, not only before it.
-	if enc := xnDelta(mid, stats(t, ctx, n1), "encap"); enc.Packets == 0 {
+	if enc := e2e.Delta(mid, e2e.Stats(t, ctx, n1), "encap"); enc.Packets == 0 {
 		t.Errorf("no encapsulation after the agent restart")
 	}
 
 	// The uplink programs are still attached to eth0 (the pinned tcx links run them
 	// there), and traffic flows both ways.
-	eth0 := xnIfindex(t, ctx, n1, "eth0")
+	eth0 := ifindexOf(t, ctx, n1, "eth0")
 	for _, prog := range []string{"from_uplink", "to_uplink"} {
-		if name, ifindex := xnPinnedTCX(t, filepath.Join(n1.BpffsRoot, "links", prog, "eth0")); name != prog || ifindex != eth0 {
+		if name, ifindex := pinnedTCX(t, filepath.Join(n1.BpffsRoot, "links", prog, "eth0")); name != prog || ifindex != eth0 {
 			t.Errorf("after the restart, link %s/eth0 runs %q on ifindex %d; want %s on eth0 (%d)", prog, name, ifindex, prog, eth0)
 		}
 	}
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p2, p1.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p2, p1.IP.String())
 }
 
-// xnIfindex is an interface's index in the namespace of e.
-func xnIfindex(t *testing.T, ctx context.Context, e xnExecer, dev string) int {
+// ifindexOf is an interface's index in the namespace of e.
+func ifindexOf(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 	t.Helper()
 	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
 	if err != nil {
@@ -808,9 +670,9 @@ func xnIfindex(t *testing.T, ctx context.Context, e xnExecer, dev string) int {
 	return links[0].Ifindex
 }
 
-// xnPinnedTCX reads a pinned tcx link: the name of the program it runs and the ifindex it
+// pinnedTCX reads a pinned tcx link: the name of the program it runs and the ifindex it
 // is attached to. Straight from the kernel, not through patchcord's code.
-func xnPinnedTCX(t *testing.T, pin string) (prog string, ifindex int) {
+func pinnedTCX(t *testing.T, pin string) (prog string, ifindex int) {
 	t.Helper()
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {

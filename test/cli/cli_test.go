@@ -1,8 +1,7 @@
-package test
-
 // End-to-end tests of the debugging CLI: real traffic and real drops on a lab
 // node, and what `bpf stats`, `monitor`, `status` and `bpf prog list` say
 // about them. Each test makes its own lab, so they run in parallel.
+package cli
 
 import (
 	"bufio"
@@ -17,13 +16,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
-// cliEvent is one line of `monitor -o json`, in the shape the README
+// monitorEvent is one line of `monitor -o json`, in the shape the README
 // documents; decoding into it rather than into pkg/events' type catches a
 // renamed field.
-type cliEvent struct {
+type monitorEvent struct {
 	Time         time.Time `json:"time"`
 	CPU          uint32    `json:"cpu"`
 	Kind         string    `json:"kind"`
@@ -44,8 +44,8 @@ type cliEvent struct {
 	Lost         *uint64   `json:"lost"`
 }
 
-// cliStatus is the part of `status -o json` the tests look at.
-type cliStatus struct {
+// statusView is the part of `status -o json` the tests look at.
+type statusView struct {
 	Loaded       bool              `json:"loaded"`
 	AgentRunning bool              `json:"agentRunning"`
 	Tracing      bool              `json:"tracing"`
@@ -57,7 +57,7 @@ type cliStatus struct {
 	Healthy      bool              `json:"healthy"`
 	Problems     []string          `json:"problems"`
 	Warnings     []string          `json:"warnings"`
-	Programs     []cliProgram      `json:"programs"`
+	Programs     []programRow      `json:"programs"`
 	Config       struct {
 		Configured bool   `json:"configured"`
 		NodeIP     string `json:"nodeIP"`
@@ -68,13 +68,13 @@ type cliStatus struct {
 	} `json:"config"`
 }
 
-type cliProgram struct {
+type programRow struct {
 	Name string `json:"name"`
 	ID   uint32 `json:"id"`
 	Tag  string `json:"tag"`
 }
 
-type cliProg struct {
+type progRow struct {
 	Ifname    string `json:"ifname"`
 	Ifindex   int    `json:"ifindex"`
 	Direction string `json:"direction"`
@@ -87,7 +87,7 @@ type cliProg struct {
 	PodIP     string `json:"podIP"`
 }
 
-type cliEndpoint struct {
+type endpointRow struct {
 	IP      string `json:"ip"`
 	Ifindex int    `json:"ifindex"`
 	Ifname  string `json:"ifname"`
@@ -95,23 +95,23 @@ type cliEndpoint struct {
 	HostMAC string `json:"hostMac"`
 }
 
-// cliNode is node 1 with its agent and two pods, a and b.
-type cliNode struct {
+// agentNode is node 1 with its agent and two pods, a and b.
+type agentNode struct {
 	n     *lab.Node
 	agent *lab.Process
 	nodes string // the nodes file
 	a, b  *lab.Pod
 }
 
-func newCLINode(t *testing.T, ctx context.Context, l *lab.Lab) *cliNode {
+func newNode(t *testing.T, ctx context.Context, l *lab.Lab) *agentNode {
 	t.Helper()
 	n, err := l.AddNode(1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &cliNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
-	writeNodes(t, c.nodes, entryOf(n))
-	c.agent = startAgent(t, ctx, n, c.nodes)
+	c := &agentNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
+	e2e.WriteNodes(t, c.nodes, e2e.EntryOf(n))
+	c.agent = e2e.StartAgent(t, ctx, n, c.nodes)
 	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
 		t.Fatal(err)
 	}
@@ -125,13 +125,13 @@ func newCLINode(t *testing.T, ctx context.Context, l *lab.Lab) *cliNode {
 }
 
 // endpoint reads a pod's endpoint through the CLI.
-func (c *cliNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) cliEndpoint {
+func (c *agentNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) endpointRow {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "bpf", "endpoint", "get", p.IP.String(), "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var eps []cliEndpoint
+	var eps []endpointRow
 	if err := json.Unmarshal(out, &eps); err != nil || len(eps) != 1 {
 		t.Fatalf("endpoint get %s: %v\n%s", p.IP, err, out)
 	}
@@ -141,10 +141,10 @@ func (c *cliNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) cliEnd
 // status runs `status -o json` and returns what it printed and whether it
 // exited 0. Its stdout is the JSON; an unhealthy status adds its error on
 // stderr after it, which the decoder leaves alone.
-func (c *cliNode) status(t *testing.T, ctx context.Context) (cliStatus, bool) {
+func (c *agentNode) status(t *testing.T, ctx context.Context) (statusView, bool) {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "status", "-o", "json")
-	var st cliStatus
+	var st statusView
 	if derr := json.NewDecoder(bytes.NewReader(out)).Decode(&st); derr != nil {
 		t.Fatalf("status -o json: %v (exit: %v)\n%s", derr, err, out)
 	}
@@ -154,13 +154,13 @@ func (c *cliNode) status(t *testing.T, ctx context.Context) (cliStatus, bool) {
 	return st, err == nil
 }
 
-func (c *cliNode) progs(t *testing.T, ctx context.Context) []cliProg {
+func (c *agentNode) progs(t *testing.T, ctx context.Context) []progRow {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "bpf", "prog", "list", "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rows []cliProg
+	var rows []progRow
 	if err := json.Unmarshal(out, &rows); err != nil {
 		t.Fatalf("prog list: %v\n%s", err, out)
 	}
@@ -172,12 +172,12 @@ func (c *cliNode) progs(t *testing.T, ctx context.Context) []cliProg {
 func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(t.TempDir(), "monitor.ready")
-	return startReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
+	return e2e.StartReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
 }
 
 // monitorEvents waits for a monitor started with --count to exit and
 // returns the events it printed.
-func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []cliEvent {
+func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []monitorEvent {
 	t.Helper()
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -197,16 +197,16 @@ func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []cliEvent
 
 // parseEvents reads the JSON lines of a monitor's log; the other lines are
 // its log on stderr.
-func parseEvents(t *testing.T, out []byte) []cliEvent {
+func parseEvents(t *testing.T, out []byte) []monitorEvent {
 	t.Helper()
-	var evs []cliEvent
+	var evs []monitorEvent
 	s := bufio.NewScanner(bytes.NewReader(out))
 	for s.Scan() {
 		line := s.Bytes()
 		if !bytes.HasPrefix(line, []byte("{")) {
 			continue
 		}
-		var ev cliEvent
+		var ev monitorEvent
 		if err := json.Unmarshal(line, &ev); err != nil {
 			t.Fatalf("monitor line %q: %v", line, err)
 		}
@@ -217,7 +217,7 @@ func parseEvents(t *testing.T, out []byte) []cliEvent {
 
 // wantEvents checks that evs are n drops or traces matching want, field by
 // field where want sets one.
-func wantEvents(t *testing.T, evs []cliEvent, n int, want cliEvent) {
+func wantEvents(t *testing.T, evs []monitorEvent, n int, want monitorEvent) {
 	t.Helper()
 	if len(evs) != n {
 		t.Fatalf("got %d events, want %d: %+v", len(evs), n, evs)
@@ -263,18 +263,18 @@ func reflectZero(v any) any {
 }
 
 // counterDelta is how many packets a counter gained.
-func counterDelta(before, after map[string]counter, name string) uint64 {
+func counterDelta(before, after map[string]e2e.Counter, name string) uint64 {
 	return after[name].Packets - before[name].Packets
 }
 
-// TestCLISpoofedDrops: a pod sending from an address that is not its own is
+// TestSpoofedDrops: a pod sending from an address that is not its own is
 // dropped; stats, monitor and status each report exactly those drops, with
 // the pod's host veth and the packets' 5-tuple.
-func TestCLISpoofedDrops(t *testing.T) {
+func TestSpoofedDrops(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
-	c := newCLINode(t, ctx, l)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	c := newNode(t, ctx, l)
 	ep := c.endpoint(t, ctx, c.a)
 	const spoofed = "10.244.1.200"
 	// The gateway's MAC is fixed first: resolving it from the spoofed
@@ -288,14 +288,14 @@ func TestCLISpoofedDrops(t *testing.T) {
 		}
 	}
 
-	before := stats(t, ctx, c.n)
+	before := e2e.Stats(t, ctx, c.n)
 	mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 	// Every echo request is dropped: ping fails, as it should.
 	c.a.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", spoofed, c.b.IP.String())
 	evs := monitorEvents(t, ctx, mon)
-	after := stats(t, ctx, c.n)
+	after := e2e.Stats(t, ctx, c.n)
 
-	wantEvents(t, evs, 3, cliEvent{
+	wantEvents(t, evs, 3, monitorEvent{
 		Kind: "drop", Program: "from_pod", Ifindex: ep.Ifindex, Ifname: ep.Ifname, Reason: "drop_spoofed",
 		EthProto: "ipv4", Proto: "icmp", Src: spoofed, Dst: c.b.IP.String(),
 	})
@@ -314,16 +314,16 @@ func TestCLISpoofedDrops(t *testing.T) {
 	}
 }
 
-// TestCLITunnelDrops: VXLAN to node 1 from a stranger (198.18.0.99, a lab
+// TestTunnelDrops: VXLAN to node 1 from a stranger (198.18.0.99, a lab
 // node without patchcord, through a kernel vxlan device) is dropped as
 // drop_unknown_tunnel; once the stranger is a listed node, VXLAN with the
 // wrong VNI is dropped as drop_bad_vni. The monitor names the uplink and the
 // outer 5-tuple.
-func TestCLITunnelDrops(t *testing.T) {
+func TestTunnelDrops(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
-	c := newCLINode(t, ctx, l)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	c := newNode(t, ctx, l)
 	stranger, err := l.AddNode(99)
 	if err != nil {
 		t.Fatal(err)
@@ -355,16 +355,16 @@ func TestCLITunnelDrops(t *testing.T) {
 	// monitor and status show exactly three drops for reason.
 	dropped := func(reason string) {
 		t.Helper()
-		before := stats(t, ctx, c.n)
+		before := e2e.Stats(t, ctx, c.n)
 		stBefore, _ := c.status(t, ctx)
 		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 		stranger.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", c.b.IP.String())
 		evs := monitorEvents(t, ctx, mon)
-		wantEvents(t, evs, 3, cliEvent{
+		wantEvents(t, evs, 3, monitorEvent{
 			Kind: "drop", Program: "from_uplink", Ifname: "eth0", Reason: reason,
 			EthProto: "ipv4", Proto: "udp", Src: stranger.IP.String(), Dst: c.n.IP.String(), Dport: 4789,
 		})
-		after := stats(t, ctx, c.n)
+		after := e2e.Stats(t, ctx, c.n)
 		for _, name := range []string{"drop_unknown_tunnel", "drop_bad_vni", "drop_no_endpoint", "drop_malformed", "decap"} {
 			want := uint64(0)
 			if name == reason {
@@ -385,7 +385,7 @@ func TestCLITunnelDrops(t *testing.T) {
 		dropped("drop_unknown_tunnel")
 	})
 	t.Run("bad vni", func(t *testing.T) {
-		writeNodes(t, c.nodes, entryOf(c.n), entryOf(stranger))
+		e2e.WriteNodes(t, c.nodes, e2e.EntryOf(c.n), e2e.EntryOf(stranger))
 		err := lab.WaitFor(ctx, "agent to list node 99", func(ctx context.Context) error {
 			out, err := c.n.CLI(ctx, "bpf", "node", "list", "-o", "json")
 			if err != nil {
@@ -404,14 +404,14 @@ func TestCLITunnelDrops(t *testing.T) {
 	})
 }
 
-// TestCLITraces: a trace monitor sees one local_redirect per forwarded
+// TestTraces: a trace monitor sees one local_redirect per forwarded
 // packet, with both veths, and tracing is off again once it exits; with two
 // trace monitors it stays on until the last one exits.
-func TestCLITraces(t *testing.T) {
+func TestTraces(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
-	c := newCLINode(t, ctx, l)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	c := newNode(t, ctx, l)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 	tracing := func(want bool, what string) {
 		t.Helper()
@@ -422,14 +422,14 @@ func TestCLITraces(t *testing.T) {
 	}
 	tracing(false, "before any monitor")
 	// Resolve the gateway first, so that the pings are all there is.
-	ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
+	e2e.Ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
 
 	t.Run("one monitor", func(t *testing.T) {
 		mon := startMonitor(t, ctx, c.n, "--type", "trace", "-o", "json", "--count", "6")
 		tracing(true, "while a monitor runs")
-		ping(t, ctx, c.a, c.b.IP.String())
+		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		evs := monitorEvents(t, ctx, mon)
-		var requests, replies []cliEvent
+		var requests, replies []monitorEvent
 		for _, ev := range evs {
 			if ev.Src == c.a.IP.String() {
 				requests = append(requests, ev)
@@ -437,11 +437,11 @@ func TestCLITraces(t *testing.T) {
 				replies = append(replies, ev)
 			}
 		}
-		wantEvents(t, requests, 3, cliEvent{
+		wantEvents(t, requests, 3, monitorEvent{
 			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epA.Ifname, Ifindex: epA.Ifindex,
 			Target: epB.Ifindex, TargetIfname: epB.Ifname, Proto: "icmp", Src: c.a.IP.String(), Dst: c.b.IP.String(),
 		})
-		wantEvents(t, replies, 3, cliEvent{
+		wantEvents(t, replies, 3, monitorEvent{
 			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epB.Ifname, Ifindex: epB.Ifindex,
 			Target: epA.Ifindex, TargetIfname: epA.Ifname, Proto: "icmp", Src: c.b.IP.String(), Dst: c.a.IP.String(),
 		})
@@ -462,7 +462,7 @@ func TestCLITraces(t *testing.T) {
 		tracing(false, "after both monitors exited")
 		// With nobody tracing, forwarding adds no events.
 		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json")
-		ping(t, ctx, c.a, c.b.IP.String())
+		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		if err := mon.Stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -473,15 +473,15 @@ func TestCLITraces(t *testing.T) {
 	})
 }
 
-// TestCLIStatusAndProgList: status is healthy on a node with its agent and
+// TestStatusAndProgList: status is healthy on a node with its agent and
 // pods, and `bpf prog list` shows every attachment; a pod that loses its
 // from_pod, or a stopped agent, makes status fail, and a restarted agent
 // repairs both.
-func TestCLIStatusAndProgList(t *testing.T) {
+func TestStatusAndProgList(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
-	c := newCLINode(t, ctx, l)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	c := newNode(t, ctx, l)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 
 	st, ok := c.status(t, ctx)
@@ -491,7 +491,7 @@ func TestCLIStatusAndProgList(t *testing.T) {
 	if cfg := st.Config; !cfg.Configured || cfg.NodeIP != c.n.IP.String() || cfg.Uplink != "eth0" || cfg.VNI != 1 || cfg.VXLANPort != 4789 || cfg.PodMTU != 1450 {
 		t.Errorf("node config: %+v", cfg)
 	}
-	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p cliProgram) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
+	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p programRow) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
 		t.Errorf("programs: %+v", st.Programs)
 	}
 	if out, err := c.n.CLI(ctx, "status"); err != nil || !bytes.Contains(out, []byte("Status       OK")) {
@@ -506,7 +506,7 @@ func TestCLIStatusAndProgList(t *testing.T) {
 		{"to_uplink", "eth0", "egress", "ok"},
 	}
 	slices.SortFunc(want[:2], func(a, b key) int { return strings.Compare(a.ifname, b.ifname) })
-	progKeys := func(rows []cliProg) []key {
+	progKeys := func(rows []progRow) []key {
 		var ks []key
 		for _, r := range rows {
 			ks = append(ks, key{r.Program, r.Ifname, r.Direction, r.Status})
@@ -559,7 +559,7 @@ func TestCLIStatusAndProgList(t *testing.T) {
 	}
 
 	// A new agent reattaches at start, before it reports ready.
-	c.agent = startAgent(t, ctx, c.n, c.nodes)
+	c.agent = e2e.StartAgent(t, ctx, c.n, c.nodes)
 	if st, ok := c.status(t, ctx); !ok {
 		t.Errorf("after the agent restarted: problems %q", st.Problems)
 	}
@@ -569,12 +569,12 @@ func TestCLIStatusAndProgList(t *testing.T) {
 	}
 }
 
-// TestCLINotLoaded: on a node where nothing is pinned, every command says
+// TestNotLoaded: on a node where nothing is pinned, every command says
 // what to do, and status fails.
-func TestCLINotLoaded(t *testing.T) {
+func TestNotLoaded(t *testing.T) {
 	t.Parallel()
-	l := newLab(t)
-	ctx := testCtx(t)
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
 	n, err := l.AddNode(1)
 	if err != nil {
 		t.Fatal(err)

@@ -23,13 +23,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func skipUnlessRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("needs root: creates network namespaces and mounts bpffs")
-	}
-}
-
 // rootState is what the lab must never change in the root namespace.
 func rootState(tb testing.TB) []string {
 	tb.Helper()
@@ -126,148 +119,25 @@ func mustAddNode(tb testing.TB, l *Lab, i int) *Node {
 }
 
 func TestTwoNodes(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	before := rootState(t)
 	l := NewForTest(t, Options{})
 	n1 := mustAddNode(t, l, 1)
 	n2 := mustAddNode(t, l, 2)
 	ctx := t.Context()
 
-	t.Run("addresses", func(t *testing.T) {
-		if got, want := n2.IP.String(), "198.18.0.2"; got != want {
-			t.Errorf("node 2 IP = %s, want %s", got, want)
-		}
-		if got, want := n2.PodCIDR.String(), "10.244.2.0/24"; got != want {
-			t.Errorf("node 2 pod CIDR = %s, want %s", got, want)
-		}
-		out, err := n1.Exec(ctx, "ip", "-o", "-4", "addr", "show", "dev", "eth0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !strings.Contains(string(out), "198.18.0.1/24") {
-			t.Errorf("eth0 in node 1: %s", out)
-		}
-		out, err = n1.Exec(ctx, "cat", "/proc/sys/net/ipv4/ip_forward")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.TrimSpace(string(out)) != "1" {
-			t.Errorf("ip_forward in node 1 = %q, want 1", out)
-		}
-	})
+	t.Run("addresses", func(t *testing.T) { twoNodesAddresses(t, ctx, l, n1, n2) })
 
-	t.Run("ping", func(t *testing.T) {
-		if out, err := n1.Exec(ctx, "ping", "-c1", "-W1", n2.IP.String()); err != nil {
-			t.Fatalf("node 1 cannot ping node 2: %v\n%s", err, out)
-		}
-	})
+	t.Run("ping", func(t *testing.T) { twoNodesPing(t, ctx, l, n1, n2) })
 
 	// The same path without any tool: a socket made inside a namespace stays in it.
-	t.Run("tcp", func(t *testing.T) {
-		var ln net.Listener
-		err := ns.WithNetNSPath(n2.NSPath, func(ns.NetNS) (err error) {
-			ln, err = net.Listen("tcp4", n2.IP.String()+":0")
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		go func() {
-			c, err := ln.Accept()
-			if err == nil {
-				_, _ = io.WriteString(c, "hello from node 2")
-				c.Close()
-			}
-		}()
-		var got []byte
-		err = ns.WithNetNSPath(n1.NSPath, func(ns.NetNS) error {
-			c, err := net.DialTimeout("tcp4", ln.Addr().String(), 2*time.Second)
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			got, err = io.ReadAll(c)
-			return err
-		})
-		if err != nil || string(got) != "hello from node 2" {
-			t.Fatalf("node 1 -> node 2 tcp: %q, %v", got, err)
-		}
-	})
+	t.Run("tcp", func(t *testing.T) { twoNodesTCP(t, ctx, l, n1, n2) })
 
-	t.Run("bpffs", func(t *testing.T) {
-		for _, n := range []*Node{n1, n2} {
-			var st unix.Statfs_t
-			mnt := filepath.Dir(n.BpffsRoot)
-			if err := unix.Statfs(mnt, &st); err != nil {
-				t.Fatal(err)
-			}
-			if st.Type != unix.BPF_FS_MAGIC {
-				t.Errorf("%s: fs magic %#x, want bpffs %#x", mnt, st.Type, unix.BPF_FS_MAGIC)
-			}
-		}
-		var st1, st2 unix.Stat_t
-		_ = unix.Stat(filepath.Dir(n1.BpffsRoot), &st1)
-		_ = unix.Stat(filepath.Dir(n2.BpffsRoot), &st2)
-		if st1.Dev == st2.Dev {
-			t.Errorf("nodes 1 and 2 share one bpffs")
-		}
-	})
+	t.Run("bpffs", func(t *testing.T) { twoNodesBpffs(t, ctx, l, n1, n2) })
 
-	t.Run("conflists", func(t *testing.T) {
-		for name, conf := range map[string][]byte{"primary": n2.PrimaryConflist(), "chained": n2.ChainedPTPConflist()} {
-			if err := n2.WriteConflist(name, conf); err != nil {
-				t.Fatal(err)
-			}
-		}
-		got, err := os.ReadFile(filepath.Join(n2.ConfDir, "chained.conflist"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := `{"cniVersion":"1.1.0","name":"patchcord-ptp","plugins":[{"type":"ptp","ipMasq":false,"mtu":1450,` +
-			`"ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.2.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"` + n2.IPAMDir + `"}},` +
-			`{"type":"patchcord-cni","bpffsRoot":"` + n2.BpffsRoot + `"}]}`
-		if string(got) != want {
-			t.Errorf("chained conflist:\n got %s\nwant %s", got, want)
-		}
-		want = `{"cniVersion":"1.1.0","name":"patchcord","plugins":[{"type":"patchcord-cni","bpffsRoot":"` + n2.BpffsRoot + `",` +
-			`"ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.2.0/24"}]],"dataDir":"` + n2.IPAMDir + `"}}]}`
-		if got := string(n2.PrimaryConflist()); got != want {
-			t.Errorf("primary conflist:\n got %s\nwant %s", got, want)
-		}
-	})
+	t.Run("conflists", func(t *testing.T) { twoNodesConflists(t, ctx, l, n1, n2) })
 
-	t.Run("wait listening", func(t *testing.T) {
-		srv, err := n2.Start(ctx, "iperf3", "-s", "-1", "-p", "5201")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := srv.WaitListening(ctx, 5201); err != nil {
-			out, _ := srv.Output()
-			t.Fatalf("%v\n%s", err, out)
-		}
-		if err := n2.WaitListening(ctx, 5201); err != nil {
-			t.Fatal(err)
-		}
-		if out, err := n1.Exec(ctx, "iperf3", "-c", n2.IP.String(), "-p", "5201", "-n", "1M"); err != nil {
-			t.Fatalf("iperf3 node 1 -> node 2: %v\n%s", err, out)
-		}
-		if err := srv.Wait(); err != nil {
-			t.Errorf("iperf3 server: %v", err)
-		}
-		// A server that dies is reported at once, not after the timeout.
-		dead, err := n2.Start(ctx, "false")
-		if err != nil {
-			t.Fatal(err)
-		}
-		start := time.Now()
-		if err := dead.WaitListening(ctx, 5202); err == nil || !strings.Contains(err.Error(), "exited") {
-			t.Errorf("WaitListening on a dead process: %v", err)
-		}
-		if d := time.Since(start); d > 5*time.Second {
-			t.Errorf("dead process noticed after %s", d)
-		}
-	})
+	t.Run("wait listening", func(t *testing.T) { twoNodesWaitListening(t, ctx, l, n1, n2) })
 
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
@@ -284,8 +154,149 @@ func TestTwoNodes(t *testing.T) {
 	}
 }
 
+// twoNodesAddresses is the addresses step of TestTwoNodes.
+func twoNodesAddresses(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	if got, want := n2.IP.String(), "198.18.0.2"; got != want {
+		t.Errorf("node 2 IP = %s, want %s", got, want)
+	}
+	if got, want := n2.PodCIDR.String(), "10.244.2.0/24"; got != want {
+		t.Errorf("node 2 pod CIDR = %s, want %s", got, want)
+	}
+	out, err := n1.Exec(ctx, "ip", "-o", "-4", "addr", "show", "dev", "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), "198.18.0.1/24") {
+		t.Errorf("eth0 in node 1: %s", out)
+	}
+	out, err = n1.Exec(ctx, "cat", "/proc/sys/net/ipv4/ip_forward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(out)) != "1" {
+		t.Errorf("ip_forward in node 1 = %q, want 1", out)
+	}
+}
+
+// twoNodesPing is the ping step of TestTwoNodes.
+func twoNodesPing(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	if out, err := n1.Exec(ctx, "ping", "-c1", "-W1", n2.IP.String()); err != nil {
+		t.Fatalf("node 1 cannot ping node 2: %v\n%s", err, out)
+	}
+}
+
+// twoNodesTCP is the tcp step of TestTwoNodes.
+func twoNodesTCP(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	var ln net.Listener
+	err := ns.WithNetNSPath(n2.NSPath, func(ns.NetNS) (err error) {
+		ln, err = net.Listen("tcp4", n2.IP.String()+":0")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			_, _ = io.WriteString(c, "hello from node 2")
+			c.Close()
+		}
+	}()
+	var got []byte
+	err = ns.WithNetNSPath(n1.NSPath, func(ns.NetNS) error {
+		c, err := net.DialTimeout("tcp4", ln.Addr().String(), 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		got, err = io.ReadAll(c)
+		return err
+	})
+	if err != nil || string(got) != "hello from node 2" {
+		t.Fatalf("node 1 -> node 2 tcp: %q, %v", got, err)
+	}
+}
+
+// twoNodesBpffs is the bpffs step of TestTwoNodes.
+func twoNodesBpffs(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	for _, n := range []*Node{n1, n2} {
+		var st unix.Statfs_t
+		mnt := filepath.Dir(n.BpffsRoot)
+		if err := unix.Statfs(mnt, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Type != unix.BPF_FS_MAGIC {
+			t.Errorf("%s: fs magic %#x, want bpffs %#x", mnt, st.Type, unix.BPF_FS_MAGIC)
+		}
+	}
+	var st1, st2 unix.Stat_t
+	_ = unix.Stat(filepath.Dir(n1.BpffsRoot), &st1)
+	_ = unix.Stat(filepath.Dir(n2.BpffsRoot), &st2)
+	if st1.Dev == st2.Dev {
+		t.Errorf("nodes 1 and 2 share one bpffs")
+	}
+}
+
+// twoNodesConflists is the conflists step of TestTwoNodes.
+func twoNodesConflists(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	for name, conf := range map[string][]byte{"primary": n2.PrimaryConflist(), "chained": n2.ChainedPTPConflist()} {
+		if err := n2.WriteConflist(name, conf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := os.ReadFile(filepath.Join(n2.ConfDir, "chained.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"cniVersion":"1.1.0","name":"patchcord-ptp","plugins":[{"type":"ptp","ipMasq":false,"mtu":1450,` +
+		`"ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.2.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"` + n2.IPAMDir + `"}},` +
+		`{"type":"patchcord-cni","bpffsRoot":"` + n2.BpffsRoot + `"}]}`
+	if string(got) != want {
+		t.Errorf("chained conflist:\n got %s\nwant %s", got, want)
+	}
+	want = `{"cniVersion":"1.1.0","name":"patchcord","plugins":[{"type":"patchcord-cni","bpffsRoot":"` + n2.BpffsRoot + `",` +
+		`"ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.2.0/24"}]],"dataDir":"` + n2.IPAMDir + `"}}]}`
+	if got := string(n2.PrimaryConflist()); got != want {
+		t.Errorf("primary conflist:\n got %s\nwant %s", got, want)
+	}
+}
+
+// twoNodesWaitListening is the wait listening step of TestTwoNodes.
+func twoNodesWaitListening(t *testing.T, ctx context.Context, l *Lab, n1, n2 *Node) {
+	srv, err := n2.Start(ctx, "iperf3", "-s", "-1", "-p", "5201")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.WaitListening(ctx, 5201); err != nil {
+		out, _ := srv.Output()
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if err := n2.WaitListening(ctx, 5201); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := n1.Exec(ctx, "iperf3", "-c", n2.IP.String(), "-p", "5201", "-n", "1M"); err != nil {
+		t.Fatalf("iperf3 node 1 -> node 2: %v\n%s", err, out)
+	}
+	if err := srv.Wait(); err != nil {
+		t.Errorf("iperf3 server: %v", err)
+	}
+	// A server that dies is reported at once, not after the timeout.
+	dead, err := n2.Start(ctx, "false")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := dead.WaitListening(ctx, 5202); err == nil || !strings.Contains(err.Error(), "exited") {
+		t.Errorf("WaitListening on a dead process: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("dead process noticed after %s", d)
+	}
+}
+
 func TestCloseAfterPartialFailure(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	l := NewForTest(t, Options{})
 	n1 := mustAddNode(t, l, 1)
 	// A file where node 2's directory goes makes AddNode fail after its namespace and
@@ -324,7 +335,7 @@ func TestCloseAfterPartialFailure(t *testing.T) {
 }
 
 func TestProcesses(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	l := NewForTest(t, Options{})
 	n := mustAddNode(t, l, 1)
 	ctx := t.Context()
@@ -469,7 +480,7 @@ func startHelper(t *testing.T, mode string) (*exec.Cmd, string, string) {
 }
 
 func TestSweepAfterCrash(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	// A live lab in this process, which Sweep must not touch.
 	mine := NewForTest(t, Options{})
 	mustAddNode(t, mine, 1)
@@ -516,7 +527,7 @@ func TestSweepAfterCrash(t *testing.T) {
 }
 
 func TestSignalClosesLab(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(sig.String(), func(t *testing.T) {
 			cmd, prefix, dir := startHelper(t, "signal")
@@ -535,7 +546,7 @@ func TestSignalClosesLab(t *testing.T) {
 }
 
 func TestNamedLab(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	name := fmt.Sprintf("t%d", os.Getpid())
 	l := NewForTest(t, Options{Name: name})
 	if want := NamePrefix + name; l.Prefix != want {

@@ -3,7 +3,7 @@
 // per node) against a small in-memory API server, next to a Flannel node
 // that knows its peers only from the annotations the agents publish. This is
 // a cluster half-way through a migration from Flannel.
-package test
+package kube
 
 import (
 	"context"
@@ -20,36 +20,37 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/patchcord/patchcord/pkg/lab"
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// kapiServer is as much of the API server as a Node informer and a patch of
+// apiServer is as much of the API server as a Node informer and a patch of
 // a node's annotations need: list, watch (also as a watch-list stream),
 // get and merge-patch of core/v1 Nodes.
-type kapiServer struct {
+type apiServer struct {
 	mu       sync.Mutex
 	rv       int
 	nodes    map[string]*corev1.Node
-	history  []kapiEvent // every change, for watches that start behind
-	watchers map[chan kapiEvent]bool
+	history  []watchEvent // every change, for watches that start behind
+	watchers map[chan watchEvent]bool
 }
 
-type kapiEvent struct {
+type watchEvent struct {
 	Type   string       `json:"type"`
 	Object *corev1.Node `json:"object"`
 	rv     int
 }
 
-func newKAPIServer() *kapiServer {
-	return &kapiServer{nodes: map[string]*corev1.Node{}, watchers: map[chan kapiEvent]bool{}}
+func newAPIServer() *apiServer {
+	return &apiServer{nodes: map[string]*corev1.Node{}, watchers: map[chan watchEvent]bool{}}
 }
 
 // set adds or replaces a node, as kubelet and the controller manager would.
-func (s *kapiServer) set(n *corev1.Node) {
+func (s *apiServer) set(n *corev1.Node) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	typ := "MODIFIED"
@@ -59,17 +60,17 @@ func (s *kapiServer) set(n *corev1.Node) {
 	s.store(typ, n.DeepCopy())
 }
 
-func (s *kapiServer) remove(name string) {
+func (s *apiServer) remove(name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n, ok := s.nodes[name]; ok {
 		delete(s.nodes, name)
 		s.rv++
-		s.notify(kapiEvent{Type: "DELETED", Object: n.DeepCopy(), rv: s.rv})
+		s.notify(watchEvent{Type: "DELETED", Object: n.DeepCopy(), rv: s.rv})
 	}
 }
 
-func (s *kapiServer) get(name string) *corev1.Node {
+func (s *apiServer) get(name string) *corev1.Node {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n, ok := s.nodes[name]; ok {
@@ -79,15 +80,15 @@ func (s *kapiServer) get(name string) *corev1.Node {
 }
 
 // store saves n under a new resourceVersion; s.mu is held.
-func (s *kapiServer) store(typ string, n *corev1.Node) {
+func (s *apiServer) store(typ string, n *corev1.Node) {
 	s.rv++
 	n.ResourceVersion = strconv.Itoa(s.rv)
 	n.TypeMeta = metav1.TypeMeta{Kind: "Node", APIVersion: "v1"}
 	s.nodes[n.Name] = n
-	s.notify(kapiEvent{Type: typ, Object: n.DeepCopy(), rv: s.rv})
+	s.notify(watchEvent{Type: typ, Object: n.DeepCopy(), rv: s.rv})
 }
 
-func (s *kapiServer) notify(ev kapiEvent) {
+func (s *apiServer) notify(ev watchEvent) {
 	s.history = append(s.history, ev)
 	for ch := range s.watchers {
 		select {
@@ -97,7 +98,7 @@ func (s *kapiServer) notify(ev kapiEvent) {
 	}
 }
 
-func (s *kapiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (s *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	name, named := strings.CutPrefix(r.URL.Path, "/api/v1/nodes/")
 	switch {
 	case r.URL.Path == "/api/v1/nodes" && r.Method == http.MethodGet:
@@ -111,28 +112,28 @@ func (s *kapiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			list.Items = append(list.Items, *n.DeepCopy())
 		}
 		s.mu.Unlock()
-		kapiWrite(w, http.StatusOK, list)
+		writeJSON(w, http.StatusOK, list)
 	case named && r.Method == http.MethodGet:
 		if n := s.get(name); n != nil {
-			kapiWrite(w, http.StatusOK, n)
+			writeJSON(w, http.StatusOK, n)
 			return
 		}
-		kapiStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
+		writeStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
 	case named && r.Method == http.MethodPatch:
 		if ct := r.Header.Get("Content-Type"); ct != "application/merge-patch+json" {
-			kapiStatus(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", ct)
+			writeStatus(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", ct)
 			return
 		}
 		var patch json.RawMessage
 		if err := json.NewDecoder(r.Body).Decode(&patch); err != nil {
-			kapiStatus(w, http.StatusBadRequest, "BadRequest", err.Error())
+			writeStatus(w, http.StatusBadRequest, "BadRequest", err.Error())
 			return
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		n, ok := s.nodes[name]
 		if !ok {
-			kapiStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
+			writeStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
 			return
 		}
 		orig, _ := json.Marshal(n)
@@ -142,29 +143,29 @@ func (s *kapiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			err = json.Unmarshal(merged, &out)
 		}
 		if err != nil {
-			kapiStatus(w, http.StatusUnprocessableEntity, "Invalid", err.Error())
+			writeStatus(w, http.StatusUnprocessableEntity, "Invalid", err.Error())
 			return
 		}
 		s.store("MODIFIED", &out)
-		kapiWrite(w, http.StatusOK, &out)
+		writeJSON(w, http.StatusOK, &out)
 	default:
-		kapiStatus(w, http.StatusNotFound, "NotFound", r.Method+" "+r.URL.Path)
+		writeStatus(w, http.StatusNotFound, "NotFound", r.Method+" "+r.URL.Path)
 	}
 }
 
 // watch streams events after the requested resourceVersion or, for a
 // watch-list (sendInitialEvents), every node followed by the bookmark that
 // ends the initial events.
-func (s *kapiServer) watch(w http.ResponseWriter, r *http.Request) {
+func (s *apiServer) watch(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	ch := make(chan kapiEvent, 1024)
+	ch := make(chan watchEvent, 1024)
 	s.mu.Lock()
-	var backlog []kapiEvent
+	var backlog []watchEvent
 	if q.Get("sendInitialEvents") == "true" {
 		for _, n := range s.nodes {
-			backlog = append(backlog, kapiEvent{Type: "ADDED", Object: n.DeepCopy()})
+			backlog = append(backlog, watchEvent{Type: "ADDED", Object: n.DeepCopy()})
 		}
-		backlog = append(backlog, kapiEvent{Type: "BOOKMARK", Object: &corev1.Node{
+		backlog = append(backlog, watchEvent{Type: "BOOKMARK", Object: &corev1.Node{
 			TypeMeta:   metav1.TypeMeta{Kind: "Node", APIVersion: "v1"},
 			ObjectMeta: metav1.ObjectMeta{ResourceVersion: strconv.Itoa(s.rv), Annotations: map[string]string{metav1.InitialEventsAnnotationKey: "true"}},
 		}})
@@ -188,7 +189,7 @@ func (s *kapiServer) watch(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	flusher := w.(http.Flusher)
 	enc := json.NewEncoder(w)
-	send := func(ev kapiEvent) bool {
+	send := func(ev watchEvent) bool {
 		if err := enc.Encode(ev); err != nil {
 			return false
 		}
@@ -213,14 +214,14 @@ func (s *kapiServer) watch(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func kapiWrite(w http.ResponseWriter, code int, v any) {
+func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(v)
 }
 
-func kapiStatus(w http.ResponseWriter, code int, reason, msg string) {
-	kapiWrite(w, code, metav1.Status{
+func writeStatus(w http.ResponseWriter, code int, reason, msg string) {
+	writeJSON(w, code, metav1.Status{
 		TypeMeta: metav1.TypeMeta{Kind: "Status", APIVersion: "v1"},
 		Status:   metav1.StatusFailure, Reason: metav1.StatusReason(reason), Message: msg, Code: int32(code),
 	})
@@ -228,7 +229,7 @@ func kapiStatus(w http.ResponseWriter, code int, reason, msg string) {
 
 // serveIn serves the API on 127.0.0.1:6443 inside a node's namespace, where
 // that node's agent (and nothing outside the node) reaches it.
-func (s *kapiServer) serveIn(t *testing.T, n *lab.Node) {
+func (s *apiServer) serveIn(t *testing.T, n *lab.Node) {
 	t.Helper()
 	var ln net.Listener
 	err := ns.WithNetNSPath(n.NSPath, func(ns.NetNS) error {
@@ -244,9 +245,9 @@ func (s *kapiServer) serveIn(t *testing.T, n *lab.Node) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-// kapiNode is the Node object kubelet and the controller manager make for a
+// nodeObject is the Node object kubelet and the controller manager make for a
 // lab node.
-func kapiNode(n *lab.Node, annotations map[string]string) *corev1.Node {
+func nodeObject(n *lab.Node, annotations map[string]string) *corev1.Node {
 	return &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: n.NetNS, Annotations: annotations},
 		Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
@@ -262,56 +263,26 @@ func kapiNode(n *lab.Node, annotations map[string]string) *corev1.Node {
 func startKubeAgent(t *testing.T, ctx context.Context, n *lab.Node, kubeconfig string) *lab.Process {
 	t.Helper()
 	ready := filepath.Join(n.Lab.Dir, fmt.Sprintf("n%d.ready", n.Index))
-	return startReady(t, ctx, n, "agent", ready, "agent",
+	return e2e.StartReady(t, ctx, n, "agent", ready, "agent",
 		"--kubeconfig", kubeconfig, "--node-name", n.NetNS,
 		"--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI), "--flannel-compat",
-		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(metricsPort),
+		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(e2e.MetricsPort),
 		"--ready-file", ready, "--log-level", "debug")
 }
 
-func TestKubeSourceFlannelMigration(t *testing.T) {
-	l := newLab(t)
-	ctx := testCtx(t)
-	all := xnAddNodes(t, l, 1, 2, 4)
+func TestFlannelMigration(t *testing.T) {
+	l := e2e.NewLab(t)
+	ctx := e2e.Ctx(t)
+	all := e2e.AddNodes(t, l, 1, 2, 4)
 	n1, n2, fl := all[0], all[1], all[2]
 	vtep, err := fl.AddFlannel()
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	api := newKAPIServer()
-	// n1 and n2 ran Flannel before: their annotations still name their old
-	// flannel.1, which is gone. The agents must overwrite them.
-	stale := map[string]string{
-		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
-		nodes.FlannelBackendType:       "vxlan",
-		nodes.FlannelPublicIP:          "",
-		nodes.FlannelKubeSubnetManager: "true",
-	}
-	for _, n := range []*lab.Node{n1, n2} {
-		ann := map[string]string{}
-		for k, v := range stale {
-			ann[k] = v
-		}
-		ann[nodes.FlannelPublicIP] = n.IP.String()
-		api.set(kapiNode(n, ann))
-	}
-	api.set(kapiNode(fl, map[string]string{
-		nodes.FlannelBackendData:       fmt.Sprintf(`{"VNI":%d,"VtepMAC":"%s"}`, lab.FlannelVNI, vtep),
-		nodes.FlannelBackendType:       "vxlan",
-		nodes.FlannelPublicIP:          fl.IP.String(),
-		nodes.FlannelKubeSubnetManager: "true",
-	}))
-	kubeconfig := filepath.Join(l.Dir, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
-kind: Config
-clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
-users: [{name: agent, user: {}}]
-contexts: [{name: lab, context: {cluster: lab, user: agent}}]
-current-context: lab
-`), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	api := newAPIServer()
+	seedAPI(api, n1, n2, fl, vtep)
+	kubeconfig := writeKubeconfig(t, l.Dir)
 	for _, n := range []*lab.Node{n1, n2} {
 		api.serveIn(t, n)
 		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
@@ -371,27 +342,70 @@ current-context: lab
 	if err != nil {
 		t.Fatal(err)
 	}
-	ping(t, ctx, p1, p2.IP.String())
-	ping(t, ctx, p1, fpod.IP.String())
-	ping(t, ctx, fpod, p2.IP.String())
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+	e2e.Ping(t, ctx, p1, fpod.IP.String())
+	e2e.Ping(t, ctx, fpod, p2.IP.String())
 
-	out, err = n1.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://127.0.0.1:"+strconv.Itoa(metricsPort)+"/metrics")
+	out, err = n1.Exec(ctx, "curl", "-fsS", "--max-time", "10", "http://127.0.0.1:"+strconv.Itoa(e2e.MetricsPort)+"/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := scrapeMetrics(t, out)["patchcord_nodes"]; v != 2 {
+	if v := e2e.ScrapeMetrics(t, out)["patchcord_nodes"]; v != 2 {
 		t.Errorf("patchcord_nodes = %v on n1, want 2 (n2 and the Flannel node)", v)
 	}
 
 	// A deleted Node takes its routes with it; added back, it returns.
 	cidr2 := n2.PodCIDR.String()
 	api.remove(n2.NetNS)
-	xnWaitNodeList(t, ctx, n1, "n2 gone from n1", func(m map[string]string) bool { _, ok := m[cidr2]; return !ok })
-	if err := xnNoPing(ctx, p1, p2.IP.String(), 2); err != nil {
+	e2e.WaitNodeList(t, ctx, n1, "n2 gone from n1", func(m map[string]string) bool { _, ok := m[cidr2]; return !ok })
+	if err := e2e.NoPing(ctx, p1, p2.IP.String(), 2); err != nil {
 		t.Error(err)
 	}
-	obj := kapiNode(n2, nil)
+	obj := nodeObject(n2, nil)
 	api.set(obj)
-	xnWaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
-	ping(t, ctx, p1, p2.IP.String())
+	e2e.WaitNodeList(t, ctx, n1, "n2 back on n1", func(m map[string]string) bool { return m[cidr2] == n2.IP.String() })
+	e2e.Ping(t, ctx, p1, p2.IP.String())
+}
+
+// seedAPI stores the lab's Node objects: n1 and n2 with the stale Flannel
+// annotations of the flannel.1 they ran before, fl with its live one.
+func seedAPI(api *apiServer, n1, n2, fl *lab.Node, vtep net.HardwareAddr) {
+	// The agents must overwrite n1's and n2's.
+	stale := map[string]string{
+		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          "",
+		nodes.FlannelKubeSubnetManager: "true",
+	}
+	for _, n := range []*lab.Node{n1, n2} {
+		ann := map[string]string{}
+		for k, v := range stale {
+			ann[k] = v
+		}
+		ann[nodes.FlannelPublicIP] = n.IP.String()
+		api.set(nodeObject(n, ann))
+	}
+	api.set(nodeObject(fl, map[string]string{
+		nodes.FlannelBackendData:       fmt.Sprintf(`{"VNI":%d,"VtepMAC":"%s"}`, lab.FlannelVNI, vtep),
+		nodes.FlannelBackendType:       "vxlan",
+		nodes.FlannelPublicIP:          fl.IP.String(),
+		nodes.FlannelKubeSubnetManager: "true",
+	}))
+}
+
+// writeKubeconfig writes the agents' kubeconfig, pointing at the API server
+// each node serves on its loopback, and returns its path.
+func writeKubeconfig(t *testing.T, dir string) string {
+	t.Helper()
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
+users: [{name: agent, user: {}}]
+contexts: [{name: lab, context: {cluster: lab, user: agent}}]
+current-context: lab
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return kubeconfig
 }

@@ -4,6 +4,7 @@ package lab
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -15,9 +16,7 @@ import (
 // failure prints the tail of every process log before the lab directory goes.
 func NewForTest(tb testing.TB, opts Options) *Lab {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("needs root: creates network namespaces and mounts bpffs")
-	}
+	RequireRoot(tb)
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.NewTextHandler(tb.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -34,6 +33,24 @@ func NewForTest(tb testing.TB, opts Options) *Lab {
 		}
 	})
 	return l
+}
+
+// CheckRoot says why what cannot run unless root: labs build network
+// namespaces, mount bpffs and load BPF. Programs (demo, bench) fail with it.
+func CheckRoot(what string) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%s builds network namespaces, mounts bpffs and loads BPF: run it as root", what)
+	}
+	return nil
+}
+
+// RequireRoot skips the test, with the reason, unless root. Every lab test
+// checks through it.
+func RequireRoot(tb testing.TB) {
+	tb.Helper()
+	if err := CheckRoot("this test"); err != nil {
+		tb.Skip(err)
+	}
 }
 
 // dumpLogs prints the last 4 KiB of each process log: enough for an agent's final error.

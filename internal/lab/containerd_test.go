@@ -121,7 +121,7 @@ func cdRepoTool(tb testing.TB, env, sub, name string) string {
 }
 
 func TestContainerd(t *testing.T) {
-	skipUnlessRoot(t)
+	RequireRoot(t)
 	cniDir := os.Getenv("CNI_PLUGINS")
 	if cniDir == "" {
 		cniDir = filepath.Dir(cdRepoTool(t, "", "cni", "ptp"))
@@ -141,39 +141,20 @@ func TestContainerd(t *testing.T) {
 	if err := n.WriteConflist("ptp", []byte(conf)); err != nil {
 		t.Fatal(err)
 	}
+	// A machine may run its own containerd: what counts is that this one adds
+	// nothing to the root mount namespace, so compare with the state before.
+	before := cdRootPaths()
 	c, err := n.StartContainerd(ctx, ContainerdOptions{Crictl: crictl})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"/run/containerd", "/var/lib/containerd", "/opt/containerd"} {
-		if cdExists(p) {
-			t.Errorf("%s exists in the root mount namespace", p)
-		}
-	}
+	assertNoRootPaths(t, before)
 
 	s, err := c.RunPod(ctx, SandboxSpec{Name: "a"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The mount namespace holds no other namespace (of this lab or another) and no other
-	// lab's bpffs: its copies would keep them alive.
-	mounts, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", c.holder.Pid()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.Lines(string(mounts)) {
-		f := strings.Fields(line)
-		i := slices.Index(f, "-")
-		if i < 0 || i+1 >= len(f) {
-			continue
-		}
-		switch fs, mp := f[i+1], f[4]; {
-		case fs == "nsfs" && !strings.HasPrefix(mp, c.Dir+"/"):
-			t.Errorf("containerd's mount namespace holds namespace mount %s", mp)
-		case fs == "bpf" && !strings.HasPrefix(mp, l.Dir+"/"):
-			t.Errorf("containerd's mount namespace holds bpffs %s", mp)
-		}
-	}
+	assertMountsOwn(t, c, l)
 	if !n.PodCIDR.Contains(s.IP) {
 		t.Errorf("sandbox got %s, outside %s", s.IP, n.PodCIDR)
 	}
@@ -228,6 +209,52 @@ func TestContainerd(t *testing.T) {
 	for _, h := range cgroupHierarchies() {
 		if p := filepath.Join(h, c.CgroupParent); cdExists(p) {
 			t.Errorf("cgroup %s left", p)
+		}
+	}
+	assertNoRootPaths(t, before)
+}
+
+// cdRootPaths are the places a containerd that leaked out of its mount
+// namespace would write, with whether each exists now.
+func cdRootPaths() map[string]bool {
+	m := make(map[string]bool)
+	for _, p := range []string{"/run/containerd", "/var/lib/containerd", "/opt/containerd"} {
+		m[p] = cdExists(p)
+	}
+	return m
+}
+
+// assertNoRootPaths fails for each of cdRootPaths that exists now but did not
+// before: the test's containerd created it.
+func assertNoRootPaths(tb testing.TB, before map[string]bool) {
+	tb.Helper()
+	for p, existed := range before {
+		if !existed && cdExists(p) {
+			tb.Errorf("%s created in the root mount namespace", p)
+		}
+	}
+}
+
+// assertMountsOwn checks that containerd's mount namespace holds no other
+// namespace (of this lab or another) and no other lab's bpffs: its copies
+// would keep them alive.
+func assertMountsOwn(tb testing.TB, c *Containerd, l *Lab) {
+	tb.Helper()
+	mounts, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", c.holder.Pid()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for line := range strings.Lines(string(mounts)) {
+		f := strings.Fields(line)
+		i := slices.Index(f, "-")
+		if i < 0 || i+1 >= len(f) {
+			continue
+		}
+		switch fs, mp := f[i+1], f[4]; {
+		case fs == "nsfs" && !strings.HasPrefix(mp, c.Dir+"/"):
+			tb.Errorf("containerd's mount namespace holds namespace mount %s", mp)
+		case fs == "bpf" && !strings.HasPrefix(mp, l.Dir+"/"):
+			tb.Errorf("containerd's mount namespace holds bpffs %s", mp)
 		}
 	}
 }

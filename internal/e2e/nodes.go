@@ -1,0 +1,78 @@
+// Nodes files for labs, in pkg/nodes' own format.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
+)
+
+// EntryOf is n's entry in a nodes file.
+func EntryOf(n *lab.Node) nodes.Entry {
+	return nodes.Entry{Name: n.NetNS, NodeIP: n.IP.String(), PodCIDR: n.PodCIDR.String()}
+}
+
+// WriteNodes writes a nodes file atomically (as config management does), so
+// an agent never reads half of it.
+func WriteNodes(t *testing.T, path string, entries ...nodes.Entry) {
+	t.Helper()
+	if err := nodes.WriteFile(path, entries); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// AddNodes adds lab nodes concurrently, in the order given.
+func AddNodes(t *testing.T, l *lab.Lab, idx ...int) []*lab.Node {
+	t.Helper()
+	nodes := make([]*lab.Node, len(idx))
+	errs := make([]error, len(idx))
+	var wg sync.WaitGroup
+	for i, ix := range idx {
+		wg.Go(func() { nodes[i], errs[i] = l.AddNode(ix) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	return nodes
+}
+
+// WaitNodeList polls `patchcord bpf node list` on n until want holds for what it lists
+// (pod CIDR -> node IP).
+func WaitNodeList(t *testing.T, ctx context.Context, n *lab.Node, what string, want func(map[string]string) bool) {
+	t.Helper()
+	// The agent follows its nodes file "within a second"; a few are allowed.
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := lab.WaitFor(wctx, what, func(ctx context.Context) error {
+		out, err := n.CLI(ctx, "bpf", "node", "list", "-o", "json")
+		if err != nil {
+			return err
+		}
+		var list []struct {
+			PodCIDR string `json:"podCIDR"`
+			NodeIP  string `json:"nodeIP"`
+		}
+		if err := json.Unmarshal(out, &list); err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		nodes := map[string]string{}
+		for _, e := range list {
+			nodes[e.PodCIDR] = e.NodeIP
+		}
+		if !want(nodes) {
+			return fmt.Errorf("node list: %s", out)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,161 @@
+// Traffic through a lab: ping and iperf3 from a pod or a node.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/patchcord/patchcord/internal/lab"
+)
+
+// Execer is a pod or a node: something commands run in.
+type Execer interface {
+	Exec(ctx context.Context, name string, args ...string) ([]byte, error)
+}
+
+// Starter runs background commands too.
+type Starter interface {
+	Execer
+	Start(ctx context.Context, name string, args ...string) (*lab.Process, error)
+}
+
+// Ping sends 3 pings from from to dst and fails the test on any loss.
+func Ping(t *testing.T, ctx context.Context, from Execer, dst string, args ...string) {
+	t.Helper()
+	if err := PingErr(ctx, from, dst, 3, args...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// PingErr sends count pings 0.2 s apart and says why not all came back;
+// unlike Ping it may run in a goroutine. args come last ("-i", "0.05").
+func PingErr(ctx context.Context, from Execer, dst string, count int, args ...string) error {
+	out, err := from.Exec(ctx, "ping", append([]string{"-q", "-c", strconv.Itoa(count), "-i", "0.2", "-W", "2", dst}, args...)...)
+	if err != nil || !strings.Contains(string(out), " 0% packet loss") {
+		return fmt.Errorf("ping %s: %v\n%s", dst, err, out)
+	}
+	return nil
+}
+
+// NoPing sends count pings and reports an error if any is answered.
+func NoPing(ctx context.Context, from Execer, dst string, count int) error {
+	out, err := from.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", "0.2", "-W", "1", dst)
+	if err == nil || !strings.Contains(string(out), " 100% packet loss") {
+		return fmt.Errorf("ping %s: want no reply, got: %v\n%s", dst, err, out)
+	}
+	return nil
+}
+
+// Iperf is what we read of `iperf3 -J` (3.12 and later).
+type Iperf struct {
+	Intervals []struct {
+		Sum IperfSum `json:"sum"`
+	} `json:"intervals"`
+	End struct {
+		Sum         IperfSum `json:"sum"`
+		SumSent     IperfSum `json:"sum_sent"`
+		SumReceived IperfSum `json:"sum_received"`
+	} `json:"end"`
+	Error string `json:"error"`
+}
+
+// IperfSum is one of iperf3's totals.
+type IperfSum struct {
+	Bytes         uint64  `json:"bytes"`
+	BitsPerSecond float64 `json:"bits_per_second"`
+	Packets       int64   `json:"packets"`
+	LostPackets   int64   `json:"lost_packets"`
+}
+
+// Gbps is the received rate.
+func (r Iperf) Gbps() float64 { return r.End.SumReceived.BitsPerSecond / 1e9 }
+
+// ParseIperf parses iperf3 -J output; an iperf3 error (also one with exit
+// status 0), or a run that moved nothing, is returned as an error.
+func ParseIperf(out []byte, runErr error) (Iperf, error) {
+	var r Iperf
+	// -J prints one JSON object; anything before it (nsenter, a warning) is skipped.
+	start := strings.IndexByte(string(out), '{')
+	if start < 0 {
+		return r, fmt.Errorf("iperf3: no JSON output: %v\n%s", runErr, out)
+	}
+	if err := json.Unmarshal(out[start:], &r); err != nil {
+		return r, fmt.Errorf("iperf3: parse JSON: %v (run: %v)\n%s", err, runErr, out)
+	}
+	if r.Error != "" || runErr != nil {
+		return r, fmt.Errorf("iperf3: %s (run: %v)", r.Error, runErr)
+	}
+	return r, nil
+}
+
+// IperfErr runs an iperf3 client in from against dst:port with args (-t 2,
+// -R, -u) and returns its result.
+func IperfErr(ctx context.Context, from Execer, dst string, port int, args ...string) (Iperf, error) {
+	out, err := from.Exec(ctx, "iperf3", append([]string{"-c", dst, "-p", strconv.Itoa(port), "-J", "--connect-timeout", "5000"}, args...)...)
+	r, err := ParseIperf(out, err)
+	if err == nil && r.End.SumReceived.Bytes == 0 && r.End.Sum.Bytes == 0 {
+		err = fmt.Errorf("iperf3 moved nothing:\n%s", out)
+	}
+	if err != nil {
+		return r, fmt.Errorf("iperf3 to %s:%d: %w", dst, port, err)
+	}
+	return r, nil
+}
+
+// IperfRun is IperfErr that fails the test.
+func IperfRun(t *testing.T, ctx context.Context, from Execer, dst string, port int, args ...string) Iperf {
+	t.Helper()
+	r, err := IperfErr(ctx, from, dst, port, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// IperfServer starts an iperf3 server on port in p and returns once it
+// listens; it stops with the test.
+func IperfServer(t *testing.T, ctx context.Context, p Starter, port int) *lab.Process {
+	t.Helper()
+	s, err := p.Start(ctx, "iperf3", "-s", "-p", strconv.Itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = lab.WaitFor(ctx, fmt.Sprintf("iperf3 listening on :%d", port), func(ctx context.Context) error {
+		select {
+		case <-s.Done():
+			out, _ := s.Output()
+			return fmt.Errorf("iperf3 server exited: %s", out)
+		default:
+		}
+		out, err := p.Exec(ctx, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))
+		if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+			return fmt.Errorf("not listening: %v", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// DefaultGateway is the gateway of a pod's default route: 169.254.1.1 in
+// primary mode, the first address of the pod CIDR with ptp.
+func DefaultGateway(t *testing.T, ctx context.Context, p Execer) string {
+	t.Helper()
+	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var routes []struct {
+		Gateway string `json:"gateway"`
+	}
+	if err := json.Unmarshal(out, &routes); err != nil || len(routes) != 1 || routes[0].Gateway == "" {
+		t.Fatalf("default route: %v\n%s", err, out)
+	}
+	return routes[0].Gateway
+}
