@@ -86,7 +86,7 @@ func mustListenUDP(t *testing.T, nsPath, network, addr string) net.PacketConn {
 
 // datagram is one datagram a listener received.
 type datagram struct {
-	from    net.Addr
+	from    any
 	payload string
 }
 
@@ -112,6 +112,42 @@ func receiveUntil(pc net.PacketConn, marker string, within time.Duration) ([]dat
 	}
 }
 
+// queued returns the datagrams waiting on pc, without waiting for more.
+// A read deadline in the past would not do: Go then fails the read before
+// looking at the socket.
+func queued(pc net.PacketConn) ([]datagram, error) {
+	sc, err := pc.(*net.UDPConn).SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var got []datagram
+	var rerr error
+	buf := make([]byte, 65536)
+	err = sc.Read(func(fd uintptr) bool {
+		for {
+			n, from, err := unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+			if err != nil {
+				if !errors.Is(err, unix.EAGAIN) {
+					rerr = err
+				}
+				return true
+			}
+			got = append(got, datagram{sockaddrString(from), string(buf[:n])})
+		}
+	})
+	return got, errors.Join(err, rerr)
+}
+
+func sockaddrString(sa unix.Sockaddr) string {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)).String()
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)).String()
+	}
+	return fmt.Sprint(sa)
+}
+
 // linkMAC reads the MAC of dev in the namespace at nsPath.
 func linkMAC(t *testing.T, nsPath, dev string) net.HardwareAddr {
 	t.Helper()
@@ -127,6 +163,32 @@ func linkMAC(t *testing.T, nsPath, dev string) net.HardwareAddr {
 		t.Fatalf("MAC of %s in %s: %v", dev, nsPath, err)
 	}
 	return mac
+}
+
+// linkLocal returns dev's IPv6 link-local address in the namespace at
+// nsPath, or the zero Addr when dev has none (IPv6 disabled on it), and
+// whether it is still tentative.
+func linkLocal(t *testing.T, nsPath, dev string) (netip.Addr, bool) {
+	t.Helper()
+	var addr netip.Addr
+	var tentative bool
+	err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		link, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		addrs, err := netlink.AddrList(link, netlink.FAMILY_V6)
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.IsLinkLocalUnicast() {
+				addr, tentative = ip, a.Flags&unix.IFA_F_TENTATIVE != 0
+			}
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatalf("addresses of %s in %s: %v", dev, nsPath, err)
+	}
+	return addr, tentative
 }
 
 // ---- frames --------------------------------------------------------------------------------
