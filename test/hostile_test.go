@@ -48,7 +48,7 @@ type hostileLab struct {
 	n1, n2       *lab.Node
 	a, b, r      *lab.Pod // a and b on node 1, r (pod a) on node 2
 	aMAC, aGW    net.HardwareAddr
-	aGW6         netip.Addr // the link-local address of a's host veth
+	aGW6         netip.Addr     // the link-local address of a's host veth
 	node4, node6 net.PacketConn // node 1's sinks
 	podA, podR   net.PacketConn // sinks in a and r
 }
