@@ -79,20 +79,29 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
-static __always_inline int to_remote_node(struct __sk_buff *skb, struct iphdr *ip,
-					  const struct node_info *node)
+static __always_inline int to_remote_node(struct __sk_buff *skb, const struct node_info *node)
 {
 	const struct node_config *cfg = node_config();
+	__u32 len = skb->len;
+	int err;
 
 	/* Until the agent has configured the uplink, the host stack decides. */
 	if (!cfg || !cfg->uplink_ifindex || !cfg->node_ip)
 		return to_host(skb);
-	ipv4_decrease_ttl(ip);
-	/* Counted and traced before encapsulation, so a trace shows the pod's
-	 * 5-tuple rather than the tunnel's. */
-	forwarded(skb, cfg, STAT_ENCAP, PROG, cfg->uplink_ifindex);
-	if (vxlan_encap(skb, node, cfg))
+	/* Nothing touches the packet before vxlan_encap: a packet the pod
+	 * tunnels itself (skb->encapsulation, which no BPF context field
+	 * shows) is refused before the helper moves a byte, and goes to the
+	 * host stack as the pod sent it; the stack routes it to the uplink,
+	 * where to_uplink wraps it the way such a packet can be wrapped. */
+	err = vxlan_encap(skb, node, cfg, VXLAN_ENCAP_FLAGS, 1);
+	if (err == VXLAN_ERR_ENCAPSULATED) {
+		count(STAT_TO_HOST_ENCAPSULATED, len);
+		return TC_ACT_OK;
+	}
+	if (err)
 		return drop(skb, STAT_DROP_ENCAP_FAILED, PROG);
+	/* Counted and traced as the pod's packet, not the tunnel's. */
+	forwarded_at(skb, cfg, STAT_ENCAP, PROG, cfg->uplink_ifindex, len, VXLAN_OVERHEAD);
 	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
 }
 
@@ -139,33 +148,52 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 			count(STAT_TO_HOST_NAT, skb->len);
 			return TC_ACT_OK;
 		}
-		return to_remote_node(skb, ip, node);
+		return to_remote_node(skb, node);
 	}
 	return to_host(skb);
 }
 
+/* VLAN ethertypes: 802.1Q, 802.1ad and the pre-standard QinQ 0x9100. A pod
+ * has no say in the underlay's VLANs, and the host stack strips stacked tags
+ * before anyone checks what is inside them. */
+static __always_inline int eth_is_vlan(__be16 proto)
+{
+	return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD) ||
+	       proto == bpf_htons(0x9100);
+}
+
+/* Default deny: a pod may send IPv4 and ARP, nothing else. */
 SEC("tc")
 int from_pod(struct __sk_buff *skb)
 {
 	const struct endpoint *src;
-	struct ethhdr *eth = ctx_data(skb);
+	struct ethhdr *eth;
 	__u32 ifindex = skb->ifindex;
-
-	if ((void *)(eth + 1) > ctx_data_end(skb))
-		return drop(skb, STAT_DROP_MALFORMED, PROG);
-	if (eth->h_proto != bpf_htons(ETH_P_IP) && eth->h_proto != bpf_htons(ETH_P_ARP))
-		return to_host(skb); /* IPv6 and the rest: not ours (yet) */
 
 	/* from_pod is attached only after its endpoint is registered and
 	 * detached before it is removed, so a miss means someone attached it
-	 * by hand: fail closed rather than let the veth send anything. */
+	 * by hand: fail closed, before anything of the packet is believed. */
 	src = bpf_map_lookup_elem(&ep_by_ifindex, &ifindex);
 	if (!src)
 		return drop(skb, STAT_DROP_UNREGISTERED, PROG);
 
+	eth = ctx_data(skb);
+	if ((void *)(eth + 1) > ctx_data_end(skb))
+		return drop(skb, STAT_DROP_MALFORMED, PROG);
+	/* One 802.1Q tag is taken into skb->vlan_tci before tc ingress, so the
+	 * frame shows its inner ethertype; the tag would survive encapsulation
+	 * and pick the underlay's VLAN. */
+	if (skb->vlan_present || eth_is_vlan(eth->h_proto))
+		return drop(skb, STAT_DROP_VLAN, PROG);
 	if (eth->h_proto == bpf_htons(ETH_P_ARP))
 		return handle_arp(skb, src);
-	return handle_ipv4(skb, src);
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return handle_ipv4(skb, src);
+	/* Until patchcord carries IPv6, a pod's IPv6 would reach the node's
+	 * link-local services with any source it likes. */
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return drop(skb, STAT_DROP_IPV6, PROG);
+	return drop(skb, STAT_DROP_ETHERTYPE, PROG);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

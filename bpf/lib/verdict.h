@@ -18,11 +18,12 @@ static __always_inline void count(enum stat_id id, __u32 len)
 	}
 }
 
-/* Best effort: an event describes whatever headers the packet has. */
-static __always_inline void event_fill_tuple(struct __sk_buff *skb, struct event *ev)
+/* Best effort: an event describes whatever headers the packet has from off
+ * on (0, or past the tunnel headers of a packet we encapsulated). */
+static __always_inline void event_fill_tuple(struct __sk_buff *skb, struct event *ev, __u32 off)
 {
 	void *data = ctx_data(skb), *data_end = ctx_data_end(skb);
-	struct ethhdr *eth = data;
+	struct ethhdr *eth = data + off;
 	struct iphdr *ip;
 	__be16 *ports;
 
@@ -48,8 +49,8 @@ static __always_inline void event_fill_tuple(struct __sk_buff *skb, struct event
 	ev->dport = ports[1];
 }
 
-static __always_inline void emit(struct __sk_buff *skb, enum event_kind kind, enum stat_id reason,
-				 enum prog_id prog, __u32 target)
+static __always_inline void emit_at(struct __sk_buff *skb, enum event_kind kind, enum stat_id reason,
+				    enum prog_id prog, __u32 target, __u32 len, __u32 off)
 {
 	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 
@@ -62,13 +63,19 @@ static __always_inline void emit(struct __sk_buff *skb, enum event_kind kind, en
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->ifindex = skb->ifindex;
 	ev->target = target;
-	ev->len = skb->len;
+	ev->len = len;
 	ev->cpu = bpf_get_smp_processor_id();
 	ev->kind = kind;
 	ev->reason = reason;
 	ev->prog = prog;
-	event_fill_tuple(skb, ev);
+	event_fill_tuple(skb, ev, off);
 	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit(struct __sk_buff *skb, enum event_kind kind, enum stat_id reason,
+				 enum prog_id prog, __u32 target)
+{
+	emit_at(skb, kind, reason, prog, target, skb->len, 0);
 }
 
 static __always_inline int drop(struct __sk_buff *skb, enum stat_id reason, enum prog_id prog)
@@ -78,11 +85,21 @@ static __always_inline int drop(struct __sk_buff *skb, enum stat_id reason, enum
 	return TC_ACT_SHOT;
 }
 
+/* Counts a forwarded packet of len bytes whose own headers start at off:
+ * an encapsulated packet is counted and traced as it was before it was
+ * wrapped, so a trace shows the pod's 5-tuple rather than the tunnel's. */
+static __always_inline void forwarded_at(struct __sk_buff *skb, const struct node_config *cfg,
+					 enum stat_id path, enum prog_id prog, __u32 target,
+					 __u32 len, __u32 off)
+{
+	count(path, len);
+	if (cfg && (cfg->flags & CFG_TRACE))
+		emit_at(skb, EVENT_TRACE, path, prog, target, len, off);
+}
+
 /* Counts a forwarded packet; call it when the packet is in its final shape. */
 static __always_inline void forwarded(struct __sk_buff *skb, const struct node_config *cfg,
 				      enum stat_id path, enum prog_id prog, __u32 target)
 {
-	count(path, skb->len);
-	if (cfg && (cfg->flags & CFG_TRACE))
-		emit(skb, EVENT_TRACE, path, prog, target);
+	forwarded_at(skb, cfg, path, prog, target, skb->len, 0);
 }

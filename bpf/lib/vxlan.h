@@ -36,6 +36,17 @@ struct vxlan_outer {
 	(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | \
 	 BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(sizeof(struct ethhdr)))
 
+/* For an skb the pod already encapsulated (its own vxlan device), which the
+ * ENCAP flags refuse: the room is made without touching skb->inner_* or
+ * gso_type. The pod's checksum state stays valid because csum_start is
+ * kept relative to skb->head, which inserting room after the MAC header
+ * does not move. Only for packets that are not GSO: see to_uplink. */
+#define VXLAN_NESTED_FLAGS BPF_F_ADJ_ROOM_FIXED_GSO
+
+/* What bpf_skb_adjust_room returns for an skb with skb->encapsulation set
+ * (bpf_skb_net_grow checks it before it moves a byte of the packet). */
+#define VXLAN_ERR_ENCAPSULATED (-114) /* -EALREADY */
+
 #define VXLAN_DECAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L3_IPV4)
 
 /* Source ports from the flow hash give ECMP in the underlay its entropy while
@@ -45,25 +56,32 @@ static __always_inline __be16 vxlan_src_port(__u32 hash)
 	return bpf_htons(0xc000 | ((hash ^ (hash >> 16)) & 0x3fff));
 }
 
-/* Wraps the IPv4 frame in skb for node. The inner IP header must already be
- * final (TTL). Returns 0, or -1 when the packet could not be grown. */
+/* Wraps the IPv4 frame in skb for node, growing it with adjust_flags; with
+ * forward, the inner packet's TTL is taken once it is wrapped, so that a
+ * refused packet leaves exactly as it came. Returns 0, the helper's error
+ * (VXLAN_ERR_ENCAPSULATED: the packet is untouched), or -1. */
 static __always_inline int vxlan_encap(struct __sk_buff *skb, const struct node_info *node,
-				       const struct node_config *cfg)
+				       const struct node_config *cfg, __u64 adjust_flags,
+				       int forward)
 {
 	__u32 hash = bpf_get_hash_recalc(skb);
 	__u32 outer_len = skb->len - sizeof(struct ethhdr) + VXLAN_OVERHEAD;
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
+	long err;
 
-	if (bpf_skb_adjust_room(skb, VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_ENCAP_FLAGS))
-		return -1;
+	err = bpf_skb_adjust_room(skb, VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, adjust_flags);
+	if (err)
+		return err;
 
 	h = ctx_data(skb);
 	data_end = ctx_data_end(skb);
 	inner = (void *)(h + 1);
 	if ((void *)(inner + 1) > data_end)
 		return -1;
+	if (forward)
+		ipv4_decrease_ttl(inner);
 
 	/* Outer Ethernet addresses are filled in by bpf_redirect_neigh. */
 	h->eth.h_proto = bpf_htons(ETH_P_IP);

@@ -346,12 +346,7 @@ func TestFromPodSpoofed(t *testing.T) {
 			n := newPodNode(t)
 			n.configure(defaultConfig())
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_spoofed": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_spoofed", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_spoofed")
 		})
 	}
 }
@@ -409,6 +404,12 @@ func TestFromPodUnregistered(t *testing.T) {
 		// Malformed or not, nothing from an unknown veth is looked at.
 		{"truncated ipv4", truncate(fromPod(udpPacket(podA.IP, podB.IP)), ethHdrLen+ipv4HdrLen+4)},
 	}
+	for _, c := range ethertypeCases() {
+		tests = append(tests, struct {
+			name string
+			in   []byte
+		}{c.name, c.in})
+	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			// podB and the peer are known; nothing is on ifindex 1.
@@ -417,12 +418,7 @@ func TestFromPodUnregistered(t *testing.T) {
 			n.addNode(peerNode())
 			n.configure(defaultConfig())
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_unregistered": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_unregistered", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_unregistered")
 		})
 	}
 }
@@ -460,18 +456,13 @@ func TestFromPodMalformed(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newPodNode(t)
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), tt.in)
-
-			wantVerdict(t, ret, tcActShot)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"drop_malformed": counted(len(tt.in))})
-			n.wantDropEvent(datapath.FromPod, "drop_malformed", len(tt.in))
+			n.wantFromPodDrop(tt.in, "drop_malformed")
 		})
 	}
 }
 
 // What is not for a pod, local or remote, is the host stack's: the node,
-// services, the outside world, and everything that is not IPv4.
+// services and the outside world.
 func TestFromPodToHost(t *testing.T) {
 	tests := []struct {
 		name   string
@@ -490,10 +481,6 @@ func TestFromPodToHost(t *testing.T) {
 			return c
 		}()), fromPod(udpPacket(podA.IP, peerPodIP))},
 		{"remote pod, no config", nil, fromPod(tcpPacket(podA.IP, peerPodIP))},
-		{"ipv6", ptr(defaultConfig()), ethernet{Dst: podA.HostMAC, Src: podA.MAC, Type: ethTypeIPv6}.
-			marshal(ipv6(netip.MustParseAddr("fe80::1"), netip.MustParseAddr("ff02::1")))},
-		{"vlan", ptr(defaultConfig()), ethernet{Dst: podA.HostMAC, Src: podA.MAC, Type: ethTypeVLAN}.
-			marshal([]byte{0, 10, 0x08, 0x00})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -650,4 +637,60 @@ func TestFromPodTrace(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ethertypeCase is a frame podA may not send, and the drop it earns.
+type ethertypeCase struct {
+	name    string
+	in      []byte
+	counter string
+}
+
+// ethertypeCases covers every class of ethertype from_pod refuses: IPv6,
+// the three VLAN ethertypes (a tagged frame with the pod's own IPv4 inside,
+// and two stacked VID-0 tags around a forged source) and one that means
+// nothing to patchcord, LLDP.
+func ethertypeCases() []ethertypeCase {
+	frame := func(typ uint16, payload []byte) []byte {
+		return ethernet{Dst: podA.HostMAC, Src: podA.MAC, Type: typ}.marshal(payload)
+	}
+	// tag is a VLAN tag with VID vid, followed by ethertype next.
+	tag := func(vid, next uint16, payload []byte) []byte {
+		return append([]byte{byte(vid >> 8), byte(vid), byte(next >> 8), byte(next)}, payload...)
+	}
+	own := udpPacket(podA.IP, podB.IP).marshal()
+	forged := udpPacket(outsideIP, podB.IP).marshal()
+	return []ethertypeCase{
+		{"ipv6", frame(ethTypeIPv6, ipv6(netip.MustParseAddr("fe80::1"), netip.MustParseAddr("ff02::1"))), "drop_ipv6"},
+		{"802.1q", frame(ethTypeVLAN, tag(10, ethTypeIPv4, own)), "drop_vlan"},
+		{"802.1ad", frame(0x88a8, tag(10, ethTypeIPv4, own)), "drop_vlan"},
+		{"qinq 0x9100", frame(0x9100, tag(10, ethTypeIPv4, own)), "drop_vlan"},
+		{"two vid 0 tags, forged source", frame(0x88a8, tag(0, ethTypeVLAN, tag(0, ethTypeIPv4, forged))), "drop_vlan"},
+		{"lldp", frame(0x88cc, make([]byte, 46)), "drop_ethertype"},
+		{"ethertype 0", frame(0, make([]byte, 46)), "drop_ethertype"},
+	}
+}
+
+// Default deny: a pod may send IPv4 and ARP; every other ethertype is
+// dropped with a reason naming its class.
+func TestFromPodEthertypes(t *testing.T) {
+	for _, tt := range ethertypeCases() {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newPodNode(t)
+			n.configure(defaultConfig())
+
+			n.wantFromPodDrop(tt.in, tt.counter)
+		})
+	}
+}
+
+// wantFromPodDrop runs from_pod on in and checks that it is dropped as it
+// came, counted and reported once for reason.
+func (n *testNode) wantFromPodDrop(in []byte, reason string) {
+	n.tb.Helper()
+	ret, out := mustRun(n.tb, n.prog(datapath.FromPod), in)
+	wantVerdict(n.tb, ret, tcActShot)
+	wantFrame(n.tb, out, in)
+	n.wantCounters(map[string]maps.Counter{reason: counted(len(in))})
+	n.wantDropEvent(datapath.FromPod, reason, len(in))
 }

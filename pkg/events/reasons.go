@@ -15,7 +15,7 @@ var messages = map[string]string{
 	"drop_unknown_tunnel":  "VXLAN from a source that is not a known node",
 	"drop_bad_vni":         "VXLAN with a wrong VNI",
 	"drop_no_endpoint":     "VXLAN for an inner destination that is no local pod",
-	"drop_encap_failed":    "encapsulation failed",
+	"drop_encap_failed":    "encapsulation failed (or a GSO packet the pod had already tunnelled: turn off tx-udp_tnl-segmentation on its eth0)",
 	"events_lost":          "events lost to a full ring buffer",
 	"to_host_nat":          "a NATed connection's packet, left to the host stack",
 	"drop_vlan":            "a VLAN tag or VLAN ethertype from a pod",
