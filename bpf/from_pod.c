@@ -68,8 +68,10 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 {
 	/* A service backend answering a client on this node: only the stack
 	 * can turn the backend's address back into the service's. */
-	if (ct_is_natted(skb, ip)) {
-		count(STAT_TO_HOST_NAT, skb->len);
+	enum stat_id via_host = ct_host_path(skb, ip, sizeof(*eth));
+
+	if (via_host != STAT_MAX) {
+		count(via_host, skb->len);
 		return TC_ACT_OK;
 	}
 	mac_copy(eth->h_source, dst->host_mac);
@@ -144,8 +146,10 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 	key.addr = ip->daddr;
 	node = bpf_map_lookup_elem(&nodes, &key);
 	if (node) {
-		if (ct_is_natted(skb, ip)) {
-			count(STAT_TO_HOST_NAT, skb->len);
+		enum stat_id via_host = ct_host_path(skb, ip, sizeof(*eth));
+
+		if (via_host != STAT_MAX) {
+			count(via_host, skb->len);
 			return TC_ACT_OK;
 		}
 		return to_remote_node(skb, node);

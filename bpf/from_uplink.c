@@ -96,13 +96,13 @@ int from_uplink(struct __sk_buff *skb)
 	 * the pod's replies to such sources always cross the stack, and
 	 * conntrack must see both directions or it marks them INVALID (which
 	 * kube-proxy drops); and a reply in a connection this node NATed (a
-	 * pod's request to a service whose backend is elsewhere), so that
-	 * conntrack reverses it. */
+	 * pod's request to a service whose backend is elsewhere), or one
+	 * conntrack cannot be asked about here, so that conntrack reverses it. */
 	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH) || !from_remote_pod(inner))
 		via_host = STAT_TO_HOST;
-	else if (ct_is_natted(skb, inner))
-		via_host = STAT_TO_HOST_NAT;
 	else
+		via_host = ct_host_path(skb, inner, sizeof(struct vxlan_outer));
+	if (via_host == STAT_MAX)
 		ipv4_decrease_ttl(inner);
 
 	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))

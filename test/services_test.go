@@ -290,7 +290,10 @@ if udp_port:
     def serve_udp():
         while True:
             data, peer = u.recvfrom(2048)
-            u.sendto(("%s %s:%d" % (name, peer[0], peer[1])).encode(), peer)
+            reply = ("%s %s:%d" % (name, peer[0], peer[1])).encode()
+            if data.startswith(b"big "):  # padded past the MTU: it leaves in fragments
+                reply = reply.ljust(int(data[4:]))
+            u.sendto(reply, peer)
     threading.Thread(target=serve_udp, daemon=True).start()
 Server(("0.0.0.0", tcp_port), Handler).serve_forever()
 `
@@ -345,9 +348,9 @@ elif mode == "many":
 elif mode == "udp":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(float(sys.argv[4]))
-    s.sendto(b"ping", (host, port))
-    data, peer = s.recvfrom(2048)
-    print(json.dumps({"from": "%s:%d" % peer, "body": data.decode()}))
+    s.sendto(sys.argv[5].encode() if len(sys.argv) > 5 else b"ping", (host, port))
+    data, peer = s.recvfrom(65535)
+    print(json.dumps({"from": "%s:%d" % peer, "body": data.decode().rstrip(), "bytes": len(data)}))
 `
 
 // svcPython is Debian's python3 when present: the pyenv shim on PATH costs a shell
@@ -443,10 +446,11 @@ func (c *svcCluster) svcGet(t *testing.T, ctx context.Context, e svcExecer, host
 	return r
 }
 
-// svcUDP sends one datagram from e and returns the reply, which must come within 3s.
-func (c *svcCluster) svcUDP(t *testing.T, ctx context.Context, e svcExecer, host string, port int) svcReply {
+// svcUDP sends one datagram from e ("ping", or payload) and returns the reply,
+// which must come within 3s.
+func (c *svcCluster) svcUDP(t *testing.T, ctx context.Context, e svcExecer, host string, port int, payload ...string) svcReply {
 	t.Helper()
-	r, err := c.svcClient(ctx, e, "udp", host, strconv.Itoa(port), "3")
+	r, err := c.svcClient(ctx, e, append([]string{"udp", host, strconv.Itoa(port), "3"}, payload...)...)
 	if err != nil {
 		t.Fatalf("UDP %s:%d: %v", host, port, err)
 	}
@@ -882,6 +886,30 @@ func TestServices(t *testing.T) {
 			t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
 		}
 	})
+
+	// A reply of 4000 bytes leaves the backend in fragments; conntrack cannot be
+	// asked about fragments on the fast path, so they cross the stack, which
+	// reassembles them and reverses the DNAT.
+	for _, svc := range []struct {
+		name    string
+		ip      netip.Addr
+		backend *lab.Pod
+	}{{"same-node", svcWebN1, c.b1}, {"other-node", svcWebN2, c.b2}} {
+		t.Run("clusterip-udp-fragmented-"+svc.name, func(t *testing.T) {
+			defer c.explainFailure(t, ctx)()
+			before := c.counters(t, ctx)
+			u := c.svcUDP(t, ctx, c.c1, svc.ip.String(), svcDNSPort, "big 4000")
+			if want := netip.AddrPortFrom(svc.ip, svcDNSPort).String(); u.From != want || u.Bytes != 4000 {
+				t.Errorf("fragmented UDP reply through %s: %d bytes from %s, want 4000 from %s", svc.ip, u.Bytes, u.From, want)
+			}
+			if who := strings.Fields(u.Body); len(who) == 0 || who[0] != svc.backend.Name {
+				t.Errorf("fragmented UDP reply through %s: answered %q, want %s", svc.ip, u.Body, svc.backend.Name)
+			}
+			if got := svcGrew(before, c.counters(t, ctx), 1, "to_host_untracked").Packets; got < 3 {
+				t.Errorf("node1 to_host_untracked grew by %d packets, want the reply's 3 fragments at least", got)
+			}
+		})
+	}
 
 	t.Run("clusterip-from-other-node-client", func(t *testing.T) {
 		defer c.explainFailure(t, ctx)()

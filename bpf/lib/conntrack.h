@@ -1,12 +1,16 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Asks the kernel's conntrack whether a packet belongs to a NATed connection.
+/* Decides whether a packet may take the fast path past the host stack, by
+ * asking the kernel's conntrack whether it belongs to a NATed connection.
  * Such a packet must cross the host stack, where conntrack reverses the
  * translation: redirected past it, a reply from a service backend would reach
- * the client from the backend's address instead of the service's. */
+ * the client from the backend's address instead of the service's. What the
+ * fast path cannot look up (fragments, SCTP, unreadable headers) crosses the
+ * stack too, so that no NATed packet slips past unasked. */
 #pragma once
 
 #include "common.h"
 #include "ipv4.h"
+#include "../types.h"
 
 /* Only the field we read; CO-RE fixes its offset to the running kernel's. */
 struct nf_conn {
@@ -23,42 +27,140 @@ struct bpf_ct_opts___pc {
 	__u8 reserved[2];
 };
 
+/* Weak: where nf_conntrack is a module that is not loaded (Debian), the
+ * kfuncs are missing from kernel BTF and the loader poisons their calls
+ * instead of refusing the program; ct_available, cleared by the loader
+ * then, makes those calls dead code the verifier drops. Without conntrack
+ * there is no NAT, so the fast path is then always sound. (libbpf's
+ * bpf_ksym_exists() would need kernel 6.4, which first accepts a kfunc's
+ * address in ld_imm64; Debian 12's 6.1 refuses it.) */
 extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
 					 __u32 tuple_len, struct bpf_ct_opts___pc *opts,
-					 __u32 opts_len) __ksym;
-extern void bpf_ct_release(struct nf_conn *ct) __ksym;
+					 __u32 opts_len) __ksym __weak;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
+
+/* 1 unless the loader found the kfuncs missing (pkg/datapath/conntrack.go);
+ * a loader that forgot it gets a verifier error, not a silent NAT hole. */
+volatile const __u8 ct_available = 1;
 
 #define IPS_SRC_NAT (1 << 4)
 #define IPS_DST_NAT (1 << 5)
 
-/* Returns 1 when conntrack has translated the connection of the IPv4 packet
- * at ip. The kfunc speaks TCP and UDP only, which is what services carry;
- * fragments carry no ports and stay on the fast path. */
-static __always_inline int ct_is_natted(struct __sk_buff *skb, struct iphdr *ip)
+#define IPPROTO_SCTP_ 132
+
+/* ICMP error types (RFC 792): conntrack's icmp_is_err() list. */
+#define ICMP_DEST_UNREACH_ 3
+#define ICMP_SOURCE_QUENCH_ 4
+#define ICMP_REDIRECT_ 5
+#define ICMP_TIME_EXCEEDED_ 11
+#define ICMP_PARAMETERPROB_ 12
+#define ICMP_HDR_LEN 8
+
+static __always_inline int icmp_is_error(__u8 type)
 {
-	struct bpf_ct_opts___pc opts = { .netns_id = BPF_F_CURRENT_NETNS };
-	struct bpf_sock_tuple tuple = {};
+	return type == ICMP_DEST_UNREACH_ || type == ICMP_SOURCE_QUENCH_ || type == ICMP_REDIRECT_ ||
+	       type == ICMP_TIME_EXCEEDED_ || type == ICMP_PARAMETERPROB_;
+}
+
+/* Returns STAT_TO_HOST_NAT when conntrack has translated the TCP or UDP
+ * connection of tuple, STAT_MAX otherwise. */
+static __always_inline enum stat_id ct_lookup_nat(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
+						  __u8 proto)
+{
+	struct bpf_ct_opts___pc opts = { .netns_id = BPF_F_CURRENT_NETNS, .l4proto = proto };
 	struct nf_conn *ct;
-	__be16 *ports;
 	int natted;
 
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return 0;
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return 0;
-	ports = (void *)ip + ip->ihl * 4;
-	if ((void *)(ports + 2) > ctx_data_end(skb))
-		return 0;
-	tuple.ipv4.saddr = ip->saddr;
-	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = ports[0];
-	tuple.ipv4.dport = ports[1];
-	opts.l4proto = ip->protocol;
-
-	ct = bpf_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts, sizeof(opts));
+	ct = bpf_skb_ct_lookup(skb, tuple, sizeof(tuple->ipv4), &opts, sizeof(opts));
 	if (!ct)
-		return 0;
+		return STAT_MAX;
 	natted = (ct->status & (IPS_SRC_NAT | IPS_DST_NAT)) != 0;
 	bpf_ct_release(ct);
-	return natted;
+	return natted ? STAT_TO_HOST_NAT : STAT_MAX;
+}
+
+/* Reads the ports of a TCP or UDP header at off into tuple; the header must
+ * lie within the IP packet, which ends at end. Ports in the linear part are
+ * read directly; elsewhere bpf_skb_load_bytes reads paged data and, unlike a
+ * pull, leaves the caller's packet pointers valid. */
+static __always_inline int ct_load_ports(struct __sk_buff *skb, __u32 off, __u32 end,
+					 struct bpf_sock_tuple *tuple)
+{
+	__be16 *ports = ctx_data(skb) + off;
+
+	if (off + 4 > end)
+		return -1;
+	if ((void *)(ports + 2) <= ctx_data_end(skb)) {
+		tuple->ipv4.sport = ports[0];
+		tuple->ipv4.dport = ports[1];
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, &tuple->ipv4.sport, 4);
+}
+
+/* An ICMP error is NATed when the packet it quotes is: conntrack finds its
+ * connection by the quoted header turned around (the quote is what the
+ * error's sender received; its reply direction is the error's), and so do
+ * we. off is where the ICMP header starts, end where the IP packet ends. */
+static __always_inline enum stat_id ct_icmp_verdict(struct __sk_buff *skb, __u32 off, __u32 end)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct iphdr quoted;
+	__u8 type;
+	__be16 port;
+
+	if (off + ICMP_HDR_LEN > end || bpf_skb_load_bytes(skb, off, &type, 1))
+		return STAT_TO_HOST_UNTRACKED;
+	if (!icmp_is_error(type))
+		return STAT_MAX;
+	off += ICMP_HDR_LEN;
+	if (off + sizeof(quoted) > end || bpf_skb_load_bytes(skb, off, &quoted, sizeof(quoted)) ||
+	    quoted.version != 4 || quoted.ihl < 5)
+		return STAT_TO_HOST_UNTRACKED;
+	/* The quoted packet is judged as the packet itself would be. */
+	if (quoted.protocol == IPPROTO_SCTP_ || (quoted.frag_off & bpf_htons(IP_OFFSET)))
+		return STAT_TO_HOST_UNTRACKED;
+	if (quoted.protocol != IPPROTO_TCP && quoted.protocol != IPPROTO_UDP)
+		return STAT_MAX;
+	if (ct_load_ports(skb, off + quoted.ihl * 4, end, &tuple))
+		return STAT_TO_HOST_UNTRACKED;
+	tuple.ipv4.saddr = quoted.daddr;
+	tuple.ipv4.daddr = quoted.saddr;
+	port = tuple.ipv4.sport;
+	tuple.ipv4.sport = tuple.ipv4.dport;
+	tuple.ipv4.dport = port;
+	return ct_lookup_nat(skb, &tuple, quoted.protocol);
+}
+
+/* Returns the counter of the host path the IPv4 packet at ip (l3_off bytes
+ * into the frame, its header already validated) must take, or STAT_MAX when
+ * the fast path is sound: STAT_TO_HOST_NAT for a NATed connection's packet,
+ * STAT_TO_HOST_UNTRACKED for one conntrack cannot be asked about here. The
+ * kfunc speaks TCP and UDP only, which is what services carry; ICMP other
+ * than errors is not translated by kube-proxy. */
+static __always_inline enum stat_id ct_host_path(struct __sk_buff *skb, const struct iphdr *ip,
+						 __u32 l3_off)
+{
+	struct bpf_sock_tuple tuple = {};
+	__u32 l4_off = l3_off + ip->ihl * 4;
+	__u32 end = l3_off + bpf_ntohs(ip->tot_len);
+
+	if (!ct_available)
+		return STAT_MAX;
+	/* Every fragment, the first too: the stack reassembles them before
+	 * conntrack, and a datagram whose fragments took both paths could be
+	 * reassembled by neither. */
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return STAT_TO_HOST_UNTRACKED;
+	if (ip->protocol == IPPROTO_ICMP)
+		return ct_icmp_verdict(skb, l4_off, end);
+	if (ip->protocol == IPPROTO_SCTP_)
+		return STAT_TO_HOST_UNTRACKED;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return STAT_MAX;
+	if (ct_load_ports(skb, l4_off, end, &tuple))
+		return STAT_TO_HOST_UNTRACKED;
+	tuple.ipv4.saddr = ip->saddr;
+	tuple.ipv4.daddr = ip->daddr;
+	return ct_lookup_nat(skb, &tuple, ip->protocol);
 }

@@ -165,6 +165,7 @@ func testStatus() statusView {
 		},
 		Config:       &configView{Configured: true, NodeIP: "198.18.0.1", Uplink: "eth0", UplinkIfindex: 2, VNI: 1, VXLANPort: 4789, PodMTU: 1450},
 		AgentRunning: true,
+		NATDetection: natView{On: true},
 		Attachments:  attachmentCounts{OK: 4},
 		Endpoints:    2,
 		Nodes:        1,
@@ -184,6 +185,7 @@ func TestStatusTable(t *testing.T) {
 	t.Run("broken", func(t *testing.T) {
 		v := testStatus()
 		v.AgentRunning, v.Tracing, v.Healthy = false, true, false
+		v.NATDetection = natView{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
 		v.Attachments = attachmentCounts{OK: 3, Missing: 1}
 		v.Problems = []string{
 			"from_pod is not attached to pc3 (pod 10.244.1.3): the agent restores it within 10 s (is it running?)",
@@ -209,9 +211,12 @@ func TestStatusJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"agentRunning", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost",
-		"healthy", "loaded", "monitoring", "nodes", "problems", "programs", "root", "tracing", "warnings"}
+		"healthy", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
 	if got := slices.Sorted(keys(doc)); !slices.Equal(got, want) {
 		t.Errorf("keys:\n got %v\nwant %v", got, want)
+	}
+	if nat := doc["natDetection"]; !reflect.DeepEqual(nat, map[string]any{"on": true}) {
+		t.Errorf("natDetection: got %v, want {on: true}", nat)
 	}
 	var typed struct {
 		Config struct {

@@ -67,11 +67,12 @@ type statusView struct {
 	AgentRunning bool        `json:"agentRunning"`
 	// Tracing is the datapath's trace flag; Monitoring whether a monitor
 	// with traces runs. Tracing without Monitoring: a monitor crashed.
-	Tracing     bool             `json:"tracing"`
-	Monitoring  bool             `json:"monitoring"`
-	Attachments attachmentCounts `json:"attachments"`
-	Endpoints   int              `json:"endpoints"`
-	Nodes       int              `json:"nodes"`
+	Tracing      bool             `json:"tracing"`
+	NATDetection natView          `json:"natDetection"`
+	Monitoring   bool             `json:"monitoring"`
+	Attachments  attachmentCounts `json:"attachments"`
+	Endpoints    int              `json:"endpoints"`
+	Nodes        int              `json:"nodes"`
 	// Drops holds every drop counter by name (packets), DropTotal their sum.
 	Drops      map[string]uint64 `json:"drops"`
 	DropTotal  uint64            `json:"dropTotal"`
@@ -101,6 +102,13 @@ type configView struct {
 	PodMTU        int    `json:"podMTU,omitempty"`
 }
 
+// natView says whether the datapath tells NATed connections from others on
+// this kernel (it needs nf_conntrack's kfuncs), and if not, why.
+type natView struct {
+	On  bool   `json:"on"`
+	Why string `json:"why,omitempty"`
+}
+
 type attachmentCounts struct {
 	OK      int `json:"ok"`
 	Stale   int `json:"stale"`
@@ -115,6 +123,9 @@ func collectStatus(root string) (v statusView) {
 	problem := func(format string, args ...any) { v.Problems = append(v.Problems, fmt.Sprintf(format, args...)) }
 	warn := func(format string, args ...any) { v.Warnings = append(v.Warnings, fmt.Sprintf(format, args...)) }
 
+	nat := datapath.ProbeNATDetection()
+	v.NATDetection = natView{On: nat.On, Why: nat.Why}
+
 	dp, err := datapath.OpenPinned(root)
 	if err != nil {
 		problem("%v", err)
@@ -122,6 +133,9 @@ func collectStatus(root string) (v statusView) {
 	}
 	defer dp.Close()
 	v.Loaded = true
+	if err := natCheckLoaded(dp, &v.NATDetection); err != nil {
+		problem("%v", err)
+	}
 
 	boot := bootTime()
 	for _, name := range progOrder {
@@ -215,6 +229,24 @@ func collectStatus(root string) (v statusView) {
 	return v
 }
 
+// natCheckLoaded turns nat off where the kernel has the conntrack kfuncs
+// but the pinned programs were loaded before, and keep the check off: their
+// NATed replies bypass conntrack, which is a problem.
+func natCheckLoaded(dp *datapath.Datapath, nat *natView) error {
+	if !nat.On {
+		return nil
+	}
+	on, err := dp.NATCheckLoaded()
+	if err != nil {
+		return fmt.Errorf("check the loaded NAT check: %w", err)
+	}
+	if !on {
+		*nat = natView{Why: "the programs were loaded before nf_conntrack"}
+		return errors.New("NATed replies bypass conntrack: the programs were loaded before nf_conntrack; a CNI ADD or an agent restart reloads them")
+	}
+	return nil
+}
+
 // judgeAttachments counts attachment rows by status and says which are
 // problems: a pod veth or the uplink without its current program. A stale
 // link whose interface no longer exists breaks nothing; the agent removes it.
@@ -295,6 +327,11 @@ func formatStatus(w io.Writer, v statusView) {
 			tracing = "on (no monitor runs)"
 		}
 		row("Tracing", "%s", tracing)
+		if v.NATDetection.On {
+			row("NAT check", "on")
+		} else {
+			row("NAT check", "off: %s", v.NATDetection.Why)
+		}
 		row("Attachments", "%d ok, %d stale, %d missing", v.Attachments.OK, v.Attachments.Stale, v.Attachments.Missing)
 		row("Endpoints", "%d", v.Endpoints)
 		row("Nodes", "%d", v.Nodes)

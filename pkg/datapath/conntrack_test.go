@@ -6,6 +6,9 @@
 package datapath_test
 
 import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
 	"os/exec"
 	"testing"
 
@@ -51,6 +54,19 @@ func runIn(t *testing.T, netns ns.NetNS, n *testNode, prog string, in []byte) (r
 	return ret, out
 }
 
+// wantToStack checks that the program left the frame want to the host stack
+// (TC_ACT_OK), counted once on each of counters.
+func (n *testNode) wantToStack(ret uint32, out, want []byte, counters ...string) {
+	n.tb.Helper()
+	wantVerdict(n.tb, ret, tcActOK)
+	wantFrame(n.tb, out, want)
+	c := make(map[string]maps.Counter)
+	for _, name := range counters {
+		c[name] = counted(len(want))
+	}
+	n.wantCounters(c)
+}
+
 func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 	// podB asked the service on udp/40000 from port 53 and was DNATed
 	// to podA; podA's answer, podA:40000 -> podB:53, is the reply.
@@ -76,9 +92,7 @@ func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 			ret, out := runIn(t, netns, n, datapath.FromPod, in)
 
 			if tt.nat {
-				wantVerdict(t, ret, tcActOK)
-				wantFrame(t, out, in)
-				n.wantCounters(map[string]maps.Counter{"to_host_nat": counted(len(in))})
+				n.wantToStack(ret, out, in, "to_host_nat")
 				return
 			}
 			wantVerdict(t, ret, tcActRedirect)
@@ -100,11 +114,198 @@ func TestFromUplinkNATedReplyGoesToHost(t *testing.T) {
 	ret, out := runIn(t, netns, n, datapath.FromUplink, in)
 
 	// Decapsulated, still addressed to the uplink, TTL left for the stack.
-	wantVerdict(t, ret, tcActOK)
-	want := tun.eth.marshal(inner)
-	wantFrame(t, out, want)
-	n.wantCounters(map[string]maps.Counter{
-		"decap":       counted(len(want)),
-		"to_host_nat": counted(len(want)),
-	})
+	n.wantToStack(ret, out, tun.eth.marshal(inner), "decap", "to_host_nat")
+}
+
+const (
+	ipProtoICMP = 1
+	ipProtoSCTP = 132
+
+	icmpDestUnreach  = 3
+	icmpTimeExceeded = 11
+	icmpPortUnreach  = 3 // code of icmpDestUnreach
+	icmpFragNeeded   = 4 // code of icmpDestUnreach
+)
+
+// icmpError is an ICMP error of type typ and code about a packet, of which
+// it carries quoted: RFC 792 asks for the IP header and 8 bytes more (quote),
+// a test may cut that short. A frag-needed error names MTU 1400.
+func icmpError(src, dst netip.Addr, typ, code uint8, quoted []byte) packet {
+	b := make([]byte, 8, 8+len(quoted))
+	b[0], b[1] = typ, code
+	if typ == icmpDestUnreach && code == icmpFragNeeded {
+		binary.BigEndian.PutUint16(b[6:], 1400)
+	}
+	b = append(b, quoted...)
+	binary.BigEndian.PutUint16(b[2:], ^onesSum(b, 0))
+	return packet{ip: ipv4{ID: 0x0c0c, TTL: 64, Protocol: ipProtoICMP, Src: src, Dst: dst}, l4: b}
+}
+
+// quote is what an ICMP error about p carries: its IP header and 8 bytes.
+func quote(p packet) []byte { return p.marshal()[:p.ip.headerLen()+8] }
+
+// entryFor is the conntrack entry of p's connection in p's direction; with
+// nat, p's sender addressed clusterIP and conntrack DNATed it to p's
+// destination.
+func entryFor(p packet, nat bool) []string {
+	proto := map[uint8]string{ipProtoUDP: "udp", ipProtoTCP: "tcp"}[p.ip.Protocol]
+	args := []string{"-p", proto, "-s", p.ip.Src.String(),
+		"--sport", fmt.Sprint(binary.BigEndian.Uint16(p.l4[0:])), "--dport", fmt.Sprint(binary.BigEndian.Uint16(p.l4[2:]))}
+	if proto == "tcp" {
+		args = append(args, "--state", "ESTABLISHED")
+	}
+	if nat {
+		return append(args, "-d", clusterIP, "--dst-nat", p.ip.Dst.String())
+	}
+	return append(args, "-d", p.ip.Dst.String())
+}
+
+// untrackedCases are packets from src to dst that conntrack cannot be asked
+// about on the fast path.
+func untrackedCases(src, dst netip.Addr) []struct {
+	name   string
+	packet packet
+} {
+	first := udpPacket(src, dst)
+	first.ip.FragOff = ipMF
+	sctp := packet{ip: ipv4{ID: 0x5c79, TTL: 64, Protocol: ipProtoSCTP, Src: src, Dst: dst},
+		l4: []byte("\x9c\x40\x00\x35\x00\x00\x00\x01 an SCTP common header")}
+	shortTCP := tcpPacket(src, dst)
+	shortTCP.ip.L4Checksum = false
+	shortTCP.l4 = shortTCP.l4[:2]
+	shortUDP := udpPacket(src, dst)
+	shortUDP.ip.L4Checksum = false
+	shortUDP.l4 = shortUDP.l4[:3]
+	// An error about a packet dst sent to src.
+	reply := udpPacket(dst, src)
+	cutICMP := icmpError(src, dst, icmpDestUnreach, icmpPortUnreach, nil)
+	cutICMP.l4 = cutICMP.l4[:4]
+	return []struct {
+		name   string
+		packet packet
+	}{
+		{"first fragment", first},
+		{"later fragment", fragment(src, dst, ipMF|185)},
+		{"last fragment", fragment(src, dst, 370)},
+		{"sctp", sctp},
+		{"tcp header beyond the packet", shortTCP},
+		{"udp ports beyond the packet", shortUDP},
+		{"icmp header beyond the packet", cutICMP},
+		{"icmp error quoting a cut ip header", icmpError(src, dst, icmpDestUnreach, icmpPortUnreach, quote(reply)[:12])},
+		{"icmp error quoting no ports", icmpError(src, dst, icmpTimeExceeded, 0, quote(reply)[:ipv4HdrLen+2])},
+		{"icmp error quoting sctp", icmpError(src, dst, icmpDestUnreach, icmpPortUnreach,
+			sctp.marshal()[:ipv4HdrLen+8])},
+	}
+}
+
+// icmpCases are ICMP errors the backend sends about a request from client
+// it received (DNATed to it when nat), and whether they are NATed.
+func icmpCases(backend, client netip.Addr) []struct {
+	name      string
+	packet    packet
+	conntrack []string
+	nat       bool
+} {
+	udpReq, tcpReq := udpPacket(client, backend), tcpPacket(client, backend)
+	unreach := icmpError(backend, client, icmpDestUnreach, icmpPortUnreach, quote(udpReq))
+	fragNeeded := icmpError(backend, client, icmpDestUnreach, icmpFragNeeded, quote(tcpReq))
+	return []struct {
+		name      string
+		packet    packet
+		conntrack []string
+		nat       bool
+	}{
+		{"port unreachable of a NATed udp flow", unreach, entryFor(udpReq, true), true},
+		{"frag needed of a NATed tcp flow", fragNeeded, entryFor(tcpReq, true), true},
+		{"time exceeded of a NATed udp flow", icmpError(backend, client, icmpTimeExceeded, 0, quote(udpReq)),
+			entryFor(udpReq, true), true},
+		{"port unreachable of a plain udp flow", unreach, entryFor(udpReq, false), false},
+		{"frag needed of a plain tcp flow", fragNeeded, entryFor(tcpReq, false), false},
+		{"port unreachable without a connection", unreach, nil, false},
+	}
+}
+
+// Fragments, SCTP and headers the fast path cannot read cross the host
+// stack, to a local pod as to a remote one.
+func TestFromPodUntrackedGoesToHost(t *testing.T) {
+	for _, dst := range []struct {
+		name string
+		ip   netip.Addr
+	}{{"local pod", podB.IP}, {"remote pod", peerPodIP}} {
+		for _, tt := range untrackedCases(podA.IP, dst.ip) {
+			t.Run(dst.name+"/"+tt.name, func(t *testing.T) {
+				n := newPodNode(t)
+				n.configure(defaultConfig())
+				in := fromPod(tt.packet)
+
+				ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+
+				n.wantToStack(ret, out, in, "to_host_untracked")
+			})
+		}
+	}
+}
+
+// An ICMP error a backend pod sends about a client's request is NATed when
+// the request was: the stack must rewrite the quoted header too.
+func TestFromPodICMPErrorOfNATedFlow(t *testing.T) {
+	for _, client := range []struct {
+		name, fast string
+		ip         netip.Addr
+	}{{"local client", "local_redirect", podB.IP}, {"remote client", "encap", peerPodIP}} {
+		for _, tt := range icmpCases(podA.IP, client.ip) {
+			t.Run(client.name+"/"+tt.name, func(t *testing.T) {
+				netns := mustConntrackNS(t, tt.conntrack...)
+				n := newPodNode(t)
+				n.configure(defaultConfig())
+				in := fromPod(tt.packet)
+
+				ret, out := runIn(t, netns, n, datapath.FromPod, in)
+
+				if tt.nat {
+					n.wantToStack(ret, out, in, "to_host_nat")
+					return
+				}
+				wantVerdict(t, ret, tcActRedirect)
+				n.wantCounters(map[string]maps.Counter{client.fast: counted(len(in))})
+			})
+		}
+	}
+}
+
+// Decapsulated traffic from a remote pod is judged as from_pod judges it;
+// what goes to the host leaves decapsulated, addressed to the uplink.
+func TestFromUplinkUntrackedGoesToHost(t *testing.T) {
+	for _, tt := range untrackedCases(peerPodIP, dstPod.IP) {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newUplinkNode(t, defaultConfig())
+			inner := toDstPod(tt.packet).marshal()
+			tun := fromPeer(inner)
+
+			ret, out := mustRun(t, n.prog(datapath.FromUplink), tun.marshal())
+
+			n.wantToStack(ret, out, tun.eth.marshal(inner), "decap", "to_host_untracked")
+		})
+	}
+}
+
+func TestFromUplinkICMPErrorOfNATedFlow(t *testing.T) {
+	for _, tt := range icmpCases(peerPodIP, dstPod.IP) {
+		t.Run(tt.name, func(t *testing.T) {
+			netns := mustConntrackNS(t, tt.conntrack...)
+			n := newUplinkNode(t, defaultConfig())
+			inner := toDstPod(tt.packet).marshal()
+			tun := fromPeer(inner)
+
+			ret, out := runIn(t, netns, n, datapath.FromUplink, tun.marshal())
+
+			want := tun.eth.marshal(inner)
+			if tt.nat {
+				n.wantToStack(ret, out, want, "decap", "to_host_nat")
+				return
+			}
+			wantVerdict(t, ret, tcActRedirect)
+			n.wantCounters(map[string]maps.Counter{"decap": counted(len(want))})
+		})
+	}
 }

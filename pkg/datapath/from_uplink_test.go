@@ -61,7 +61,6 @@ func TestFromUplinkDecap(t *testing.T) {
 			p.ip.Options = []byte{0x07, 0x07, 0x04, 0, 0, 0, 0, 0x00}
 			return p
 		}()},
-		{name: "inner fragment", config: defaultConfig(), packet: fragment(peerPodIP, dstPod.IP, 185)},
 		// A kernel vxlan peer (Flannel) addresses the inner frame to
 		// our VTEP MAC; patchcord does not care which.
 		{name: "flannel peer", config: flannel, packet: toDstPod(udpPacket(peerPodIP, dstPod.IP)),

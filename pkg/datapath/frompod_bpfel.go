@@ -148,6 +148,7 @@ const (
 	fromPodMapStats       = "stats"
 	fromPodMapTunnelSrcs  = "tunnel_srcs"
 	fromPodProgFromPod    = "from_pod"
+	fromPodVarCtAvailable = "ct_available"
 	fromPodVarUnusedEvent = "unused_event"
 )
 
@@ -214,6 +215,7 @@ type fromPodMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodVariableSpecs struct {
+	CtAvailable *ebpf.VariableSpec `ebpf:"ct_available"`
 	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
 }
 
@@ -264,6 +266,7 @@ func (m *fromPodMaps) Close() error {
 //
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodVariables struct {
+	CtAvailable *ebpf.Variable `ebpf:"ct_available"`
 	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
 }
 

@@ -25,6 +25,7 @@ const (
 	fromUplinkMapStats       = "stats"
 	fromUplinkMapTunnelSrcs  = "tunnel_srcs"
 	fromUplinkProgFromUplink = "from_uplink"
+	fromUplinkVarCtAvailable = "ct_available"
 )
 
 // loadFromUplink returns the embedded CollectionSpec for fromUplink.
@@ -90,6 +91,7 @@ type fromUplinkMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromUplinkVariableSpecs struct {
+	CtAvailable *ebpf.VariableSpec `ebpf:"ct_available"`
 }
 
 // fromUplinkObjects contains all objects after they have been loaded into the kernel.
@@ -139,6 +141,7 @@ func (m *fromUplinkMaps) Close() error {
 //
 // It can be passed to loadFromUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromUplinkVariables struct {
+	CtAvailable *ebpf.Variable `ebpf:"ct_available"`
 }
 
 // fromUplinkPrograms contains all programs after they have been loaded into the kernel.

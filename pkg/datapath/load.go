@@ -56,9 +56,13 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		d.Close()
 	}
 
+	nat := prepareConntrack(log)
 	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
 	for _, load := range objects {
 		spec, err := load()
+		if err == nil {
+			err = setConntrack(spec, nat)
+		}
 		if err != nil {
 			d.Close()
 			return nil, fmt.Errorf("parse embedded object: %w", err)
@@ -90,7 +94,9 @@ var buildID = sync.OnceValue(func() string {
 
 // buildMarker is an empty directory (bpffs holds no files) saying which
 // build's programs are pinned.
-func (d *Datapath) buildMarker() string { return filepath.Join(d.Root, "build", buildID()) }
+func (d *Datapath) buildMarker() string {
+	return filepath.Join(d.Root, "build", buildID()+ctMarker())
+}
 
 // markBuild records that this build's programs are pinned, replacing the
 // marker of whichever build pinned them before.
