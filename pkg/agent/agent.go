@@ -201,42 +201,121 @@ func (a *Agent) setupUplink() error {
 	return nil
 }
 
-// reconcile removes endpoints whose veth is gone and restores missing or
-// stale from_pod attachments.
+// repairs is what one reconcile pass found to do, from a scan without the
+// endpoint lock.
+type repairs struct {
+	gone    []maps.EndpointInfo   // endpoints whose veth is gone or recreated
+	restore []maps.EndpointInfo   // endpoints without a current from_pod link
+	orphans []datapath.Attachment // from_pod links without an endpoint
+}
+
+// reconcile removes endpoints whose veth is gone, restores missing or stale
+// from_pod attachments and detaches links no endpoint owns. The scan runs
+// without the endpoint lock, so that ADDs are not held up by it; whatever
+// it finds is checked again under the lock before anything is touched,
+// because an ADD or DEL may have changed it in between.
 func (a *Agent) reconcile() error {
-	list, err := a.eps.List()
+	r, err := a.scan()
+	if err != nil || len(r.gone)+len(r.restore)+len(r.orphans) == 0 {
+		return err
+	}
+	unlock, err := a.dp.LockEndpoints()
 	if err != nil {
 		return err
 	}
-	live := make(map[string]bool, len(list))
+	defer unlock()
+	return a.repair(r)
+}
+
+func (a *Agent) scan() (repairs, error) {
+	var r repairs
+	list, err := a.eps.List()
+	if err != nil {
+		return r, err
+	}
+	owned := make(map[string]bool, len(list))
 	var errs []error
 	for _, ep := range list {
-		link, err := netlink.LinkByName(ep.Ifname)
-		var notFound netlink.LinkNotFoundError
-		if errors.As(err, &notFound) || err == nil && link.Attrs().Index != ep.Ifindex {
-			a.log.Info("removing endpoint whose veth is gone", "pod_ip", ep.IP, "ifname", ep.Ifname)
-			errs = append(errs, a.dp.Detach(datapath.FromPod, ep.Ifname), a.eps.Delete(ep.IP))
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("look up veth %s: %w", ep.Ifname, err))
-			continue
-		}
-		live[ep.Ifname] = true
-		if a.dp.Attached(datapath.FromPod, ep.Ifname) != nil {
-			a.log.Info("restoring from_pod attachment", "pod_ip", ep.IP, "ifname", ep.Ifname)
-			errs = append(errs, a.dp.Attach(datapath.FromPod, ep.Ifname, a.log))
+		owned[ep.Ifname] = true
+		gone, err := vethGone(ep)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case gone:
+			r.gone = append(r.gone, ep)
+		case a.dp.Attached(datapath.FromPod, ep.Ifname) != nil:
+			r.restore = append(r.restore, ep)
 		}
 	}
 	atts, err := a.dp.Attachments()
 	if err != nil {
-		return errors.Join(append(errs, err)...)
+		return r, errors.Join(append(errs, err)...)
 	}
 	for _, at := range atts {
-		if at.Program == datapath.FromPod && !live[at.Ifname] {
-			a.log.Info("removing attachment without endpoint", "ifname", at.Ifname)
-			errs = append(errs, a.dp.Detach(datapath.FromPod, at.Ifname))
+		if at.Program == datapath.FromPod && !owned[at.Ifname] {
+			r.orphans = append(r.orphans, at)
 		}
+	}
+	return r, errors.Join(errs...)
+}
+
+// vethGone reports whether ep's host veth no longer exists as registered:
+// deleted, or recreated with another ifindex.
+func vethGone(ep maps.EndpointInfo) (bool, error) {
+	link, err := netlink.LinkByName(ep.Ifname)
+	var notFound netlink.LinkNotFoundError
+	if errors.As(err, &notFound) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look up veth %s: %w", ep.Ifname, err)
+	}
+	return link.Attrs().Index != ep.Ifindex, nil
+}
+
+// repair acts on what scan found, each item only if it still holds now that
+// the endpoint lock keeps ADD and DEL out: the endpoint is still there on
+// the same ifindex, the link still has no endpoint.
+func (a *Agent) repair(r repairs) error {
+	list, err := a.eps.List()
+	if err != nil {
+		return err
+	}
+	byIP := make(map[netip.Addr]maps.EndpointInfo, len(list))
+	owners := make(map[string]int, len(list))
+	for _, ep := range list {
+		byIP[ep.IP] = ep
+		owners[ep.Ifname]++
+	}
+	same := func(ep maps.EndpointInfo) bool {
+		cur, ok := byIP[ep.IP]
+		return ok && cur.Ifindex == ep.Ifindex && cur.Ifname == ep.Ifname
+	}
+	var errs []error
+	for _, ep := range r.gone {
+		if gone, err := vethGone(ep); err != nil || !gone || !same(ep) {
+			continue
+		}
+		a.log.Info("removing endpoint whose veth is gone", "pod_ip", ep.IP, "ifname", ep.Ifname)
+		if owners[ep.Ifname] == 1 {
+			errs = append(errs, a.dp.Detach(datapath.FromPod, ep.Ifname))
+		}
+		errs = append(errs, a.eps.DeleteIfOwned(ep.IP, ep.Ifindex))
+	}
+	for _, ep := range r.restore {
+		if gone, err := vethGone(ep); err != nil || gone || !same(ep) || a.dp.Attached(datapath.FromPod, ep.Ifname) == nil {
+			continue
+		}
+		a.log.Info("restoring from_pod attachment", "pod_ip", ep.IP, "ifname", ep.Ifname)
+		errs = append(errs, a.dp.Attach(datapath.FromPod, ep.Ifname, a.log))
+	}
+	for _, at := range r.orphans {
+		// A DEL since the scan may have taken it already.
+		if _, err := os.Stat(at.Pin); err != nil || owners[at.Ifname] > 0 {
+			continue
+		}
+		a.log.Info("removing attachment without endpoint", "ifname", at.Ifname)
+		errs = append(errs, a.dp.Detach(datapath.FromPod, at.Ifname))
 	}
 	return errors.Join(errs...)
 }

@@ -224,8 +224,14 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 }
 
 // register puts the endpoint in the maps and attaches from_pod, undoing the
-// first if the second fails.
+// first if the second fails. It holds the endpoint lock, so the agent's
+// reconcile never sees the endpoint without its link or the other way round.
 func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) error {
+	unlock, err := dp.LockEndpoints()
+	if err != nil {
+		return types.NewError(types.ErrInternal, "cannot lock the endpoint maps", err.Error())
+	}
+	defer unlock()
 	if old, err := eps.Get(ep.IP); err == nil && old.Container != ep.Container {
 		// IPAM just handed out this address, so the old owner is gone
 		// without a DEL; GC would remove it too.
@@ -241,18 +247,24 @@ func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, 
 		return types.NewError(code, msg, err.Error())
 	}
 	if err := dp.Attach(datapath.FromPod, ep.Ifname, log); err != nil {
-		eps.Delete(ep.IP)
+		eps.DeleteIfOwned(ep.IP, ep.Ifindex)
 		return types.NewError(types.ErrInternal, fmt.Sprintf("cannot attach from_pod to %s", ep.Ifname), err.Error())
 	}
 	return nil
 }
 
 func unregister(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) {
+	unlock, err := dp.LockEndpoints()
+	if err != nil {
+		log.Warn("unregister endpoint", "pod_ip", ep.IP, "err", err)
+		return
+	}
+	defer unlock()
 	// Detach first: a veth without an endpoint would drop everything.
 	if err := dp.Detach(datapath.FromPod, ep.Ifname); err != nil {
 		log.Warn("detach from_pod", "ifname", ep.Ifname, "err", err)
 	}
-	if err := eps.Delete(ep.IP); err != nil {
+	if err := eps.DeleteIfOwned(ep.IP, ep.Ifindex); err != nil {
 		log.Warn("delete endpoint", "pod_ip", ep.IP, "err", err)
 	}
 }

@@ -34,12 +34,13 @@ func Del(args *skel.CmdArgs) error {
 		errs = append(errs, err)
 	default:
 		defer dp.Close()
-		errs = append(errs, forget(dp, args.ContainerID, args.IfName, log))
+		hostIfname := ""
 		if conf.primary() {
 			// The veth name needs no map: detach even if the entries
 			// that name it are gone.
-			errs = append(errs, dp.Detach(datapath.FromPod, hostVethName(args.ContainerID, args.IfName)))
+			hostIfname = hostVethName(args.ContainerID, args.IfName)
 		}
+		errs = append(errs, forget(dp, args.ContainerID, args.IfName, hostIfname, log))
 	}
 
 	if conf.primary() {
@@ -57,24 +58,36 @@ func Del(args *skel.CmdArgs) error {
 	return nil
 }
 
-// forget detaches and unregisters the endpoint a container interface owns.
-func forget(dp *datapath.Datapath, containerID, ifname string, log *slog.Logger) error {
-	eps := maps.NewEndpoints(&dp.Maps)
-	ep, err := eps.FindOwner(containerID, ifname)
-	if errors.Is(err, maps.ErrNotFound) {
-		return nil
-	}
+// forget detaches and unregisters the endpoint a container interface owns,
+// and detaches from_pod from hostIfname too when it is set. It holds the
+// endpoint lock: the owner is looked up again under it, and the endpoint
+// goes only if it is still that veth's, never a newer pod's with the same IP.
+func forget(dp *datapath.Datapath, containerID, ifname, hostIfname string, log *slog.Logger) error {
+	unlock, err := dp.LockEndpoints()
 	if err != nil {
 		return err
 	}
-	if err := dp.Detach(datapath.FromPod, ep.Ifname); err != nil {
-		return err
+	defer unlock()
+	var errs []error
+	if hostIfname != "" {
+		errs = append(errs, dp.Detach(datapath.FromPod, hostIfname))
 	}
-	if err := eps.Delete(ep.IP); err != nil {
-		return err
+	eps := maps.NewEndpoints(&dp.Maps)
+	ep, err := eps.FindOwner(containerID, ifname)
+	if errors.Is(err, maps.ErrNotFound) {
+		return errors.Join(errs...)
+	}
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if err := dp.Detach(datapath.FromPod, ep.Ifname); err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if err := eps.DeleteIfOwned(ep.IP, ep.Ifindex); err != nil {
+		return errors.Join(append(errs, err)...)
 	}
 	log.Info("removed pod", "pod_ip", ep.IP, "host_ifname", ep.Ifname)
-	return nil
+	return errors.Join(errs...)
 }
 
 // GC is the GC verb (CNI 1.1): it removes what patchcord holds for any
@@ -108,7 +121,7 @@ func GC(args *skel.CmdArgs) error {
 				continue
 			}
 			log.Info("collecting stale endpoint", "pod_ip", ep.IP, "container", ep.Container)
-			errs = append(errs, forget(dp, ep.Container, ep.PodIfname, log))
+			errs = append(errs, forget(dp, ep.Container, ep.PodIfname, "", log))
 			if conf.primary() {
 				if err := ip.DelLinkByName(ep.Ifname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
 					errs = append(errs, fmt.Errorf("delete veth %s: %w", ep.Ifname, err))

@@ -40,7 +40,9 @@ func (d *Datapath) linkPin(prog, ifname string) string {
 
 // Attach attaches prog to the interface ifname (in the caller's network
 // namespace) and pins the link, so it stays when this process exits. It is
-// idempotent: a current attachment is kept, a stale one replaced.
+// idempotent: a current attachment is kept, one running older code is
+// updated in place, and one left on a deleted interface of the same name is
+// replaced; never with a moment without a program on the interface.
 func (d *Datapath) Attach(prog, ifname string, log *slog.Logger) error {
 	p, err := d.Program(prog)
 	if err != nil {
@@ -55,30 +57,69 @@ func (d *Datapath) Attach(prog, ifname string, log *slog.Logger) error {
 		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
 
-	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		current, err := linkRuns(l, iface.Index, p)
-		if err == nil && current {
-			l.Close()
+	old, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		defer old.Close()
+		if done, err := refreshLink(old, iface.Index, p); done || err != nil {
+			if err != nil {
+				return fmt.Errorf("update %s link on %s: %w", prog, ifname, err)
+			}
 			return nil
 		}
-		// Left behind by an interface of the same name that was deleted.
-		l.Unpin()
-		l.Close()
-		log.Info("replaced stale attachment", "prog", prog, "ifname", ifname)
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		log.Warn("removing unreadable link pin", "pin", pin, "err", err)
-		os.Remove(pin)
+		log.Info("replacing attachment of a deleted interface", "prog", prog, "ifname", ifname)
+	case !errors.Is(err, fs.ErrNotExist):
+		log.Warn("replacing unreadable link pin", "pin", pin, "err", err)
 	}
 
+	// The new link goes in before the old pin goes: tcx holds several
+	// links per hook, and the rename swaps the pin atomically.
 	l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: attachTypes[prog]})
 	if err != nil {
 		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
 	defer l.Close()
-	if err := l.Pin(pin); err != nil {
+	if err := replacePin(l, pin); err != nil {
 		return fmt.Errorf("pin %s link of %s: %w", prog, ifname, err)
 	}
 	return nil
+}
+
+// refreshLink makes l, if it is attached to ifindex, run p: a link on the
+// right interface needs at most an atomic program swap. It reports false
+// when l belongs to another (deleted) interface and must be replaced.
+func refreshLink(l link.Link, ifindex int, p *ebpf.Program) (bool, error) {
+	onIface, current, err := linkState(l, ifindex, p)
+	if err != nil || !onIface || current {
+		return onIface, err
+	}
+	return true, l.Update(p)
+}
+
+// linkState reports whether l is attached to ifindex and whether it runs p.
+func linkState(l link.Link, ifindex int, p *ebpf.Program) (onIface, current bool, err error) {
+	info, err := l.Info()
+	if err != nil {
+		return false, false, fmt.Errorf("inspect link: %w", err)
+	}
+	tcx := info.TCX()
+	if tcx == nil || int(tcx.Ifindex) != ifindex {
+		return false, false, nil
+	}
+	id, err := programID(p)
+	return true, err == nil && id == info.Program, err
+}
+
+func programID(p *ebpf.Program) (ebpf.ProgramID, error) {
+	pinfo, err := p.Info()
+	if err != nil {
+		return 0, fmt.Errorf("inspect program: %w", err)
+	}
+	id, ok := pinfo.ID()
+	if !ok {
+		return 0, errors.New("inspect program: the kernel reports no program ID")
+	}
+	return id, nil
 }
 
 // Detach removes prog's pinned link from ifname. A missing link is not an
@@ -183,24 +224,15 @@ func (d *Datapath) inspect(prog, ifname string) Attachment {
 
 // linkRuns reports whether l is attached to ifindex and runs p.
 func linkRuns(l link.Link, ifindex int, p *ebpf.Program) (bool, error) {
-	info, err := l.Info()
-	if err != nil {
-		return false, fmt.Errorf("inspect link: %w", err)
-	}
-	tcx := info.TCX()
-	if tcx == nil || int(tcx.Ifindex) != ifindex {
-		return false, nil
-	}
-	pinfo, err := p.Info()
-	if err != nil {
-		return false, fmt.Errorf("inspect program: %w", err)
-	}
-	id, ok := pinfo.ID()
-	return ok && id == info.Program, nil
+	_, current, err := linkState(l, ifindex, p)
+	return current, err
 }
 
-// updateLinks moves every pinned link of prog to p: an upgrade that swaps
-// code under running traffic without a moment with no program attached.
+// updateLinks moves every pinned link of prog that runs other code to p:
+// an upgrade that swaps code under running traffic without a moment with no
+// program attached. Links already on p are left alone, so that every Open
+// may call it to heal a load that was killed between pinning a program and
+// moving its links.
 func (d *Datapath) updateLinks(prog string, p *ebpf.Program, log *slog.Logger) error {
 	entries, err := os.ReadDir(filepath.Join(d.Root, "links", prog))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -209,22 +241,33 @@ func (d *Datapath) updateLinks(prog string, p *ebpf.Program, log *slog.Logger) e
 	if err != nil {
 		return fmt.Errorf("list %s links: %w", prog, err)
 	}
+	want, err := programID(p)
+	if err != nil {
+		return fmt.Errorf("upgrade %s links: %w", prog, err)
+	}
 	for _, e := range entries {
 		pin := d.linkPin(prog, e.Name())
 		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // detached since the listing: a DEL ran
+		}
 		if err != nil {
 			log.Warn("cannot open link to upgrade", "pin", pin, "err", err)
 			continue
 		}
-		err = l.Update(p)
+		info, err := l.Info()
+		if err == nil && info.Program != want {
+			err = l.Update(p)
+			if err == nil {
+				log.Info("upgraded attachment", "prog", prog, "ifname", e.Name())
+			}
+		}
 		l.Close()
 		if err != nil {
 			// A link whose interface is gone cannot be updated; the
 			// agent's reconcile removes it.
 			log.Warn("cannot upgrade link", "pin", pin, "err", err)
-			continue
 		}
-		log.Info("upgraded attachment", "prog", prog, "ifname", e.Name())
 	}
 	return nil
 }

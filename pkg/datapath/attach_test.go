@@ -105,17 +105,8 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 // every existing attachment to the new code in place: same link, new
 // program, no moment without a program on the interface.
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
-	root := datapathtest.MustBPFFS(t)
+	root, d, netns := mustAttachedDummy(t)
 	log := datapathtest.Logger(t)
-	d, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	netns := mustDummyNS(t)
-	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
-		t.Fatal(err)
-	}
 	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
 
 	// Stand in for an older release: other code pinned as from_pod and
@@ -170,4 +161,106 @@ func linkInfo(t *testing.T, l link.Link) *link.Info {
 		t.Fatal(err)
 	}
 	return info
+}
+
+// mustOldCode makes the pinned from_pod link on dummy0 run other code, as a
+// load killed between pinning a new program and moving the links leaves it.
+func mustOldCode(t *testing.T, d *datapath.Datapath) link.Link {
+	t.Helper()
+	old, err := d.Program(datapath.FromUplink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := link.LoadPinnedLink(filepath.Join(d.Root, "links", datapath.FromPod, "dummy0"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if err := l.Update(old); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// A link on the right interface that runs older code is updated in place:
+// same link, so no moment without a program on the veth.
+func TestAttachUpdatesStaleProgram(t *testing.T) {
+	d := datapathtest.MustOpen(t)
+	log := datapathtest.Logger(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		l := mustOldCode(t, d)
+		before := linkInfo(t, l)
+		if d.Attached(datapath.FromPod, "dummy0") == nil {
+			t.Fatal("Attached: a link on other code passes as current")
+		}
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		after := linkInfo(t, l)
+		if after.ID != before.ID {
+			t.Errorf("link replaced (id %d -> %d), want it updated in place", before.ID, after.ID)
+		}
+		if want := progID(t, d, datapath.FromPod); uint32(after.Program) != want {
+			t.Errorf("link runs program %d, want from_pod %d", after.Program, want)
+		}
+		return d.Attached(datapath.FromPod, "dummy0")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Open heals links a killed load left on older code: with this build's
+// marker in place (nothing to load) and without it (programs reused).
+func TestOpenHealsLinksOnOldCode(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		dropMarker bool
+	}{
+		{"pins reused by build marker", false},
+		{"programs reused by tag", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			root, d, _ := mustAttachedDummy(t)
+			log := datapathtest.Logger(t)
+			l := mustOldCode(t, d)
+			before := linkInfo(t, l)
+			if tt.dropMarker {
+				if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			again, err := datapath.Open(root, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer again.Close()
+			after := linkInfo(t, l)
+			if want := progID(t, again, datapath.FromPod); uint32(after.Program) != want || after.ID != before.ID {
+				t.Errorf("link %d runs program %d, want link %d on from_pod %d", after.ID, after.Program, before.ID, want)
+			}
+		})
+	}
+}
+
+// mustAttachedDummy opens a datapath on a fresh root, with from_pod
+// attached to dummy0 in a fresh namespace.
+func mustAttachedDummy(t *testing.T) (string, *datapath.Datapath, ns.NetNS) {
+	t.Helper()
+	root := datapathtest.MustBPFFS(t)
+	log := datapathtest.Logger(t)
+	d, err := datapath.Open(root, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	netns := mustDummyNS(t)
+	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
+		t.Fatal(err)
+	}
+	return root, d, netns
 }

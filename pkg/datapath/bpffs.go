@@ -72,16 +72,22 @@ func mountSysBPF() error {
 }
 
 // lockRoot serialises loaders of one node: container runtimes run ADDs in
-// parallel, and two of them must not both pin a fresh datapath. bpffs holds
-// no regular files, but a directory can be flock()ed.
+// parallel, and two of them must not both pin a fresh datapath.
 func lockRoot(root string) (unlock func(), err error) {
-	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	return flockDir(root, unix.LOCK_EX)
+}
+
+// flockDir takes a flock of kind how on dir: bpffs holds no regular files,
+// but a directory can be flock()ed. The kernel drops the lock with the
+// process, so a killed holder never leaves it behind.
+func flockDir(dir string, how int) (unlock func(), err error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open %s for locking: %w", root, err)
+		return nil, fmt.Errorf("open %s for locking: %w", dir, err)
 	}
-	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+	if err := unix.Flock(fd, how); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", root, err)
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
 	return func() { unix.Close(fd) }, nil
 }
@@ -93,24 +99,30 @@ func agentDir(root string) string { return filepath.Join(root, "agent") }
 
 // LockAgent marks root as served by the calling agent for as long as the
 // returned unlock is not called (or the process lives): one agent per node,
-// and `patchcord status` can tell whether it runs. The kernel drops the lock
-// with the process, so a killed agent never leaves it behind.
+// and `patchcord status` can tell whether it runs.
 func LockAgent(root string) (unlock func(), err error) {
 	if err := os.MkdirAll(agentDir(root), 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", agentDir(root), err)
 	}
-	fd, err := unix.Open(agentDir(root), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", agentDir(root), err)
+	unlock, err = flockDir(agentDir(root), unix.LOCK_EX|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
 	}
-	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		unix.Close(fd)
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
-		}
-		return nil, fmt.Errorf("lock %s: %w", agentDir(root), err)
+	return unlock, err
+}
+
+// LockEndpoints serialises the writers of endpoints and their from_pod
+// links: CNI ADD's register, DEL's unregister and the agent's reconcile.
+// Each holds it only for its map and attach work, never for IPAM or veth
+// setup, so parallel ADDs wait on each other for well under a millisecond.
+// It is a lock of its own, not the root's: Open holds that one while it
+// loads, and a caller may Open while holding this one.
+func (d *Datapath) LockEndpoints() (unlock func(), err error) {
+	dir := filepath.Join(d.Root, "endpoint-lock")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	return func() { unix.Close(fd) }, nil
+	return flockDir(dir, unix.LOCK_EX)
 }
 
 // AgentRunning reports whether an agent holds root's agent lock.

@@ -51,6 +51,7 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	// known by its build ID, so the usual case only opens pins.
 	if d, err := OpenPinned(root); err == nil {
 		if _, err := os.Stat(d.buildMarker()); err == nil && len(d.progs) == len(attachTypes) {
+			d.healLinks(log)
 			return d, nil
 		}
 		d.Close()
@@ -81,6 +82,18 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		return nil, err
 	}
 	return d, nil
+}
+
+// healLinks moves links still running older code to the pinned programs: a
+// load killed between replacing a program's pin and updating its links
+// leaves them behind, and the next Open finds this build's marker and loads
+// nothing. Comparing program IDs costs two syscalls per link.
+func (d *Datapath) healLinks(log *slog.Logger) {
+	for name, p := range d.progs {
+		if err := d.updateLinks(name, p, log); err != nil {
+			log.Warn("cannot check attachments for older code", "prog", name, "err", err)
+		}
+	}
 }
 
 // buildID names this binary's BPF objects: a hash of their bytes.
@@ -200,6 +213,11 @@ func (d *Datapath) loadObject(spec *ebpf.CollectionSpec, log *slog.Logger) error
 		if pinned != nil {
 			fresh.Close()
 			d.progs[name] = pinned
+			// A load killed between pinning this program and moving
+			// its links left them on older code.
+			if err := d.updateLinks(name, pinned, log); err != nil {
+				return err
+			}
 			continue
 		}
 		if err := replacePin(fresh, d.progPin(name)); err != nil {

@@ -108,10 +108,7 @@ func (e *Endpoints) Delete(ip netip.Addr) error {
 		errs = append(errs, ignoreNotFound(e.byIP, e.byIP.Delete(key)))
 		// Only drop the anti-spoofing entry if it is this endpoint's:
 		// the ifindex may have been reused by a newer pod.
-		var cur datapath.Endpoint
-		if e.byIfindex.Lookup(val.Ifindex, &cur) == nil && cur.Ip == key {
-			errs = append(errs, ignoreNotFound(e.byIfindex, e.byIfindex.Delete(val.Ifindex)))
-		}
+		errs = append(errs, e.deleteByIfindexIf(val.Ifindex, key))
 	} else {
 		// An ADD killed between its writes leaves the anti-spoofing entry
 		// without a forwarding one: find it by address.
@@ -122,6 +119,38 @@ func (e *Endpoints) Delete(ip netip.Addr) error {
 		return fmt.Errorf("delete endpoint %s: %w", ip, err)
 	}
 	return nil
+}
+
+// DeleteIfOwned removes the endpoint with ip if it is the one on the host
+// veth ifindex: the delete of a pod that is gone must not remove a newer pod
+// that IPAM gave the same address. When the address is a newer pod's, only
+// the old veth's anti-spoofing entry goes. An address without a forwarding
+// entry (an ADD killed between its writes) is nobody's: what is left of it
+// goes, whatever ifindex says.
+func (e *Endpoints) DeleteIfOwned(ip netip.Addr, ifindex int) error {
+	key := u32(ip)
+	var val datapath.Endpoint
+	err := mapErr(e.byIP, e.byIP.Lookup(key, &val))
+	switch {
+	case errors.Is(err, ErrNotFound) || err == nil && int(val.Ifindex) == ifindex:
+		return e.Delete(ip)
+	case err == nil:
+		if err := e.deleteByIfindexIf(uint32(ifindex), key); err != nil {
+			return fmt.Errorf("delete endpoint %s on ifindex %d: %w", ip, ifindex, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("look up endpoint %s: %w", ip, err)
+}
+
+// deleteByIfindexIf removes the anti-spoofing entry of ifindex if it is
+// for the address key.
+func (e *Endpoints) deleteByIfindexIf(ifindex, key uint32) error {
+	var cur datapath.Endpoint
+	if e.byIfindex.Lookup(ifindex, &cur) != nil || cur.Ip != key {
+		return nil
+	}
+	return ignoreNotFound(e.byIfindex, e.byIfindex.Delete(ifindex))
 }
 
 // List returns every endpoint.
