@@ -18,9 +18,11 @@
 
 #define PROG PROG_FROM_POD
 
-/* BTF holds only types something refers to, and bpf2go -type reads BTF: this
- * unused global is what gives Go its struct event. */
+/* BTF holds only types something refers to, and bpf2go -type reads BTF:
+ * these unused globals are what give Go its struct event and the event
+ * limit defaults. */
 const struct event *unused_event __attribute__((unused));
+const enum event_limit_defaults *unused_limits __attribute__((unused));
 
 static __always_inline int to_host(struct __sk_buff *skb)
 {

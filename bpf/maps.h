@@ -71,6 +71,28 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
+/* Drop-event budget of one CPU for one reason, as a token bucket whose
+ * tokens are nanoseconds of refill time: an event costs 1 s / rate of them,
+ * the bucket holds burst events' worth. */
+struct event_bucket {
+	__u64 credit_ns;
+	__u64 last_ns; /* bpf_ktime_get_ns of the last drop of the reason */
+};
+
+/* Sized apart from STAT_MAX so that a new reason needs no new map. */
+#define EVENT_BUCKETS 64
+_Static_assert(STAT_MAX <= EVENT_BUCKETS, "event_buckets needs an entry per stat_id");
+
+/* stat_id -> event_bucket, per CPU: no lock, no cache line shared between
+ * CPUs on the drop path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, EVENT_BUCKETS);
+	__type(key, __u32);
+	__type(value, struct event_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} event_buckets SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);

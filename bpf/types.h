@@ -65,6 +65,20 @@ struct node_config {
 	__u32 vni;
 	__u32 mtu; /* pod MTU; read by the CNI plugin, not by the datapath */
 	enum config_flags flags;
+	/* Drop events per second and burst, per CPU and per drop reason
+	 * (lib/verdict.h: event_admit); 0 stands for the defaults below. */
+	__u32 event_rate;
+	__u32 event_burst;
+};
+
+/* What a zero event_rate or event_burst stands for. A flood of one reason
+ * on one CPU then costs the ring 100 records of 64 bytes a second after a
+ * first 200, 5% of its 4096: the monitor keeps up, the ring keeps room for
+ * every other reason and CPU, and a burst of a few hundred drops (a pod
+ * misconfigured at start) is still seen whole. */
+enum event_limit_defaults {
+	EVENT_RATE_DEFAULT = 100,
+	EVENT_BURST_DEFAULT = 200,
 };
 
 /* Per-CPU counters. Go names them from this enum's BTF:

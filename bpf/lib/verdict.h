@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* How packets leave a program: every verdict is counted, every drop leaves
- * through drop() so that it is counted and reported with its reason, and
- * forwarded packets are traced only while someone runs `patchcord monitor`. */
+ * through drop() so that it is counted and reported with its reason (at a
+ * limited rate), and forwarded packets are traced only while someone runs
+ * `patchcord monitor`. */
 #pragma once
 
 #include "../maps.h"
@@ -78,10 +79,59 @@ static __always_inline void emit(struct __sk_buff *skb, enum event_kind kind, en
 	emit_at(skb, kind, reason, prog, target, skb->len, 0);
 }
 
+#define NSEC_PER_SEC 1000000000ULL
+
+/* Takes a token from the bucket of reason on this CPU, or says there is
+ * none. Without the limit a pod spraying forged packets would take the
+ * ring's lock on every packet and crowd every other drop out of it. The
+ * bucket is per CPU, so nothing is shared between CPUs, and per reason, so
+ * one flood hides no other kind of drop. A drop on one CPU never
+ * interrupts another on the same CPU (tc runs with bottom halves off), so
+ * the read-modify-write needs no atomics. */
+static __always_inline int event_admit(enum stat_id reason)
+{
+	const struct node_config *cfg = node_config();
+	__u64 rate = EVENT_RATE_DEFAULT, burst = EVENT_BURST_DEFAULT;
+	__u64 cost, cap, credit, now;
+	__u32 key = reason;
+	struct event_bucket *b = bpf_map_lookup_elem(&event_buckets, &key);
+
+	if (!b)
+		return 1;
+	if (cfg && cfg->event_rate)
+		rate = cfg->event_rate;
+	if (cfg && cfg->event_burst)
+		burst = cfg->event_burst;
+	/* At most 1e9 ns per token and 2^32 tokens: cap fits in 63 bits. A
+	 * rate above 1e9/s costs nothing: no limit. */
+	cost = NSEC_PER_SEC / rate;
+	cap = burst * cost;
+	now = bpf_ktime_get_ns();
+	/* A fresh bucket (last_ns 0) fills at once: uptime exceeds cap. */
+	credit = b->credit_ns;
+	if (now > b->last_ns)
+		credit += now - b->last_ns;
+	if (credit > cap)
+		credit = cap;
+	b->last_ns = now;
+	if (credit < cost) {
+		b->credit_ns = credit;
+		return 0;
+	}
+	b->credit_ns = credit - cost;
+	return 1;
+}
+
+/* Every drop is counted; its event is rate-limited (event_admit). Traces
+ * are not: they flow only while a monitor asked for them, and a trace
+ * monitor follows one flow among all, which a limit would hide. */
 static __always_inline int drop(struct __sk_buff *skb, enum stat_id reason, enum prog_id prog)
 {
 	count(reason, skb->len);
-	emit(skb, EVENT_DROP, reason, prog, 0);
+	if (event_admit(reason))
+		emit(skb, EVENT_DROP, reason, prog, 0);
+	else
+		count(STAT_EVENTS_SUPPRESSED, 0);
 	return TC_ACT_SHOT;
 }
 

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/metrics"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/spf13/cobra"
@@ -126,6 +127,8 @@ the node IP.`,
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&cfg.Masquerade, "masquerade", true, "SNAT pod traffic leaving the cluster to the node IP (an iptables chain the agent owns; false removes it)")
 	f.StringVar(&clusterCIDR, "cluster-cidr", "", "what is inside the cluster for --masquerade (default: every known pod CIDR)")
+	f.Uint32Var(&cfg.EventRate, "monitor-event-rate", datapath.EventRateDefault, "drop events per second, per CPU and per drop reason, for `patchcord monitor`; more are counted as events_suppressed (0: the default)")
+	f.Uint32Var(&cfg.EventBurst, "monitor-event-burst", datapath.EventBurstDefault, "drop events at once, per CPU and per reason, before --monitor-event-rate applies (0: the default)")
 	f.StringVar(&cfg.ReadyFile, "ready-file", "", "file written once the first node sync is done")
 	return cmd
 }

@@ -46,7 +46,11 @@ exit switches them off. A monitor killed with SIGKILL cannot; tracing then
 stays on until the next trace monitor exits (patchcord status shows it).
 
 A full ring buffer loses events, never packets; the monitor reports how many
-were lost ("N events lost", or {"lost": N} in JSON). Events are read from a
+were lost ("N events lost", or {"lost": N} in JSON). Drop events are
+rate-limited per CPU and per drop reason (patchcord agent
+--monitor-event-rate, --monitor-event-burst; every drop is still counted):
+the monitor reports how many were held back ("N drop events suppressed",
+or {"suppressed": N}) once a second. Events are read from a
 ring buffer with a single read position: two monitors at once each see only
 part of them.
 
@@ -114,7 +118,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 	}
 
 	stats := maps.NewStats(&dp.Maps)
-	lost, err := lostCount(stats)
+	lost, suppressed, err := eventCounts(stats)
 	if err != nil {
 		return err
 	}
@@ -129,7 +133,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 		return err
 	}
 	checkLost := func() error {
-		n, err := lostCount(stats)
+		n, s, err := eventCounts(stats)
 		if err != nil {
 			log.Warn("cannot read lost events", "err", err)
 			return nil
@@ -139,8 +143,13 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 				return err
 			}
 		}
+		if s > suppressed {
+			if err := emit(events.Suppressed{Suppressed: s - suppressed}); err != nil {
+				return err
+			}
+		}
 		// Below the last value: someone ran `bpf stats --reset`.
-		lost = n
+		lost, suppressed = n, s
 		return bw.Flush()
 	}
 
@@ -198,12 +207,13 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 	return checkLost()
 }
 
-func lostCount(s *maps.Stats) (uint64, error) {
+// eventCounts reads the events_lost and events_suppressed counters.
+func eventCounts(s *maps.Stats) (lost, suppressed uint64, err error) {
 	counters, err := s.Read()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return counters["events_lost"].Packets, nil
+	return counters["events_lost"].Packets, counters["events_suppressed"].Packets, nil
 }
 
 // writeJSONLine writes v as one line of JSON.

@@ -242,27 +242,61 @@ func TestMonitorDropsOnlyCount(t *testing.T) {
 	}
 }
 
+// setCounter sets counter name to n packets, as the datapath would.
+func (d testDatapath) setCounter(name string, n uint64) {
+	d.t.Helper()
+	id := slices.Index(datapath.StatNames(), name)
+	perCPU := make([]datapath.StatCounter, ebpf.MustPossibleCPU())
+	perCPU[0].Packets = n
+	if err := d.Maps.Stats.Put(uint32(id), perCPU); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
 // TestMonitorReportsLost moves the events_lost counter as a full ring
 // buffer would, and expects {"lost": N} for the increase only.
 func TestMonitorReportsLost(t *testing.T) {
 	d := newTestDatapath(t)
-	setLost := func(n uint64) {
-		t.Helper()
-		id := slices.Index(datapath.StatNames(), "events_lost")
-		perCPU := make([]datapath.StatCounter, ebpf.MustPossibleCPU())
-		perCPU[0].Packets = n
-		if err := d.Maps.Stats.Put(uint32(id), perCPU); err != nil {
-			t.Fatal(err)
-		}
-	}
-	setLost(10) // lost before the monitor: not reported
+	d.setCounter("events_lost", 10) // lost before the monitor: not reported
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	m := startMonitor(t, ctx, d.Root, monitorOpts{typ: "drop"})
-	setLost(17)
+	d.setCounter("events_lost", 17)
 	var lost events.Lost
 	if l := m.next(t); json.Unmarshal([]byte(l), &lost) != nil || lost.Lost != 7 || !strings.HasPrefix(l, `{"lost":`) {
 		t.Errorf("got %s, want {\"lost\":7}", l)
+	}
+	cancel()
+	m.wait(t)
+}
+
+// TestMonitorReportsSuppressed floods drops past the rate limit and expects
+// the burst's events, then {"suppressed": N} for the rest, counted since the
+// monitor started.
+func TestMonitorReportsSuppressed(t *testing.T) {
+	d := newTestDatapath(t)
+	if err := maps.NewConfig(&d.Maps).Put(maps.Config{EventRate: 1, EventBurst: 1}); err != nil {
+		t.Fatal(err)
+	}
+	d.setCounter("events_suppressed", 5) // before the monitor: not reported
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	m := startMonitor(t, ctx, d.Root, monitorOpts{typ: "drop"})
+	p, err := d.Program(datapath.FromPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One run of 11 on one skb stays on one CPU: one event, ten held back.
+	frame := udpFrame(netip.MustParseAddr("10.244.1.200"), podB.IP, 1000, 53)
+	if _, err := p.Run(&ebpf.RunOptions{Data: frame, Repeat: 11}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := decodeLine(t, m.next(t)); ev.Reason != "drop_spoofed" {
+		t.Errorf("first line: %+v, want the drop_spoofed event", ev)
+	}
+	var s events.Suppressed
+	if l := m.next(t); json.Unmarshal([]byte(l), &s) != nil || s.Suppressed != 10 || !strings.HasPrefix(l, `{"suppressed":`) {
+		t.Errorf("got %s, want {\"suppressed\":10}", l)
 	}
 	cancel()
 	m.wait(t)

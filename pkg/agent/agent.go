@@ -39,6 +39,9 @@ type Config struct {
 	ReadyFile string
 	// ReconcileEvery repairs endpoints and attachments periodically.
 	ReconcileEvery time.Duration
+	// EventRate and EventBurst limit drop events per CPU and reason
+	// (events/s, burst); 0 leaves the datapath's defaults.
+	EventRate, EventBurst uint32
 	// OnSyncError, when set, is called with every failed node sync, so
 	// that the metrics can count what the log reports.
 	OnSyncError func(error)
@@ -183,6 +186,8 @@ func (a *Agent) setupUplink() error {
 		VNI:           a.cfg.VNI,
 		MTU:           attrs.MTU - datapath.VXLANOverhead,
 		Trace:         old.Trace, // a running monitor keeps its traces
+		EventRate:     a.cfg.EventRate,
+		EventBurst:    a.cfg.EventBurst,
 	}
 	if err := cfgMap.Put(cfg); err != nil {
 		return err

@@ -63,11 +63,24 @@ type fromPodEvent struct {
 	_        [4]byte
 }
 
+type fromPodEventBucket struct {
+	_        structs.HostLayout
+	CreditNs uint64
+	LastNs   uint64
+}
+
 type fromPodEventKind uint32
 
 const (
 	fromPodEventKindEVENT_DROP  fromPodEventKind = 1
 	fromPodEventKindEVENT_TRACE fromPodEventKind = 2
+)
+
+type fromPodEventLimitDefaults uint32
+
+const (
+	fromPodEventLimitDefaultsEVENT_RATE_DEFAULT  fromPodEventLimitDefaults = 100
+	fromPodEventLimitDefaultsEVENT_BURST_DEFAULT fromPodEventLimitDefaults = 200
 )
 
 type fromPodLpmV4Key struct {
@@ -85,6 +98,8 @@ type fromPodNodeConfig struct {
 	Vni           uint32
 	Mtu           uint32
 	Flags         fromPodConfigFlags
+	EventRate     uint32
+	EventBurst    uint32
 }
 
 type fromPodNodeInfo struct {
@@ -139,17 +154,19 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromPodMapConfig      = "config"
-	fromPodMapEndpoints   = "endpoints"
-	fromPodMapEpByIfindex = "ep_by_ifindex"
-	fromPodMapEpMeta      = "ep_meta"
-	fromPodMapEvents      = "events"
-	fromPodMapNodes       = "nodes"
-	fromPodMapStats       = "stats"
-	fromPodMapTunnelSrcs  = "tunnel_srcs"
-	fromPodProgFromPod    = "from_pod"
-	fromPodVarCtAvailable = "ct_available"
-	fromPodVarUnusedEvent = "unused_event"
+	fromPodMapConfig       = "config"
+	fromPodMapEndpoints    = "endpoints"
+	fromPodMapEpByIfindex  = "ep_by_ifindex"
+	fromPodMapEpMeta       = "ep_meta"
+	fromPodMapEventBuckets = "event_buckets"
+	fromPodMapEvents       = "events"
+	fromPodMapNodes        = "nodes"
+	fromPodMapStats        = "stats"
+	fromPodMapTunnelSrcs   = "tunnel_srcs"
+	fromPodProgFromPod     = "from_pod"
+	fromPodVarCtAvailable  = "ct_available"
+	fromPodVarUnusedEvent  = "unused_event"
+	fromPodVarUnusedLimits = "unused_limits"
 )
 
 // loadFromPod returns the embedded CollectionSpec for fromPod.
@@ -201,22 +218,24 @@ type fromPodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodMapSpecs struct {
-	Config      *ebpf.MapSpec `ebpf:"config"`
-	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
-	EpByIfindex *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.MapSpec `ebpf:"ep_meta"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Nodes       *ebpf.MapSpec `ebpf:"nodes"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
-	TunnelSrcs  *ebpf.MapSpec `ebpf:"tunnel_srcs"`
+	Config       *ebpf.MapSpec `ebpf:"config"`
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
+	EventBuckets *ebpf.MapSpec `ebpf:"event_buckets"`
+	Events       *ebpf.MapSpec `ebpf:"events"`
+	Nodes        *ebpf.MapSpec `ebpf:"nodes"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	TunnelSrcs   *ebpf.MapSpec `ebpf:"tunnel_srcs"`
 }
 
 // fromPodVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodVariableSpecs struct {
-	CtAvailable *ebpf.VariableSpec `ebpf:"ct_available"`
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	CtAvailable  *ebpf.VariableSpec `ebpf:"ct_available"`
+	UnusedEvent  *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedLimits *ebpf.VariableSpec `ebpf:"unused_limits"`
 }
 
 // fromPodObjects contains all objects after they have been loaded into the kernel.
@@ -239,14 +258,15 @@ func (o *fromPodObjects) Close() error {
 //
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodMaps struct {
-	Config      *ebpf.Map `ebpf:"config"`
-	Endpoints   *ebpf.Map `ebpf:"endpoints"`
-	EpByIfindex *ebpf.Map `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.Map `ebpf:"ep_meta"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Nodes       *ebpf.Map `ebpf:"nodes"`
-	Stats       *ebpf.Map `ebpf:"stats"`
-	TunnelSrcs  *ebpf.Map `ebpf:"tunnel_srcs"`
+	Config       *ebpf.Map `ebpf:"config"`
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
+	EventBuckets *ebpf.Map `ebpf:"event_buckets"`
+	Events       *ebpf.Map `ebpf:"events"`
+	Nodes        *ebpf.Map `ebpf:"nodes"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	TunnelSrcs   *ebpf.Map `ebpf:"tunnel_srcs"`
 }
 
 func (m *fromPodMaps) Close() error {
@@ -255,6 +275,7 @@ func (m *fromPodMaps) Close() error {
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,
+		m.EventBuckets,
 		m.Events,
 		m.Nodes,
 		m.Stats,
@@ -266,8 +287,9 @@ func (m *fromPodMaps) Close() error {
 //
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodVariables struct {
-	CtAvailable *ebpf.Variable `ebpf:"ct_available"`
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	CtAvailable  *ebpf.Variable `ebpf:"ct_available"`
+	UnusedEvent  *ebpf.Variable `ebpf:"unused_event"`
+	UnusedLimits *ebpf.Variable `ebpf:"unused_limits"`
 }
 
 // fromPodPrograms contains all programs after they have been loaded into the kernel.

@@ -16,16 +16,17 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromUplinkMapConfig      = "config"
-	fromUplinkMapEndpoints   = "endpoints"
-	fromUplinkMapEpByIfindex = "ep_by_ifindex"
-	fromUplinkMapEpMeta      = "ep_meta"
-	fromUplinkMapEvents      = "events"
-	fromUplinkMapNodes       = "nodes"
-	fromUplinkMapStats       = "stats"
-	fromUplinkMapTunnelSrcs  = "tunnel_srcs"
-	fromUplinkProgFromUplink = "from_uplink"
-	fromUplinkVarCtAvailable = "ct_available"
+	fromUplinkMapConfig       = "config"
+	fromUplinkMapEndpoints    = "endpoints"
+	fromUplinkMapEpByIfindex  = "ep_by_ifindex"
+	fromUplinkMapEpMeta       = "ep_meta"
+	fromUplinkMapEventBuckets = "event_buckets"
+	fromUplinkMapEvents       = "events"
+	fromUplinkMapNodes        = "nodes"
+	fromUplinkMapStats        = "stats"
+	fromUplinkMapTunnelSrcs   = "tunnel_srcs"
+	fromUplinkProgFromUplink  = "from_uplink"
+	fromUplinkVarCtAvailable  = "ct_available"
 )
 
 // loadFromUplink returns the embedded CollectionSpec for fromUplink.
@@ -77,14 +78,15 @@ type fromUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromUplinkMapSpecs struct {
-	Config      *ebpf.MapSpec `ebpf:"config"`
-	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
-	EpByIfindex *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.MapSpec `ebpf:"ep_meta"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Nodes       *ebpf.MapSpec `ebpf:"nodes"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
-	TunnelSrcs  *ebpf.MapSpec `ebpf:"tunnel_srcs"`
+	Config       *ebpf.MapSpec `ebpf:"config"`
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
+	EventBuckets *ebpf.MapSpec `ebpf:"event_buckets"`
+	Events       *ebpf.MapSpec `ebpf:"events"`
+	Nodes        *ebpf.MapSpec `ebpf:"nodes"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	TunnelSrcs   *ebpf.MapSpec `ebpf:"tunnel_srcs"`
 }
 
 // fromUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -114,14 +116,15 @@ func (o *fromUplinkObjects) Close() error {
 //
 // It can be passed to loadFromUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromUplinkMaps struct {
-	Config      *ebpf.Map `ebpf:"config"`
-	Endpoints   *ebpf.Map `ebpf:"endpoints"`
-	EpByIfindex *ebpf.Map `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.Map `ebpf:"ep_meta"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Nodes       *ebpf.Map `ebpf:"nodes"`
-	Stats       *ebpf.Map `ebpf:"stats"`
-	TunnelSrcs  *ebpf.Map `ebpf:"tunnel_srcs"`
+	Config       *ebpf.Map `ebpf:"config"`
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
+	EventBuckets *ebpf.Map `ebpf:"event_buckets"`
+	Events       *ebpf.Map `ebpf:"events"`
+	Nodes        *ebpf.Map `ebpf:"nodes"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	TunnelSrcs   *ebpf.Map `ebpf:"tunnel_srcs"`
 }
 
 func (m *fromUplinkMaps) Close() error {
@@ -130,6 +133,7 @@ func (m *fromUplinkMaps) Close() error {
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,
+		m.EventBuckets,
 		m.Events,
 		m.Nodes,
 		m.Stats,

@@ -16,15 +16,16 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	toUplinkMapConfig      = "config"
-	toUplinkMapEndpoints   = "endpoints"
-	toUplinkMapEpByIfindex = "ep_by_ifindex"
-	toUplinkMapEpMeta      = "ep_meta"
-	toUplinkMapEvents      = "events"
-	toUplinkMapNodes       = "nodes"
-	toUplinkMapStats       = "stats"
-	toUplinkMapTunnelSrcs  = "tunnel_srcs"
-	toUplinkProgToUplink   = "to_uplink"
+	toUplinkMapConfig       = "config"
+	toUplinkMapEndpoints    = "endpoints"
+	toUplinkMapEpByIfindex  = "ep_by_ifindex"
+	toUplinkMapEpMeta       = "ep_meta"
+	toUplinkMapEventBuckets = "event_buckets"
+	toUplinkMapEvents       = "events"
+	toUplinkMapNodes        = "nodes"
+	toUplinkMapStats        = "stats"
+	toUplinkMapTunnelSrcs   = "tunnel_srcs"
+	toUplinkProgToUplink    = "to_uplink"
 )
 
 // loadToUplink returns the embedded CollectionSpec for toUplink.
@@ -76,14 +77,15 @@ type toUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type toUplinkMapSpecs struct {
-	Config      *ebpf.MapSpec `ebpf:"config"`
-	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
-	EpByIfindex *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.MapSpec `ebpf:"ep_meta"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Nodes       *ebpf.MapSpec `ebpf:"nodes"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
-	TunnelSrcs  *ebpf.MapSpec `ebpf:"tunnel_srcs"`
+	Config       *ebpf.MapSpec `ebpf:"config"`
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
+	EventBuckets *ebpf.MapSpec `ebpf:"event_buckets"`
+	Events       *ebpf.MapSpec `ebpf:"events"`
+	Nodes        *ebpf.MapSpec `ebpf:"nodes"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	TunnelSrcs   *ebpf.MapSpec `ebpf:"tunnel_srcs"`
 }
 
 // toUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -112,14 +114,15 @@ func (o *toUplinkObjects) Close() error {
 //
 // It can be passed to loadToUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type toUplinkMaps struct {
-	Config      *ebpf.Map `ebpf:"config"`
-	Endpoints   *ebpf.Map `ebpf:"endpoints"`
-	EpByIfindex *ebpf.Map `ebpf:"ep_by_ifindex"`
-	EpMeta      *ebpf.Map `ebpf:"ep_meta"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Nodes       *ebpf.Map `ebpf:"nodes"`
-	Stats       *ebpf.Map `ebpf:"stats"`
-	TunnelSrcs  *ebpf.Map `ebpf:"tunnel_srcs"`
+	Config       *ebpf.Map `ebpf:"config"`
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
+	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
+	EventBuckets *ebpf.Map `ebpf:"event_buckets"`
+	Events       *ebpf.Map `ebpf:"events"`
+	Nodes        *ebpf.Map `ebpf:"nodes"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	TunnelSrcs   *ebpf.Map `ebpf:"tunnel_srcs"`
 }
 
 func (m *toUplinkMaps) Close() error {
@@ -128,6 +131,7 @@ func (m *toUplinkMaps) Close() error {
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,
+		m.EventBuckets,
 		m.Events,
 		m.Nodes,
 		m.Stats,

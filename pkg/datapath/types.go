@@ -28,6 +28,11 @@ const (
 
 	EventDrop  = fromPodEventKindEVENT_DROP
 	EventTrace = fromPodEventKindEVENT_TRACE
+
+	// What the datapath uses where the config's event rate or burst is
+	// zero: drop events per second, per CPU and reason, and the burst.
+	EventRateDefault  = uint32(fromPodEventLimitDefaultsEVENT_RATE_DEFAULT)
+	EventBurstDefault = uint32(fromPodEventLimitDefaultsEVENT_BURST_DEFAULT)
 )
 
 // VXLANOverhead is what encapsulation adds in front of a pod's frame: outer

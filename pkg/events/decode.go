@@ -64,6 +64,12 @@ type Lost struct {
 	Lost uint64 `json:"lost"`
 }
 
+// Suppressed is what `monitor -o json` prints when the datapath's rate limit
+// held drop events back since the last report; the drops were counted.
+type Suppressed struct {
+	Suppressed uint64 `json:"suppressed"`
+}
+
 // Size is the size of one ring-buffer record.
 var Size = binary.Size(datapath.Event{})
 
@@ -207,4 +213,9 @@ func ifaceName(name string, ifindex int) string {
 // String is the text line for lost events.
 func (l Lost) String() string {
 	return fmt.Sprintf("%d events lost (ring buffer full; the packets were not)", l.Lost)
+}
+
+// String is the text line for suppressed events.
+func (s Suppressed) String() string {
+	return fmt.Sprintf("%d drop events suppressed (rate limit; the drops were counted: patchcord bpf stats)", s.Suppressed)
 }

@@ -229,6 +229,13 @@ func TestJSONShape(t *testing.T) {
 	if string(b) != `{"lost":12}` {
 		t.Errorf("lost: got %s", b)
 	}
+	b, _ = json.Marshal(Suppressed{Suppressed: 40})
+	if string(b) != `{"suppressed":40}` {
+		t.Errorf("suppressed: got %s", b)
+	}
+	if got, want := (Suppressed{Suppressed: 40}).String(), "40 drop events suppressed (rate limit; the drops were counted: patchcord bpf stats)"; got != want {
+		t.Errorf("suppressed text:\n got %q\nwant %q", got, want)
+	}
 }
 
 func mapKeys(m map[string]any) func(func(string) bool) {

@@ -18,6 +18,12 @@ type Config struct {
 	VNI           uint32
 	MTU           int // pod MTU
 	Trace         bool
+	// EventRate and EventBurst limit drop events per CPU and per drop
+	// reason (events per second, and how many at once); 0 leaves the
+	// datapath's defaults (datapath.EventRateDefault, EventBurstDefault).
+	// Drops are counted either way.
+	EventRate  uint32
+	EventBurst uint32
 }
 
 // Configured reports whether an agent has set up the uplink.
@@ -39,6 +45,8 @@ func (c *ConfigMap) Get() (Config, error) {
 		VNI:           v.Vni,
 		MTU:           int(v.Mtu),
 		Trace:         v.Flags&datapath.ConfigTrace != 0,
+		EventRate:     v.EventRate,
+		EventBurst:    v.EventBurst,
 	}
 	if v.NodeIp != 0 {
 		cfg.NodeIP = addr(v.NodeIp)
@@ -55,6 +63,8 @@ func (c *ConfigMap) Put(cfg Config) error {
 		VxlanPort:     cfg.VXLANPort,
 		Vni:           cfg.VNI,
 		Mtu:           uint32(cfg.MTU),
+		EventRate:     cfg.EventRate,
+		EventBurst:    cfg.EventBurst,
 	}
 	if cfg.NodeIP.IsValid() {
 		if !cfg.NodeIP.Is4() {
