@@ -25,7 +25,7 @@ export CNI_PLUGINS   := $(CNI_BIN)
 export CNITOOL       := $(TOOLS)/cnitool
 export CRICTL        := $(TOOLS)/crictl
 
-.PHONY: all build generate check-generate deps tools test demo bench clean
+.PHONY: all build generate check-generate deps tools test fuzz demo bench clean
 
 all: build
 
@@ -69,6 +69,15 @@ $(CNI_BIN)/host-local:
 test: deps tools build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
+
+# Each fuzz target for a bounded time; its seed corpus (testdata/fuzz) runs
+# in `make test` too. Needs root: the targets load the datapath.
+FUZZTIME ?= 20s
+FUZZ_TARGETS := FuzzFromPod FuzzFromUplink
+fuzz: deps
+	for t in $(FUZZ_TARGETS); do \
+		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./pkg/datapath/ || exit 1; \
+	done
 
 demo: deps tools build
 	$(GO) run ./test/demo
