@@ -207,6 +207,9 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 	if err := disableIPv6(hostLink.Attrs().Name); err != nil {
 		return err
 	}
+	if err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return disableIPv6(args.IfName) }); err != nil {
+		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot turn off IPv6 on %s in %s", args.IfName, args.Netns), err.Error())
+	}
 	podMAC, err := net.ParseMAC(podIf.Mac)
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("prevResult has no valid MAC for %s", podIf.Name), err.Error())
@@ -282,6 +285,11 @@ func configurePod(ifname string, podIP netip.Addr) error {
 	link, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("find %s: %w", ifname, err)
+	}
+	// Before the link is up, so that the pod never sends the router
+	// solicitations and MLD reports from_pod would drop as drop_ipv6.
+	if err := disableIPv6(ifname); err != nil {
+		return err
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("set %s up: %w", ifname, err)

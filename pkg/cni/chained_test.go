@@ -79,6 +79,9 @@ func TestChainedAfterPtp(t *testing.T) {
 				assertNoIPv6(t, hostIf.Name)
 				return nil
 			})
+			if err == nil {
+				err = p.ns.Do(func(ns.NetNS) error { assertNoIPv6(t, podIfname); return nil })
+			}
 			if err != nil {
 				t.Fatalf("inspect node: %v", err)
 			}

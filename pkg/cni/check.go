@@ -68,6 +68,9 @@ func Check(args *skel.CmdArgs) error {
 		if err != nil {
 			return fmt.Errorf("pod interface %s: %w", args.IfName, err)
 		}
+		if err := checkIPv6Off(args.IfName); err != nil {
+			return err
+		}
 		if link.Attrs().HardwareAddr.String() != ep.MAC.String() {
 			return fmt.Errorf("pod interface %s has MAC %s, registered %s: anti-spoofing drops its traffic", args.IfName, link.Attrs().HardwareAddr, ep.MAC)
 		}

@@ -425,6 +425,7 @@ func (n *node) assertPodUp(tb testing.TB, p *pod, res *current.Result, mtu int) 
 		if a.HardwareAddr.String() != st.podMAC {
 			tb.Errorf("pod %s MAC %s, result says %s", podIfname, a.HardwareAddr, st.podMAC)
 		}
+		assertNoIPv6(tb, podIfname)
 		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
 		if err != nil {
 			return err
@@ -528,23 +529,23 @@ func (n *node) assertEndpoint(tb testing.TB, p *pod, st podState) error {
 	return nil
 }
 
-// assertNoIPv6 checks that the host veth ifname cannot speak IPv6 to its
-// pod; call it in the node's namespace.
+// assertNoIPv6 checks that ifname (the host veth, or the pod's eth0) cannot
+// speak IPv6; call it in the interface's namespace.
 func assertNoIPv6(tb testing.TB, ifname string) {
 	tb.Helper()
 	b, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + ifname + "/disable_ipv6")
 	if err != nil {
 		tb.Errorf("read disable_ipv6 of %s: %v", ifname, err)
 	} else if strings.TrimSpace(string(b)) != "1" {
-		tb.Errorf("host veth %s has disable_ipv6=%s, want 1", ifname, strings.TrimSpace(string(b)))
+		tb.Errorf("%s has disable_ipv6=%s, want 1", ifname, strings.TrimSpace(string(b)))
 	}
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
-		tb.Errorf("host veth %s: %v", ifname, err)
+		tb.Errorf("link %s: %v", ifname, err)
 		return
 	}
 	if addrs, err := netlink.AddrList(l, netlink.FAMILY_V6); err != nil || len(addrs) != 0 {
-		tb.Errorf("host veth %s IPv6 addresses %v (%v), want none", ifname, addrs, err)
+		tb.Errorf("%s IPv6 addresses %v (%v), want none", ifname, addrs, err)
 	}
 }
 
