@@ -169,7 +169,7 @@ static __always_inline int eth_is_vlan(__be16 proto)
 }
 
 /* Default deny: a pod may send IPv4 and ARP, nothing else. */
-SEC("tc")
+SEC("tcx/ingress")
 int from_pod(struct __sk_buff *skb)
 {
 	const struct endpoint *src;

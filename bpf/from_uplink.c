@@ -61,7 +61,7 @@ static __always_inline enum inner_source inner_source(const struct iphdr *inner,
 	return inner->saddr == outer_src ? INNER_REMOTE_NODE : INNER_FORGED;
 }
 
-SEC("tc")
+SEC("tcx/ingress")
 int from_uplink(struct __sk_buff *skb)
 {
 	const struct node_config *cfg = node_config();

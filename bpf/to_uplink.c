@@ -36,7 +36,7 @@ static __always_inline int encap_nested(struct __sk_buff *skb, const struct node
 	return vxlan_encap(skb, node, cfg, VXLAN_NESTED_FLAGS, 0);
 }
 
-SEC("tc")
+SEC("tcx/egress")
 int to_uplink(struct __sk_buff *skb)
 {
 	struct lpm_v4_key key = { .prefixlen = 32 };

@@ -13,13 +13,6 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-// attachTypes says where each program runs.
-var attachTypes = map[string]ebpf.AttachType{
-	FromPod:    ebpf.AttachTCXIngress,
-	FromUplink: ebpf.AttachTCXIngress,
-	ToUplink:   ebpf.AttachTCXEgress,
-}
-
 // Attachment is one pinned tcx link: a program on an interface.
 type Attachment struct {
 	Program   string
@@ -74,7 +67,8 @@ func (d *Datapath) Attach(prog, ifname string, log *slog.Logger) error {
 
 	// The new link goes in before the old pin goes: tcx holds several
 	// links per hook, and the rename swaps the pin atomically.
-	l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: attachTypes[prog]})
+	info, _ := programInfo(prog)
+	l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: info.Attach})
 	if err != nil {
 		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
@@ -173,7 +167,7 @@ func (d *Datapath) Attached(prog, ifname string) error {
 // Attachments lists every pinned link under the root.
 func (d *Datapath) Attachments() ([]Attachment, error) {
 	var out []Attachment
-	for _, prog := range []string{FromPod, FromUplink, ToUplink} {
+	for _, prog := range programNames() {
 		entries, err := os.ReadDir(filepath.Join(d.Root, "links", prog))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
@@ -189,12 +183,8 @@ func (d *Datapath) Attachments() ([]Attachment, error) {
 }
 
 func (d *Datapath) inspect(prog, ifname string) Attachment {
-	a := Attachment{Program: prog, Ifname: ifname, Pin: d.linkPin(prog, ifname), Stale: true}
-	if attachTypes[prog] == ebpf.AttachTCXEgress {
-		a.Direction = "egress"
-	} else {
-		a.Direction = "ingress"
-	}
+	pi, _ := programInfo(prog)
+	a := Attachment{Program: prog, Ifname: ifname, Pin: d.linkPin(prog, ifname), Stale: true, Direction: pi.Direction()}
 	l, err := link.LoadPinnedLink(a.Pin, nil)
 	if err != nil {
 		return a

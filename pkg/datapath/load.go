@@ -29,9 +29,6 @@ type Datapath struct {
 	progs map[string]*ebpf.Program
 }
 
-// objects are the embedded programs, one object per hook.
-var objects = []func() (*ebpf.CollectionSpec, error){loadFromPod, loadFromUplink, loadToUplink}
-
 // Open returns the datapath pinned under root, loading and pinning it first
 // where it is missing or its code differs from this binary's (the upgrade
 // path: attached links are moved to the new programs atomically). Parallel
@@ -52,7 +49,7 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	if d, err := OpenPinned(root); err == nil {
 		// The marker is written last, after every link was moved to this
 		// build's programs, so it also says no link runs older code.
-		if _, err := os.Stat(d.buildMarker()); err == nil && len(d.progs) == len(attachTypes) {
+		if _, err := os.Stat(d.buildMarker()); err == nil && len(d.progs) == len(Programs()) {
 			return d, nil
 		}
 		d.Close()
@@ -65,8 +62,8 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	if err := os.RemoveAll(filepath.Dir(d.buildMarker())); err != nil {
 		return nil, fmt.Errorf("clear build marker: %w", err)
 	}
-	for _, load := range objects {
-		spec, err := load()
+	for _, o := range objects {
+		spec, err := o.load()
 		if err == nil {
 			err = setConntrack(spec, nat)
 		}
@@ -93,8 +90,8 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 // buildID names this binary's BPF objects: a hash of their bytes.
 var buildID = sync.OnceValue(func() string {
 	h := sha256.New()
-	for _, b := range [][]byte{_FromPodBytes, _FromUplinkBytes, _ToUplinkBytes} {
-		h.Write(b)
+	for _, o := range objects {
+		h.Write(o.bytes)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:16]
 })
@@ -128,7 +125,7 @@ func OpenPinned(root string) (*Datapath, error) {
 	if err := d.openMaps(); err != nil {
 		return nil, err
 	}
-	for _, name := range []string{FromPod, FromUplink, ToUplink} {
+	for _, name := range programNames() {
 		p, err := ebpf.LoadPinnedProgram(d.progPin(name), nil)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

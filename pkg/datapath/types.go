@@ -41,7 +41,8 @@ const (
 // uplink MTU minus this.
 const VXLANOverhead = 50
 
-// Program names, as in the C sources and under <root>/progs.
+// Program names, as in the C sources and under <root>/progs, for the
+// callers that attach a particular one; Programs lists them all, from the ELF.
 const (
 	FromPod    = "from_pod"
 	FromUplink = "from_uplink"
@@ -91,14 +92,30 @@ func (s StatID) String() string {
 	return fmt.Sprintf("stat_%d", uint32(s))
 }
 
+var progIDNames = sync.OnceValues(func() (map[ProgID]string, error) {
+	spec, err := loadFromPod()
+	if err != nil {
+		return nil, err
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("prog_id", &enum); err != nil {
+		return nil, fmt.Errorf("find enum prog_id: %w", err)
+	}
+	names := make(map[ProgID]string, len(enum.Values))
+	for _, v := range enum.Values {
+		names[ProgID(v.Value)] = progIDName(v.Name)
+	}
+	return names, nil
+})
+
+// String returns the program's name, e.g. "from_pod", read from enum prog_id.
 func (p ProgID) String() string {
-	switch p {
-	case fromPodProgIdPROG_FROM_POD:
-		return FromPod
-	case fromPodProgIdPROG_FROM_UPLINK:
-		return FromUplink
-	case fromPodProgIdPROG_TO_UPLINK:
-		return ToUplink
+	names, err := progIDNames()
+	if err != nil {
+		panic(err) // the object is embedded in this binary: a build bug
+	}
+	if name, ok := names[p]; ok {
+		return name
 	}
 	return fmt.Sprintf("prog_%d", uint32(p))
 }
