@@ -63,13 +63,15 @@ var programs = sync.OnceValues(func() ([]ProgramInfo, error) {
 
 // Programs lists the datapath's programs in the order of their objects:
 // from_pod, from_uplink, to_uplink.
-func Programs() []ProgramInfo {
-	ps, err := programs()
+func Programs() []ProgramInfo { return embedded(programs()) }
+
+// embedded returns what was read from the objects embedded in this binary,
+// where a failure can only be a build bug.
+func embedded[T any](v T, err error) T {
 	if err != nil {
-		// The objects are embedded in this binary: a failure is a build bug.
 		panic(err)
 	}
-	return ps
+	return v
 }
 
 // programInfo returns what the ELF says of the program name.

@@ -49,17 +49,27 @@ const (
 	ToUplink   = "to_uplink"
 )
 
-var statNames = sync.OnceValues(func() ([]string, error) {
+// enumValues reads the constants of a C enum from the datapath's own BTF,
+// so that C stays the one place they are written.
+func enumValues(name string) ([]btf.EnumValue, error) {
 	spec, err := loadFromPod()
 	if err != nil {
 		return nil, err
 	}
 	var enum *btf.Enum
-	if err := spec.Types.TypeByName("stat_id", &enum); err != nil {
-		return nil, fmt.Errorf("find enum stat_id: %w", err)
+	if err := spec.Types.TypeByName(name, &enum); err != nil {
+		return nil, fmt.Errorf("find enum %s: %w", name, err)
 	}
-	names := make([]string, 0, len(enum.Values))
-	for _, v := range enum.Values {
+	return enum.Values, nil
+}
+
+var statNames = sync.OnceValues(func() ([]string, error) {
+	values, err := enumValues("stat_id")
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(values))
+	for _, v := range values {
 		if v.Name == "STAT_MAX" {
 			continue
 		}
@@ -74,14 +84,7 @@ var statNames = sync.OnceValues(func() ([]string, error) {
 // StatNames lists the counter names by stat ID ("local_redirect",
 // "drop_spoofed", ...), read from the datapath's own BTF so that C stays the
 // one place they are written.
-func StatNames() []string {
-	names, err := statNames()
-	if err != nil {
-		// The object is embedded in this binary: a failure is a build bug.
-		panic(err)
-	}
-	return names
-}
+func StatNames() []string { return embedded(statNames()) }
 
 // String returns the counter name, e.g. "drop_spoofed".
 func (s StatID) String() string {
@@ -93,16 +96,12 @@ func (s StatID) String() string {
 }
 
 var progIDNames = sync.OnceValues(func() (map[ProgID]string, error) {
-	spec, err := loadFromPod()
+	values, err := enumValues("prog_id")
 	if err != nil {
 		return nil, err
 	}
-	var enum *btf.Enum
-	if err := spec.Types.TypeByName("prog_id", &enum); err != nil {
-		return nil, fmt.Errorf("find enum prog_id: %w", err)
-	}
-	names := make(map[ProgID]string, len(enum.Values))
-	for _, v := range enum.Values {
+	names := make(map[ProgID]string, len(values))
+	for _, v := range values {
 		names[ProgID(v.Value)] = progIDName(v.Name)
 	}
 	return names, nil
@@ -110,11 +109,7 @@ var progIDNames = sync.OnceValues(func() (map[ProgID]string, error) {
 
 // String returns the program's name, e.g. "from_pod", read from enum prog_id.
 func (p ProgID) String() string {
-	names, err := progIDNames()
-	if err != nil {
-		panic(err) // the object is embedded in this binary: a build bug
-	}
-	if name, ok := names[p]; ok {
+	if name, ok := embedded(progIDNames())[p]; ok {
 		return name
 	}
 	return fmt.Sprintf("prog_%d", uint32(p))
