@@ -155,35 +155,30 @@ func (e *Endpoints) deleteByIfindexIf(ifindex, key uint32) error {
 
 // List returns every endpoint.
 func (e *Endpoints) List() ([]EndpointInfo, error) {
-	var (
-		key uint32
-		val datapath.Endpoint
-		out []EndpointInfo
-	)
-	iter := e.byIP.Iterate()
-	for iter.Next(&key, &val) {
-		out = append(out, e.info(val))
-	}
-	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("list endpoints: %w", err)
-	}
-	return out, nil
+	return collect(e.byIP, "endpoints", func(_ uint32, val datapath.Endpoint) EndpointInfo { return e.info(val) })
 }
 
 // Owners returns every endpoint with a recorded owner, also those an ADD
 // killed between its writes left without a forwarding entry.
 func (e *Endpoints) Owners() ([]EndpointInfo, error) {
+	return collect(e.meta, "endpoint owners", func(key uint32, meta datapath.EndpointMeta) EndpointInfo {
+		return e.withMeta(EndpointInfo{IP: addr(key)}, meta)
+	})
+}
+
+// collect walks m and turns each entry into an element of the result.
+func collect[K, V, T any](m *ebpf.Map, what string, conv func(K, V) T) ([]T, error) {
 	var (
-		key  uint32
-		meta datapath.EndpointMeta
-		out  []EndpointInfo
+		key K
+		val V
+		out []T
 	)
-	iter := e.meta.Iterate()
-	for iter.Next(&key, &meta) {
-		out = append(out, e.withMeta(EndpointInfo{IP: addr(key)}, meta))
+	iter := m.Iterate()
+	for iter.Next(&key, &val) {
+		out = append(out, conv(key, val))
 	}
 	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("list endpoint owners: %w", err)
+		return nil, fmt.Errorf("list %s: %w", what, err)
 	}
 	return out, nil
 }

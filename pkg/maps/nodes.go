@@ -67,22 +67,15 @@ func (n *Nodes) Delete(podCIDR netip.Prefix) error {
 // PruneSources removes every tunnel source not in keep: nodes gone, and a
 // renumbered node's old address, from which VXLAN must no longer be taken.
 func (n *Nodes) PruneSources(keep map[netip.Addr]bool) error {
-	var (
-		key   uint32
-		val   uint32
-		stale []uint32
-	)
-	iter := n.sources.Iterate()
-	for iter.Next(&key, &val) {
-		if !keep[addr(key)] {
-			stale = append(stale, key)
-		}
-	}
-	if err := iter.Err(); err != nil {
-		return fmt.Errorf("list tunnel sources: %w", err)
+	all, err := collect(n.sources, "tunnel sources", func(key, _ uint32) uint32 { return key })
+	if err != nil {
+		return err
 	}
 	var errs []error
-	for _, k := range stale {
+	for _, k := range all {
+		if keep[addr(k)] {
+			continue
+		}
 		if err := ignoreNotFound(n.sources, n.sources.Delete(k)); err != nil {
 			errs = append(errs, fmt.Errorf("delete tunnel source %s: %w", addr(k), err))
 		}
@@ -92,13 +85,7 @@ func (n *Nodes) PruneSources(keep map[netip.Addr]bool) error {
 
 // List returns every node.
 func (n *Nodes) List() ([]Node, error) {
-	var (
-		key datapath.LPMKey
-		val datapath.NodeInfo
-		out []Node
-	)
-	iter := n.byCIDR.Iterate()
-	for iter.Next(&key, &val) {
+	return collect(n.byCIDR, "nodes", func(key datapath.LPMKey, val datapath.NodeInfo) Node {
 		node := Node{
 			PodCIDR: netip.PrefixFrom(addr(key.Addr), int(key.Prefixlen)),
 			NodeIP:  addr(val.NodeIp),
@@ -106,10 +93,6 @@ func (n *Nodes) List() ([]Node, error) {
 		if val.VtepMac != [6]uint8{} {
 			node.VtepMAC = hw(val.VtepMac)
 		}
-		out = append(out, node)
-	}
-	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("list nodes: %w", err)
-	}
-	return out, nil
+		return node
+	})
 }
