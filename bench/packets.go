@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+
+	"github.com/patchcord/patchcord/internal/checksum"
 )
 
 const (
@@ -42,7 +44,7 @@ func ipv4(src, dst netip.Addr, proto, ttl uint8, fragOff uint16, seg []byte, wit
 		if proto == ipProtoTCP {
 			at = 16
 		}
-		sum := l4Checksum(src, dst, proto, seg)
+		sum := checksum.L4(src, dst, proto, seg)
 		if sum == 0 && proto == ipProtoUDP {
 			sum = 0xffff
 		}
@@ -57,7 +59,7 @@ func ipv4(src, dst netip.Addr, proto, ttl uint8, fragOff uint16, seg []byte, wit
 	s, d := src.As4(), dst.As4()
 	copy(h[12:], s[:])
 	copy(h[16:], d[:])
-	binary.BigEndian.PutUint16(h[10:], ^onesSum(h, 0))
+	binary.BigEndian.PutUint16(h[10:], ^checksum.OnesSum(h, 0))
 	return append(h, seg...)
 }
 
@@ -89,7 +91,7 @@ func icmpEcho(payload []byte) []byte {
 	binary.BigEndian.PutUint16(b[4:], 0x7063)
 	binary.BigEndian.PutUint16(b[6:], 1)
 	b = append(b, payload...)
-	binary.BigEndian.PutUint16(b[2:], ^onesSum(b, 0))
+	binary.BigEndian.PutUint16(b[2:], ^checksum.OnesSum(b, 0))
 	return b
 }
 
@@ -98,26 +100,6 @@ func vxlan(vni uint32, inner []byte) []byte {
 	b[0] = vxlanFlagI
 	binary.BigEndian.PutUint32(b[4:], vni<<8)
 	return append(b, inner...)
-}
-
-func onesSum(b []byte, sum uint32) uint16 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
-}
-
-func l4Checksum(src, dst netip.Addr, proto uint8, seg []byte) uint16 {
-	s, d := src.As4(), dst.As4()
-	pseudo := append(append(s[:], d[:]...), 0, proto)
-	pseudo = binary.BigEndian.AppendUint16(pseudo, uint16(len(seg)))
-	return ^onesSum(seg, uint32(onesSum(pseudo, 0)))
 }
 
 // payload64 is the 64-byte UDP payload of the small-packet figures.

@@ -16,6 +16,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/maps"
+
+	"github.com/patchcord/patchcord/internal/checksum"
 )
 
 // clusterIP stands for a service address kube-proxy DNATs.
@@ -137,7 +139,7 @@ func icmpError(src, dst netip.Addr, typ, code uint8, quoted []byte) packet {
 		binary.BigEndian.PutUint16(b[6:], 1400)
 	}
 	b = append(b, quoted...)
-	binary.BigEndian.PutUint16(b[2:], ^onesSum(b, 0))
+	binary.BigEndian.PutUint16(b[2:], ^checksum.OnesSum(b, 0))
 	return packet{ip: ipv4{ID: 0x0c0c, TTL: 64, Protocol: ipProtoICMP, Src: src, Dst: dst}, l4: b}
 }
 

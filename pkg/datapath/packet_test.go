@@ -14,6 +14,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/patchcord/patchcord/internal/checksum"
 )
 
 const (
@@ -222,43 +224,24 @@ func ipv6(src, dst netip.Addr) []byte {
 	return b
 }
 
-// onesSum is the 16-bit ones'-complement sum of b, folded, not inverted.
-func onesSum(b []byte, sum uint32) uint16 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
-}
-
 // ipv4Checksum computes the checksum of an IPv4 header from scratch,
 // ignoring what its checksum field holds.
 func ipv4Checksum(hdr []byte) uint16 {
 	h := bytes.Clone(hdr)
 	h[10], h[11] = 0, 0
-	return ^onesSum(h, 0)
+	return ^checksum.OnesSum(h, 0)
 }
 
 // ipv4ChecksumValid verifies a header the way a receiver does: the sum over
 // the header, checksum included, is all ones. Unlike comparing against a
 // recomputed checksum it accepts both ones'-complement zeroes, as receivers
 // do.
-func ipv4ChecksumValid(hdr []byte) bool { return onesSum(hdr, 0) == 0xffff }
+func ipv4ChecksumValid(hdr []byte) bool { return checksum.OnesSum(hdr, 0) == 0xffff }
 
 func l4Checksum(src, dst netip.Addr, proto uint8, seg []byte, at int) uint16 {
-	pseudo := make([]byte, 0, 12)
-	pseudo = append(pseudo, ip4(src)...)
-	pseudo = append(pseudo, ip4(dst)...)
-	pseudo = append(pseudo, 0, proto)
-	pseudo = binary.BigEndian.AppendUint16(pseudo, uint16(len(seg)))
 	s := bytes.Clone(seg)
 	s[at], s[at+1] = 0, 0
-	return ^onesSum(s, uint32(onesSum(pseudo, 0)))
+	return checksum.L4(src, dst, proto, s)
 }
 
 func mac6(hw net.HardwareAddr) []byte {
