@@ -17,7 +17,7 @@ for d in proc sys dev; do mount --rbind "/$d" "/host/$d"; done
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mkdir -p /host/tmp/results && mount --bind /results /host/tmp/results
-mount --bind "$MODTREE" /host/lib/modules
+[ ! -d /host/lib/modules ] || mount --bind "$MODROOT/lib/modules" /host/lib/modules
 chroot /host /bin/sh "$REPO/test/kernels/guest.sh" /tmp/results
 sync
 poweroff -f

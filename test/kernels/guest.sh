@@ -7,6 +7,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
+export PATH="$res/bin:$PATH"
+echo "$res/bin/modprobe" >/proc/sys/kernel/modprobe
 for m in $GUEST_MODULES; do modprobe "$m" || echo "modprobe $m failed" >>"$res/modules.err"; done
 for spec in $TESTS; do
 	t=${spec%%:*} pkg=${spec#*:}
@@ -17,3 +19,4 @@ for spec in $TESTS; do
 	echo $? >"$res/$n.rc"
 	echo $(($(cut -d. -f1 /proc/uptime) - start)) >"$res/$n.secs"
 done
+lsmod >"$res/lsmod"

@@ -84,10 +84,15 @@ run_vm() {
 	build_initramfs "$root" "$WORK/$name.cpio.gz"
 	cat >"$res/guest.env" <<-ENV
 	REPO='$REPO'
-	MODTREE='$root/lib/modules'
+	MODROOT='$root'
 	TESTS='$TESTS'
 	GUEST_MODULES='$GUEST_MODULES'
 	ENV
+	# The host root may have no /lib/modules to mount over: modprobe, the guest's and the
+	# kernel's own (kernel.modprobe), reads the unpacked tree through -d instead.
+	mkdir -p "$res/bin"
+	printf '#!/bin/sh\nexec /sbin/modprobe -d %s "$@"\n' "$root" >"$res/bin/modprobe"
+	chmod +x "$res/bin/modprobe"
 	start=$(date +%s)
 	rc=0
 	timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -m 2G -smp 2 -nographic -no-reboot \
