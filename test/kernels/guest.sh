@@ -7,7 +7,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
-export PATH="$res/bin:$PATH"
+# The initramfs passes PATH=/bin; tests run host tools from sbin (conntrack, ip, tc).
+export PATH="$res/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 echo "$res/bin/modprobe" >/proc/sys/kernel/modprobe
 for m in $GUEST_MODULES; do modprobe "$m" || echo "modprobe $m failed" >>"$res/modules.err"; done
 for spec in $TESTS; do
