@@ -16,7 +16,7 @@ for spec in $TESTS; do
 	n=$(basename "$t")
 	start=$(cut -d. -f1 /proc/uptime)
 	# A test binary runs in its package directory, as go test does, for its testdata.
-	(cd "$REPO/$pkg" && "$REPO/$t" -test.v -test.count=1 >"$res/$n.out" 2>&1)
+	(cd "$REPO/$pkg" && "$REPO/$t" -test.v -test.count=1 $TESTFLAGS >"$res/$n.out" 2>&1)
 	echo $? >"$res/$n.rc"
 	echo $(($(cut -d. -f1 /proc/uptime) - start)) >"$res/$n.secs"
 done

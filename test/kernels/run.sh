@@ -9,6 +9,8 @@ set -eu
 KERNELS=${KERNELS:-debian12}
 TESTS=${TESTS:-bin/kernels/datapath.test:pkg/datapath}
 VM_TIMEOUT=${VM_TIMEOUT:-15m}
+# Extra flags for every test binary, e.g. TESTFLAGS="-test.run TestFromUplink".
+TESTFLAGS=${TESTFLAGS:-}
 # Loaded by modprobe inside the guest once /lib/modules is mounted: what the tests' topologies use.
 GUEST_MODULES=${GUEST_MODULES:-"veth vxlan bridge sch_ingress cls_bpf nf_conntrack"}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/patchcord/kernels
@@ -86,6 +88,7 @@ run_vm() {
 	REPO='$REPO'
 	MODROOT='$root'
 	TESTS='$TESTS'
+	TESTFLAGS='$TESTFLAGS'
 	GUEST_MODULES='$GUEST_MODULES'
 	ENV
 	# The host root may have no /lib/modules to mount over: modprobe, the guest's and the
