@@ -12,7 +12,7 @@ VM_TIMEOUT=${VM_TIMEOUT:-15m}
 # Extra flags for every test binary, e.g. TESTFLAGS="-test.run TestFromUplink".
 TESTFLAGS=${TESTFLAGS:-}
 # Loaded by modprobe inside the guest once /lib/modules is mounted: what the tests' topologies use.
-GUEST_MODULES=${GUEST_MODULES:-"veth vxlan bridge sch_ingress cls_bpf nf_conntrack"}
+GUEST_MODULES=${GUEST_MODULES:-"veth vxlan bridge sch_ingress cls_bpf nf_conntrack nf_conntrack_netlink nf_nat"}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/patchcord/kernels
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
