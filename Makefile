@@ -25,7 +25,7 @@ export CNI_PLUGINS   := $(CNI_BIN)
 export CNITOOL       := $(TOOLS)/cnitool
 export CRICTL        := $(TOOLS)/crictl
 
-.PHONY: all build generate check-generate deps tools test fuzz demo bench clean
+.PHONY: all build generate check-generate deps tools test fuzz test-kernels demo bench clean
 
 all: build
 
@@ -78,6 +78,14 @@ fuzz: deps
 	for t in $(FUZZ_TARGETS); do \
 		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./pkg/datapath/ || exit 1; \
 	done
+
+# Kernel matrix: the datapath tests under qemu TCG on Debian's kernels (test/kernels/run.sh).
+# KERNELS="debian12 debian11" adds Debian 11's 5.10; kernels are cached in $$XDG_CACHE_HOME.
+KERNELS ?= debian12
+test-kernels:
+	@for p in qemu-system-x86 busybox-static kmod; do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || { echo "test-kernels needs $$p: apt-get install qemu-system-x86 busybox-static kmod"; exit 2; }; done
+	$(GO) test -c -o $(BIN)/kernels/datapath.test ./pkg/datapath/
+	KERNELS="$(KERNELS)" test/kernels/run.sh
 
 demo: deps tools build
 	$(GO) run ./test/demo

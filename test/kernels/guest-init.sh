@@ -1,0 +1,23 @@
+#!/bin/busybox sh
+# /init of the kernel-matrix initramfs: loads the 9p modules, mounts the host root read-only and
+# the results share, then runs guest.sh from the repo in a chroot of the host root.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc 2>/dev/null || { mkdir -p /proc && mount -t proc proc /proc; }
+mkdir -p /sys /dev /host /results
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for ko in $(cat /mod/order); do insmod "/mod/$ko" || echo "insmod $ko failed"; done
+opts=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o "$opts,ro" hostroot /host || { echo "mount host root failed"; poweroff -f; }
+mount -t 9p -o "$opts" results /results || { echo "mount results failed"; poweroff -f; }
+cut -d' ' -f1 /proc/uptime >/results/boot.secs
+. /results/guest.env
+for d in proc sys dev; do mount --rbind "/$d" "/host/$d"; done
+mount -t tmpfs tmpfs /host/tmp
+mount -t tmpfs tmpfs /host/run
+mkdir -p /host/tmp/results && mount --bind /results /host/tmp/results
+[ ! -d /host/lib/modules ] || mount --bind "$MODROOT/lib/modules" /host/lib/modules
+chroot /host /bin/sh "$REPO/test/kernels/guest.sh" /tmp/results
+sync
+poweroff -f
