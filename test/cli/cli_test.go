@@ -4,7 +4,6 @@
 package cli
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -19,30 +18,6 @@ import (
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
-
-// monitorEvent is one line of `monitor -o json`, in the shape the README
-// documents; decoding into it rather than into pkg/events' type catches a
-// renamed field.
-type monitorEvent struct {
-	Time         time.Time `json:"time"`
-	CPU          uint32    `json:"cpu"`
-	Kind         string    `json:"kind"`
-	Program      string    `json:"program"`
-	Ifindex      int       `json:"ifindex"`
-	Ifname       string    `json:"ifname"`
-	Reason       string    `json:"reason"`
-	Message      string    `json:"message"`
-	Target       int       `json:"target"`
-	TargetIfname string    `json:"targetIfname"`
-	Len          uint32    `json:"len"`
-	EthProto     string    `json:"ethProto"`
-	Proto        string    `json:"proto"`
-	Src          string    `json:"src"`
-	Dst          string    `json:"dst"`
-	Sport        uint16    `json:"sport"`
-	Dport        uint16    `json:"dport"`
-	Lost         *uint64   `json:"lost"`
-}
 
 // statusView is the part of `status -o json` the tests look at.
 type statusView struct {
@@ -167,17 +142,9 @@ func (c *agentNode) progs(t *testing.T, ctx context.Context) []progRow {
 	return rows
 }
 
-// startMonitor runs `patchcord monitor args...` on n in the background and
-// returns once it listens (with tracing on, if asked for).
-func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) *lab.Process {
-	t.Helper()
-	ready := filepath.Join(t.TempDir(), "monitor.ready")
-	return e2e.StartReady(t, ctx, n, "monitor", ready, append([]string{"monitor", "--ready-file", ready}, args...)...)
-}
-
 // monitorEvents waits for a monitor started with --count to exit and
 // returns the events it printed.
-func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []monitorEvent {
+func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []e2e.MonitorEvent {
 	t.Helper()
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -192,32 +159,12 @@ func monitorEvents(t *testing.T, ctx context.Context, p *lab.Process) []monitorE
 	if err := p.Wait(); err != nil {
 		t.Fatalf("monitor: %v\n%s", err, out)
 	}
-	return parseEvents(t, out)
-}
-
-// parseEvents reads the JSON lines of a monitor's log; the other lines are
-// its log on stderr.
-func parseEvents(t *testing.T, out []byte) []monitorEvent {
-	t.Helper()
-	var evs []monitorEvent
-	s := bufio.NewScanner(bytes.NewReader(out))
-	for s.Scan() {
-		line := s.Bytes()
-		if !bytes.HasPrefix(line, []byte("{")) {
-			continue
-		}
-		var ev monitorEvent
-		if err := json.Unmarshal(line, &ev); err != nil {
-			t.Fatalf("monitor line %q: %v", line, err)
-		}
-		evs = append(evs, ev)
-	}
-	return evs
+	return e2e.ParseEvents(t, out)
 }
 
 // wantEvents checks that evs are n drops or traces matching want, field by
 // field where want sets one.
-func wantEvents(t *testing.T, evs []monitorEvent, n int, want monitorEvent) {
+func wantEvents(t *testing.T, evs []e2e.MonitorEvent, n int, want e2e.MonitorEvent) {
 	t.Helper()
 	if len(evs) != n {
 		t.Fatalf("got %d events, want %d: %+v", len(evs), n, evs)
@@ -289,13 +236,13 @@ func TestSpoofedDrops(t *testing.T) {
 	}
 
 	before := e2e.Stats(t, ctx, c.n)
-	mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
+	mon := e2e.StartMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 	// Every echo request is dropped: ping fails, as it should.
 	c.a.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", spoofed, c.b.IP.String())
 	evs := monitorEvents(t, ctx, mon)
 	after := e2e.Stats(t, ctx, c.n)
 
-	wantEvents(t, evs, 3, monitorEvent{
+	wantEvents(t, evs, 3, e2e.MonitorEvent{
 		Kind: "drop", Program: "from_pod", Ifindex: ep.Ifindex, Ifname: ep.Ifname, Reason: "drop_spoofed",
 		EthProto: "ipv4", Proto: "icmp", Src: spoofed, Dst: c.b.IP.String(),
 	})
@@ -357,10 +304,10 @@ func TestTunnelDrops(t *testing.T) {
 		t.Helper()
 		before := e2e.Stats(t, ctx, c.n)
 		stBefore, _ := c.status(t, ctx)
-		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
+		mon := e2e.StartMonitor(t, ctx, c.n, "--type", "drop", "-o", "json", "--count", "3")
 		stranger.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", c.b.IP.String())
 		evs := monitorEvents(t, ctx, mon)
-		wantEvents(t, evs, 3, monitorEvent{
+		wantEvents(t, evs, 3, e2e.MonitorEvent{
 			Kind: "drop", Program: "from_uplink", Ifname: "eth0", Reason: reason,
 			EthProto: "ipv4", Proto: "udp", Src: stranger.IP.String(), Dst: c.n.IP.String(), Dport: 4789,
 		})
@@ -425,11 +372,11 @@ func TestTraces(t *testing.T) {
 	e2e.Ping(t, ctx, c.a, c.b.IP.String(), "-c", "1")
 
 	t.Run("one monitor", func(t *testing.T) {
-		mon := startMonitor(t, ctx, c.n, "--type", "trace", "-o", "json", "--count", "6")
+		mon := e2e.StartMonitor(t, ctx, c.n, "--type", "trace", "-o", "json", "--count", "6")
 		tracing(true, "while a monitor runs")
 		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		evs := monitorEvents(t, ctx, mon)
-		var requests, replies []monitorEvent
+		var requests, replies []e2e.MonitorEvent
 		for _, ev := range evs {
 			if ev.Src == c.a.IP.String() {
 				requests = append(requests, ev)
@@ -437,11 +384,11 @@ func TestTraces(t *testing.T) {
 				replies = append(replies, ev)
 			}
 		}
-		wantEvents(t, requests, 3, monitorEvent{
+		wantEvents(t, requests, 3, e2e.MonitorEvent{
 			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epA.Ifname, Ifindex: epA.Ifindex,
 			Target: epB.Ifindex, TargetIfname: epB.Ifname, Proto: "icmp", Src: c.a.IP.String(), Dst: c.b.IP.String(),
 		})
-		wantEvents(t, replies, 3, monitorEvent{
+		wantEvents(t, replies, 3, e2e.MonitorEvent{
 			Kind: "trace", Program: "from_pod", Reason: "local_redirect", Ifname: epB.Ifname, Ifindex: epB.Ifindex,
 			Target: epA.Ifindex, TargetIfname: epA.Ifname, Proto: "icmp", Src: c.b.IP.String(), Dst: c.a.IP.String(),
 		})
@@ -449,8 +396,8 @@ func TestTraces(t *testing.T) {
 	})
 
 	t.Run("two monitors", func(t *testing.T) {
-		first := startMonitor(t, ctx, c.n, "--type", "trace")
-		second := startMonitor(t, ctx, c.n, "--type", "all")
+		first := e2e.StartMonitor(t, ctx, c.n, "--type", "trace")
+		second := e2e.StartMonitor(t, ctx, c.n, "--type", "all")
 		tracing(true, "while two monitors run")
 		if err := first.Stop(); err != nil {
 			t.Fatal(err)
@@ -461,13 +408,13 @@ func TestTraces(t *testing.T) {
 		}
 		tracing(false, "after both monitors exited")
 		// With nobody tracing, forwarding adds no events.
-		mon := startMonitor(t, ctx, c.n, "--type", "drop", "-o", "json")
+		mon := e2e.StartMonitor(t, ctx, c.n, "--type", "drop", "-o", "json")
 		e2e.Ping(t, ctx, c.a, c.b.IP.String())
 		if err := mon.Stop(); err != nil {
 			t.Fatal(err)
 		}
 		out, _ := mon.Output()
-		if evs := parseEvents(t, out); len(evs) != 0 {
+		if evs := e2e.ParseEvents(t, out); len(evs) != 0 {
 			t.Errorf("events without tracing: %+v", evs)
 		}
 	})

@@ -9,7 +9,6 @@ package crossnode
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -24,80 +23,6 @@ import (
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/nodes"
 )
-
-// nodeMesh is a lab of patchcord nodes, each with its own nodes file (so that a test can
-// make one node forget another), its agent and its pods.
-type nodeMesh struct {
-	lab    *lab.Lab
-	nodes  []*lab.Node          // patchcord nodes, by position
-	files  map[int]string       // nodes file per node index
-	agents map[int]*lab.Process // by node index
-	pods   map[int][]*lab.Pod   // by node index
-}
-
-// newCluster adds patchcord nodes with the given indexes (in parallel) and writes the
-// primary conflist on each. Agents and pods come with startAgents and addPods.
-func newCluster(t *testing.T, idx ...int) *nodeMesh {
-	t.Helper()
-	c := &nodeMesh{lab: e2e.NewLab(t), files: map[int]string{}, agents: map[int]*lab.Process{}, pods: map[int][]*lab.Pod{}}
-	c.nodes = e2e.AddNodes(t, c.lab, idx...)
-	for _, n := range c.nodes {
-		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-			t.Fatal(err)
-		}
-		c.files[n.Index] = filepath.Join(c.lab.Dir, fmt.Sprintf("nodes-n%d.json", n.Index))
-	}
-	return c
-}
-
-// entries lists every patchcord node of the cluster, then extra.
-func (c *nodeMesh) entries(extra ...nodes.Entry) []nodes.Entry {
-	var es []nodes.Entry
-	for _, n := range c.nodes {
-		es = append(es, e2e.EntryOf(n))
-	}
-	return append(es, extra...)
-}
-
-// startAgents writes each node's nodes file (all patchcord nodes plus extra) and starts
-// its agent with args.
-func (c *nodeMesh) startAgents(t *testing.T, ctx context.Context, extra []nodes.Entry, args ...string) {
-	t.Helper()
-	for _, n := range c.nodes {
-		e2e.WriteNodes(t, c.files[n.Index], c.entries(extra...)...)
-		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.files[n.Index], args...)
-	}
-}
-
-// addPods adds pods named a, b, ... to every node, all concurrently.
-func (c *nodeMesh) addPods(t *testing.T, ctx context.Context, perNode int) {
-	t.Helper()
-	type slot struct {
-		node *lab.Node
-		i    int
-	}
-	var slots []slot
-	for _, n := range c.nodes {
-		c.pods[n.Index] = make([]*lab.Pod, perNode)
-		for i := range perNode {
-			slots = append(slots, slot{n, i})
-		}
-	}
-	errs := make([]error, len(slots))
-	var wg sync.WaitGroup
-	for k, s := range slots {
-		// Each goroutine writes its own slot; the map is only read.
-		pods := c.pods[s.node.Index]
-		wg.Go(func() { pods[s.i], errs[k] = s.node.AddPod(ctx, string(rune('a'+s.i)), "patchcord") })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// pod returns pod i (0 = "a") of node index n.
-func (c *nodeMesh) pod(n, i int) *lab.Pod { return c.pods[n][i] }
 
 // snmpCounter reads one counter of /proc/net/snmp as the namespace of e sees it (/proc/net is
 // the reader's network namespace), e.g. ("Ip", "InReceives").
@@ -165,19 +90,19 @@ func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 // other; bulk TCP crosses nodes (GSO segments whole: > 100 MB in a second for one pair);
 // a node reaches a remote pod (to_uplink) and a pod a remote node; encap and decap count.
 func TestMesh(t *testing.T) {
-	c := newCluster(t, 1, 2, 3)
+	c := e2e.NewMesh(t, 1, 2, 3)
 	ctx := e2e.Ctx(t)
-	c.startAgents(t, ctx, nil, "--vxlan-port", "4789")
-	c.addPods(t, ctx, 2)
+	c.StartAgents(t, ctx, nil, "--vxlan-port", "4789")
+	c.AddPods(t, ctx, 2)
 
 	t.Run("full mesh ping", func(t *testing.T) {
 		before := map[int]map[string]e2e.Counter{}
-		for _, n := range c.nodes {
+		for _, n := range c.Nodes {
 			before[n.Index] = e2e.Stats(t, ctx, n)
 		}
 		var all []*lab.Pod
-		for _, n := range c.nodes {
-			all = append(all, c.pods[n.Index]...)
+		for _, n := range c.Nodes {
+			all = append(all, c.Pods[n.Index]...)
 		}
 		var mu sync.Mutex
 		var errs []error
@@ -206,7 +131,7 @@ func TestMesh(t *testing.T) {
 		// Each node sent 2 pods x 4 remote pods x 3 echo requests and got as many
 		// requests from the others; replies come on top.
 		const min = 2 * 4 * 3 * 2
-		for _, n := range c.nodes {
+		for _, n := range c.Nodes {
 			after := e2e.Stats(t, ctx, n)
 			enc, dec := e2e.Delta(before[n.Index], after, "encap"), e2e.Delta(before[n.Index], after, "decap")
 			if enc.Packets < min || dec.Packets < min {
@@ -219,16 +144,16 @@ func TestMesh(t *testing.T) {
 	})
 
 	t.Run("tcp", func(t *testing.T) {
-		n1, n2 := c.nodes[0], c.nodes[1]
+		n1, n2 := c.Nodes[0], c.Nodes[1]
 		pairs := []struct {
 			from, to *lab.Pod
 			min      uint64
 		}{
 			// The bulk pair: at > 100 MB in a second, GSO segments must be crossing
 			// whole; lost ones would stall TCP near zero.
-			{c.pod(1, 0), c.pod(2, 0), 100 << 20},
-			{c.pod(2, 1), c.pod(3, 0), 1},
-			{c.pod(3, 1), c.pod(1, 1), 1},
+			{c.Pod(1, 0), c.Pod(2, 0), 100 << 20},
+			{c.Pod(2, 1), c.Pod(3, 0), 1},
+			{c.Pod(3, 1), c.Pod(1, 1), 1},
 		}
 		for _, p := range pairs {
 			e2e.IperfServer(t, ctx, p.to, 5201)
@@ -256,20 +181,20 @@ func TestMesh(t *testing.T) {
 	})
 
 	t.Run("node to remote pod", func(t *testing.T) {
-		n1 := c.nodes[0]
+		n1 := c.Nodes[0]
 		before := e2e.Stats(t, ctx, n1)
-		e2e.Ping(t, ctx, n1, c.pod(2, 0).IP.String())
-		e2e.Ping(t, ctx, n1, c.pod(3, 1).IP.String())
+		e2e.Ping(t, ctx, n1, c.Pod(2, 0).IP.String())
+		e2e.Ping(t, ctx, n1, c.Pod(3, 1).IP.String())
 		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 6 {
 			t.Errorf("%s: encap grew by %d packets for 6 echo requests (to_uplink)", n1.NetNS, enc.Packets)
 		}
 	})
 
 	t.Run("pod to remote node", func(t *testing.T) {
-		n2 := c.nodes[1]
+		n2 := c.Nodes[1]
 		before := e2e.Stats(t, ctx, n2)
-		e2e.Ping(t, ctx, c.pod(1, 0), n2.IP.String())
-		e2e.Ping(t, ctx, c.pod(3, 0), n2.IP.String())
+		e2e.Ping(t, ctx, c.Pod(1, 0), n2.IP.String())
+		e2e.Ping(t, ctx, c.Pod(3, 0), n2.IP.String())
 		// The replies go to remote pod CIDRs: to_uplink encapsulates them.
 		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n2), "encap"); enc.Packets < 6 {
 			t.Errorf("%s: encap grew by %d packets for 6 echo replies (to_uplink)", n2.NetNS, enc.Packets)
@@ -280,11 +205,11 @@ func TestMesh(t *testing.T) {
 // TestDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
 // size crosses nodes (1500 bytes on the wire), one byte more is refused by the pod itself.
 func TestDFAtPodMTU(t *testing.T) {
-	c := newCluster(t, 1, 2)
+	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	c.startAgents(t, ctx, nil)
-	c.addPods(t, ctx, 1)
-	n1, from, to := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
+	c.StartAgents(t, ctx, nil)
+	c.AddPods(t, ctx, 1)
+	n1, from, to := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 
 	if mtu := linkMTU(t, ctx, from, "eth0"); mtu != 1450 {
 		t.Fatalf("pod MTU %d, want 1450 (uplink 1500 - 50)", mtu)
@@ -308,15 +233,15 @@ func TestDFAtPodMTU(t *testing.T) {
 // TestFlannelInterop: patchcord nodes on Flannel's wire (port 8472, VNI 1) and a
 // node with the kernel's flannel.1, set up as flanneld does, whose pod is wired by ptp.
 func TestFlannelInterop(t *testing.T) {
-	c := newCluster(t, 1, 2)
+	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	fl := e2e.AddNodes(t, c.lab, 4)[0]
+	fl := e2e.AddNodes(t, c.Lab, 4)[0]
 	vtep, err := fl.AddFlannel()
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Flannel's side: every patchcord node is a peer whose VtepMAC is its uplink MAC.
-	for _, n := range c.nodes {
+	for _, n := range c.Nodes {
 		mac, err := n.LinkMAC("eth0")
 		if err != nil {
 			t.Fatal(err)
@@ -327,8 +252,8 @@ func TestFlannelInterop(t *testing.T) {
 	}
 	flEntry := e2e.EntryOf(fl)
 	flEntry.VtepMAC = vtep.String()
-	c.startAgents(t, ctx, []nodes.Entry{flEntry}, "--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI))
-	c.addPods(t, ctx, 1)
+	c.StartAgents(t, ctx, []nodes.Entry{flEntry}, "--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI))
+	c.AddPods(t, ctx, 1)
 	if err := fl.WriteConflist("flannel-ptp", fl.FlannelConflist()); err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +261,7 @@ func TestFlannelInterop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n1, p1, p2 := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
+	n1, p1, p2 := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 
 	t.Run("ping", func(t *testing.T) {
 		b1 := e2e.Stats(t, ctx, n1)
@@ -459,16 +384,16 @@ func TestForeignTunnel(t *testing.T) {
 // that node alone, within seconds: no more encapsulation toward it, and its tunnel traffic
 // is dropped as unknown. Putting it back restores traffic.
 func TestNodeRemoved(t *testing.T) {
-	c := newCluster(t, 1, 2)
+	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	c.startAgents(t, ctx, nil)
-	c.addPods(t, ctx, 1)
-	n1, n2, p1, p2 := c.nodes[0], c.nodes[1], c.pod(1, 0), c.pod(2, 0)
+	c.StartAgents(t, ctx, nil)
+	c.AddPods(t, ctx, 1)
+	n1, n2, p1, p2 := c.Nodes[0], c.Nodes[1], c.Pod(1, 0), c.Pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p2, p1.IP.String())
 
-	e2e.WriteNodes(t, c.files[1], e2e.EntryOf(n1))
+	e2e.WriteNodes(t, c.Files[1], e2e.EntryOf(n1))
 	e2e.WaitNodeList(t, ctx, n1, "node1 to forget node2", func(m map[string]string) bool { return m[cidr2] == "" })
 
 	b1, b2 := e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
@@ -498,7 +423,7 @@ func TestNodeRemoved(t *testing.T) {
 		t.Errorf("%s: decap grew by %d from a removed node", n1.NetNS, d.Packets)
 	}
 
-	e2e.WriteNodes(t, c.files[1], c.entries()...)
+	e2e.WriteNodes(t, c.Files[1], c.Entries()...)
 	e2e.WaitNodeList(t, ctx, n1, "node1 to learn node2 again", func(m map[string]string) bool { return m[cidr2] != "" })
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p2, p1.IP.String())
@@ -508,11 +433,11 @@ func TestNodeRemoved(t *testing.T) {
 // follows it, and its old address is no node's any more: VXLAN from there is dropped as
 // from an unknown tunnel, as for any address the nodes file does not list.
 func TestNodeIPChanged(t *testing.T) {
-	c := newCluster(t, 1, 2)
+	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	c.startAgents(t, ctx, nil)
-	c.addPods(t, ctx, 1)
-	n1, n2, p1, p2 := c.nodes[0], c.nodes[1], c.pod(1, 0), c.pod(2, 0)
+	c.StartAgents(t, ctx, nil)
+	c.AddPods(t, ctx, 1)
+	n1, n2, p1, p2 := c.Nodes[0], c.Nodes[1], c.Pod(1, 0), c.Pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 
@@ -525,13 +450,13 @@ func TestNodeIPChanged(t *testing.T) {
 	}
 	moved := e2e.EntryOf(n2)
 	moved.NodeIP = newIP
-	for _, n := range c.nodes {
-		e2e.WriteNodes(t, c.files[n.Index], e2e.EntryOf(n1), moved)
+	for _, n := range c.Nodes {
+		e2e.WriteNodes(t, c.Files[n.Index], e2e.EntryOf(n1), moved)
 	}
-	if err := c.agents[2].Stop(); err != nil {
+	if err := c.Agents[2].Stop(); err != nil {
 		t.Fatal(err)
 	}
-	c.agents[2] = e2e.StartAgent(t, ctx, n2, c.files[2], "--node-ip", newIP)
+	c.Agents[2] = e2e.StartAgent(t, ctx, n2, c.Files[2], "--node-ip", newIP)
 	e2e.WaitNodeList(t, ctx, n1, "node1 to learn node2's new IP", func(m map[string]string) bool { return m[cidr2] == newIP })
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p2, p1.IP.String())
@@ -544,11 +469,11 @@ func TestNodeIPChanged(t *testing.T) {
 // TCP flow from node1's pod to node2's, start a new agent: the datapath lives in the
 // kernel, so not one UDP datagram is lost and TCP carries on.
 func TestAgentKillRestart(t *testing.T) {
-	c := newCluster(t, 1, 2)
+	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	c.startAgents(t, ctx, nil)
-	c.addPods(t, ctx, 1)
-	n1, p1, p2 := c.nodes[0], c.pod(1, 0), c.pod(2, 0)
+	c.StartAgents(t, ctx, nil)
+	c.AddPods(t, ctx, 1)
+	n1, p1, p2 := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 	e2e.IperfServer(t, ctx, p2, 5201)
 	e2e.IperfServer(t, ctx, p2, 5202)
 
@@ -591,10 +516,10 @@ func TestAgentKillRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := c.agents[1].Kill(); err != nil {
+	if err := c.Agents[1].Kill(); err != nil {
 		t.Fatalf("kill agent: %v", err)
 	}
-	c.agents[1] = e2e.StartAgent(t, ctx, n1, c.files[1])
+	c.Agents[1] = e2e.StartAgent(t, ctx, n1, c.Files[1])
 	for _, p := range []*lab.Process{udp, tcp} {
 		select {
 		case <-p.Done():
