@@ -18,6 +18,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/patchcord/patchcord/internal/checksum"
 )
 
 const (
@@ -210,19 +212,6 @@ func rawARP(op uint16, sha net.HardwareAddr, spa netip.Addr, tha net.HardwareAdd
 	return append(append(b, tha...), t[:]...)
 }
 
-func rawChecksum(b []byte, sum uint32) uint16 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
-}
-
 // rawUDP is a UDP header and payload; the checksum is filled in by the IP
 // layer that carries it (zero, "none", for IPv4).
 func rawUDP(sport, dport uint16, payload []byte) []byte {
@@ -240,7 +229,7 @@ func rawIPv4(proto uint8, src, dst netip.Addr, l4 []byte) []byte {
 	s, d := src.As4(), dst.As4()
 	copy(b[12:], s[:])
 	copy(b[16:], d[:])
-	binary.BigEndian.PutUint16(b[10:], rawChecksum(b, 0))
+	binary.BigEndian.PutUint16(b[10:], ^checksum.OnesSum(b, 0))
 	return append(b, l4...)
 }
 
@@ -253,7 +242,7 @@ func rawIPv6(next uint8, hops uint8, src, dst netip.Addr, l4 []byte, csum int) [
 	for i := 0; i < len(pseudo); i += 2 {
 		sum += uint32(binary.BigEndian.Uint16(pseudo[i:]))
 	}
-	binary.BigEndian.PutUint16(l4[csum:], rawChecksum(l4, sum))
+	binary.BigEndian.PutUint16(l4[csum:], ^checksum.OnesSum(l4, sum))
 	b := []byte{0x60, 0, 0, 0, byte(len(l4) >> 8), byte(len(l4)), next, hops}
 	return append(append(append(b, s[:]...), d[:]...), l4...)
 }
