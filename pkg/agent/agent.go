@@ -97,7 +97,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer dp.Close()
-	unlock, err := datapath.LockAgent(cfg.BpffsRoot)
+	unlock, err := Lock(cfg.BpffsRoot)
 	if err != nil {
 		return err
 	}
