@@ -114,15 +114,8 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 			err = errors.Join(fmt.Errorf("start containerd on node %d: %w", n.Index, err), c.Close())
 		}
 	}()
-	if c.crictl == "" {
-		if c.crictl, err = exec.LookPath("crictl"); err != nil {
-			return nil, errors.New("no crictl: set ContainerdOptions.Crictl or go install sigs.k8s.io/cri-tools/cmd/crictl")
-		}
-	}
-	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr", "unshare"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			return nil, fmt.Errorf("needs %s (apt-get install containerd runc util-linux): %w", bin, err)
-		}
+	if err := c.findTools(); err != nil {
+		return nil, err
 	}
 	// Cgroups of labs whose process died before Close hold live sandboxes: they would
 	// never be freed.
@@ -142,10 +135,35 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 	if err := c.startDaemon(ctx); err != nil {
 		return nil, err
 	}
-	if out, err := c.run(ctx, "ctr", "--address", c.Socket, "--namespace", "k8s.io", "images", "import", archive); err != nil {
-		return nil, fmt.Errorf("import pause image: %w: %s", err, out)
+	if err := c.importPause(ctx, archive); err != nil {
+		return nil, err
 	}
-	if err := WaitFor(ctx, "pause image in the CRI image list", func(ctx context.Context) error {
+	l.log.Info("containerd started", "node", n.Index, "socket", c.Socket)
+	return c, nil
+}
+
+// findTools finds crictl, unless given, and checks for the other programs.
+func (c *Containerd) findTools() error {
+	if c.crictl == "" {
+		var err error
+		if c.crictl, err = exec.LookPath("crictl"); err != nil {
+			return errors.New("no crictl: set ContainerdOptions.Crictl or go install sigs.k8s.io/cri-tools/cmd/crictl")
+		}
+	}
+	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr", "unshare"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return fmt.Errorf("needs %s (apt-get install containerd runc util-linux): %w", bin, err)
+		}
+	}
+	return nil
+}
+
+// importPause imports the pause image archive and waits until CRI lists it.
+func (c *Containerd) importPause(ctx context.Context, archive string) error {
+	if out, err := c.run(ctx, "ctr", "--address", c.Socket, "--namespace", "k8s.io", "images", "import", archive); err != nil {
+		return fmt.Errorf("import pause image: %w: %s", err, out)
+	}
+	return WaitFor(ctx, "pause image in the CRI image list", func(ctx context.Context) error {
 		out, err := c.Crictl(ctx, "images", "-q", PauseImage)
 		if err != nil {
 			return err
@@ -154,11 +172,7 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 			return errors.New("not listed yet")
 		}
 		return nil
-	}); err != nil {
-		return nil, err
-	}
-	l.log.Info("containerd started", "node", n.Index, "socket", c.Socket)
-	return c, nil
+	})
 }
 
 // writeFiles makes the directories, the CNI bin dir and the config files.
