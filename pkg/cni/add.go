@@ -21,9 +21,10 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// The pod's only neighbour: from_pod answers ARP for it with the host veth's
-// MAC, so every packet the pod sends reaches from_pod addressed to the host.
-var gatewayIP = net.IPv4(169, 254, 1, 1).To4()
+// gatewayIP is the pod's only neighbour: from_pod answers ARP for it with
+// the host veth's MAC, so every packet the pod sends reaches from_pod
+// addressed to the host.
+func gatewayIP() net.IP { return datapath.PodGateway().AsSlice() }
 
 // hostVethName is stable for a container interface, so DEL finds what ADD
 // made without any state: "pc" and 13 hex digits, the kernel's 15 at most.
@@ -129,7 +130,7 @@ func primaryResult(res *current.Result, args *skel.CmdArgs, hostIf, podIf net.In
 	for _, ipc := range res.IPs {
 		ipc.Interface = current.Int(1)
 		ipc.Address = net.IPNet{IP: ipc.Address.IP, Mask: net.CIDRMask(32, 32)}
-		ipc.Gateway = gatewayIP
+		ipc.Gateway = gatewayIP()
 	}
 	res.Routes = podRoutes()
 	return res
@@ -333,8 +334,8 @@ func configurePod(ifname string, podIP netip.Addr) error {
 		return fmt.Errorf("add %s/32 to %s: %w", podIP, ifname, err)
 	}
 	for _, r := range []netlink.Route{
-		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
-		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: gatewayIP},
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: gatewayIP()},
 	} {
 		if err := netlink.RouteAdd(&r); err != nil {
 			return fmt.Errorf("add route %s in pod: %w", r.Dst, err)
@@ -346,8 +347,8 @@ func configurePod(ifname string, podIP netip.Addr) error {
 func podRoutes() []*types.Route {
 	scopeLink := int(netlink.SCOPE_LINK)
 	return []*types.Route{
-		{Dst: net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: &scopeLink},
-		{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gatewayIP},
+		{Dst: net.IPNet{IP: gatewayIP(), Mask: net.CIDRMask(32, 32)}, Scope: &scopeLink},
+		{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gatewayIP()},
 	}
 }
 

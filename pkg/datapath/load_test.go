@@ -86,3 +86,11 @@ func progID(t *testing.T, d *datapath.Datapath, name string) uint32 {
 	id, _ := info.ID()
 	return uint32(id)
 }
+
+// The gateway Go hands to pods is the one from_pod answers ARP for: both
+// come from POD_GATEWAY_IP, Go's through BTF.
+func TestPodGatewayFromBTF(t *testing.T) {
+	if got := datapath.PodGateway(); got != gatewayIP {
+		t.Errorf("PodGateway() = %s, want %s", got, gatewayIP)
+	}
+}

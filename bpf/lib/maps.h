@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of the datapath, declared once. All are pinned by name under
+ * <bpffs root>/maps, so the three programs (and Go) share one set. */
+#pragma once
+
+#include "common.h"
+#include "types.h"
+
+#define MAX_ENDPOINTS 16384
+#define MAX_NODES 16384
+
+/* pod IPv4 -> endpoint; forwarding to local pods. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+/* host veth ifindex -> endpoint; who may send from this veth. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ep_by_ifindex SEC(".maps");
+
+/* pod IPv4 -> owner; written and read by Go only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct endpoint_meta);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ep_meta SEC(".maps");
+
+/* remote pod CIDR -> node. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_NODES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, struct node_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nodes SEC(".maps");
+
+/* remote node IPv4 -> present; VXLAN is decapsulated only from these. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_NODES);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tunnel_srcs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, struct stat_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+/* Drop-event budget of one CPU for one reason, as a token bucket whose
+ * tokens are nanoseconds of refill time: an event costs 1 s / rate of them,
+ * the bucket holds burst events' worth. */
+struct event_bucket {
+	__u64 credit_ns;
+	__u64 last_ns; /* bpf_ktime_get_ns of the last drop of the reason */
+};
+
+/* Sized apart from STAT_MAX so that a new reason needs no new map. */
+#define EVENT_BUCKETS 64
+_Static_assert(STAT_MAX <= EVENT_BUCKETS, "event_buckets needs an entry per stat_id");
+
+/* stat_id -> event_bucket, per CPU: no lock, no cache line shared between
+ * CPUs on the drop path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, EVENT_BUCKETS);
+	__type(key, __u32);
+	__type(value, struct event_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} event_buckets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+static __always_inline const struct node_config *node_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}
