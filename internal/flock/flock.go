@@ -36,6 +36,16 @@ func Take(path string, how int) (*Lock, error) {
 	return l, nil
 }
 
+// Hold is Take for callers that only ever release the lock: it returns
+// the lock's Unlock.
+func Hold(path string, how int) (unlock func(), err error) {
+	l, err := Take(path, how)
+	if err != nil {
+		return nil, err
+	}
+	return l.Unlock, nil
+}
+
 // Convert changes the held lock to kind how. The kernel drops the old lock
 // first, so a failed LOCK_EX|LOCK_NB leaves none held.
 func (l *Lock) Convert(how int) error {

@@ -24,14 +24,11 @@ func Lock(root string) (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	l, err := flock.Take(dir, unix.LOCK_EX|unix.LOCK_NB)
+	unlock, err = flock.Hold(dir, unix.LOCK_EX|unix.LOCK_NB)
 	if errors.Is(err, unix.EWOULDBLOCK) {
 		return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
 	}
-	if err != nil {
-		return nil, err
-	}
-	return l.Unlock, nil
+	return unlock, err
 }
 
 // Running reports whether an agent holds root's agent lock.

@@ -75,11 +75,7 @@ func mountSysBPF() error {
 // lockRoot serialises loaders of one node: container runtimes run ADDs in
 // parallel, and two of them must not both pin a fresh datapath.
 func lockRoot(root string) (unlock func(), err error) {
-	l, err := flock.Take(root, unix.LOCK_EX)
-	if err != nil {
-		return nil, err
-	}
-	return l.Unlock, nil
+	return flock.Hold(root, unix.LOCK_EX)
 }
 
 // LockEndpoints serialises the writers of endpoints and their from_pod
@@ -93,9 +89,5 @@ func (d *Datapath) LockEndpoints() (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	l, err := flock.Take(dir, unix.LOCK_EX)
-	if err != nil {
-		return nil, err
-	}
-	return l.Unlock, nil
+	return flock.Hold(dir, unix.LOCK_EX)
 }
