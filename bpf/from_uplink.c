@@ -8,8 +8,8 @@
 
 #include "lib/common.h"
 #include "lib/conntrack.h"
-#include "types.h"
-#include "maps.h"
+#include "lib/types.h"
+#include "lib/maps.h"
 #include "lib/eth.h"
 #include "lib/ipv4.h"
 #include "lib/verdict.h"

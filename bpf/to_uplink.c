@@ -8,8 +8,8 @@
  * through here too: their destination is a node, not a pod CIDR. */
 
 #include "lib/common.h"
-#include "types.h"
-#include "maps.h"
+#include "lib/types.h"
+#include "lib/maps.h"
 #include "lib/eth.h"
 #include "lib/ipv4.h"
 #include "lib/verdict.h"

@@ -10,7 +10,7 @@
 
 #include "common.h"
 #include "ipv4.h"
-#include "../types.h"
+#include "types.h"
 
 /* Only the field we read; CO-RE fixes its offset to the running kernel's. */
 struct nf_conn {

@@ -5,7 +5,7 @@
  * `patchcord monitor`. */
 #pragma once
 
-#include "../maps.h"
+#include "maps.h"
 #include "ipv4.h"
 
 static __always_inline void count(enum stat_id id, __u32 len)

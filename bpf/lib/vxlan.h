@@ -6,7 +6,7 @@
 #include "common.h"
 #include "eth.h"
 #include "ipv4.h"
-#include "../types.h"
+#include "types.h"
 
 struct vxlanhdr {
 	__be32 flags; /* only the I bit: the VNI is valid */

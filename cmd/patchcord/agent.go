@@ -99,7 +99,7 @@ the node IP.`,
 				if err != nil {
 					return fmt.Errorf("--uplink: %w", err)
 				}
-				if err := kube.PublishVTEP(ctx, uplink.Attrs().HardwareAddr, int(vni), cfg.NodeIP); err != nil {
+				if cfg.VTEP, err = agent.PublishVTEP(ctx, kube, uplink.Attrs().HardwareAddr, int(vni), cfg.NodeIP); err != nil {
 					return fmt.Errorf("--flannel-compat: %w", err)
 				}
 			}

@@ -106,7 +106,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 	}
 	defer rd.Close()
 	if want[events.KindTrace] {
-		stop, err := events.StartTracing(g.root, maps.NewConfig(&dp.Maps))
+		stop, err := maps.StartTracing(g.root, maps.NewConfig(&dp.Maps))
 		if err != nil {
 			return err
 		}

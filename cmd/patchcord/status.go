@@ -12,8 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/patchcord/patchcord/pkg/agent"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/events"
 	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -176,7 +176,7 @@ func collectStatus(root string) (v statusView) {
 		}
 	}
 
-	running, err := datapath.AgentRunning(root)
+	running, err := agent.Running(root)
 	switch {
 	case err != nil:
 		problem("check agent: %v", err)
@@ -188,7 +188,7 @@ func collectStatus(root string) (v statusView) {
 		warn("no agent has configured this node: cross-node traffic is not set up until `patchcord agent` runs")
 	}
 
-	if v.Monitoring, err = events.TracersRunning(root); err != nil {
+	if v.Monitoring, err = maps.TracersRunning(root); err != nil {
 		warn("check monitors: %v", err)
 	} else if v.Tracing && !v.Monitoring {
 		warn("tracing is on but no monitor runs (one crashed?): start and stop `patchcord monitor --type trace` to switch it off")

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 
+	"github.com/patchcord/patchcord/internal/flock"
 	"golang.org/x/sys/unix"
 )
 
@@ -33,14 +34,11 @@ func binaries() (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("binaries dir: %w", err)
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	lock, err := flock.Take(dir, unix.LOCK_EX)
 	if err != nil {
 		return "", fmt.Errorf("lock binaries dir: %w", err)
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return "", fmt.Errorf("lock binaries dir: %w", err)
-	}
+	defer lock.Unlock()
 	// go build leaves an up-to-date binary alone, so after the first package
 	// this costs only the check; it keeps the binaries those of this tree.
 	for _, cmd := range commands {

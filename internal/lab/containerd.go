@@ -114,15 +114,8 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 			err = errors.Join(fmt.Errorf("start containerd on node %d: %w", n.Index, err), c.Close())
 		}
 	}()
-	if c.crictl == "" {
-		if c.crictl, err = exec.LookPath("crictl"); err != nil {
-			return nil, errors.New("no crictl: set ContainerdOptions.Crictl or go install sigs.k8s.io/cri-tools/cmd/crictl")
-		}
-	}
-	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr", "unshare"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			return nil, fmt.Errorf("needs %s (apt-get install containerd runc util-linux): %w", bin, err)
-		}
+	if err := c.findTools(); err != nil {
+		return nil, err
 	}
 	// Cgroups of labs whose process died before Close hold live sandboxes: they would
 	// never be freed.
@@ -142,10 +135,35 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 	if err := c.startDaemon(ctx); err != nil {
 		return nil, err
 	}
-	if out, err := c.run(ctx, "ctr", "--address", c.Socket, "--namespace", "k8s.io", "images", "import", archive); err != nil {
-		return nil, fmt.Errorf("import pause image: %w: %s", err, out)
+	if err := c.importPause(ctx, archive); err != nil {
+		return nil, err
 	}
-	if err := WaitFor(ctx, "pause image in the CRI image list", func(ctx context.Context) error {
+	l.log.Info("containerd started", "node", n.Index, "socket", c.Socket)
+	return c, nil
+}
+
+// findTools finds crictl, unless given, and checks for the other programs.
+func (c *Containerd) findTools() error {
+	if c.crictl == "" {
+		var err error
+		if c.crictl, err = exec.LookPath("crictl"); err != nil {
+			return errors.New("no crictl: set ContainerdOptions.Crictl or go install sigs.k8s.io/cri-tools/cmd/crictl")
+		}
+	}
+	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr", "unshare"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return fmt.Errorf("needs %s (apt-get install containerd runc util-linux): %w", bin, err)
+		}
+	}
+	return nil
+}
+
+// importPause imports the pause image archive and waits until CRI lists it.
+func (c *Containerd) importPause(ctx context.Context, archive string) error {
+	if out, err := c.run(ctx, "ctr", "--address", c.Socket, "--namespace", "k8s.io", "images", "import", archive); err != nil {
+		return fmt.Errorf("import pause image: %w: %s", err, out)
+	}
+	return WaitFor(ctx, "pause image in the CRI image list", func(ctx context.Context) error {
 		out, err := c.Crictl(ctx, "images", "-q", PauseImage)
 		if err != nil {
 			return err
@@ -154,21 +172,38 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 			return errors.New("not listed yet")
 		}
 		return nil
-	}); err != nil {
-		return nil, err
-	}
-	l.log.Info("containerd started", "node", n.Index, "socket", c.Socket)
-	return c, nil
+	})
 }
 
 // writeFiles makes the directories, the CNI bin dir and the config files.
 func (c *Containerd) writeFiles(opts ContainerdOptions) error {
-	l := c.Node.Lab
 	for _, d := range []string{c.Dir, c.CNIBinDir, c.CNICacheDir, filepath.Join(c.Dir, "pods")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return err
 		}
 	}
+	if err := c.linkCNIPlugins(); err != nil {
+		return err
+	}
+	level := opts.LogLevel
+	if level == "" {
+		level = "info"
+	}
+	q := strconv.Quote
+	cfg := fmt.Sprintf(containerdConfig, q(filepath.Join(c.Dir, "root")), q(filepath.Join(c.Dir, "state")), q(c.Socket), q(c.Socket+".ttrpc"),
+		q(level), q(PauseImage), q(filepath.Join(c.Dir, "state", "runc")), q(c.CNIBinDir), q(c.Node.ConfDir))
+	if err := os.WriteFile(c.config, []byte(cfg), 0o644); err != nil {
+		return err
+	}
+	// Each CRI call has this long: parallel sandboxes on a busy machine take a while.
+	crictlCfg := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 180\npull-image-on-create: false\n", c.Socket, c.Socket)
+	return os.WriteFile(c.crictlConfig, []byte(crictlCfg), 0o644)
+}
+
+// linkCNIPlugins links the lab's patchcord-cni and the reference plugins the
+// tests chain into the node's CNI bin dir.
+func (c *Containerd) linkCNIPlugins() error {
+	l := c.Node.Lab
 	links := map[string]string{}
 	if l.opts.BinDir != "" {
 		links["patchcord-cni"] = l.Bin("patchcord-cni")
@@ -189,12 +224,12 @@ func (c *Containerd) writeFiles(opts ContainerdOptions) error {
 			return fmt.Errorf("link CNI plugin: %w", err)
 		}
 	}
-	level := opts.LogLevel
-	if level == "" {
-		level = "info"
-	}
-	q := strconv.Quote
-	cfg := fmt.Sprintf(`version = 2
+	return nil
+}
+
+// containerdConfig is a node's config.toml; writeFiles fills in root, state,
+// the sockets, the log level, the pause image, runc's root and the CNI dirs.
+const containerdConfig = `version = 2
 root = %s
 state = %s
 # Plugins that would create directories outside root and state (opt: /opt/containerd)
@@ -243,15 +278,7 @@ disabled_plugins = [
     bin_dir = %s
     conf_dir = %s
     max_conf_num = 1
-`, q(filepath.Join(c.Dir, "root")), q(filepath.Join(c.Dir, "state")), q(c.Socket), q(c.Socket+".ttrpc"),
-		q(level), q(PauseImage), q(filepath.Join(c.Dir, "state", "runc")), q(c.CNIBinDir), q(c.Node.ConfDir))
-	if err := os.WriteFile(c.config, []byte(cfg), 0o644); err != nil {
-		return err
-	}
-	// Each CRI call has this long: parallel sandboxes on a busy machine take a while.
-	crictlCfg := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 180\npull-image-on-create: false\n", c.Socket, c.Socket)
-	return os.WriteFile(c.crictlConfig, []byte(crictlCfg), 0o644)
-}
+`
 
 // holderScript prepares containerd's mount namespace ($1 the lab dir, $2 the CNI cache,
 // $3 the ready file, $4 the temp dir) and then keeps it. The namespace starts as a copy of
@@ -781,32 +808,70 @@ func buildPauseImage(ctx context.Context, dir string) (string, error) {
 // writePauseArchive writes an OCI image layout, as a tar, with one image: a single
 // uncompressed layer holding /pause, which is also the entrypoint.
 func writePauseArchive(path string, pause []byte) error {
-	var layer bytes.Buffer
-	tw := tar.NewWriter(&layer)
-	if err := tw.WriteHeader(&tar.Header{Name: "pause", Mode: 0o755, Size: int64(len(pause)), Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0)}); err != nil {
+	layer, err := tarFiles([]tarFile{{"pause", 0o755, pause}})
+	if err != nil {
 		return err
 	}
-	if _, err := tw.Write(pause); err != nil {
+	index, blobs, err := pauseImage(layer)
+	if err != nil {
 		return err
+	}
+	files := []tarFile{{"oci-layout", 0o644, []byte(`{"imageLayoutVersion":"1.0.0"}`)}, {"index.json", 0o644, index}}
+	for _, d := range slices.Sorted(maps.Keys(blobs)) {
+		files = append(files, tarFile{"blobs/sha256/" + strings.TrimPrefix(d, "sha256:"), 0o644, blobs[d]})
+	}
+	out, err := tarFiles(files)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, out, 0o644)
+}
+
+// tarFile is one regular file of an archive tarFiles writes.
+type tarFile struct {
+	name string
+	mode int64
+	body []byte
+}
+
+// tarFiles archives files in order, with zero timestamps, so that the same
+// input gives the same bytes (and the image the same digests).
+func tarFiles(files []tarFile) ([]byte, error) {
+	var out bytes.Buffer
+	tw := tar.NewWriter(&out)
+	for _, f := range files {
+		if err := tw.WriteHeader(&tar.Header{Name: f.name, Mode: f.mode, Size: int64(len(f.body)), Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0)}); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(f.body); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
-		return err
+		return nil, err
 	}
+	return out.Bytes(), nil
+}
 
-	type descriptor struct {
-		MediaType   string            `json:"mediaType"`
-		Digest      string            `json:"digest"`
-		Size        int               `json:"size"`
-		Annotations map[string]string `json:"annotations,omitempty"`
-	}
-	blobs := map[string][]byte{}
-	blob := func(mediaType string, b []byte) descriptor {
+// ociDescriptor is an OCI content descriptor.
+type ociDescriptor struct {
+	MediaType   string            `json:"mediaType"`
+	Digest      string            `json:"digest"`
+	Size        int               `json:"size"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// pauseImage builds the OCI image of the one layer: its index, and every
+// blob by digest (layer, config, manifest).
+func pauseImage(layer []byte) (index []byte, blobs map[string][]byte, err error) {
+	blobs = map[string][]byte{}
+	blob := func(mediaType string, b []byte) ociDescriptor {
 		sum := sha256.Sum256(b)
 		d := "sha256:" + hex.EncodeToString(sum[:])
 		blobs[d] = b
-		return descriptor{MediaType: mediaType, Digest: d, Size: len(b)}
+		return ociDescriptor{MediaType: mediaType, Digest: d, Size: len(b)}
 	}
-	layerDesc := blob("application/vnd.oci.image.layer.v1.tar", layer.Bytes())
+	layerDesc := blob("application/vnd.oci.image.layer.v1.tar", layer)
 	config, err := json.Marshal(map[string]any{
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
@@ -814,17 +879,17 @@ func writePauseArchive(path string, pause []byte) error {
 		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{layerDesc.Digest}},
 	})
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	configDesc := blob("application/vnd.oci.image.config.v1+json", config)
 	manifest, err := json.Marshal(map[string]any{
 		"schemaVersion": 2,
 		"mediaType":     "application/vnd.oci.image.manifest.v1+json",
 		"config":        configDesc,
-		"layers":        []descriptor{layerDesc},
+		"layers":        []ociDescriptor{layerDesc},
 	})
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	manifestDesc := blob("application/vnd.oci.image.manifest.v1+json", manifest)
 	_, tag, _ := strings.Cut(PauseImage[strings.LastIndexByte(PauseImage, '/')+1:], ":")
@@ -832,41 +897,10 @@ func writePauseArchive(path string, pause []byte) error {
 		"io.containerd.image.name":          PauseImage,
 		"org.opencontainers.image.ref.name": tag,
 	}
-	index, err := json.Marshal(map[string]any{
+	index, err = json.Marshal(map[string]any{
 		"schemaVersion": 2,
 		"mediaType":     "application/vnd.oci.image.index.v1+json",
-		"manifests":     []descriptor{manifestDesc},
+		"manifests":     []ociDescriptor{manifestDesc},
 	})
-	if err != nil {
-		return err
-	}
-
-	var out bytes.Buffer
-	tw = tar.NewWriter(&out)
-	add := func(name string, b []byte) error {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0)}); err != nil {
-			return err
-		}
-		_, err := tw.Write(b)
-		return err
-	}
-	entries := []struct {
-		name string
-		body []byte
-	}{{"oci-layout", []byte(`{"imageLayoutVersion":"1.0.0"}`)}, {"index.json", index}}
-	for _, d := range slices.Sorted(maps.Keys(blobs)) {
-		entries = append(entries, struct {
-			name string
-			body []byte
-		}{"blobs/sha256/" + strings.TrimPrefix(d, "sha256:"), blobs[d]})
-	}
-	for _, e := range entries {
-		if err := add(e.name, e.body); err != nil {
-			return err
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	return os.WriteFile(path, out.Bytes(), 0o644)
+	return index, blobs, err
 }

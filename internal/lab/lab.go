@@ -187,7 +187,6 @@ func (l *Lab) Close() error {
 	l.mu.Unlock()
 	defer untrack(l)
 
-	var errs []error
 	var wg sync.WaitGroup
 	for _, p := range procs {
 		wg.Go(func() {
@@ -203,6 +202,23 @@ func (l *Lab) Close() error {
 	mounts := slices.Clone(l.mounts)
 	l.mu.Unlock()
 
+	errs := l.remove(netns, mounts)
+	err := errors.Join(errs...)
+	if err != nil {
+		l.log.Error("lab close", "err", err)
+	} else {
+		l.log.Info("lab closed")
+	}
+	if err != nil {
+		return fmt.Errorf("close lab %s: %w", l.Prefix, err)
+	}
+	return nil
+}
+
+// remove takes down the lab's namespaces and mounts and then its directory,
+// returning what failed.
+func (l *Lab) remove(netns, mounts []string) []error {
+	var errs []error
 	// Daemons the agent or a plugin forked, or a command still running from an Exec, would
 	// keep a deleted namespace alive.
 	if err := killInNetns(netns); err != nil {
@@ -233,16 +249,7 @@ func (l *Lab) Close() error {
 	} else if err := os.RemoveAll(l.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove lab dir: %w", err))
 	}
-	err := errors.Join(errs...)
-	if err != nil {
-		l.log.Error("lab close", "err", err)
-	} else {
-		l.log.Info("lab closed")
-	}
-	if err != nil {
-		return fmt.Errorf("close lab %s: %w", l.Prefix, err)
-	}
-	return nil
+	return errs
 }
 
 // addNetns creates a named namespace with lo up and records it for Close; on error

@@ -35,34 +35,10 @@ type Node struct {
 // ip_forward=1, the uplink eth0 into the fabric (created with the first node), the bpffs
 // mount and the conf and IPAM directories. On error nothing of the node remains.
 func (l *Lab) AddNode(i int) (_ *Node, err error) {
-	if i < 1 || i > 254 {
-		return nil, fmt.Errorf("add node %d: index out of 1..254", i)
+	if err := l.reserve(i); err != nil {
+		return nil, err
 	}
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return nil, fmt.Errorf("add node %d: %w", i, ErrClosed)
-	}
-	if _, ok := l.nodes[i]; ok {
-		l.mu.Unlock()
-		return nil, fmt.Errorf("add node %d: exists", i)
-	}
-	// A placeholder reserves the index while the lock is dropped for the slow work.
-	l.nodes[i] = nil
-	l.mu.Unlock()
-
-	dir := filepath.Join(l.Dir, fmt.Sprintf("n%d", i))
-	n := &Node{
-		Lab:       l,
-		Index:     i,
-		NetNS:     fmt.Sprintf("%s-n%d", l.Prefix, i),
-		IP:        netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
-		PodCIDR:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24),
-		BpffsRoot: filepath.Join(dir, "bpffs", "patchcord"),
-		ConfDir:   filepath.Join(dir, "net.d"),
-		IPAMDir:   filepath.Join(dir, "ipam"),
-	}
-	n.NSPath = filepath.Join(netnsDir, n.NetNS)
+	n := l.newNode(i)
 	var created []func() error // undo steps, run in reverse on error
 	defer func() {
 		if err == nil {
@@ -78,33 +54,7 @@ func (l *Lab) AddNode(i int) (_ *Node, err error) {
 		l.mu.Unlock()
 		err = fmt.Errorf("add node %d: %w", i, err)
 	}()
-
-	if err := l.ensureFabric(); err != nil {
-		return nil, err
-	}
-	if _, err := l.addNetns(n.NetNS); err != nil {
-		return nil, err
-	}
-	created = append(created, func() error { return l.removeNetns(n.NetNS) })
-	// The namespace takes the veth with it only when the kernel gets round to destroying
-	// it; a retried AddNode(i) would find the old port still on br0.
-	port := fmt.Sprintf("n%d", i)
-	created = append(created, func() error { return deleteLink(l.fabricPath(), port) })
-	addr := netip.PrefixFrom(n.IP, 24)
-	if err := setupUplink(l.fabricPath(), n.NSPath, port, addr); err != nil {
-		return nil, err
-	}
-	if err := setSysctls(n.NSPath, map[string]string{"net/ipv4/ip_forward": "1"}, false); err != nil {
-		return nil, err
-	}
-	for _, d := range []string{dir, n.ConfDir, n.IPAMDir} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, fmt.Errorf("make node dir: %w", err)
-		}
-	}
-	mnt := filepath.Dir(n.BpffsRoot)
-	created = append(created, func() error { return l.unmountBpffs(mnt) })
-	if err := l.mountBpffs(mnt); err != nil {
+	if err := l.buildNode(n, &created); err != nil {
 		return nil, err
 	}
 
@@ -115,8 +65,74 @@ func (l *Lab) AddNode(i int) (_ *Node, err error) {
 	}
 	l.nodes[i] = n
 	l.mu.Unlock()
-	l.log.Info("node added", "node", i, "netns", n.NetNS, "ip", n.IP, "bpffs", mnt)
+	l.log.Info("node added", "node", i, "netns", n.NetNS, "ip", n.IP, "bpffs", filepath.Dir(n.BpffsRoot))
 	return n, nil
+}
+
+// reserve claims node index i with a placeholder, which holds it while the
+// lock is dropped for the slow work.
+func (l *Lab) reserve(i int) error {
+	if i < 1 || i > 254 {
+		return fmt.Errorf("add node %d: index out of 1..254", i)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("add node %d: %w", i, ErrClosed)
+	}
+	if _, ok := l.nodes[i]; ok {
+		return fmt.Errorf("add node %d: exists", i)
+	}
+	l.nodes[i] = nil
+	return nil
+}
+
+// newNode is node i of the lab plan: names, addresses and directories.
+func (l *Lab) newNode(i int) *Node {
+	dir := filepath.Join(l.Dir, fmt.Sprintf("n%d", i))
+	n := &Node{
+		Lab:       l,
+		Index:     i,
+		NetNS:     fmt.Sprintf("%s-n%d", l.Prefix, i),
+		IP:        netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
+		PodCIDR:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24),
+		BpffsRoot: filepath.Join(dir, "bpffs", "patchcord"),
+		ConfDir:   filepath.Join(dir, "net.d"),
+		IPAMDir:   filepath.Join(dir, "ipam"),
+	}
+	n.NSPath = filepath.Join(netnsDir, n.NetNS)
+	return n
+}
+
+// buildNode makes n's namespace, uplink, directories and bpffs, appending
+// to created how to undo each step as soon as it may have happened.
+func (l *Lab) buildNode(n *Node, created *[]func() error) error {
+	if err := l.ensureFabric(); err != nil {
+		return err
+	}
+	if _, err := l.addNetns(n.NetNS); err != nil {
+		return err
+	}
+	*created = append(*created, func() error { return l.removeNetns(n.NetNS) })
+	// The namespace takes the veth with it only when the kernel gets round to destroying
+	// it; a retried AddNode(i) would find the old port still on br0.
+	port := fmt.Sprintf("n%d", n.Index)
+	*created = append(*created, func() error { return deleteLink(l.fabricPath(), port) })
+	addr := netip.PrefixFrom(n.IP, 24)
+	if err := setupUplink(l.fabricPath(), n.NSPath, port, addr); err != nil {
+		return err
+	}
+	if err := setSysctls(n.NSPath, map[string]string{"net/ipv4/ip_forward": "1"}, false); err != nil {
+		return err
+	}
+	for _, d := range []string{filepath.Join(l.Dir, fmt.Sprintf("n%d", n.Index)), n.ConfDir, n.IPAMDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("make node dir: %w", err)
+		}
+	}
+	mnt := filepath.Dir(n.BpffsRoot)
+	*created = append(*created, func() error { return l.unmountBpffs(mnt) })
+	return l.mountBpffs(mnt)
 }
 
 // ensureFabric creates the fabric namespace and its bridge once; concurrent AddNode calls

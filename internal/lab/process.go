@@ -167,13 +167,7 @@ func (l *Lab) start(ctx context.Context, netns, name string, args ...string) (*P
 	seq := l.procSeq
 	l.mu.Unlock()
 
-	logDir := filepath.Join(l.Dir, "logs")
-	if err := os.MkdirAll(logDir, 0o755); err != nil {
-		return nil, fmt.Errorf("start %s in %s: %w", cmdline(name, args), netns, err)
-	}
-	short := strings.TrimPrefix(netns, l.Prefix+"-")
-	logPath := filepath.Join(logDir, fmt.Sprintf("%s.%s.%d.log", short, filepath.Base(name), seq))
-	f, err := os.Create(logPath)
+	f, logPath, err := l.createLog(netns, name, seq)
 	if err != nil {
 		return nil, fmt.Errorf("start %s in %s: %w", cmdline(name, args), netns, err)
 	}
@@ -220,6 +214,19 @@ func (l *Lab) start(ctx context.Context, netns, name string, args ...string) (*P
 	}
 	l.log.Debug("process started", "netns", netns, "cmd", p.Name, "pid", cmd.Process.Pid, "log", logPath)
 	return p, nil
+}
+
+// createLog creates the log file of the seq'th process the lab starts,
+// named by its namespace and program.
+func (l *Lab) createLog(netns, name string, seq int) (*os.File, string, error) {
+	logDir := filepath.Join(l.Dir, "logs")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, "", err
+	}
+	short := strings.TrimPrefix(netns, l.Prefix+"-")
+	logPath := filepath.Join(logDir, fmt.Sprintf("%s.%s.%d.log", short, filepath.Base(name), seq))
+	f, err := os.Create(logPath)
+	return f, logPath, err
 }
 
 // Pid returns the process id (also its process group id).

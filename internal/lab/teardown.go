@@ -299,40 +299,47 @@ func Sweep(prefix string) error {
 				names = append(names, n)
 			}
 		}
-		var lerrs []error
-		if err := killInNetns(names); err != nil {
-			lerrs = append(lerrs, err)
-		}
-		if err := removeCNICache(lp); err != nil {
-			lerrs = append(lerrs, err)
-		}
-		// Reverse name order deletes pods ("-n1-x") before nodes ("-n1") before the fabric;
-		// any order would do once nothing runs inside.
-		slices.Sort(names)
-		for _, n := range slices.Backward(names) {
-			if err := deleteNetns(n); err != nil {
-				lerrs = append(lerrs, err)
-			}
-		}
-		mounted := false
-		for _, m := range slices.Backward(mounts) { // innermost first
-			if m == dir || strings.HasPrefix(m, dir+"/") {
-				if err := unmount(m); err != nil {
-					lerrs = append(lerrs, err)
-					mounted = true
-				}
-			}
-		}
-		if !mounted {
-			if err := os.RemoveAll(dir); err != nil {
-				lerrs = append(lerrs, err)
-			}
-		}
-		if len(lerrs) > 0 {
-			errs = append(errs, fmt.Errorf("sweep lab %s: %w", lp, errors.Join(lerrs...)))
+		if err := sweepLab(dir, names, mounts); err != nil {
+			errs = append(errs, fmt.Errorf("sweep lab %s: %w", lp, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// sweepLab removes one dead lab: what runs in its namespaces names, its CNI
+// cache, the namespaces, its mounts among mounts and its directory dir.
+func sweepLab(dir string, names, mounts []string) error {
+	lp := filepath.Base(dir)
+	var lerrs []error
+	if err := killInNetns(names); err != nil {
+		lerrs = append(lerrs, err)
+	}
+	if err := removeCNICache(lp); err != nil {
+		lerrs = append(lerrs, err)
+	}
+	// Reverse name order deletes pods ("-n1-x") before nodes ("-n1") before the fabric;
+	// any order would do once nothing runs inside.
+	slices.Sort(names)
+	for _, n := range slices.Backward(names) {
+		if err := deleteNetns(n); err != nil {
+			lerrs = append(lerrs, err)
+		}
+	}
+	mounted := false
+	for _, m := range slices.Backward(mounts) { // innermost first
+		if m == dir || strings.HasPrefix(m, dir+"/") {
+			if err := unmount(m); err != nil {
+				lerrs = append(lerrs, err)
+				mounted = true
+			}
+		}
+	}
+	if !mounted {
+		if err := os.RemoveAll(dir); err != nil {
+			lerrs = append(lerrs, err)
+		}
+	}
+	return errors.Join(lerrs...)
 }
 
 // mountPoints lists this mount namespace's mount points in mount order.

@@ -45,6 +45,9 @@ type Config struct {
 	// OnSyncError, when set, is called with every failed node sync, so
 	// that the metrics can count what the log reports.
 	OnSyncError func(error)
+	// VTEP, when set, is this node's VTEP in Flannel's annotations
+	// (PublishVTEP), published again whenever a node set shows it lost.
+	VTEP *VTEP
 }
 
 // Validate checks what can be checked without the kernel; errors name the flag.
@@ -97,7 +100,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer dp.Close()
-	unlock, err := datapath.LockAgent(cfg.BpffsRoot)
+	unlock, err := Lock(cfg.BpffsRoot)
 	if err != nil {
 		return err
 	}
@@ -115,35 +118,43 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 			return err
 		}
 	}
+	return a.follow(ctx, src)
+}
 
+// follow syncs every node set src sends and reconciles endpoints
+// periodically, until ctx ends or src fails.
+func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 	updates := make(chan []nodes.Node)
 	srcErr := make(chan error, 1)
 	srcCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() { srcErr <- src.Run(srcCtx, updates) }()
 
-	tick := time.NewTicker(cfg.ReconcileEvery)
+	tick := time.NewTicker(a.cfg.ReconcileEvery)
 	defer tick.Stop()
 	ready := false
 	for {
 		select {
 		case set := <-updates:
+			if a.cfg.VTEP != nil {
+				a.cfg.VTEP.keep(ctx)
+			}
 			if err := a.syncNodes(set); err != nil {
-				log.Error("sync nodes", "err", err)
-				if cfg.OnSyncError != nil {
-					cfg.OnSyncError(err)
+				a.log.Error("sync nodes", "err", err)
+				if a.cfg.OnSyncError != nil {
+					a.cfg.OnSyncError(err)
 				}
 				continue
 			}
-			if !ready && cfg.ReadyFile != "" {
-				if err := os.WriteFile(cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
+			if !ready && a.cfg.ReadyFile != "" {
+				if err := os.WriteFile(a.cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
 					return fmt.Errorf("write ready file: %w", err)
 				}
 			}
 			ready = true
 		case <-tick.C:
 			if err := a.reconcile(); err != nil {
-				log.Error("reconcile endpoints", "err", err)
+				a.log.Error("reconcile endpoints", "err", err)
 			}
 		case err := <-srcErr:
 			if err != nil {
@@ -151,7 +162,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 			}
 			return nil
 		case <-ctx.Done():
-			log.Info("stopping; the datapath stays in place")
+			a.log.Info("stopping; the datapath stays in place")
 			return nil
 		}
 	}

@@ -70,11 +70,11 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 	return nil
 }
 
-// gateway is the pod CIDR's first address, the Flannel convention: a next
+// nextHop is the pod CIDR's first address, the Flannel convention: a next
 // hop that exists only as a permanent neighbour entry, so the host never
 // ARPs for it and the underlay needs no L2 adjacency. to_uplink rewrites
 // every header the host built for it.
-func gateway(cidr netip.Prefix) net.IP { return cidr.Masked().Addr().AsSlice() }
+func nextHop(cidr netip.Prefix) net.IP { return cidr.Masked().Addr().AsSlice() }
 
 // ensureRoute routes the host's own traffic for a remote pod CIDR out of the
 // uplink, where to_uplink encapsulates it. The route MTU leaves room for the
@@ -89,15 +89,15 @@ func (a *Agent) ensureRoute(n nodes.Node) error {
 		LinkIndex:    attrs.Index,
 		Family:       unix.AF_INET,
 		State:        netlink.NUD_PERMANENT,
-		IP:           gateway(n.PodCIDR),
+		IP:           nextHop(n.PodCIDR),
 		HardwareAddr: lladdr,
 	}); err != nil {
-		return fmt.Errorf("add neighbour %s on %s: %w", gateway(n.PodCIDR), attrs.Name, err)
+		return fmt.Errorf("add neighbour %s on %s: %w", nextHop(n.PodCIDR), attrs.Name, err)
 	}
 	if err := netlink.RouteReplace(&netlink.Route{
 		LinkIndex: attrs.Index,
 		Dst:       prefixNet(n.PodCIDR),
-		Gw:        gateway(n.PodCIDR),
+		Gw:        nextHop(n.PodCIDR),
 		Flags:     int(netlink.FLAG_ONLINK),
 		MTU:       attrs.MTU - datapath.VXLANOverhead,
 		Protocol:  routeProtocol,
@@ -113,9 +113,9 @@ func (a *Agent) deleteRoute(cidr netip.Prefix) error {
 	if err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("delete route %s: %w", cidr, err)
 	}
-	err = netlink.NeighDel(&netlink.Neigh{LinkIndex: attrs.Index, Family: unix.AF_INET, IP: gateway(cidr)})
+	err = netlink.NeighDel(&netlink.Neigh{LinkIndex: attrs.Index, Family: unix.AF_INET, IP: nextHop(cidr)})
 	if err != nil && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("delete neighbour %s: %w", gateway(cidr), err)
+		return fmt.Errorf("delete neighbour %s: %w", nextHop(cidr), err)
 	}
 	return nil
 }

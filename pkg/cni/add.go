@@ -21,9 +21,10 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// The pod's only neighbour: from_pod answers ARP for it with the host veth's
-// MAC, so every packet the pod sends reaches from_pod addressed to the host.
-var gatewayIP = net.IPv4(169, 254, 1, 1).To4()
+// gatewayIP is the pod's only neighbour: from_pod answers ARP for it with
+// the host veth's MAC, so every packet the pod sends reaches from_pod
+// addressed to the host.
+func gatewayIP() net.IP { return datapath.PodGateway().AsSlice() }
 
 // hostVethName is stable for a container interface, so DEL finds what ADD
 // made without any state: "pc" and 13 hex digits, the kernel's 15 at most.
@@ -87,82 +88,21 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		}
 	}()
 
-	r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
-	if err != nil {
-		// The IPAM plugin's own code says best whether to retry (an
-		// exhausted range) or to fix the conf; a plugin that cannot even
-		// be run is a conf problem.
-		code := uint(types.ErrInvalidNetworkConfig)
-		var te *types.Error
-		if errors.As(err, &te) {
-			code = te.Code
-		}
-		return types.NewError(code, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
-	}
-	undo = append(undo, func() {
-		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
-			log.Warn("release address after failed ADD", "err", err)
-		}
-	})
-	res, err := current.NewResultFromResult(r)
-	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, "cannot read the ipam plugin's result", err.Error())
-	}
-	podIP, err := singleIPv4(res.IPs)
+	res, podIP, release, err := allocate(args, conf, log)
 	if err != nil {
 		return err
 	}
-
+	undo = append(undo, release)
 	hostName := hostVethName(args.ContainerID, args.IfName)
-	hostNS, err := ns.GetCurrentNS()
-	if err != nil {
-		return fmt.Errorf("open host network namespace: %w", err)
-	}
-	defer hostNS.Close()
-
-	var hostIf, podIf net.Interface
-	err = netns.Do(func(ns.NetNS) error {
-		var err error
-		hostIf, podIf, err = ip.SetupVethWithName(args.IfName, hostName, mtu, "", hostNS)
-		if err != nil {
-			return err
-		}
-		return configurePod(args.IfName, podIP)
-	})
-	if hostIf.Name != "" {
-		undo = append(undo, func() {
-			if err := ip.DelLinkByName(hostName); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
-				log.Warn("delete veth after failed ADD", "ifname", hostName, "err", err)
-			}
-		})
+	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostName, mtu, podIP, log)
+	if delVeth != nil {
+		undo = append(undo, delVeth)
 	}
 	if err != nil {
-		return fmt.Errorf("set up veth %s in %s: %w", args.IfName, args.Netns, err)
-	}
-
-	// The host reaches the pod (kubelet probes, node traffic) through the
-	// ordinary stack along this route.
-	hostLink, err := netlink.LinkByName(hostName)
-	if err != nil {
-		return fmt.Errorf("find host veth %s: %w", hostName, err)
-	}
-	if err := disableIPv6(hostName); err != nil {
 		return err
 	}
-	// The alias tells GC which network's veth this is, even when an ADD
-	// died before registering it anywhere.
-	if err := netlink.LinkSetAlias(hostLink, vethAlias(conf.Name)); err != nil {
-		return fmt.Errorf("label host veth %s: %w", hostName, err)
-	}
-	if err := netlink.RouteReplace(&netlink.Route{
-		LinkIndex: hostLink.Attrs().Index,
-		Dst:       prefixNet(netip.PrefixFrom(podIP, 32)),
-		Scope:     netlink.SCOPE_LINK,
-	}); err != nil {
-		return fmt.Errorf("add host route to %s via %s: %w", podIP, hostName, err)
-	}
-	if err := ip.EnableIP4Forward(); err != nil {
-		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	if err := setupHostVeth(hostName, conf.Name, podIP); err != nil {
+		return err
 	}
 
 	ep := maps.EndpointInfo{
@@ -176,18 +116,114 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 	}
 	undo = append(undo, func() { unregister(dp, eps, ep, log) })
 
+	log.Info("added pod", "pod_ip", podIP, "host_ifname", hostName, "mtu", mtu)
+	return types.PrintResult(primaryResult(res, args, hostIf, podIf), conf.CNIVersion)
+}
+
+// primaryResult completes the IPAM result with the veth pair and the pod's
+// /32 behind the link-local gateway.
+func primaryResult(res *current.Result, args *skel.CmdArgs, hostIf, podIf net.Interface) *current.Result {
 	res.Interfaces = []*current.Interface{
-		{Name: hostName, Mac: hostIf.HardwareAddr.String()},
+		{Name: hostIf.Name, Mac: hostIf.HardwareAddr.String()},
 		{Name: args.IfName, Mac: podIf.HardwareAddr.String(), Sandbox: args.Netns},
 	}
 	for _, ipc := range res.IPs {
 		ipc.Interface = current.Int(1)
 		ipc.Address = net.IPNet{IP: ipc.Address.IP, Mask: net.CIDRMask(32, 32)}
-		ipc.Gateway = gatewayIP
+		ipc.Gateway = gatewayIP()
 	}
 	res.Routes = podRoutes()
-	log.Info("added pod", "pod_ip", podIP, "host_ifname", hostName, "mtu", mtu)
-	return types.PrintResult(res, conf.CNIVersion)
+	return res
+}
+
+// allocate leases the pod's address from the IPAM plugin. On success,
+// release gives the lease back, for a later step's failure.
+func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (res *current.Result, podIP netip.Addr, release func(), err error) {
+	r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
+	if err != nil {
+		// The IPAM plugin's own code says best whether to retry (an
+		// exhausted range) or to fix the conf; a plugin that cannot even
+		// be run is a conf problem.
+		code := uint(types.ErrInvalidNetworkConfig)
+		var te *types.Error
+		if errors.As(err, &te) {
+			code = te.Code
+		}
+		return nil, podIP, nil, types.NewError(code, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
+	}
+	release = func() {
+		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
+			log.Warn("release address after failed ADD", "err", err)
+		}
+	}
+	res, err = current.NewResultFromResult(r)
+	if err != nil {
+		release()
+		return nil, podIP, nil, types.NewError(types.ErrDecodingFailure, "cannot read the ipam plugin's result", err.Error())
+	}
+	if podIP, err = singleIPv4(res.IPs); err != nil {
+		release()
+		return nil, podIP, nil, err
+	}
+	return res, podIP, release, nil
+}
+
+// setupContainerVeth makes the veth pair from inside the pod's namespace and
+// configures the pod's end. delVeth, non-nil once the pair exists (even when
+// err is set), deletes it again.
+func setupContainerVeth(args *skel.CmdArgs, netns ns.NetNS, hostName string, mtu int, podIP netip.Addr, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
+	hostNS, err := ns.GetCurrentNS()
+	if err != nil {
+		return hostIf, podIf, nil, fmt.Errorf("open host network namespace: %w", err)
+	}
+	defer hostNS.Close()
+	err = netns.Do(func(ns.NetNS) error {
+		var err error
+		hostIf, podIf, err = ip.SetupVethWithName(args.IfName, hostName, mtu, "", hostNS)
+		if err != nil {
+			return err
+		}
+		return configurePod(args.IfName, podIP)
+	})
+	if hostIf.Name != "" {
+		delVeth = func() {
+			if err := ip.DelLinkByName(hostName); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+				log.Warn("delete veth after failed ADD", "ifname", hostName, "err", err)
+			}
+		}
+	}
+	if err != nil {
+		return hostIf, podIf, delVeth, fmt.Errorf("set up veth %s in %s: %w", args.IfName, args.Netns, err)
+	}
+	return hostIf, podIf, delVeth, nil
+}
+
+// setupHostVeth readies the host end: the host reaches the pod (kubelet
+// probes, node traffic) through the ordinary stack along its route.
+func setupHostVeth(hostName, network string, podIP netip.Addr) error {
+	hostLink, err := netlink.LinkByName(hostName)
+	if err != nil {
+		return fmt.Errorf("find host veth %s: %w", hostName, err)
+	}
+	if err := disableIPv6(hostName); err != nil {
+		return err
+	}
+	// The alias tells GC which network's veth this is, even when an ADD
+	// died before registering it anywhere.
+	if err := netlink.LinkSetAlias(hostLink, vethAlias(network)); err != nil {
+		return fmt.Errorf("label host veth %s: %w", hostName, err)
+	}
+	if err := netlink.RouteReplace(&netlink.Route{
+		LinkIndex: hostLink.Attrs().Index,
+		Dst:       prefixNet(netip.PrefixFrom(podIP, 32)),
+		Scope:     netlink.SCOPE_LINK,
+	}); err != nil {
+		return fmt.Errorf("add host route to %s via %s: %w", podIP, hostName, err)
+	}
+	if err := ip.EnableIP4Forward(); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+	return nil
 }
 
 func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
@@ -298,8 +334,8 @@ func configurePod(ifname string, podIP netip.Addr) error {
 		return fmt.Errorf("add %s/32 to %s: %w", podIP, ifname, err)
 	}
 	for _, r := range []netlink.Route{
-		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
-		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: gatewayIP},
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
+		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: gatewayIP()},
 	} {
 		if err := netlink.RouteAdd(&r); err != nil {
 			return fmt.Errorf("add route %s in pod: %w", r.Dst, err)
@@ -311,8 +347,8 @@ func configurePod(ifname string, podIP netip.Addr) error {
 func podRoutes() []*types.Route {
 	scopeLink := int(netlink.SCOPE_LINK)
 	return []*types.Route{
-		{Dst: net.IPNet{IP: gatewayIP, Mask: net.CIDRMask(32, 32)}, Scope: &scopeLink},
-		{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gatewayIP},
+		{Dst: net.IPNet{IP: gatewayIP(), Mask: net.CIDRMask(32, 32)}, Scope: &scopeLink},
+		{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gatewayIP()},
 	}
 }
 

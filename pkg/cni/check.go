@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -34,66 +35,78 @@ func Check(args *skel.CmdArgs) error {
 		return err
 	}
 
-	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	ep, err := checkHost(args, conf, podIP)
 	if err != nil {
-		return types.NewError(types.ErrPluginNotAvailable, "patchcord datapath is not loaded", err.Error())
+		return err
 	}
-	defer dp.Close()
-	ep, err := maps.NewEndpoints(&dp.Maps).Get(podIP)
-	if errors.Is(err, maps.ErrNotFound) {
-		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod %s is not registered in the datapath: delete and re-add the pod", podIP), "")
-	}
-	if err != nil {
-		return types.NewError(types.ErrInternal, "cannot read the endpoint map", err.Error())
-	}
-	if ep.Container != args.ContainerID || ep.PodIfname != args.IfName {
-		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod address %s is registered to container %s/%s, not this one", podIP, ep.Container, ep.PodIfname), "")
-	}
-	host, err := netlink.LinkByName(ep.Ifname)
-	if err != nil {
-		return types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s of pod %s is gone", ep.Ifname, podIP), err.Error())
-	}
-	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
-		return types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
-	}
-	if err := checkIPv6Off(ep.Ifname); err != nil {
-		return types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
-	}
-	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
-		return types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
-	}
-
-	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
-		link, err := netlink.LinkByName(args.IfName)
-		if err != nil {
-			return fmt.Errorf("pod interface %s: %w", args.IfName, err)
-		}
-		if err := checkIPv6Off(args.IfName); err != nil {
-			return err
-		}
-		if link.Attrs().HardwareAddr.String() != ep.MAC.String() {
-			return fmt.Errorf("pod interface %s has MAC %s, registered %s: anti-spoofing drops its traffic", args.IfName, link.Attrs().HardwareAddr, ep.MAC)
-		}
-		// ip.ValidateExpectedInterfaceIPs wants a subnet route per address;
-		// a /32 pod has none, so only the address itself is checked.
-		addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
-		if err != nil {
-			return fmt.Errorf("list addresses of %s: %w", args.IfName, err)
-		}
-		if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IP.Equal(podIP.AsSlice()) }) {
-			return fmt.Errorf("pod interface %s lacks its address %s", args.IfName, podIP)
-		}
-		if conf.primary() {
-			return ip.ValidateExpectedRoute(prev.Routes)
-		}
-		return nil
-	})
+	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return checkPod(args, conf, prev, ep, podIP) })
 	if err != nil {
 		var nsErr ns.NSPathNotExistErr
 		if errors.As(err, &nsErr) {
 			return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("network namespace %s is gone", args.Netns), err.Error())
 		}
 		return types.NewError(types.ErrInternal, "pod interface check failed", err.Error())
+	}
+	return nil
+}
+
+// checkHost checks the datapath's side of the pod at podIP: its endpoint,
+// host veth and from_pod attachment.
+func checkHost(args *skel.CmdArgs, conf *NetConf, podIP netip.Addr) (maps.EndpointInfo, error) {
+	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	if err != nil {
+		return maps.EndpointInfo{}, types.NewError(types.ErrPluginNotAvailable, "patchcord datapath is not loaded", err.Error())
+	}
+	defer dp.Close()
+	ep, err := maps.NewEndpoints(&dp.Maps).Get(podIP)
+	if errors.Is(err, maps.ErrNotFound) {
+		return maps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod %s is not registered in the datapath: delete and re-add the pod", podIP), "")
+	}
+	if err != nil {
+		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "cannot read the endpoint map", err.Error())
+	}
+	if ep.Container != args.ContainerID || ep.PodIfname != args.IfName {
+		return maps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod address %s is registered to container %s/%s, not this one", podIP, ep.Container, ep.PodIfname), "")
+	}
+	host, err := netlink.LinkByName(ep.Ifname)
+	if err != nil {
+		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s of pod %s is gone", ep.Ifname, podIP), err.Error())
+	}
+	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
+		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
+	}
+	if err := checkIPv6Off(ep.Ifname); err != nil {
+		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
+	}
+	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
+		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
+	}
+	return ep, nil
+}
+
+// checkPod checks the pod's interface, from inside its namespace.
+func checkPod(args *skel.CmdArgs, conf *NetConf, prev *current.Result, ep maps.EndpointInfo, podIP netip.Addr) error {
+	link, err := netlink.LinkByName(args.IfName)
+	if err != nil {
+		return fmt.Errorf("pod interface %s: %w", args.IfName, err)
+	}
+	if err := checkIPv6Off(args.IfName); err != nil {
+		return err
+	}
+	if link.Attrs().HardwareAddr.String() != ep.MAC.String() {
+		return fmt.Errorf("pod interface %s has MAC %s, registered %s: anti-spoofing drops its traffic", args.IfName, link.Attrs().HardwareAddr, ep.MAC)
+	}
+	// ip.ValidateExpectedInterfaceIPs wants a subnet route per address;
+	// a /32 pod has none, so only the address itself is checked.
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", args.IfName, err)
+	}
+	if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IP.Equal(podIP.AsSlice()) }) {
+		return fmt.Errorf("pod interface %s lacks its address %s", args.IfName, podIP)
+	}
+	if conf.primary() {
+		return ip.ValidateExpectedRoute(prev.Routes)
 	}
 	return nil
 }

@@ -130,25 +130,7 @@ func GC(args *skel.CmdArgs) error {
 		}
 	}
 	if conf.primary() {
-		// Veths of ADDs that died before registering anything.
-		keep := map[string]bool{}
-		for _, a := range conf.ValidAttachments {
-			keep[hostVethName(a.ContainerID, a.IfName)] = true
-		}
-		links, err := netlink.LinkList()
-		if err != nil {
-			errs = append(errs, err)
-		}
-		for _, l := range links {
-			name := l.Attrs().Name
-			if _, ok := l.(*netlink.Veth); !ok || keep[name] || l.Attrs().Alias != vethAlias(conf.Name) {
-				continue
-			}
-			log.Info("collecting stale veth", "ifname", name)
-			if err := ip.DelLinkByName(name); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
-				errs = append(errs, fmt.Errorf("delete veth %s: %w", name, err))
-			}
-		}
+		errs = append(errs, gcVeths(conf, log))
 		if err := invoke.DelegateGC(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 			errs = append(errs, fmt.Errorf("ipam plugin %q GC: %w", conf.IPAM.Type, err))
 		}
@@ -177,4 +159,29 @@ func Status(args *skel.CmdArgs) error {
 		}
 	}
 	return nil
+}
+
+// gcVeths deletes the network's host veths no valid attachment owns: those
+// of ADDs that died before registering anything.
+func gcVeths(conf *NetConf, log *slog.Logger) error {
+	var errs []error
+	keep := map[string]bool{}
+	for _, a := range conf.ValidAttachments {
+		keep[hostVethName(a.ContainerID, a.IfName)] = true
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, l := range links {
+		name := l.Attrs().Name
+		if _, ok := l.(*netlink.Veth); !ok || keep[name] || l.Attrs().Alias != vethAlias(conf.Name) {
+			continue
+		}
+		log.Info("collecting stale veth", "ifname", name)
+		if err := ip.DelLinkByName(name); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+			errs = append(errs, fmt.Errorf("delete veth %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/patchcord/patchcord/internal/flock"
 	"golang.org/x/sys/unix"
 )
 
@@ -74,41 +75,7 @@ func mountSysBPF() error {
 // lockRoot serialises loaders of one node: container runtimes run ADDs in
 // parallel, and two of them must not both pin a fresh datapath.
 func lockRoot(root string) (unlock func(), err error) {
-	return flockDir(root, unix.LOCK_EX)
-}
-
-// flockDir takes a flock of kind how on dir: bpffs holds no regular files,
-// but a directory can be flock()ed. The kernel drops the lock with the
-// process, so a killed holder never leaves it behind.
-func flockDir(dir string, how int) (unlock func(), err error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s for locking: %w", dir, err)
-	}
-	if err := unix.Flock(fd, how); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	return func() { unix.Close(fd) }, nil
-}
-
-// ErrAgentRunning means another agent already serves this root.
-var ErrAgentRunning = errors.New("another agent is running for this bpffs root")
-
-func agentDir(root string) string { return filepath.Join(root, "agent") }
-
-// LockAgent marks root as served by the calling agent for as long as the
-// returned unlock is not called (or the process lives): one agent per node,
-// and `patchcord status` can tell whether it runs.
-func LockAgent(root string) (unlock func(), err error) {
-	if err := os.MkdirAll(agentDir(root), 0o700); err != nil {
-		return nil, fmt.Errorf("create %s: %w", agentDir(root), err)
-	}
-	unlock, err = flockDir(agentDir(root), unix.LOCK_EX|unix.LOCK_NB)
-	if errors.Is(err, unix.EWOULDBLOCK) {
-		return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
-	}
-	return unlock, err
+	return flock.Hold(root, unix.LOCK_EX)
 }
 
 // LockEndpoints serialises the writers of endpoints and their from_pod
@@ -122,10 +89,5 @@ func (d *Datapath) LockEndpoints() (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	return flockDir(dir, unix.LOCK_EX)
-}
-
-// AgentRunning reports whether an agent holds root's agent lock.
-func AgentRunning(root string) (bool, error) {
-	return DirLocked(agentDir(root))
+	return flock.Hold(dir, unix.LOCK_EX)
 }

@@ -154,19 +154,20 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromPodMapConfig       = "config"
-	fromPodMapEndpoints    = "endpoints"
-	fromPodMapEpByIfindex  = "ep_by_ifindex"
-	fromPodMapEpMeta       = "ep_meta"
-	fromPodMapEventBuckets = "event_buckets"
-	fromPodMapEvents       = "events"
-	fromPodMapNodes        = "nodes"
-	fromPodMapStats        = "stats"
-	fromPodMapTunnelSrcs   = "tunnel_srcs"
-	fromPodProgFromPod     = "from_pod"
-	fromPodVarCtAvailable  = "ct_available"
-	fromPodVarUnusedEvent  = "unused_event"
-	fromPodVarUnusedLimits = "unused_limits"
+	fromPodMapConfig        = "config"
+	fromPodMapEndpoints     = "endpoints"
+	fromPodMapEpByIfindex   = "ep_by_ifindex"
+	fromPodMapEpMeta        = "ep_meta"
+	fromPodMapEventBuckets  = "event_buckets"
+	fromPodMapEvents        = "events"
+	fromPodMapNodes         = "nodes"
+	fromPodMapStats         = "stats"
+	fromPodMapTunnelSrcs    = "tunnel_srcs"
+	fromPodProgFromPod      = "from_pod"
+	fromPodVarCtAvailable   = "ct_available"
+	fromPodVarUnusedEvent   = "unused_event"
+	fromPodVarUnusedGateway = "unused_gateway"
+	fromPodVarUnusedLimits  = "unused_limits"
 )
 
 // loadFromPod returns the embedded CollectionSpec for fromPod.
@@ -233,9 +234,10 @@ type fromPodMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodVariableSpecs struct {
-	CtAvailable  *ebpf.VariableSpec `ebpf:"ct_available"`
-	UnusedEvent  *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedLimits *ebpf.VariableSpec `ebpf:"unused_limits"`
+	CtAvailable   *ebpf.VariableSpec `ebpf:"ct_available"`
+	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedGateway *ebpf.VariableSpec `ebpf:"unused_gateway"`
+	UnusedLimits  *ebpf.VariableSpec `ebpf:"unused_limits"`
 }
 
 // fromPodObjects contains all objects after they have been loaded into the kernel.
@@ -287,9 +289,10 @@ func (m *fromPodMaps) Close() error {
 //
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodVariables struct {
-	CtAvailable  *ebpf.Variable `ebpf:"ct_available"`
-	UnusedEvent  *ebpf.Variable `ebpf:"unused_event"`
-	UnusedLimits *ebpf.Variable `ebpf:"unused_limits"`
+	CtAvailable   *ebpf.Variable `ebpf:"ct_available"`
+	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
+	UnusedGateway *ebpf.Variable `ebpf:"unused_gateway"`
+	UnusedLimits  *ebpf.Variable `ebpf:"unused_limits"`
 }
 
 // fromPodPrograms contains all programs after they have been loaded into the kernel.

@@ -250,10 +250,6 @@ func samePinned(path string, fresh *ebpf.Program) (*ebpf.Program, error) {
 	return pinned, nil
 }
 
-// isInternalMap reports the maps that hold C globals (.bss, .rodata): they
-// belong to one program load and are never pinned.
-func isInternalMap(name string) bool { return len(name) > 0 && name[0] == '.' }
-
 type pinner interface{ Pin(string) error }
 
 // replacePin pins obj at path, atomically replacing what was there.

@@ -1,7 +1,6 @@
 package datapath_test
 
 import (
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,28 +87,10 @@ func progID(t *testing.T, d *datapath.Datapath, name string) uint32 {
 	return uint32(id)
 }
 
-func TestAgentLock(t *testing.T) {
-	root := datapathtest.MustBPFFS(t)
-	d, err := datapath.Open(root, datapathtest.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	if running, err := datapath.AgentRunning(root); err != nil || running {
-		t.Fatalf("before lock: running=%v err=%v", running, err)
-	}
-	unlock, err := datapath.LockAgent(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if running, err := datapath.AgentRunning(root); err != nil || !running {
-		t.Errorf("while locked: running=%v err=%v", running, err)
-	}
-	if _, err := datapath.LockAgent(root); !errors.Is(err, datapath.ErrAgentRunning) {
-		t.Errorf("second agent: got %v, want ErrAgentRunning", err)
-	}
-	unlock()
-	if running, _ := datapath.AgentRunning(root); running {
-		t.Error("after unlock: still running")
+// The gateway Go hands to pods is the one from_pod answers ARP for: both
+// come from POD_GATEWAY_IP, Go's through BTF.
+func TestPodGatewayFromBTF(t *testing.T) {
+	if got := datapath.PodGateway(); got != gatewayIP {
+		t.Errorf("PodGateway() = %s, want %s", got, gatewayIP)
 	}
 }

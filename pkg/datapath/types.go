@@ -1,14 +1,17 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
+	"math"
+	"net/netip"
 	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf/btf"
 )
 
-// Public names for the structs bpf/types.h declares.
+// Public names for the structs bpf/lib/types.h declares.
 type (
 	Endpoint     = fromPodEndpoint
 	EndpointMeta = fromPodEndpointMeta
@@ -85,6 +88,36 @@ var statNames = sync.OnceValues(func() ([]string, error) {
 // "drop_spoofed", ...), read from the datapath's own BTF so that C stays the
 // one place they are written.
 func StatNames() []string { return embedded(statNames()) }
+
+var podGateway = sync.OnceValues(func() (netip.Addr, error) {
+	spec, err := loadFromPod()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("pod_gateway", &enum); err != nil {
+		return netip.Addr{}, fmt.Errorf("find enum pod_gateway: %w", err)
+	}
+	for _, v := range enum.Values {
+		if v.Name == "POD_GATEWAY_IP" && v.Value <= math.MaxUint32 {
+			return netip.AddrFrom4([4]byte{byte(v.Value >> 24), byte(v.Value >> 16), byte(v.Value >> 8), byte(v.Value)}), nil
+		}
+	}
+	return netip.Addr{}, errors.New("enum pod_gateway has no 32-bit POD_GATEWAY_IP")
+})
+
+// PodGateway is the link-local gateway every pod routes through, whose ARP
+// from_pod answers (169.254.1.1). It is read from the datapath's own BTF
+// (POD_GATEWAY_IP in bpf/lib/types.h), so that C stays the one place it is
+// written.
+func PodGateway() netip.Addr {
+	gw, err := podGateway()
+	if err != nil {
+		// The object is embedded in this binary: a failure is a build bug.
+		panic(err)
+	}
+	return gw
+}
 
 // String returns the counter name, e.g. "drop_spoofed".
 func (s StatID) String() string {

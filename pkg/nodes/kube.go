@@ -21,9 +21,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
@@ -53,7 +53,7 @@ type Kube struct {
 	Client kubernetes.Interface
 	// NodeName is this node's name (--node-name, $NODE_NAME). Run does not
 	// need it: the set includes this node and the agent skips its own IP.
-	// Self and PublishVTEP do.
+	// Self does.
 	NodeName string
 	// Resync resends the set although nothing changed; 0 means
 	// DefaultResync, a negative value never.
@@ -62,12 +62,8 @@ type Kube struct {
 
 	mu    sync.Mutex
 	force bool // a resync asked for the next set to be sent even if unchanged
-	// vtep holds the annotations PublishVTEP wrote, to write them again if
-	// they go missing (a Node deleted and re-registered by kubelet).
-	// vtepFrom is the resourceVersion of the object last patched: the
-	// informer may still hold it, and it needs no second patch.
-	vtep     map[string]string
-	vtepFrom string
+	// lister reads Run's informer cache once it has listed every node.
+	lister corelisters.NodeLister
 	// complaints holds, per node, what was last logged about it, so that a
 	// bad node is logged when it turns bad, not on every resend.
 	complaints map[string]string
@@ -114,10 +110,27 @@ func (k *Kube) Run(ctx context.Context, updates chan<- []Node) error {
 	defer func() { cancel(); factory.Shutdown() }()
 	nodeInformer := factory.Core().V1().Nodes()
 	inf, lister := nodeInformer.Informer(), nodeInformer.Lister()
+	changed, err := k.watch(inf)
+	if err != nil {
+		return err
+	}
+	factory.Start(ctx.Done())
+	// Until the first list is complete, a set would lack nodes, and the
+	// agent would tear down their routes.
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return nil // ctx ended
+	}
+	k.mu.Lock()
+	k.lister = lister
+	k.mu.Unlock()
+	return k.send(ctx, lister, changed, updates)
+}
 
-	// Handlers only signal: the loop below reads the whole set from the
-	// lister, so a burst of events (a cluster's worth of heartbeats) costs
-	// one set, and a slow agent never blocks the informer.
+// watch makes inf signal changed on every event. Handlers only signal: send
+// reads the whole set from the lister, so a burst of events (a cluster's
+// worth of heartbeats) costs one set, and a slow agent never blocks the
+// informer.
+func (k *Kube) watch(inf cache.SharedIndexInformer) (<-chan struct{}, error) {
 	changed := make(chan struct{}, 1)
 	poke := func(force bool) {
 		if force {
@@ -141,15 +154,14 @@ func (k *Kube) Run(ctx context.Context, updates chan<- []Node) error {
 		DeleteFunc: func(any) { poke(false) },
 	})
 	if err != nil {
-		return fmt.Errorf("watch nodes: %w", err)
+		return nil, fmt.Errorf("watch nodes: %w", err)
 	}
-	factory.Start(ctx.Done())
-	// Until the first list is complete, a set would lack nodes, and the
-	// agent would tear down their routes.
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
-		return nil // ctx ended
-	}
+	return changed, nil
+}
 
+// send sends the set now and after each signal on changed, when it is new or
+// a resync asked for it, until ctx ends.
+func (k *Kube) send(ctx context.Context, lister corelisters.NodeLister, changed <-chan struct{}, updates chan<- []Node) error {
 	var last []Node
 	first := true
 	for {
@@ -159,7 +171,6 @@ func (k *Kube) Run(ctx context.Context, updates chan<- []Node) error {
 			return fmt.Errorf("list nodes from the informer cache: %w", err)
 		}
 		set := k.nodeSet(list)
-		k.keepVTEP(ctx, list)
 		k.mu.Lock()
 		force := k.force
 		k.force = false
@@ -180,6 +191,23 @@ func (k *Kube) Run(ctx context.Context, updates chan<- []Node) error {
 			return nil
 		}
 	}
+}
+
+// Cached returns the Node object name as Run's informer last saw it: nil
+// before Run has listed the nodes, or when there is no such node. It reads
+// the local cache and costs no API request.
+func (k *Kube) Cached(name string) *corev1.Node {
+	k.mu.Lock()
+	lister := k.lister
+	k.mu.Unlock()
+	if lister == nil {
+		return nil
+	}
+	obj, err := lister.Get(name)
+	if err != nil {
+		return nil
+	}
+	return obj
 }
 
 // nodeSet converts every Node object it can, sorted by name. Nodes that cannot
@@ -294,8 +322,8 @@ func fromKube(obj *corev1.Node) (n Node, warn, err error) {
 	return n, warn, nil
 }
 
-// backendData is Flannel's vxlan backend data: {"VNI":1,"VtepMAC":"..."}.
-type backendData struct {
+// FlannelBackend is Flannel's vxlan backend data: {"VNI":1,"VtepMAC":"..."}.
+type FlannelBackend struct {
 	VNI     int    `json:"VNI"`
 	VtepMAC string `json:"VtepMAC"`
 }
@@ -311,7 +339,7 @@ func flannelVTEP(ann map[string]string) (net.HardwareAddr, netip.Addr, error) {
 		// host-gw, wireguard...: no VTEP to send to.
 		return nil, netip.Addr{}, nil
 	}
-	var bd backendData
+	var bd FlannelBackend
 	if err := json.Unmarshal([]byte(data), &bd); err != nil {
 		return nil, netip.Addr{}, fmt.Errorf("annotation %s: %q: %v", FlannelBackendData, data, err)
 	}
@@ -348,90 +376,6 @@ func (k *Kube) Self(ctx context.Context) (Node, error) {
 		return Node{}, fmt.Errorf("node %s: %w", k.NodeName, err)
 	}
 	return n, nil
-}
-
-// PublishVTEP writes this node's VTEP into the annotations Flannel's vxlan
-// backend writes and reads, so that Flannel nodes send this node's pod
-// traffic to nodeIP with inner destination mac, over VNI vni. A node whose
-// annotations already say so is not patched: restarts cost no write.
-func (k *Kube) PublishVTEP(ctx context.Context, mac net.HardwareAddr, vni int, nodeIP netip.Addr) error {
-	switch {
-	case k.NodeName == "":
-		return errors.New("publish VTEP: --node-name: required (or set NODE_NAME)")
-	case len(mac) != 6:
-		return fmt.Errorf("publish VTEP on node %s: MAC %q is not 6 bytes", k.NodeName, mac)
-	case vni < 1 || vni > 1<<24-1:
-		return fmt.Errorf("publish VTEP on node %s: VNI %d is out of range 1..16777215", k.NodeName, vni)
-	case !nodeIP.Is4():
-		return fmt.Errorf("publish VTEP on node %s: %q is not an IPv4 address", k.NodeName, nodeIP)
-	}
-	data, err := json.Marshal(backendData{VNI: vni, VtepMAC: mac.String()})
-	if err != nil {
-		return fmt.Errorf("publish VTEP on node %s: %w", k.NodeName, err)
-	}
-	want := map[string]string{
-		FlannelBackendData:       string(data),
-		FlannelBackendType:       "vxlan",
-		FlannelPublicIP:          nodeIP.String(),
-		FlannelKubeSubnetManager: "true",
-	}
-	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
-	if err != nil {
-		return fmt.Errorf("publish VTEP: get node %s: %w", k.NodeName, err)
-	}
-	if err := k.patchVTEP(ctx, obj, want); err != nil {
-		return err
-	}
-	k.mu.Lock()
-	k.vtep = want
-	k.mu.Unlock()
-	return nil
-}
-
-// patchVTEP writes want into the node's annotations unless they are there.
-func (k *Kube) patchVTEP(ctx context.Context, obj *corev1.Node, want map[string]string) error {
-	same := true
-	for key, v := range want {
-		same = same && obj.Annotations[key] == v
-	}
-	if same {
-		k.Log.Debug("VTEP already published", "node", k.NodeName, "backend_data", want[FlannelBackendData])
-		return nil
-	}
-	// A merge patch touches these keys only: other annotations stay, and
-	// there is no read-modify-write race with kubelet's status updates.
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": want}})
-	if err != nil {
-		return fmt.Errorf("publish VTEP on node %s: %w", k.NodeName, err)
-	}
-	if _, err := k.Client.CoreV1().Nodes().Patch(ctx, k.NodeName, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "patchcord"}); err != nil {
-		return fmt.Errorf("publish VTEP: patch annotations of node %s: %w", k.NodeName, err)
-	}
-	k.mu.Lock()
-	k.vtepFrom = obj.ResourceVersion
-	k.mu.Unlock()
-	k.Log.Info("published VTEP in Flannel's annotations", "node", k.NodeName, "backend_data", want[FlannelBackendData], "public_ip", want[FlannelPublicIP])
-	return nil
-}
-
-// keepVTEP publishes the VTEP again when this node's annotations lost it,
-// e.g. after its Node object was deleted and kubelet registered it anew:
-// Flannel nodes would stop sending to it otherwise.
-func (k *Kube) keepVTEP(ctx context.Context, list []*corev1.Node) {
-	k.mu.Lock()
-	want, from := k.vtep, k.vtepFrom
-	k.mu.Unlock()
-	if want == nil {
-		return
-	}
-	i := slices.IndexFunc(list, func(n *corev1.Node) bool { return n.Name == k.NodeName })
-	if i < 0 || list[i].ResourceVersion == from {
-		return
-	}
-	if err := k.patchVTEP(ctx, list[i], want); err != nil {
-		// The next change or resync tries again.
-		k.Log.Error("keep VTEP published", "err", err)
-	}
 }
 
 // equalSets compares two sorted sets.

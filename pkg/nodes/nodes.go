@@ -1,7 +1,7 @@
 // Package nodes knows the cluster's nodes: where each one's pods live and how
-// to reach it. A Source (a file for labs and static clusters; the Kubernetes
-// API later) delivers whole node sets; the agent turns them into maps and
-// routes.
+// to reach it. A Source (File: a nodes file, for labs and static clusters;
+// Kube: the Kubernetes API's Node objects) delivers whole node sets; the
+// agent turns them into maps and routes.
 package nodes
 
 import (

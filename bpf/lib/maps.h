@@ -3,7 +3,7 @@
  * <bpffs root>/maps, so the three programs (and Go) share one set. */
 #pragma once
 
-#include "lib/common.h"
+#include "common.h"
 #include "types.h"
 
 #define MAX_ENDPOINTS 16384

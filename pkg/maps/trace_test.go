@@ -1,4 +1,4 @@
-package events
+package maps_test
 
 import (
 	"testing"
@@ -26,18 +26,18 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 		if got.Trace != trace || got.VNI != 7 || got.VXLANPort != 8472 || got.MTU != 1450 {
 			t.Errorf("config: got %+v, want trace %v over %+v", got, trace, base)
 		}
-		if r, err := TracersRunning(d.Root); err != nil || r != running {
+		if r, err := maps.TracersRunning(d.Root); err != nil || r != running {
 			t.Errorf("TracersRunning: got %v, %v; want %v", r, err, running)
 		}
 	}
 	want(false, false)
 
-	stop1, err := StartTracing(d.Root, cfg)
+	stop1, err := maps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want(true, true)
-	stop2, err := StartTracing(d.Root, cfg)
+	stop2, err := maps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,7 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 	want(false, false)
 
 	// A new monitor after the last one left switches it on again.
-	stop3, err := StartTracing(d.Root, cfg)
+	stop3, err := maps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

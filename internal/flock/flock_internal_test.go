@@ -1,4 +1,4 @@
-package datapath
+package flock
 
 import "testing"
 
@@ -19,8 +19,8 @@ func TestFlockHeld(t *testing.T) {
 		{0x2e, 7, false},     // another inode
 		{0x2e, 770, false},   // no prefix match
 	} {
-		if got := flockHeld(table, tt.dev, tt.ino); got != tt.want {
-			t.Errorf("flockHeld(%x, %d) = %v, want %v", tt.dev, tt.ino, got, tt.want)
+		if got := held(table, tt.dev, tt.ino); got != tt.want {
+			t.Errorf("held(%x, %d) = %v, want %v", tt.dev, tt.ino, got, tt.want)
 		}
 	}
 }

@@ -1,14 +1,27 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* The structs and enums that Go reads or writes. bpf2go -type turns each of
- * them into a Go type (pkg/datapath/types.go), so none is written twice.
+/* The structs and enums that Go reads or writes. bpf2go -type (the list in
+ * pkg/datapath/gen.go) turns each of them into a Go type in the generated
+ * frompod_bpfel.go, which pkg/datapath/types.go names for the other packages,
+ * so none is written twice.
  * Addresses are kept in network byte order, as they sit in the packet, so the
  * per-packet path never converts them; ports and VNIs are host order. */
 #pragma once
 
 #include <linux/types.h>
 
-/* The gateway every pod routes through; from_pod answers ARP for it. */
-#define POD_GATEWAY_IP 0xa9fe0101 /* 169.254.1.1, host order */
+/* The gateway every pod routes through; from_pod answers ARP for it. An
+ * enum, not a #define, so that Go reads it from BTF (datapath.PodGateway)
+ * and it is written only here. */
+enum pod_gateway {
+	POD_GATEWAY_IP = 0xa9fe0101, /* 169.254.1.1, host order */
+};
+
+#ifdef BTF_EXPORTS
+/* BTF holds only types something refers to: this unused global keeps enum
+ * pod_gateway in the one object Go reads types from (gen.go defines
+ * BTF_EXPORTS for from_pod only, so the others' objects stay as they are). */
+const enum pod_gateway *unused_gateway __attribute__((unused));
+#endif
 
 enum endpoint_flags {
 	/* The pod's traffic must cross the host veth's qdiscs (the bandwidth
