@@ -23,6 +23,7 @@
  * limit defaults. */
 const struct event *unused_event __attribute__((unused));
 const enum event_limit_defaults *unused_limits __attribute__((unused));
+const enum vxlan_layout *unused_layout __attribute__((unused));
 
 static __always_inline int to_host(struct __sk_buff *skb)
 {

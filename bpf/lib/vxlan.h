@@ -28,6 +28,12 @@ struct vxlan_outer {
  * the MAC header. Pod MTU = uplink MTU - VXLAN_OVERHEAD. */
 #define VXLAN_OVERHEAD (sizeof(struct vxlan_outer) - sizeof(struct ethhdr))
 
+/* The same as a constant Go reads (bpf2go -type vxlan_layout) to size the
+ * pod MTU, so that the overhead is computed in one place. */
+enum vxlan_layout {
+	VXLAN_LAYOUT_OVERHEAD = VXLAN_OVERHEAD,
+};
+
 /* The ENCAP_L3/L4 flags are what make GSO packets segment correctly on the
  * way out: without them the kernel accepts the call and every large TCP
  * segment vanishes later. FIXED_GSO keeps gso_size, which the pod's MTU

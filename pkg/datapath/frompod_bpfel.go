@@ -150,6 +150,12 @@ const (
 	fromPodStatIdSTAT_MAX                  fromPodStatId = 21
 )
 
+type fromPodVxlanLayout uint32
+
+const (
+	fromPodVxlanLayoutVXLAN_LAYOUT_OVERHEAD fromPodVxlanLayout = 50
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -167,6 +173,7 @@ const (
 	fromPodVarCtAvailable   = "ct_available"
 	fromPodVarUnusedEvent   = "unused_event"
 	fromPodVarUnusedGateway = "unused_gateway"
+	fromPodVarUnusedLayout  = "unused_layout"
 	fromPodVarUnusedLimits  = "unused_limits"
 )
 
@@ -237,6 +244,7 @@ type fromPodVariableSpecs struct {
 	CtAvailable   *ebpf.VariableSpec `ebpf:"ct_available"`
 	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedGateway *ebpf.VariableSpec `ebpf:"unused_gateway"`
+	UnusedLayout  *ebpf.VariableSpec `ebpf:"unused_layout"`
 	UnusedLimits  *ebpf.VariableSpec `ebpf:"unused_limits"`
 }
 
@@ -292,6 +300,7 @@ type fromPodVariables struct {
 	CtAvailable   *ebpf.Variable `ebpf:"ct_available"`
 	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
 	UnusedGateway *ebpf.Variable `ebpf:"unused_gateway"`
+	UnusedLayout  *ebpf.Variable `ebpf:"unused_layout"`
 	UnusedLimits  *ebpf.Variable `ebpf:"unused_limits"`
 }
 

@@ -39,10 +39,9 @@ const (
 )
 
 // VXLANOverhead is what encapsulation adds in front of a pod's frame: outer
-// IPv4, UDP, VXLAN and inner Ethernet (VXLAN_OVERHEAD in bpf/lib/vxlan.h;
-// the BPF_PROG_RUN tests check the encapsulated frame's size). Pods get the
-// uplink MTU minus this.
-const VXLANOverhead = 50
+// IPv4, UDP, VXLAN and inner Ethernet, as bpf/lib/vxlan.h computes it
+// (enum vxlan_layout). Pods get the uplink MTU minus this.
+const VXLANOverhead = int(fromPodVxlanLayoutVXLAN_LAYOUT_OVERHEAD)
 
 // Program names, as in the C sources and under <root>/progs, for the
 // callers that attach a particular one; Programs lists them all, from the ELF.
