@@ -226,12 +226,18 @@ func setupHostVeth(hostName, network string, podIP netip.Addr) error {
 	return nil
 }
 
-func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
+// prevPodIP reads prevResult and the pod's one IPv4 address in it.
+func prevPodIP(conf *NetConf) (*current.Result, netip.Addr, error) {
 	prev, err := current.NewResultFromResult(conf.PrevResult)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
+		return nil, netip.Addr{}, types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
 	}
 	podIP, err := singleIPv4(prev.IPs)
+	return prev, podIP, err
+}
+
+func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
+	prev, podIP, err := prevPodIP(conf)
 	if err != nil {
 		return err
 	}

@@ -26,11 +26,7 @@ func Check(args *skel.CmdArgs) error {
 	if conf.PrevResult == nil {
 		return invalidConf("CHECK needs prevResult: the runtime passes the ADD result")
 	}
-	prev, err := current.NewResultFromResult(conf.PrevResult)
-	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, "cannot read prevResult", err.Error())
-	}
-	podIP, err := singleIPv4(prev.IPs)
+	prev, podIP, err := prevPodIP(conf)
 	if err != nil {
 		return err
 	}

@@ -25,23 +25,15 @@ func Del(args *skel.CmdArgs) error {
 	}
 	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
 
-	var errs []error
-	dp, err := datapath.OpenPinned(conf.BpffsRoot)
-	switch {
-	case errors.Is(err, datapath.ErrNotLoaded):
-		// Nothing was ever registered on this node.
-	case err != nil:
-		errs = append(errs, err)
-	default:
-		defer dp.Close()
+	errs := []error{withPinned(conf, func(dp *datapath.Datapath) error {
 		hostIfname := ""
 		if conf.primary() {
 			// The veth name needs no map: detach even if the entries
 			// that name it are gone.
 			hostIfname = hostVethName(args.ContainerID, args.IfName)
 		}
-		errs = append(errs, forget(dp, args.ContainerID, args.IfName, hostIfname, log))
-	}
+		return forget(dp, args.ContainerID, args.IfName, hostIfname, log)
+	})}
 
 	if conf.primary() {
 		// Deleting the host end takes the pod end and the host route along.
@@ -90,6 +82,41 @@ func forget(dp *datapath.Datapath, containerID, ifname, hostIfname string, log *
 	return errors.Join(errs...)
 }
 
+// withPinned runs f on the node's pinned datapath; where nothing was ever
+// loaded there is nothing to undo, and f is not run.
+func withPinned(conf *NetConf, f func(*datapath.Datapath) error) error {
+	dp, err := datapath.OpenPinned(conf.BpffsRoot)
+	if errors.Is(err, datapath.ErrNotLoaded) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	return f(dp)
+}
+
+// collectStale forgets every endpoint of this network whose attachment the
+// runtime no longer knows, and deletes its veth in primary mode.
+func collectStale(dp *datapath.Datapath, conf *NetConf, valid map[[2]string]bool, log *slog.Logger) error {
+	list, err := maps.NewEndpoints(&dp.Maps).Owners()
+	errs := []error{err}
+	for _, ep := range list {
+		// Another network's endpoints are its own GC's business.
+		if ep.Container == "" || ep.Network != conf.Name || valid[[2]string{ep.Container, ep.PodIfname}] {
+			continue
+		}
+		log.Info("collecting stale endpoint", "pod_ip", ep.IP, "container", ep.Container)
+		errs = append(errs, forget(dp, ep.Container, ep.PodIfname, "", log))
+		if conf.primary() {
+			if err := ip.DelLinkByName(ep.Ifname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+				errs = append(errs, fmt.Errorf("delete veth %s: %w", ep.Ifname, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // GC is the GC verb (CNI 1.1): it removes what patchcord holds for any
 // attachment not in cni.dev/valid-attachments, then lets IPAM do the same.
 func GC(args *skel.CmdArgs) error {
@@ -103,32 +130,9 @@ func GC(args *skel.CmdArgs) error {
 		valid[[2]string{a.ContainerID, a.IfName}] = true
 	}
 
-	var errs []error
-	dp, err := datapath.OpenPinned(conf.BpffsRoot)
-	switch {
-	case errors.Is(err, datapath.ErrNotLoaded):
-	case err != nil:
-		errs = append(errs, err)
-	default:
-		defer dp.Close()
-		list, err := maps.NewEndpoints(&dp.Maps).Owners()
-		if err != nil {
-			errs = append(errs, err)
-		}
-		for _, ep := range list {
-			// Another network's endpoints are its own GC's business.
-			if ep.Container == "" || ep.Network != conf.Name || valid[[2]string{ep.Container, ep.PodIfname}] {
-				continue
-			}
-			log.Info("collecting stale endpoint", "pod_ip", ep.IP, "container", ep.Container)
-			errs = append(errs, forget(dp, ep.Container, ep.PodIfname, "", log))
-			if conf.primary() {
-				if err := ip.DelLinkByName(ep.Ifname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
-					errs = append(errs, fmt.Errorf("delete veth %s: %w", ep.Ifname, err))
-				}
-			}
-		}
-	}
+	errs := []error{withPinned(conf, func(dp *datapath.Datapath) error {
+		return collectStale(dp, conf, valid, log)
+	})}
 	if conf.primary() {
 		errs = append(errs, gcVeths(conf, log))
 		if err := invoke.DelegateGC(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
