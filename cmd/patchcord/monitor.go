@@ -88,7 +88,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 	if o.count < 0 {
 		return fmt.Errorf("--count: %d is negative", o.count)
 	}
-	boot, err := events.BootTime()
+	boot, err := events.MonotonicEpoch()
 	if err != nil {
 		return err
 	}

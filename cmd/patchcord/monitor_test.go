@@ -21,6 +21,7 @@ import (
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 	"github.com/patchcord/patchcord/pkg/events"
 	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // BPF_PROG_RUN runs tc programs on the loopback device of the test's
@@ -311,7 +312,7 @@ func TestMonitorBadType(t *testing.T) {
 
 func TestStatusOfFreshDatapath(t *testing.T) {
 	d := newTestDatapath(t)
-	v := collectStatus(d.Root)
+	v := views.CollectStatus(d.Root)
 	if !v.Loaded || !v.Healthy || v.Endpoints != 2 || v.Config == nil || v.Config.Configured || len(v.Programs) != 3 {
 		t.Errorf("status: %+v", v)
 	}
@@ -321,7 +322,7 @@ func TestStatusOfFreshDatapath(t *testing.T) {
 		}
 	}
 	// The endpoints name no host veth, so no attachment is expected.
-	if v.Attachments != (attachmentCounts{}) {
+	if v.Attachments != (views.AttachmentCounts{}) {
 		t.Errorf("attachments: %+v", v.Attachments)
 	}
 	if !slices.ContainsFunc(v.Warnings, func(w string) bool { return strings.Contains(w, "no agent has configured") }) {
@@ -330,7 +331,7 @@ func TestStatusOfFreshDatapath(t *testing.T) {
 }
 
 func TestStatusNotLoaded(t *testing.T) {
-	v := collectStatus(filepath.Join(t.TempDir(), "patchcord"))
+	v := views.CollectStatus(filepath.Join(t.TempDir(), "patchcord"))
 	if v.Loaded || v.Healthy || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "is the agent or the CNI plugin installed?") {
 		t.Errorf("status: %+v", v)
 	}
