@@ -21,6 +21,33 @@ func newBPFCmd(g *globals) *cobra.Command {
   patchcord bpf prog list
   patchcord bpf stats`,
 	}
+	ep := newEndpointCmd(g)
+	var reset bool
+	stats := &cobra.Command{
+		Use:     "stats",
+		Short:   "Datapath counters, summed over CPUs",
+		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
+	}
+	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
+	node := &cobra.Command{
+		Use:     "node",
+		Short:   "Remote nodes the datapath tunnels to",
+		Example: "  patchcord bpf node list",
+	}
+	node.AddCommand(&cobra.Command{
+		Use:     "list",
+		Short:   "List remote nodes by pod CIDR",
+		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
+	})
+	cmd.AddCommand(ep, node, newProgCmd(g), stats)
+	return cmd
+}
+
+func newEndpointCmd(g *globals) *cobra.Command {
 	ep := &cobra.Command{
 		Use:     "endpoint",
 		Short:   "Local pods the datapath delivers to",
@@ -49,29 +76,7 @@ func newBPFCmd(g *globals) *cobra.Command {
 			},
 		},
 	)
-	var reset bool
-	stats := &cobra.Command{
-		Use:     "stats",
-		Short:   "Datapath counters, summed over CPUs",
-		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
-		Args:    cobra.NoArgs,
-		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
-	}
-	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
-	node := &cobra.Command{
-		Use:     "node",
-		Short:   "Remote nodes the datapath tunnels to",
-		Example: "  patchcord bpf node list",
-	}
-	node.AddCommand(&cobra.Command{
-		Use:     "list",
-		Short:   "List remote nodes by pod CIDR",
-		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
-		Args:    cobra.NoArgs,
-		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
-	})
-	cmd.AddCommand(ep, node, newProgCmd(g), stats)
-	return cmd
+	return ep
 }
 
 func endpointList(g *globals, w io.Writer, only string) error {

@@ -58,76 +58,83 @@ func formatStatus(w io.Writer, v views.Status) {
 	if !v.Loaded {
 		row("Datapath", "not loaded under %s", v.Root)
 	} else {
-		row("Datapath", "loaded under %s", v.Root)
-		for i, p := range v.Programs {
-			k := ""
-			if i == 0 {
-				k = "Programs"
-			}
-			loaded := ""
-			if p.LoadedAt != nil {
-				loaded = ", loaded " + p.LoadedAt.Local().Format(time.DateTime)
-			}
-			row(k, "%-11s id %d tag %s%s", p.Name, p.ID, orDash(p.Tag), loaded)
-		}
-		switch c := v.Config; {
-		case c == nil:
-		case !c.Configured:
-			row("Node", "not configured (no agent has run)")
-		default:
-			up := c.Uplink
-			if up == "" {
-				up = "?"
-			}
-			row("Node", "IP %s, uplink %s (ifindex %d), VNI %d, port %d, pod MTU %d", c.NodeIP, up, c.UplinkIfindex, c.VNI, c.VXLANPort, c.PodMTU)
-		}
-		row("Agent", "%s", map[bool]string{true: "running", false: "not running"}[v.AgentRunning])
-		tracing := "off"
-		switch {
-		case v.Tracing && v.Monitoring:
-			tracing = "on (a monitor runs)"
-		case v.Tracing:
-			tracing = "on (no monitor runs)"
-		}
-		row("Tracing", "%s", tracing)
-		if v.NATDetection.On {
-			row("NAT check", "on")
-		} else {
-			row("NAT check", "off: %s", v.NATDetection.Why)
-		}
-		row("Attachments", "%d ok, %d stale, %d missing", v.Attachments.OK, v.Attachments.Stale, v.Attachments.Missing)
-		row("Endpoints", "%d", v.Endpoints)
-		row("Nodes", "%d", v.Nodes)
-		var by []string
-		for _, name := range slices.Sorted(stdmaps.Keys(v.Drops)) {
-			if n := v.Drops[name]; n > 0 {
-				by = append(by, fmt.Sprintf("%s %d", name, n))
-			}
-		}
-		if len(by) > 0 {
-			row("Drops", "%d (%s)", v.DropTotal, strings.Join(by, ", "))
-		} else {
-			row("Drops", "%d", v.DropTotal)
-		}
-		row("Events lost", "%d", v.EventsLost)
+		formatLoaded(row, v)
 	}
-	for i, p := range v.Problems {
-		k := ""
-		if i == 0 {
-			k = "Problems"
-		}
-		row(k, "%s", p)
-	}
-	for i, p := range v.Warnings {
-		k := ""
-		if i == 0 {
-			k = "Warnings"
-		}
-		row(k, "%s", p)
-	}
+	labelled(row, "Problems", v.Problems)
+	labelled(row, "Warnings", v.Warnings)
 	if v.Healthy {
 		row("Status", "OK")
 	} else {
 		row("Status", "BROKEN")
 	}
+}
+
+// rowFunc prints one key-value row of the status table.
+type rowFunc func(k, format string, args ...any)
+
+// labelled prints lines under one key, given on the first only.
+func labelled(row rowFunc, key string, lines []string) {
+	for i, l := range lines {
+		k := ""
+		if i == 0 {
+			k = key
+		}
+		row(k, "%s", l)
+	}
+}
+
+// formatLoaded prints the rows of a loaded datapath.
+func formatLoaded(row rowFunc, v views.Status) {
+	row("Datapath", "loaded under %s", v.Root)
+	for i, p := range v.Programs {
+		k := ""
+		if i == 0 {
+			k = "Programs"
+		}
+		loaded := ""
+		if p.LoadedAt != nil {
+			loaded = ", loaded " + p.LoadedAt.Local().Format(time.DateTime)
+		}
+		row(k, "%-11s id %d tag %s%s", p.Name, p.ID, orDash(p.Tag), loaded)
+	}
+	switch c := v.Config; {
+	case c == nil:
+	case !c.Configured:
+		row("Node", "not configured (no agent has run)")
+	default:
+		up := c.Uplink
+		if up == "" {
+			up = "?"
+		}
+		row("Node", "IP %s, uplink %s (ifindex %d), VNI %d, port %d, pod MTU %d", c.NodeIP, up, c.UplinkIfindex, c.VNI, c.VXLANPort, c.PodMTU)
+	}
+	row("Agent", "%s", map[bool]string{true: "running", false: "not running"}[v.AgentRunning])
+	tracing := "off"
+	switch {
+	case v.Tracing && v.Monitoring:
+		tracing = "on (a monitor runs)"
+	case v.Tracing:
+		tracing = "on (no monitor runs)"
+	}
+	row("Tracing", "%s", tracing)
+	if v.NATDetection.On {
+		row("NAT check", "on")
+	} else {
+		row("NAT check", "off: %s", v.NATDetection.Why)
+	}
+	row("Attachments", "%d ok, %d stale, %d missing", v.Attachments.OK, v.Attachments.Stale, v.Attachments.Missing)
+	row("Endpoints", "%d", v.Endpoints)
+	row("Nodes", "%d", v.Nodes)
+	var by []string
+	for _, name := range slices.Sorted(stdmaps.Keys(v.Drops)) {
+		if n := v.Drops[name]; n > 0 {
+			by = append(by, fmt.Sprintf("%s %d", name, n))
+		}
+	}
+	if len(by) > 0 {
+		row("Drops", "%d (%s)", v.DropTotal, strings.Join(by, ", "))
+	} else {
+		row("Drops", "%d", v.DropTotal)
+	}
+	row("Events lost", "%d", v.EventsLost)
 }
