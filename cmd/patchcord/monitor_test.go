@@ -21,7 +21,6 @@ import (
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 	"github.com/patchcord/patchcord/pkg/events"
 	"github.com/patchcord/patchcord/pkg/maps"
-	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // BPF_PROG_RUN runs tc programs on the loopback device of the test's
@@ -307,32 +306,5 @@ func TestMonitorBadType(t *testing.T) {
 	err := runMonitor(context.Background(), &globals{root: t.TempDir()}, io.Discard, slog.Default(), monitorOpts{typ: "drops"})
 	if err == nil || !strings.Contains(err.Error(), "drop, trace, all") {
 		t.Errorf("got %v, want an error listing the types", err)
-	}
-}
-
-func TestStatusOfFreshDatapath(t *testing.T) {
-	d := newTestDatapath(t)
-	v := views.CollectStatus(d.Root)
-	if !v.Loaded || !v.Healthy || v.Endpoints != 2 || v.Config == nil || v.Config.Configured || len(v.Programs) != 3 {
-		t.Errorf("status: %+v", v)
-	}
-	for _, p := range v.Programs {
-		if p.ID == 0 || len(p.Tag) != 16 || p.LoadedAt == nil || time.Since(*p.LoadedAt) > time.Minute {
-			t.Errorf("program %+v", p)
-		}
-	}
-	// The endpoints name no host veth, so no attachment is expected.
-	if v.Attachments != (views.AttachmentCounts{}) {
-		t.Errorf("attachments: %+v", v.Attachments)
-	}
-	if !slices.ContainsFunc(v.Warnings, func(w string) bool { return strings.Contains(w, "no agent has configured") }) {
-		t.Errorf("warnings: %q", v.Warnings)
-	}
-}
-
-func TestStatusNotLoaded(t *testing.T) {
-	v := views.CollectStatus(filepath.Join(t.TempDir(), "patchcord"))
-	if v.Loaded || v.Healthy || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "is the agent or the CNI plugin installed?") {
-		t.Errorf("status: %+v", v)
 	}
 }
