@@ -17,6 +17,7 @@ import (
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/nodes"
+	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // AgentResult is the agent's part of the JSON.
@@ -152,10 +153,7 @@ func (res *AgentResult) nodeList(ctx context.Context, n *lab.Node, want nodes.En
 	if err != nil {
 		return err
 	}
-	var list []struct {
-		PodCIDR string `json:"podCIDR"`
-		NodeIP  string `json:"nodeIP"`
-	}
+	var list []views.Node
 	if err := json.Unmarshal(out, &list); err != nil {
 		return fmt.Errorf("parse bpf node list: %w", err)
 	}

@@ -1,6 +1,8 @@
+// `patchcord agent`: its flags, resolved into an agent.Config, and the run.
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,17 +15,22 @@ import (
 	"github.com/patchcord/patchcord/pkg/metrics"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/vishvananda/netlink"
 )
 
+// agentFlags are the agent's flags as given; config turns them into an
+// agent.Config.
+type agentFlags struct {
+	nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
+	kubeconfig, nodeName, metricsAddr                 string
+	flannelCompat                                     bool
+	vni, port                                         uint32
+	cfg                                               agent.Config
+}
+
 func newAgentCmd(g *globals) *cobra.Command {
-	var (
-		nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
-		kubeconfig, nodeName, metricsAddr                 string
-		flannelCompat                                     bool
-		vni, port                                         uint32
-		cfg                                               agent.Config
-	)
+	var af agentFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node agent: uplink programs, remote nodes, repairs",
@@ -42,95 +49,129 @@ the node IP.`,
   patchcord agent --kubeconfig /etc/patchcord/kubeconfig --node-name node1 --vxlan-port 8472 --flannel-compat`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(logLevel)
+			log, err := newLogger(af.logLevel)
 			if err != nil {
 				return err
 			}
 			ctx := cmd.Context()
-			src, kube, err := nodeSource(nodesFile, kubeconfig, nodeName, log)
+			src, kube, err := nodeSource(af.nodesFile, af.kubeconfig, af.nodeName, log)
 			if err != nil {
 				return err
 			}
-			// With the Kubernetes source, this node's Node object knows
-			// its address and pod CIDR: a DaemonSet needs no per-node flags.
-			if kube != nil && (nodeIP == "" || podCIDR == "") {
-				self, err := kube.Self(ctx)
-				if err != nil {
-					return fmt.Errorf("--node-ip/--pod-cidr not given: %w", err)
-				}
-				if nodeIP == "" {
-					nodeIP = self.NodeIP.String()
-				}
-				if podCIDR == "" {
-					podCIDR = self.PodCIDR.String()
-				}
-			}
-			if cfg.NodeIP, err = netip.ParseAddr(nodeIP); err != nil {
-				return fmt.Errorf("--node-ip: %q is not an IPv4 address", nodeIP)
-			}
-			if cfg.PodCIDR, err = netip.ParsePrefix(podCIDR); err != nil {
-				return fmt.Errorf("--pod-cidr: %q is not a CIDR", podCIDR)
-			}
-			if vni > 1<<24-1 {
-				return fmt.Errorf("--vni: %d is out of range 1..16777215", vni)
-			}
-			if port == 0 || port > 65535 {
-				return fmt.Errorf("--vxlan-port: %d is out of range 1..65535", port)
-			}
-			if clusterCIDR != "" {
-				if cfg.ClusterCIDR, err = netip.ParsePrefix(clusterCIDR); err != nil {
-					return fmt.Errorf("--cluster-cidr: %q is not a CIDR", clusterCIDR)
-				}
-			}
-			cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = vni, uint16(port), g.root
-			if cfg.Uplink == "" {
-				if cfg.Uplink, err = uplinkFor(cfg.NodeIP); err != nil {
-					return err
-				}
-			}
-			if flannelCompat {
-				if kube == nil {
-					return errors.New("--flannel-compat: needs the Kubernetes node source (--kubeconfig, or in-cluster)")
-				}
-				if port != 8472 {
-					log.Warn("--flannel-compat without --vxlan-port 8472: Flannel nodes send to 8472 unless their net-conf.json sets Port", "vxlan_port", port)
-				}
-				uplink, err := netlink.LinkByName(cfg.Uplink)
-				if err != nil {
-					return fmt.Errorf("--uplink: %w", err)
-				}
-				if cfg.VTEP, err = agent.PublishVTEP(ctx, kube, uplink.Attrs().HardwareAddr, int(vni), cfg.NodeIP); err != nil {
-					return fmt.Errorf("--flannel-compat: %w", err)
-				}
-			}
-			if metricsAddr != "" {
-				m := metrics.New(g.root, log)
-				if _, err := m.Start(ctx, metricsAddr); err != nil {
-					return fmt.Errorf("--metrics-addr: %w", err)
-				}
-				cfg.OnSyncError = func(error) { m.SyncError() }
+			cfg, err := af.config(ctx, kube, g.root, log)
+			if err != nil {
+				return err
 			}
 			return agent.Run(ctx, cfg, src, log)
 		},
 	}
-	f := cmd.Flags()
+	af.register(cmd.Flags())
+	return cmd
+}
+
+func (af *agentFlags) register(f *pflag.FlagSet) {
+	cfg := &af.cfg
 	f.StringVar(&cfg.Uplink, "uplink", "", "the node's interface toward other nodes (default: the one holding --node-ip)")
-	f.StringVar(&nodeIP, "node-ip", "", "this node's IPv4 address on the uplink, the tunnel endpoint (default with Kubernetes: the Node's InternalIP)")
-	f.StringVar(&podCIDR, "pod-cidr", "", "this node's pod CIDR (default with Kubernetes: the Node's spec.podCIDR)")
-	f.StringVar(&nodesFile, "nodes", "", `nodes file: {"nodes":[{"name","nodeIP","podCIDR","vtepMAC"}]}, re-read on change`)
-	f.StringVar(&kubeconfig, "kubeconfig", "", "follow the cluster's Node objects with this kubeconfig instead of --nodes (in a pod, the service account serves without it)")
-	f.StringVar(&nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's Node name (default $NODE_NAME)")
-	f.BoolVar(&flannelCompat, "flannel-compat", false, "publish this node's VTEP in Flannel's node annotations, so that Flannel nodes reach its pods (with --vxlan-port 8472)")
-	f.StringVar(&metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
-	f.Uint32Var(&vni, "vni", 1, "VXLAN network identifier")
-	f.Uint32Var(&port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
-	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&af.nodeIP, "node-ip", "", "this node's IPv4 address on the uplink, the tunnel endpoint (default with Kubernetes: the Node's InternalIP)")
+	f.StringVar(&af.podCIDR, "pod-cidr", "", "this node's pod CIDR (default with Kubernetes: the Node's spec.podCIDR)")
+	f.StringVar(&af.nodesFile, "nodes", "", `nodes file: {"nodes":[{"name","nodeIP","podCIDR","vtepMAC"}]}, re-read on change`)
+	f.StringVar(&af.kubeconfig, "kubeconfig", "", "follow the cluster's Node objects with this kubeconfig instead of --nodes (in a pod, the service account serves without it)")
+	f.StringVar(&af.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's Node name (default $NODE_NAME)")
+	f.BoolVar(&af.flannelCompat, "flannel-compat", false, "publish this node's VTEP in Flannel's node annotations, so that Flannel nodes reach its pods (with --vxlan-port 8472)")
+	f.StringVar(&af.metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
+	f.Uint32Var(&af.vni, "vni", 1, "VXLAN network identifier")
+	f.Uint32Var(&af.port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
+	f.StringVar(&af.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&cfg.Masquerade, "masquerade", true, "SNAT pod traffic leaving the cluster to the node IP (an iptables chain the agent owns; false removes it)")
-	f.StringVar(&clusterCIDR, "cluster-cidr", "", "what is inside the cluster for --masquerade (default: every known pod CIDR)")
+	f.StringVar(&af.clusterCIDR, "cluster-cidr", "", "what is inside the cluster for --masquerade (default: every known pod CIDR)")
 	f.Uint32Var(&cfg.EventRate, "monitor-event-rate", datapath.EventRateDefault, "drop events per second, per CPU and per drop reason, for `patchcord monitor`; more are counted as events_suppressed (0: the default)")
 	f.Uint32Var(&cfg.EventBurst, "monitor-event-burst", datapath.EventBurstDefault, "drop events at once, per CPU and per reason, before --monitor-event-rate applies (0: the default)")
 	f.StringVar(&cfg.ReadyFile, "ready-file", "", "file written once the first node sync is done")
-	return cmd
+}
+
+// config resolves the flags into the agent's config: defaults from this
+// node's Node object and the uplink, Flannel's VTEP annotations published,
+// and the metrics server started, since their errors belong to the flags.
+func (af *agentFlags) config(ctx context.Context, kube *nodes.Kube, root string, log *slog.Logger) (agent.Config, error) {
+	cfg := af.cfg
+	if err := af.selfDefaults(ctx, kube); err != nil {
+		return cfg, err
+	}
+	var err error
+	if cfg.NodeIP, err = netip.ParseAddr(af.nodeIP); err != nil {
+		return cfg, fmt.Errorf("--node-ip: %q is not an IPv4 address", af.nodeIP)
+	}
+	if cfg.PodCIDR, err = netip.ParsePrefix(af.podCIDR); err != nil {
+		return cfg, fmt.Errorf("--pod-cidr: %q is not a CIDR", af.podCIDR)
+	}
+	if af.vni > 1<<24-1 {
+		return cfg, fmt.Errorf("--vni: %d is out of range 1..16777215", af.vni)
+	}
+	if af.port == 0 || af.port > 65535 {
+		return cfg, fmt.Errorf("--vxlan-port: %d is out of range 1..65535", af.port)
+	}
+	if af.clusterCIDR != "" {
+		if cfg.ClusterCIDR, err = netip.ParsePrefix(af.clusterCIDR); err != nil {
+			return cfg, fmt.Errorf("--cluster-cidr: %q is not a CIDR", af.clusterCIDR)
+		}
+	}
+	cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = af.vni, uint16(af.port), root
+	if cfg.Uplink == "" {
+		if cfg.Uplink, err = uplinkFor(cfg.NodeIP); err != nil {
+			return cfg, err
+		}
+	}
+	if af.flannelCompat {
+		if err := af.publishVTEP(ctx, kube, &cfg, log); err != nil {
+			return cfg, err
+		}
+	}
+	if af.metricsAddr != "" {
+		m := metrics.New(root, log)
+		if _, err := m.Start(ctx, af.metricsAddr); err != nil {
+			return cfg, fmt.Errorf("--metrics-addr: %w", err)
+		}
+		cfg.OnSyncError = func(error) { m.SyncError() }
+	}
+	return cfg, nil
+}
+
+// selfDefaults fills --node-ip and --pod-cidr from this node's Node object
+// when the Kubernetes source runs: a DaemonSet needs no per-node flags.
+func (af *agentFlags) selfDefaults(ctx context.Context, kube *nodes.Kube) error {
+	if kube == nil || (af.nodeIP != "" && af.podCIDR != "") {
+		return nil
+	}
+	self, err := kube.Self(ctx)
+	if err != nil {
+		return fmt.Errorf("--node-ip/--pod-cidr not given: %w", err)
+	}
+	if af.nodeIP == "" {
+		af.nodeIP = self.NodeIP.String()
+	}
+	if af.podCIDR == "" {
+		af.podCIDR = self.PodCIDR.String()
+	}
+	return nil
+}
+
+// publishVTEP writes this node's VTEP into Flannel's node annotations and
+// hands it to the agent, which keeps it published.
+func (af *agentFlags) publishVTEP(ctx context.Context, kube *nodes.Kube, cfg *agent.Config, log *slog.Logger) error {
+	if kube == nil {
+		return errors.New("--flannel-compat: needs the Kubernetes node source (--kubeconfig, or in-cluster)")
+	}
+	if af.port != 8472 {
+		log.Warn("--flannel-compat without --vxlan-port 8472: Flannel nodes send to 8472 unless their net-conf.json sets Port", "vxlan_port", af.port)
+	}
+	uplink, err := netlink.LinkByName(cfg.Uplink)
+	if err != nil {
+		return fmt.Errorf("--uplink: %w", err)
+	}
+	if cfg.VTEP, err = agent.PublishVTEP(ctx, kube, uplink.Attrs().HardwareAddr, int(af.vni), cfg.NodeIP); err != nil {
+		return fmt.Errorf("--flannel-compat: %w", err)
+	}
+	return nil
 }
 
 func newLogger(level string) (*slog.Logger, error) {

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/views"
 	"github.com/spf13/cobra"
 )
 
@@ -20,6 +21,33 @@ func newBPFCmd(g *globals) *cobra.Command {
   patchcord bpf prog list
   patchcord bpf stats`,
 	}
+	ep := newEndpointCmd(g)
+	var reset bool
+	stats := &cobra.Command{
+		Use:     "stats",
+		Short:   "Datapath counters, summed over CPUs",
+		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
+	}
+	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
+	node := &cobra.Command{
+		Use:     "node",
+		Short:   "Remote nodes the datapath tunnels to",
+		Example: "  patchcord bpf node list",
+	}
+	node.AddCommand(&cobra.Command{
+		Use:     "list",
+		Short:   "List remote nodes by pod CIDR",
+		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
+	})
+	cmd.AddCommand(ep, node, newProgCmd(g), stats)
+	return cmd
+}
+
+func newEndpointCmd(g *globals) *cobra.Command {
 	ep := &cobra.Command{
 		Use:     "endpoint",
 		Short:   "Local pods the datapath delivers to",
@@ -48,44 +76,7 @@ func newBPFCmd(g *globals) *cobra.Command {
 			},
 		},
 	)
-	var reset bool
-	stats := &cobra.Command{
-		Use:     "stats",
-		Short:   "Datapath counters, summed over CPUs",
-		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
-		Args:    cobra.NoArgs,
-		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
-	}
-	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
-	node := &cobra.Command{
-		Use:     "node",
-		Short:   "Remote nodes the datapath tunnels to",
-		Example: "  patchcord bpf node list",
-	}
-	node.AddCommand(&cobra.Command{
-		Use:     "list",
-		Short:   "List remote nodes by pod CIDR",
-		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
-		Args:    cobra.NoArgs,
-		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
-	})
-	cmd.AddCommand(ep, node, newProgCmd(g), stats)
-	return cmd
-}
-
-// endpointView is the JSON shape of an endpoint; field names are stable.
-type endpointView struct {
-	IP          string `json:"ip"`
-	Ifindex     int    `json:"ifindex"`
-	Ifname      string `json:"ifname"`
-	MAC         string `json:"mac"`
-	HostMAC     string `json:"hostMac"`
-	ContainerID string `json:"containerID,omitempty"`
-	PodIfname   string `json:"podIfname,omitempty"`
-	Netns       string `json:"netns,omitempty"`
-	Network     string `json:"network,omitempty"`
-	// HostPath: the pod's traffic crosses its veth's qdiscs (bandwidth).
-	HostPath bool `json:"hostPath,omitempty"`
+	return ep
 }
 
 func endpointList(g *globals, w io.Writer, only string) error {
@@ -112,19 +103,10 @@ func endpointList(g *globals, w io.Writer, only string) error {
 	} else if list, err = eps.List(); err != nil {
 		return err
 	}
-	slices.SortFunc(list, func(a, b maps.EndpointInfo) int { return a.IP.Compare(b.IP) })
-	views := make([]endpointView, 0, len(list))
-	for _, ep := range list {
-		views = append(views, endpointView{
-			IP: ep.IP.String(), Ifindex: ep.Ifindex, Ifname: ep.Ifname,
-			MAC: ep.MAC.String(), HostMAC: ep.HostMAC.String(),
-			ContainerID: ep.Container, PodIfname: ep.PodIfname, Netns: ep.Netns,
-			Network: ep.Network, HostPath: ep.HostPath,
-		})
-	}
-	return g.print(w, views, func(w io.Writer) {
+	rows := views.EndpointRows(list)
+	return g.print(w, rows, func(w io.Writer) {
 		fmt.Fprintln(w, "IP\tIFINDEX\tIFNAME\tMAC\tHOST MAC\tCONTAINER")
-		for _, v := range views {
+		for _, v := range rows {
 			fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\t%s\n", v.IP, v.Ifindex, v.Ifname, v.MAC, v.HostMAC, short(v.ContainerID))
 		}
 	})
@@ -165,13 +147,6 @@ func short(id string) string {
 	return id
 }
 
-// nodeView is the JSON shape of a remote node; field names are stable.
-type nodeView struct {
-	PodCIDR string `json:"podCIDR"`
-	NodeIP  string `json:"nodeIP"`
-	VtepMAC string `json:"vtepMAC,omitempty"`
-}
-
 func nodeList(g *globals, w io.Writer) error {
 	dp, err := g.open()
 	if err != nil {
@@ -182,18 +157,10 @@ func nodeList(g *globals, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	slices.SortFunc(list, func(a, b maps.Node) int { return a.PodCIDR.Addr().Compare(b.PodCIDR.Addr()) })
-	views := make([]nodeView, 0, len(list))
-	for _, n := range list {
-		v := nodeView{PodCIDR: n.PodCIDR.String(), NodeIP: n.NodeIP.String()}
-		if n.VtepMAC != nil {
-			v.VtepMAC = n.VtepMAC.String()
-		}
-		views = append(views, v)
-	}
-	return g.print(w, views, func(w io.Writer) {
+	rows := views.NodeRows(list)
+	return g.print(w, rows, func(w io.Writer) {
 		fmt.Fprintln(w, "POD CIDR\tNODE IP\tVTEP MAC")
-		for _, v := range views {
+		for _, v := range rows {
 			fmt.Fprintf(w, "%s\t%s\t%s\n", v.PodCIDR, v.NodeIP, v.VtepMAC)
 		}
 	})

@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/views"
 	"github.com/spf13/cobra"
 )
 
@@ -77,12 +78,12 @@ var (
 func testTag(id ebpf.ProgramID) string { return testTags[id] }
 
 func TestProgListTable(t *testing.T) {
-	rows := buildProgRows(testAtts, testEps, "eth0", 2, testTag)
+	rows := views.BuildProgRows(testAtts, testEps, "eth0", 2, testTag)
 	golden(t, "prog_list", table(func(w *tabwriter.Writer) { formatProgTable(w, rows) }))
 }
 
 func TestProgListRows(t *testing.T) {
-	rows := buildProgRows(testAtts, testEps, "eth0", 2, testTag)
+	rows := views.BuildProgRows(testAtts, testEps, "eth0", 2, testTag)
 	type key struct{ prog, ifname, status, podIP string }
 	var got []key
 	for _, r := range rows {
@@ -100,14 +101,14 @@ func TestProgListRows(t *testing.T) {
 		t.Errorf("rows:\n got %v\nwant %v", got, want)
 	}
 	// Without a configured uplink nothing is missing on it.
-	for _, r := range buildProgRows(nil, nil, "", 0, testTag) {
+	for _, r := range views.BuildProgRows(nil, nil, "", 0, testTag) {
 		t.Errorf("unexpected row %+v", r)
 	}
 }
 
 // TestProgListJSON decodes the JSON into the shape the README documents.
 func TestProgListJSON(t *testing.T) {
-	rows := buildProgRows(testAtts, testEps, "eth0", 2, testTag)
+	rows := views.BuildProgRows(testAtts, testEps, "eth0", 2, testTag)
 	var buf bytes.Buffer
 	g := &globals{output: "json"}
 	if err := g.print(&buf, rows, nil); err != nil {
@@ -134,9 +135,9 @@ func TestProgListJSON(t *testing.T) {
 }
 
 func TestJudgeAttachments(t *testing.T) {
-	rows := buildProgRows(testAtts, testEps, "eth0", 2, testTag)
-	n, problems, warnings := judgeAttachments(rows, "eth0")
-	if n != (attachmentCounts{OK: 2, Stale: 2, Missing: 2}) {
+	rows := views.BuildProgRows(testAtts, testEps, "eth0", 2, testTag)
+	n, problems, warnings := views.JudgeAttachments(rows, "eth0")
+	if n != (views.AttachmentCounts{OK: 2, Stale: 2, Missing: 2}) {
 		t.Errorf("counts: %+v", n)
 	}
 	wantProblems := []string{
@@ -153,20 +154,20 @@ func TestJudgeAttachments(t *testing.T) {
 	}
 }
 
-func testStatus() statusView {
+func testStatus() views.Status {
 	loaded := time.Date(2025, 1, 2, 15, 4, 5, 0, time.Local)
-	return statusView{
+	return views.Status{
 		Root:   root,
 		Loaded: true,
-		Programs: []programView{
+		Programs: []views.Program{
 			{Name: "from_pod", ID: 101, Tag: "1a2b3c4d5e6f7a8b", LoadedAt: &loaded},
 			{Name: "from_uplink", ID: 102, Tag: "0011223344556677", LoadedAt: &loaded},
 			{Name: "to_uplink", ID: 103, Tag: "8899aabbccddeeff", LoadedAt: &loaded},
 		},
-		Config:       &configView{Configured: true, NodeIP: "198.18.0.1", Uplink: "eth0", UplinkIfindex: 2, VNI: 1, VXLANPort: 4789, PodMTU: 1450},
+		Config:       &views.Config{Configured: true, NodeIP: "198.18.0.1", Uplink: "eth0", UplinkIfindex: 2, VNI: 1, VXLANPort: 4789, PodMTU: 1450},
 		AgentRunning: true,
-		NATDetection: natView{On: true},
-		Attachments:  attachmentCounts{OK: 4},
+		NATDetection: views.NAT{On: true},
+		Attachments:  views.AttachmentCounts{OK: 4},
 		Endpoints:    2,
 		Nodes:        1,
 		Drops:        map[string]uint64{"drop_spoofed": 3, "drop_bad_vni": 1, "drop_malformed": 0},
@@ -185,8 +186,8 @@ func TestStatusTable(t *testing.T) {
 	t.Run("broken", func(t *testing.T) {
 		v := testStatus()
 		v.AgentRunning, v.Tracing, v.Healthy = false, true, false
-		v.NATDetection = natView{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
-		v.Attachments = attachmentCounts{OK: 3, Missing: 1}
+		v.NATDetection = views.NAT{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
+		v.Attachments = views.AttachmentCounts{OK: 3, Missing: 1}
 		v.Problems = []string{
 			"from_pod is not attached to pc3 (pod 10.244.1.3): the agent restores it within 10 s (is it running?)",
 			"agent not running: start `patchcord agent` (pods keep forwarding, but node changes and repairs wait for it)",
@@ -195,7 +196,7 @@ func TestStatusTable(t *testing.T) {
 		golden(t, "status_broken", table(func(w *tabwriter.Writer) { formatStatus(w, v) }))
 	})
 	t.Run("not loaded", func(t *testing.T) {
-		v := statusView{Root: root, Problems: []string{"datapath not loaded under " + root + ": is the agent or the CNI plugin installed?"}}
+		v := views.Status{Root: root, Problems: []string{"datapath not loaded under " + root + ": is the agent or the CNI plugin installed?"}}
 		golden(t, "status_not_loaded", table(func(w *tabwriter.Writer) { formatStatus(w, v) }))
 	})
 }

@@ -74,21 +74,15 @@ Run it in the node's network namespace so that interface names resolve.`,
 }
 
 func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, o monitorOpts) (err error) {
-	var want map[string]bool
-	switch o.typ {
-	case "drop":
-		want = map[string]bool{events.KindDrop: true}
-	case "trace":
-		want = map[string]bool{events.KindTrace: true}
-	case "all":
-		want = map[string]bool{events.KindDrop: true, events.KindTrace: true}
-	default:
-		return fmt.Errorf("--type: %q is not one of drop, trace, all", o.typ)
+	want, err := monitorFilter(o.typ)
+	if err != nil {
+		return err
 	}
 	if o.count < 0 {
 		return fmt.Errorf("--count: %d is negative", o.count)
 	}
-	boot, err := events.BootTime()
+	// Event timestamps come from bpf_ktime_get_ns: CLOCK_MONOTONIC.
+	boot, err := events.MonotonicEpoch()
 	if err != nil {
 		return err
 	}
@@ -117,52 +111,26 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 		}()
 	}
 
-	stats := maps.NewStats(&dp.Maps)
-	lost, suppressed, err := eventCounts(stats)
+	out := &eventWriter{bw: bufio.NewWriter(w), json: g.output == "json"}
+	defer out.bw.Flush()
+	loss, err := newLossReporter(maps.NewStats(&dp.Maps), out, log)
 	if err != nil {
 		return err
 	}
-	bw := bufio.NewWriter(w)
-	defer bw.Flush()
-	asJSON := g.output == "json"
-	emit := func(v fmt.Stringer) error {
-		if asJSON {
-			return writeJSONLine(bw, v)
-		}
-		_, err := fmt.Fprintln(bw, v.String())
+	if err := writeReady(o.readyFile); err != nil {
 		return err
-	}
-	checkLost := func() error {
-		n, s, err := eventCounts(stats)
-		if err != nil {
-			log.Warn("cannot read lost events", "err", err)
-			return nil
-		}
-		if n > lost {
-			if err := emit(events.Lost{Lost: n - lost}); err != nil {
-				return err
-			}
-		}
-		if s > suppressed {
-			if err := emit(events.Suppressed{Suppressed: s - suppressed}); err != nil {
-				return err
-			}
-		}
-		// Below the last value: someone ran `bpf stats --reset`.
-		lost, suppressed = n, s
-		return bw.Flush()
-	}
-
-	if o.readyFile != "" {
-		if err := os.WriteFile(o.readyFile, []byte("ready\n"), 0o644); err != nil {
-			return fmt.Errorf("write ready file: %w", err)
-		}
 	}
 	log.Info("listening", "type", o.typ, "root", g.root)
 
-	// Closing the reader is what interrupts a blocked Read on SIGINT.
+	defer closeOnCancel(ctx, rd)()
+	dec := events.Decoder{Names: (&events.Names{}).Name, Boot: boot}
+	return monitorLoop(rd, dec, want, o.count, out, loss)
+}
+
+// closeOnCancel closes rd when ctx ends, until the returned func is
+// called: closing the reader is what interrupts a blocked Read on SIGINT.
+func closeOnCancel(ctx context.Context, rd *events.Reader) (stop func()) {
 	done := make(chan struct{})
-	defer close(done)
 	go func() {
 		select {
 		case <-ctx.Done():
@@ -170,17 +138,45 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 		case <-done:
 		}
 	}()
+	return func() { close(done) }
+}
 
-	dec := events.Decoder{Names: (&events.Names{}).Name, Boot: boot}
+// writeReady writes the ready file, if one is asked for.
+func writeReady(path string) error {
+	if path == "" {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte("ready\n"), 0o644); err != nil {
+		return fmt.Errorf("write ready file: %w", err)
+	}
+	return nil
+}
+
+// monitorFilter is the set of event kinds --type asks for.
+func monitorFilter(typ string) (map[string]bool, error) {
+	switch typ {
+	case "drop":
+		return map[string]bool{events.KindDrop: true}, nil
+	case "trace":
+		return map[string]bool{events.KindTrace: true}, nil
+	case "all":
+		return map[string]bool{events.KindDrop: true, events.KindTrace: true}, nil
+	}
+	return nil, fmt.Errorf("--type: %q is not one of drop, trace, all", typ)
+}
+
+// monitorLoop prints events of the wanted kinds until count (0: no limit)
+// or the reader closes, and reports losses every lostEvery.
+func monitorLoop(rd *events.Reader, dec events.Decoder, want map[string]bool, count int, out *eventWriter, loss *lossReporter) error {
 	next := time.Now().Add(lostEvery)
-	for n := 0; o.count == 0 || n < o.count; {
+	for n := 0; count == 0 || n < count; {
 		rd.SetDeadline(next)
 		ev, err := rd.Read()
 		switch {
 		case errors.Is(err, events.ErrClosed):
-			return checkLost()
+			return loss.check()
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if err := checkLost(); err != nil {
+			if err := loss.check(); err != nil {
 				return err
 			}
 			next = time.Now().Add(lostEvery)
@@ -192,19 +188,72 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 		if !want[d.Kind] {
 			continue
 		}
-		if err := emit(d); err != nil {
+		if err := out.emit(d); err != nil {
 			return err
 		}
 		n++
 		// Flushing once the ring is drained keeps a busy node's output
 		// to a few writes, and an idle node's lines immediate.
 		if !rd.Pending() {
-			if err := bw.Flush(); err != nil {
+			if err := out.bw.Flush(); err != nil {
 				return err
 			}
 		}
 	}
-	return checkLost()
+	return loss.check()
+}
+
+// eventWriter prints events as lines of text or JSON, buffered.
+type eventWriter struct {
+	bw   *bufio.Writer
+	json bool
+}
+
+func (e *eventWriter) emit(v fmt.Stringer) error {
+	if e.json {
+		return writeJSONLine(e.bw, v)
+	}
+	_, err := fmt.Fprintln(e.bw, v.String())
+	return err
+}
+
+// lossReporter reports events lost in a full ring and drop events the
+// rate limit suppressed, as the growth of their counters since last time.
+type lossReporter struct {
+	stats            *maps.Stats
+	out              *eventWriter
+	log              *slog.Logger
+	lost, suppressed uint64
+}
+
+func newLossReporter(stats *maps.Stats, out *eventWriter, log *slog.Logger) (*lossReporter, error) {
+	lost, suppressed, err := eventCounts(stats)
+	if err != nil {
+		return nil, err
+	}
+	return &lossReporter{stats: stats, out: out, log: log, lost: lost, suppressed: suppressed}, nil
+}
+
+// check prints what was lost or suppressed since the last check and flushes.
+func (r *lossReporter) check() error {
+	n, s, err := eventCounts(r.stats)
+	if err != nil {
+		r.log.Warn("cannot read lost events", "err", err)
+		return nil
+	}
+	if n > r.lost {
+		if err := r.out.emit(events.Lost{Lost: n - r.lost}); err != nil {
+			return err
+		}
+	}
+	if s > r.suppressed {
+		if err := r.out.emit(events.Suppressed{Suppressed: s - r.suppressed}); err != nil {
+			return err
+		}
+	}
+	// Below the last value: someone ran `bpf stats --reset`.
+	r.lost, r.suppressed = n, s
+	return r.out.bw.Flush()
 }
 
 // eventCounts reads the events_lost and events_suppressed counters.

@@ -308,30 +308,3 @@ func TestMonitorBadType(t *testing.T) {
 		t.Errorf("got %v, want an error listing the types", err)
 	}
 }
-
-func TestStatusOfFreshDatapath(t *testing.T) {
-	d := newTestDatapath(t)
-	v := collectStatus(d.Root)
-	if !v.Loaded || !v.Healthy || v.Endpoints != 2 || v.Config == nil || v.Config.Configured || len(v.Programs) != 3 {
-		t.Errorf("status: %+v", v)
-	}
-	for _, p := range v.Programs {
-		if p.ID == 0 || len(p.Tag) != 16 || p.LoadedAt == nil || time.Since(*p.LoadedAt) > time.Minute {
-			t.Errorf("program %+v", p)
-		}
-	}
-	// The endpoints name no host veth, so no attachment is expected.
-	if v.Attachments != (attachmentCounts{}) {
-		t.Errorf("attachments: %+v", v.Attachments)
-	}
-	if !slices.ContainsFunc(v.Warnings, func(w string) bool { return strings.Contains(w, "no agent has configured") }) {
-		t.Errorf("warnings: %q", v.Warnings)
-	}
-}
-
-func TestStatusNotLoaded(t *testing.T) {
-	v := collectStatus(filepath.Join(t.TempDir(), "patchcord"))
-	if v.Loaded || v.Healthy || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "is the agent or the CNI plugin installed?") {
-		t.Errorf("status: %+v", v)
-	}
-}

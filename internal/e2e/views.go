@@ -12,13 +12,12 @@ import (
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // Counter is one line of `bpf stats`.
-type Counter struct {
-	Packets uint64 `json:"packets"`
-	Bytes   uint64 `json:"bytes"`
-}
+type Counter = maps.Counter
 
 // Stats reads a node's counters through the CLI.
 func Stats(t *testing.T, ctx context.Context, n *lab.Node) map[string]Counter {
@@ -30,20 +29,11 @@ func Stats(t *testing.T, ctx context.Context, n *lab.Node) map[string]Counter {
 
 // Delta is after minus before for one counter, in packets and bytes.
 func Delta(before, after map[string]Counter, name string) Counter {
-	return Counter{after[name].Packets - before[name].Packets, after[name].Bytes - before[name].Bytes}
+	return Counter{Packets: after[name].Packets - before[name].Packets, Bytes: after[name].Bytes - before[name].Bytes}
 }
 
 // Endpoint is one line of `bpf endpoint list`.
-type Endpoint struct {
-	IP          string `json:"ip"`
-	Ifindex     int    `json:"ifindex"`
-	Ifname      string `json:"ifname"`
-	MAC         string `json:"mac"`
-	HostMAC     string `json:"hostMac"`
-	ContainerID string `json:"containerID"`
-	PodIfname   string `json:"podIfname"`
-	Netns       string `json:"netns"`
-}
+type Endpoint = views.Endpoint
 
 // Endpoints lists a node's endpoints by pod IP.
 func Endpoints(t *testing.T, ctx context.Context, n *lab.Node) map[string]Endpoint {

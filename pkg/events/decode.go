@@ -94,7 +94,7 @@ type Decoder struct {
 	// Names resolves interface names; nil leaves them empty.
 	Names Resolver
 	// Boot is the wall-clock time of the monotonic clock's zero, which the
-	// datapath's timestamps count from (see BootTime).
+	// datapath's timestamps count from (see MonotonicEpoch).
 	Boot time.Time
 }
 

@@ -31,7 +31,7 @@ type Reader struct {
 // before this call are skipped: they waited in the ring while nobody read it,
 // possibly for hours, and would read as if they were happening now.
 func NewReader(events *ebpf.Map) (*Reader, error) {
-	since, err := monotonicNow()
+	since, err := clockNow(unix.CLOCK_MONOTONIC)
 	if err != nil {
 		return nil, err
 	}
@@ -74,24 +74,6 @@ func (r *Reader) SetDeadline(t time.Time) { r.rb.SetDeadline(t) }
 
 // Close releases the ring buffer and interrupts a blocked Read.
 func (r *Reader) Close() error { return r.rb.Close() }
-
-func monotonicNow() (time.Duration, error) {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return 0, fmt.Errorf("read monotonic clock: %w", err)
-	}
-	return time.Duration(ts.Nano()), nil
-}
-
-// BootTime returns the wall-clock time at which the monotonic clock, which
-// bpf_ktime_get_ns reads, was zero: add an event's timestamp to it.
-func BootTime() (time.Time, error) {
-	mono, err := monotonicNow()
-	if err != nil {
-		return time.Time{}, err
-	}
-	return time.Now().Add(-mono), nil
-}
 
 // Names resolves interface names in the caller's network namespace and
 // remembers them: a monitor on a busy node sees the same few interfaces

@@ -92,7 +92,7 @@ func TestReaderDecodesADrop(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read: %v", err)
 	}
-	boot, err := BootTime()
+	boot, err := MonotonicEpoch()
 	if err != nil {
 		t.Fatal(err)
 	}

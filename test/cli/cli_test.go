@@ -17,58 +17,8 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/views"
 )
-
-// statusView is the part of `status -o json` the tests look at.
-type statusView struct {
-	Loaded       bool              `json:"loaded"`
-	AgentRunning bool              `json:"agentRunning"`
-	Tracing      bool              `json:"tracing"`
-	Monitoring   bool              `json:"monitoring"`
-	Endpoints    int               `json:"endpoints"`
-	Nodes        int               `json:"nodes"`
-	Drops        map[string]uint64 `json:"drops"`
-	DropTotal    uint64            `json:"dropTotal"`
-	Healthy      bool              `json:"healthy"`
-	Problems     []string          `json:"problems"`
-	Warnings     []string          `json:"warnings"`
-	Programs     []programRow      `json:"programs"`
-	Config       struct {
-		Configured bool   `json:"configured"`
-		NodeIP     string `json:"nodeIP"`
-		Uplink     string `json:"uplink"`
-		VNI        uint32 `json:"vni"`
-		VXLANPort  uint16 `json:"vxlanPort"`
-		PodMTU     int    `json:"podMTU"`
-	} `json:"config"`
-}
-
-type programRow struct {
-	Name string `json:"name"`
-	ID   uint32 `json:"id"`
-	Tag  string `json:"tag"`
-}
-
-type progRow struct {
-	Ifname    string `json:"ifname"`
-	Ifindex   int    `json:"ifindex"`
-	Direction string `json:"direction"`
-	Program   string `json:"program"`
-	ProgID    uint32 `json:"progID"`
-	Tag       string `json:"tag"`
-	LinkID    uint32 `json:"linkID"`
-	Pin       string `json:"pin"`
-	Status    string `json:"status"`
-	PodIP     string `json:"podIP"`
-}
-
-type endpointRow struct {
-	IP      string `json:"ip"`
-	Ifindex int    `json:"ifindex"`
-	Ifname  string `json:"ifname"`
-	MAC     string `json:"mac"`
-	HostMAC string `json:"hostMac"`
-}
 
 // agentNode is node 1 with its agent and two pods, a and b.
 type agentNode struct {
@@ -100,13 +50,13 @@ func newNode(t *testing.T, ctx context.Context, l *lab.Lab) *agentNode {
 }
 
 // endpoint reads a pod's endpoint through the CLI.
-func (c *agentNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) endpointRow {
+func (c *agentNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) views.Endpoint {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "bpf", "endpoint", "get", p.IP.String(), "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var eps []endpointRow
+	var eps []views.Endpoint
 	if err := json.Unmarshal(out, &eps); err != nil || len(eps) != 1 {
 		t.Fatalf("endpoint get %s: %v\n%s", p.IP, err, out)
 	}
@@ -116,10 +66,10 @@ func (c *agentNode) endpoint(t *testing.T, ctx context.Context, p *lab.Pod) endp
 // status runs `status -o json` and returns what it printed and whether it
 // exited 0. Its stdout is the JSON; an unhealthy status adds its error on
 // stderr after it, which the decoder leaves alone.
-func (c *agentNode) status(t *testing.T, ctx context.Context) (statusView, bool) {
+func (c *agentNode) status(t *testing.T, ctx context.Context) (views.Status, bool) {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "status", "-o", "json")
-	var st statusView
+	var st views.Status
 	if derr := json.NewDecoder(bytes.NewReader(out)).Decode(&st); derr != nil {
 		t.Fatalf("status -o json: %v (exit: %v)\n%s", derr, err, out)
 	}
@@ -129,13 +79,13 @@ func (c *agentNode) status(t *testing.T, ctx context.Context) (statusView, bool)
 	return st, err == nil
 }
 
-func (c *agentNode) progs(t *testing.T, ctx context.Context) []progRow {
+func (c *agentNode) progs(t *testing.T, ctx context.Context) []views.Prog {
 	t.Helper()
 	out, err := c.n.CLI(ctx, "bpf", "prog", "list", "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rows []progRow
+	var rows []views.Prog
 	if err := json.Unmarshal(out, &rows); err != nil {
 		t.Fatalf("prog list: %v\n%s", err, out)
 	}
@@ -435,10 +385,10 @@ func TestStatusAndProgList(t *testing.T) {
 	if !ok || !st.Loaded || !st.AgentRunning || st.Endpoints != 2 || st.Nodes != 0 || len(st.Problems) != 0 {
 		t.Errorf("healthy node: ok %v, status %+v", ok, st)
 	}
-	if cfg := st.Config; !cfg.Configured || cfg.NodeIP != c.n.IP.String() || cfg.Uplink != "eth0" || cfg.VNI != 1 || cfg.VXLANPort != 4789 || cfg.PodMTU != 1450 {
+	if cfg := st.Config; cfg == nil || !cfg.Configured || cfg.NodeIP != c.n.IP.String() || cfg.Uplink != "eth0" || cfg.VNI != 1 || cfg.VXLANPort != 4789 || cfg.PodMTU != 1450 {
 		t.Errorf("node config: %+v", cfg)
 	}
-	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p programRow) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
+	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p views.Program) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
 		t.Errorf("programs: %+v", st.Programs)
 	}
 	if out, err := c.n.CLI(ctx, "status"); err != nil || !bytes.Contains(out, []byte("Status       OK")) {
@@ -453,7 +403,7 @@ func TestStatusAndProgList(t *testing.T) {
 		{"to_uplink", "eth0", "egress", "ok"},
 	}
 	slices.SortFunc(want[:2], func(a, b key) int { return strings.Compare(a.ifname, b.ifname) })
-	progKeys := func(rows []progRow) []key {
+	progKeys := func(rows []views.Prog) []key {
 		var ks []key
 		for _, r := range rows {
 			ks = append(ks, key{r.Program, r.Ifname, r.Direction, r.Status})
