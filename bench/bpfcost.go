@@ -20,8 +20,8 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // BPFResults is the BPF group's part of the JSON.
@@ -90,9 +90,9 @@ var (
 
 	// bPodA sends in the from_pod cases: BPF_PROG_RUN runs packets on lo,
 	// ifindex 1, so that is its veth. bPodB receives redirects and decaps.
-	bPodA = maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.5"), Ifindex: 1,
+	bPodA = bpfmaps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.5"), Ifindex: 1,
 		MAC: mustMAC("02:00:0a:f4:01:05"), HostMAC: mustMAC("ee:ee:00:00:00:01"), Ifname: "lo"}
-	bPodB = maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.6"), Ifindex: 42,
+	bPodB = bpfmaps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.6"), Ifindex: 42,
 		MAC: mustMAC("02:00:0a:f4:01:06"), HostMAC: mustMAC("ee:ee:00:00:00:2a"), Ifname: "bench42"}
 
 	// On the self-feeding maps bPodB's MACs mirror bPodA's, so that a frame
@@ -103,7 +103,7 @@ var (
 	// packet comes from a remote pod (what decap hands to pods directly).
 	fNodeIP = bPodA.IP
 	fPeerIP = netip.MustParseAddr("10.244.2.1")
-	fPodB   = maps.EndpointInfo{IP: bPodB.IP, Ifindex: 42, MAC: bPodA.HostMAC, HostMAC: bPodA.MAC, Ifname: "bench42"}
+	fPodB   = bpfmaps.EndpointInfo{IP: bPodB.IP, Ifindex: 42, MAC: bPodA.HostMAC, HostMAC: bPodA.MAC, Ifname: "bench42"}
 )
 
 // tc verdicts.
@@ -236,21 +236,21 @@ func openBPFDatapath(n *lab.Node, state string, feeds bool, log *slog.Logger) (*
 
 func (b *bpfDatapath) fill() error {
 	m := &b.dp.Maps
-	cfg := maps.Config{NodeIP: bNodeIP, UplinkIfindex: 7, UplinkMAC: bUplinkMAC, VXLANPort: 4789, VNI: 1, MTU: 1450}
-	eps := []maps.EndpointInfo{bPodA, bPodB}
-	peer := maps.Node{PodCIDR: bPeerCIDR, NodeIP: bPeerIP}
+	cfg := bpfmaps.Config{NodeIP: bNodeIP, UplinkIfindex: 7, UplinkMAC: bUplinkMAC, VXLANPort: 4789, VNI: 1, MTU: 1450}
+	eps := []bpfmaps.EndpointInfo{bPodA, bPodB}
+	peer := bpfmaps.Node{PodCIDR: bPeerCIDR, NodeIP: bPeerIP}
 	if b.feeds {
 		cfg.NodeIP, eps[1], peer.NodeIP = fNodeIP, fPodB, fPeerIP
 	}
-	if err := maps.NewConfig(m).Put(cfg); err != nil {
+	if err := bpfmaps.NewConfig(m).Put(cfg); err != nil {
 		return err
 	}
 	for _, ep := range eps {
-		if err := maps.NewEndpoints(m).Put(ep); err != nil {
+		if err := bpfmaps.NewEndpoints(m).Put(ep); err != nil {
 			return err
 		}
 	}
-	if err := maps.NewNodes(m).Put(peer); err != nil {
+	if err := bpfmaps.NewNodes(m).Put(peer); err != nil {
 		return err
 	}
 	if b.maps != mapsLoaded {
@@ -318,7 +318,7 @@ func (b *bpfDatapath) check(path bpfPath, pkt []byte, repeat int) error {
 	if err != nil {
 		return err
 	}
-	stats := maps.NewStats(&b.dp.Maps)
+	stats := bpfmaps.NewStats(&b.dp.Maps)
 	return b.in(func() error {
 		before, err := stats.Read()
 		if err != nil {

@@ -10,8 +10,8 @@ import (
 	"net/netip"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // ScaleCheck records what the loaded patchcord nodes held and that real
@@ -28,9 +28,9 @@ type ScaleCheck struct {
 // fakeEndpoint is the i-th endpoint that has no pod: its address lies
 // outside the lab's pod CIDRs and its ifindex beyond any real link's, so it
 // never shadows a real pod in either endpoint map.
-func fakeEndpoint(i int) maps.EndpointInfo {
+func fakeEndpoint(i int) bpfmaps.EndpointInfo {
 	hi, lo := byte(i>>8), byte(i)
-	return maps.EndpointInfo{
+	return bpfmaps.EndpointInfo{
 		IP:        netip.AddrFrom4([4]byte{10, 250, byte(i / 250), byte(1 + i%250)}),
 		Ifindex:   100000 + i,
 		MAC:       net.HardwareAddr{0x02, 0xfe, 0, 0, hi, lo},
@@ -53,7 +53,7 @@ func fillEndpoints(root string, total int) (int, error) {
 }
 
 func fillOpen(m *datapath.Maps, total int) (int, error) {
-	eps := maps.NewEndpoints(m)
+	eps := bpfmaps.NewEndpoints(m)
 	list, err := eps.List()
 	if err != nil {
 		return 0, err
@@ -70,14 +70,14 @@ func fillOpen(m *datapath.Maps, total int) (int, error) {
 
 // fillNodes adds fake remote nodes until the node map holds total.
 func fillNodes(m *datapath.Maps, total int) error {
-	nodes := maps.NewNodes(m)
+	nodes := bpfmaps.NewNodes(m)
 	list, err := nodes.List()
 	if err != nil {
 		return err
 	}
 	for i := 0; len(list)+i < total; i++ {
 		e := fakeNode(i)
-		n := maps.Node{PodCIDR: netip.MustParsePrefix(e.PodCIDR), NodeIP: netip.MustParseAddr(e.NodeIP)}
+		n := bpfmaps.Node{PodCIDR: netip.MustParsePrefix(e.PodCIDR), NodeIP: netip.MustParseAddr(e.NodeIP)}
 		if err := nodes.Put(n); err != nil {
 			return fmt.Errorf("fill nodes: %w", err)
 		}
@@ -119,11 +119,11 @@ func countMaps(root string) (endpoints, nodes int, err error) {
 		return 0, 0, err
 	}
 	defer dp.Close()
-	eps, err := maps.NewEndpoints(&dp.Maps).List()
+	eps, err := bpfmaps.NewEndpoints(&dp.Maps).List()
 	if err != nil {
 		return 0, 0, err
 	}
-	ns, err := maps.NewNodes(&dp.Maps).List()
+	ns, err := bpfmaps.NewNodes(&dp.Maps).List()
 	if err != nil {
 		return 0, 0, err
 	}

@@ -7,7 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/views"
 	"github.com/spf13/cobra"
 )
@@ -85,8 +85,8 @@ func endpointList(g *globals, w io.Writer, only string) error {
 		return err
 	}
 	defer dp.Close()
-	eps := maps.NewEndpoints(&dp.Maps)
-	var list []maps.EndpointInfo
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
+	var list []bpfmaps.EndpointInfo
 	if only != "" {
 		ip, err := netip.ParseAddr(only)
 		if err != nil {
@@ -94,7 +94,7 @@ func endpointList(g *globals, w io.Writer, only string) error {
 		}
 		ep, err := eps.Get(ip)
 		if err != nil {
-			if errors.Is(err, maps.ErrNotFound) {
+			if errors.Is(err, bpfmaps.ErrNotFound) {
 				return fmt.Errorf("endpoint %s: %w (`patchcord bpf endpoint list` shows what is registered)", ip, err)
 			}
 			return fmt.Errorf("endpoint %s: %w", ip, err)
@@ -118,7 +118,7 @@ func statsShow(g *globals, w io.Writer, reset bool) error {
 		return err
 	}
 	defer dp.Close()
-	st := maps.NewStats(&dp.Maps)
+	st := bpfmaps.NewStats(&dp.Maps)
 	counters, err := st.Read()
 	if err != nil {
 		return err
@@ -153,7 +153,7 @@ func nodeList(g *globals, w io.Writer) error {
 		return err
 	}
 	defer dp.Close()
-	list, err := maps.NewNodes(&dp.Maps).List()
+	list, err := bpfmaps.NewNodes(&dp.Maps).List()
 	if err != nil {
 		return err
 	}
@@ -173,7 +173,7 @@ func endpointIPs(g *globals) []string {
 		return nil
 	}
 	defer dp.Close()
-	list, err := maps.NewEndpoints(&dp.Maps).List()
+	list, err := bpfmaps.NewEndpoints(&dp.Maps).List()
 	if err != nil {
 		return nil
 	}

@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/views"
 	"github.com/spf13/cobra"
 )
@@ -67,7 +67,7 @@ var (
 		{Program: "from_pod", Ifname: "pcgone", Direction: "ingress", LinkID: 13, ProgID: 99, Pin: pin("from_pod", "pcgone"), Stale: true},
 		{Program: "from_uplink", Ifname: "eth0", Ifindex: 2, Direction: "ingress", LinkID: 14, ProgID: 102, Pin: pin("from_uplink", "eth0")},
 	}
-	testEps = []maps.EndpointInfo{
+	testEps = []bpfmaps.EndpointInfo{
 		{IP: netip.MustParseAddr("10.244.1.3"), Ifindex: 7, Ifname: "pc3"},
 		{IP: netip.MustParseAddr("10.244.1.2"), Ifindex: 6, Ifname: "pc2"},
 		{IP: netip.MustParseAddr("10.244.1.1"), Ifindex: 5, Ifname: "pc1"},

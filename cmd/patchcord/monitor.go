@@ -13,8 +13,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/events"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/spf13/cobra"
 )
 
@@ -100,7 +100,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 	}
 	defer rd.Close()
 	if want[events.KindTrace] {
-		stop, err := maps.StartTracing(g.root, maps.NewConfig(&dp.Maps))
+		stop, err := bpfmaps.StartTracing(g.root, bpfmaps.NewConfig(&dp.Maps))
 		if err != nil {
 			return err
 		}
@@ -113,7 +113,7 @@ func runMonitor(ctx context.Context, g *globals, w io.Writer, log *slog.Logger, 
 
 	out := &eventWriter{bw: bufio.NewWriter(w), json: g.output == "json"}
 	defer out.bw.Flush()
-	loss, err := newLossReporter(maps.NewStats(&dp.Maps), out, log)
+	loss, err := newLossReporter(bpfmaps.NewStats(&dp.Maps), out, log)
 	if err != nil {
 		return err
 	}
@@ -220,13 +220,13 @@ func (e *eventWriter) emit(v fmt.Stringer) error {
 // lossReporter reports events lost in a full ring and drop events the
 // rate limit suppressed, as the growth of their counters since last time.
 type lossReporter struct {
-	stats            *maps.Stats
+	stats            *bpfmaps.Stats
 	out              *eventWriter
 	log              *slog.Logger
 	lost, suppressed uint64
 }
 
-func newLossReporter(stats *maps.Stats, out *eventWriter, log *slog.Logger) (*lossReporter, error) {
+func newLossReporter(stats *bpfmaps.Stats, out *eventWriter, log *slog.Logger) (*lossReporter, error) {
 	lost, suppressed, err := eventCounts(stats)
 	if err != nil {
 		return nil, err
@@ -257,7 +257,7 @@ func (r *lossReporter) check() error {
 }
 
 // eventCounts reads the events_lost and events_suppressed counters.
-func eventCounts(s *maps.Stats) (lost, suppressed uint64, err error) {
+func eventCounts(s *bpfmaps.Stats) (lost, suppressed uint64, err error) {
 	counters, err := s.Read()
 	if err != nil {
 		return 0, 0, err

@@ -17,21 +17,21 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 	"github.com/patchcord/patchcord/pkg/events"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // BPF_PROG_RUN runs tc programs on the loopback device of the test's
 // network namespace, so the sending pod is registered on ifindex 1; the
 // receiving pod's ifindex is only recorded as the redirect target.
 var (
-	podA = maps.EndpointInfo{
+	podA = bpfmaps.EndpointInfo{
 		IP: netip.MustParseAddr("10.244.1.5"), Ifindex: 1,
 		MAC: net.HardwareAddr{2, 0, 0x0a, 0xf4, 1, 5}, HostMAC: net.HardwareAddr{0xee, 0xee, 0, 0, 0, 1},
 	}
-	podB = maps.EndpointInfo{
+	podB = bpfmaps.EndpointInfo{
 		IP: netip.MustParseAddr("10.244.1.6"), Ifindex: 42,
 		MAC: net.HardwareAddr{2, 0, 0x0a, 0xf4, 1, 6}, HostMAC: net.HardwareAddr{0xee, 0xee, 0, 0, 0, 0x2a},
 	}
@@ -70,8 +70,8 @@ type testDatapath struct {
 
 func newTestDatapath(t *testing.T) testDatapath {
 	d := datapathtest.MustOpen(t)
-	eps := maps.NewEndpoints(&d.Maps)
-	for _, ep := range []maps.EndpointInfo{podA, podB} {
+	eps := bpfmaps.NewEndpoints(&d.Maps)
+	for _, ep := range []bpfmaps.EndpointInfo{podA, podB} {
 		if err := eps.Put(ep); err != nil {
 			t.Fatal(err)
 		}
@@ -92,7 +92,7 @@ func (d testDatapath) send(frame []byte) {
 
 func (d testDatapath) tracing() bool {
 	d.t.Helper()
-	cfg, err := maps.NewConfig(&d.Maps).Get()
+	cfg, err := bpfmaps.NewConfig(&d.Maps).Get()
 	if err != nil {
 		d.t.Fatal(err)
 	}
@@ -217,7 +217,7 @@ func TestMonitorAll(t *testing.T) {
 func TestMonitorDropsOnlyCount(t *testing.T) {
 	d := newTestDatapath(t)
 	// Set by someone else (a trace monitor): a drop monitor must keep it.
-	if err := maps.NewConfig(&d.Maps).SetTrace(true); err != nil {
+	if err := bpfmaps.NewConfig(&d.Maps).SetTrace(true); err != nil {
 		t.Fatal(err)
 	}
 	m := startMonitor(t, context.Background(), d.Root, monitorOpts{typ: "drop", count: 2})
@@ -275,7 +275,7 @@ func TestMonitorReportsLost(t *testing.T) {
 // monitor started.
 func TestMonitorReportsSuppressed(t *testing.T) {
 	d := newTestDatapath(t)
-	if err := maps.NewConfig(&d.Maps).Put(maps.Config{EventRate: 1, EventBurst: 1}); err != nil {
+	if err := bpfmaps.NewConfig(&d.Maps).Put(bpfmaps.Config{EventRate: 1, EventBurst: 1}); err != nil {
 		t.Fatal(err)
 	}
 	d.setCounter("events_suppressed", 5) // before the monitor: not reported

@@ -12,12 +12,12 @@ import (
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/lab"
-	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // Counter is one line of `bpf stats`.
-type Counter = maps.Counter
+type Counter = bpfmaps.Counter
 
 // Stats reads a node's counters through the CLI.
 func Stats(t *testing.T, ctx context.Context, n *lab.Node) map[string]Counter {

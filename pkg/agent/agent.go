@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
 )
@@ -75,8 +75,8 @@ type Agent struct {
 	log    *slog.Logger
 	dp     *datapath.Datapath
 	uplink netlink.Link
-	eps    *maps.Endpoints
-	nodes  *maps.Nodes
+	eps    *bpfmaps.Endpoints
+	nodes  *bpfmaps.Nodes
 }
 
 // Run sets the node up, then follows src until ctx ends. The datapath stays
@@ -105,7 +105,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer unlock()
-	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: maps.NewEndpoints(&dp.Maps), nodes: maps.NewNodes(&dp.Maps)}
+	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: bpfmaps.NewEndpoints(&dp.Maps), nodes: bpfmaps.NewNodes(&dp.Maps)}
 
 	if err := a.setupUplink(); err != nil {
 		return err
@@ -184,12 +184,12 @@ func checkNodeIP(uplink netlink.Link, nodeIP netip.Addr) error {
 // setupUplink writes the node config and attaches the uplink programs.
 func (a *Agent) setupUplink() error {
 	attrs := a.uplink.Attrs()
-	cfgMap := maps.NewConfig(&a.dp.Maps)
+	cfgMap := bpfmaps.NewConfig(&a.dp.Maps)
 	old, err := cfgMap.Get()
 	if err != nil {
 		return err
 	}
-	cfg := maps.Config{
+	cfg := bpfmaps.Config{
 		NodeIP:        a.cfg.NodeIP,
 		UplinkIfindex: attrs.Index,
 		UplinkMAC:     attrs.HardwareAddr,
@@ -220,9 +220,9 @@ func (a *Agent) setupUplink() error {
 // repairs is what one reconcile pass found to do, from a scan without the
 // endpoint lock.
 type repairs struct {
-	gone    []maps.EndpointInfo   // endpoints whose veth is gone or recreated
-	restore []maps.EndpointInfo   // endpoints without a current from_pod link
-	orphans []datapath.Attachment // from_pod links without an endpoint
+	gone    []bpfmaps.EndpointInfo // endpoints whose veth is gone or recreated
+	restore []bpfmaps.EndpointInfo // endpoints without a current from_pod link
+	orphans []datapath.Attachment  // from_pod links without an endpoint
 }
 
 // reconcile removes endpoints whose veth is gone, restores missing or stale
@@ -277,7 +277,7 @@ func (a *Agent) scan() (repairs, error) {
 
 // vethGone reports whether ep's host veth no longer exists as registered:
 // deleted, or recreated with another ifindex.
-func vethGone(ep maps.EndpointInfo) (bool, error) {
+func vethGone(ep bpfmaps.EndpointInfo) (bool, error) {
 	link, err := netlink.LinkByName(ep.Ifname)
 	var notFound netlink.LinkNotFoundError
 	if errors.As(err, &notFound) {
@@ -297,13 +297,13 @@ func (a *Agent) repair(r repairs) error {
 	if err != nil {
 		return err
 	}
-	byIP := make(map[netip.Addr]maps.EndpointInfo, len(list))
+	byIP := make(map[netip.Addr]bpfmaps.EndpointInfo, len(list))
 	owners := make(map[string]int, len(list))
 	for _, ep := range list {
 		byIP[ep.IP] = ep
 		owners[ep.Ifname]++
 	}
-	same := func(ep maps.EndpointInfo) bool {
+	same := func(ep bpfmaps.EndpointInfo) bool {
 		cur, ok := byIP[ep.IP]
 		return ok && cur.Ifindex == ep.Ifindex && cur.Ifname == ep.Ifname
 	}

@@ -13,9 +13,9 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
 )
@@ -99,10 +99,10 @@ func TestAgentSyncsNodesAndRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dp.Close()
-	nm := maps.NewNodes(&dp.Maps)
+	nm := bpfmaps.NewNodes(&dp.Maps)
 	wantNodes(t, nm, node2, node3)
 
-	cfgGot, err := maps.NewConfig(&dp.Maps).Get()
+	cfgGot, err := bpfmaps.NewConfig(&dp.Maps).Get()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func TestConfigValidateNamesTheFlag(t *testing.T) {
 	}
 }
 
-func wantNodes(t *testing.T, nm *maps.Nodes, want ...nodes.Node) {
+func wantNodes(t *testing.T, nm *bpfmaps.Nodes, want ...nodes.Node) {
 	t.Helper()
 	got, err := nm.List()
 	if err != nil {
@@ -253,10 +253,10 @@ func TestAgentReconcilesOnStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dp.Close()
-	eps := maps.NewEndpoints(&dp.Maps)
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
-	live := maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.2"), Ifname: "pclive", MAC: mac, HostMAC: mac}
-	gone := maps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.3"), Ifindex: 999, Ifname: "pcgone", MAC: mac, HostMAC: mac}
+	live := bpfmaps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.2"), Ifname: "pclive", MAC: mac, HostMAC: mac}
+	gone := bpfmaps.EndpointInfo{IP: netip.MustParseAddr("10.244.1.3"), Ifindex: 999, Ifname: "pcgone", MAC: mac, HostMAC: mac}
 	err = netns.Do(func(ns.NetNS) error {
 		for _, name := range []string{"pclive", "pcorphan"} {
 			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
@@ -294,7 +294,7 @@ func TestAgentReconcilesOnStart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if _, err := eps.Get(gone.IP); !errors.Is(err, maps.ErrNotFound) {
+	if _, err := eps.Get(gone.IP); !errors.Is(err, bpfmaps.ErrNotFound) {
 		t.Errorf("endpoint of a deleted veth: got %v, want it removed", err)
 	}
 	if _, err := eps.Get(live.IP); err != nil {

@@ -6,8 +6,8 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -42,7 +42,7 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 	sources := make(map[netip.Addr]bool, len(want))
 	for _, n := range want {
 		sources[n.NodeIP] = true
-		if err := a.nodes.Put(maps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}); err != nil {
+		if err := a.nodes.Put(bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 			continue
 		}

@@ -16,8 +16,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ipam"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -74,7 +74,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return err
 	}
 	defer dp.Close()
-	eps := maps.NewEndpoints(&dp.Maps)
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	mtu := podMTU(conf, dp, log)
 
 	// Everything made from here on is undone if a later step fails, so a
@@ -105,7 +105,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return err
 	}
 
-	ep := maps.EndpointInfo{
+	ep := bpfmaps.EndpointInfo{
 		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
 		MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
@@ -262,13 +262,13 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		return err
 	}
 	defer dp.Close()
-	ep := maps.EndpointInfo{
+	ep := bpfmaps.EndpointInfo{
 		IP: podIP, Ifindex: hostLink.Attrs().Index, Ifname: hostLink.Attrs().Name,
 		MAC: podMAC, HostMAC: hostLink.Attrs().HardwareAddr,
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 		Network: conf.Name, HostPath: conf.hostPath(),
 	}
-	if err := register(dp, maps.NewEndpoints(&dp.Maps), ep, log); err != nil {
+	if err := register(dp, bpfmaps.NewEndpoints(&dp.Maps), ep, log); err != nil {
 		return err
 	}
 	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostLink.Attrs().Name)
@@ -278,7 +278,7 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 // register puts the endpoint in the maps and attaches from_pod, undoing the
 // first if the second fails. It holds the endpoint lock, so the agent's
 // reconcile never sees the endpoint without its link or the other way round.
-func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) error {
+func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, log *slog.Logger) error {
 	unlock, err := dp.LockEndpoints()
 	if err != nil {
 		return types.NewError(types.ErrInternal, "cannot lock the endpoint maps", err.Error())
@@ -292,7 +292,7 @@ func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, 
 	if err := eps.Put(ep); err != nil {
 		code := types.ErrInternal
 		msg := "cannot register endpoint"
-		if errors.Is(err, maps.ErrFull) {
+		if errors.Is(err, bpfmaps.ErrFull) {
 			code = types.ErrTryAgainLater
 			msg = "endpoint map is full: remove pods, or delete stale entries (patchcord bpf endpoint list)"
 		}
@@ -305,7 +305,7 @@ func register(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, 
 	return nil
 }
 
-func unregister(dp *datapath.Datapath, eps *maps.Endpoints, ep maps.EndpointInfo, log *slog.Logger) {
+func unregister(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, log *slog.Logger) {
 	unlock, err := dp.LockEndpoints()
 	if err != nil {
 		log.Warn("unregister endpoint", "pod_ip", ep.IP, "err", err)
@@ -425,7 +425,7 @@ func podMTU(conf *NetConf, dp *datapath.Datapath, log *slog.Logger) int {
 	if conf.MTU != 0 {
 		return conf.MTU
 	}
-	if cfg, err := maps.NewConfig(&dp.Maps).Get(); err == nil && cfg.MTU != 0 {
+	if cfg, err := bpfmaps.NewConfig(&dp.Maps).Get(); err == nil && cfg.MTU != 0 {
 		return cfg.MTU
 	}
 	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)

@@ -10,8 +10,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -65,7 +65,7 @@ func TestChainedAfterPtp(t *testing.T) {
 				}
 				hostIfindex = l.Attrs().Index
 				dp := n.openPinned(t)
-				ep, err := maps.NewEndpoints(&dp.Maps).Get(ip)
+				ep, err := bpfmaps.NewEndpoints(&dp.Maps).Get(ip)
 				if err != nil {
 					return err
 				}
@@ -94,7 +94,7 @@ func TestChainedAfterPtp(t *testing.T) {
 			n.mustDel(t, p.args(delConf))
 			st := podState{ip: ip, hostIfname: hostIf.Name, hostIfindex: hostIfindex}
 			dp := n.openPinned(t)
-			if _, err := maps.NewEndpoints(&dp.Maps).Get(ip); err == nil {
+			if _, err := bpfmaps.NewEndpoints(&dp.Maps).Get(ip); err == nil {
 				t.Errorf("endpoint %s still registered after DEL", ip)
 			}
 			if pins := n.linkPins(t); len(pins) != 0 {

@@ -11,8 +11,8 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -48,40 +48,40 @@ func Check(args *skel.CmdArgs) error {
 
 // checkHost checks the datapath's side of the pod at podIP: its endpoint,
 // host veth and from_pod attachment.
-func checkHost(args *skel.CmdArgs, conf *NetConf, podIP netip.Addr) (maps.EndpointInfo, error) {
+func checkHost(args *skel.CmdArgs, conf *NetConf, podIP netip.Addr) (bpfmaps.EndpointInfo, error) {
 	dp, err := datapath.OpenPinned(conf.BpffsRoot)
 	if err != nil {
-		return maps.EndpointInfo{}, types.NewError(types.ErrPluginNotAvailable, "patchcord datapath is not loaded", err.Error())
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrPluginNotAvailable, "patchcord datapath is not loaded", err.Error())
 	}
 	defer dp.Close()
-	ep, err := maps.NewEndpoints(&dp.Maps).Get(podIP)
-	if errors.Is(err, maps.ErrNotFound) {
-		return maps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod %s is not registered in the datapath: delete and re-add the pod", podIP), "")
+	ep, err := bpfmaps.NewEndpoints(&dp.Maps).Get(podIP)
+	if errors.Is(err, bpfmaps.ErrNotFound) {
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod %s is not registered in the datapath: delete and re-add the pod", podIP), "")
 	}
 	if err != nil {
-		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "cannot read the endpoint map", err.Error())
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, "cannot read the endpoint map", err.Error())
 	}
 	if ep.Container != args.ContainerID || ep.PodIfname != args.IfName {
-		return maps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod address %s is registered to container %s/%s, not this one", podIP, ep.Container, ep.PodIfname), "")
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrUnknownContainer, fmt.Sprintf("pod address %s is registered to container %s/%s, not this one", podIP, ep.Container, ep.PodIfname), "")
 	}
 	host, err := netlink.LinkByName(ep.Ifname)
 	if err != nil {
-		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s of pod %s is gone", ep.Ifname, podIP), err.Error())
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s of pod %s is gone", ep.Ifname, podIP), err.Error())
 	}
 	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
-		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
 	}
 	if err := checkIPv6Off(ep.Ifname); err != nil {
-		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
 	}
 	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
-		return maps.EndpointInfo{}, types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
+		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, "from_pod is not attached as it should be: restart the agent to repair attachments", err.Error())
 	}
 	return ep, nil
 }
 
 // checkPod checks the pod's interface, from inside its namespace.
-func checkPod(args *skel.CmdArgs, conf *NetConf, prev *current.Result, ep maps.EndpointInfo, podIP netip.Addr) error {
+func checkPod(args *skel.CmdArgs, conf *NetConf, prev *current.Result, ep bpfmaps.EndpointInfo, podIP netip.Addr) error {
 	link, err := netlink.LinkByName(args.IfName)
 	if err != nil {
 		return fmt.Errorf("pod interface %s: %w", args.IfName, err)

@@ -11,8 +11,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -64,9 +64,9 @@ func forget(dp *datapath.Datapath, containerID, ifname, hostIfname string, log *
 	if hostIfname != "" {
 		errs = append(errs, dp.Detach(datapath.FromPod, hostIfname))
 	}
-	eps := maps.NewEndpoints(&dp.Maps)
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	ep, err := eps.FindOwner(containerID, ifname)
-	if errors.Is(err, maps.ErrNotFound) {
+	if errors.Is(err, bpfmaps.ErrNotFound) {
 		return errors.Join(errs...)
 	}
 	if err != nil {
@@ -99,7 +99,7 @@ func withPinned(conf *NetConf, f func(*datapath.Datapath) error) error {
 // collectStale forgets every endpoint of this network whose attachment the
 // runtime no longer knows, and deletes its veth in primary mode.
 func collectStale(dp *datapath.Datapath, conf *NetConf, valid map[[2]string]bool, log *slog.Logger) error {
-	list, err := maps.NewEndpoints(&dp.Maps).Owners()
+	list, err := bpfmaps.NewEndpoints(&dp.Maps).Owners()
 	errs := []error{err}
 	for _, ep := range list {
 		// Another network's endpoints are its own GC's business.

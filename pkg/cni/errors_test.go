@@ -9,9 +9,9 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // fakePrev is a previous plugin's result, for confs that must be refused
@@ -168,7 +168,7 @@ func TestAddFullEndpointMap(t *testing.T) {
 	if c := countKeys(t, dp.Maps.EpMeta); c != 1 {
 		t.Errorf("ep_meta holds %d entries, want 1 (pod A's)", c)
 	}
-	if _, err := maps.NewEndpoints(&dp.Maps).FindOwner(b.id, podIfname); err == nil {
+	if _, err := bpfmaps.NewEndpoints(&dp.Maps).FindOwner(b.id, podIfname); err == nil {
 		t.Errorf("the failed pod is registered")
 	}
 

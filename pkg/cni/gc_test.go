@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 )
 
 // GC names the valid attachments of one network: another network's pods on
@@ -35,7 +35,7 @@ func TestGCLeavesOtherNetworks(t *testing.T) {
 	}
 	dp := n.openPinned(t)
 	ip := resTheirs.IPs[0].Address.IP.String()
-	if _, err := maps.NewEndpoints(&dp.Maps).Get(netip.MustParseAddr(ip)); err != nil {
+	if _, err := bpfmaps.NewEndpoints(&dp.Maps).Get(netip.MustParseAddr(ip)); err != nil {
 		t.Errorf("other network's endpoint %s: %v", ip, err)
 	}
 }

@@ -33,10 +33,10 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/cni"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -504,11 +504,11 @@ func (n *node) assertEndpoint(tb testing.TB, p *pod, st podState) error {
 		return err
 	}
 	defer dp.Close()
-	ep, err := maps.NewEndpoints(&dp.Maps).Get(st.ip)
+	ep, err := bpfmaps.NewEndpoints(&dp.Maps).Get(st.ip)
 	if err != nil {
 		return fmt.Errorf("endpoint %s: %w", st.ip, err)
 	}
-	want := maps.EndpointInfo{
+	want := bpfmaps.EndpointInfo{
 		IP: st.ip, Ifindex: st.hostIfindex, Ifname: st.hostIfname,
 		MAC: mustMAC(tb, st.podMAC), HostMAC: mustMAC(tb, st.hostMAC),
 		Container: p.id, PodIfname: podIfname, Netns: p.ns.Path(), Network: netName,
@@ -558,7 +558,7 @@ func mustMAC(tb testing.TB, s string) net.HardwareAddr {
 	return m
 }
 
-// mapKey is an IPv4 address as the maps key it (see pkg/maps).
+// mapKey is an IPv4 address as the maps key it (see pkg/bpfmaps).
 func mapKey(a netip.Addr) uint32 {
 	b := a.As4()
 	return binary.NativeEndian.Uint32(b[:])
@@ -597,8 +597,8 @@ func (n *node) assertPodGone(tb testing.TB, p *pod, st podState) {
 	}
 	if dp, err := datapath.OpenPinned(n.root); err == nil {
 		defer dp.Close()
-		eps := maps.NewEndpoints(&dp.Maps)
-		if ep, err := eps.Get(st.ip); !errors.Is(err, maps.ErrNotFound) {
+		eps := bpfmaps.NewEndpoints(&dp.Maps)
+		if ep, err := eps.Get(st.ip); !errors.Is(err, bpfmaps.ErrNotFound) {
 			tb.Errorf("endpoints[%s]: got %+v, %v; want not found", st.ip, ep, err)
 		}
 		var v datapath.Endpoint

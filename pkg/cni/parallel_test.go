@@ -11,8 +11,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // TestParallelAddDel runs 20 ADDs at once, then 20 DELs, each in its own
@@ -123,7 +123,7 @@ func TestGC(t *testing.T) {
 		t.Errorf("leases after GC: %v, want [%s]", l, stKeep.ip)
 	}
 	dp := n.openPinned(t)
-	if _, err := maps.NewEndpoints(&dp.Maps).Get(stKeep.ip); err != nil {
+	if _, err := bpfmaps.NewEndpoints(&dp.Maps).Get(stKeep.ip); err != nil {
 		t.Errorf("valid endpoint %s: %v", stKeep.ip, err)
 	}
 	if err := n.hostNS.Do(func(_ ns.NetNS) error { return dp.Attached(datapath.FromPod, stKeep.hostIfname) }); err != nil {

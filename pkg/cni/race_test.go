@@ -18,9 +18,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
 )
@@ -204,7 +204,7 @@ func (n *node) samplePods(t *testing.T, pods []*livePod, stop chan struct{}, sam
 		return
 	}
 	defer dp.Close()
-	eps := maps.NewEndpoints(&dp.Maps)
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	for {
 		select {
 		case <-stop:

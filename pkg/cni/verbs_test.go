@@ -13,9 +13,9 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -100,7 +100,7 @@ func agentMTU(mtu int) func(*testing.T, *node) {
 			t.Fatalf("open datapath: %v", err)
 		}
 		defer dp.Close()
-		if err := maps.NewConfig(&dp.Maps).Put(maps.Config{MTU: mtu}); err != nil {
+		if err := bpfmaps.NewConfig(&dp.Maps).Put(bpfmaps.Config{MTU: mtu}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -125,7 +125,7 @@ func TestCheckFindsDamage(t *testing.T) {
 		{
 			name: "endpoint deleted",
 			damage: func(t *testing.T, n *node, p *pod, st podState) {
-				if err := maps.NewEndpoints(&n.openPinned(t).Maps).Delete(st.ip); err != nil {
+				if err := bpfmaps.NewEndpoints(&n.openPinned(t).Maps).Delete(st.ip); err != nil {
 					t.Fatal(err)
 				}
 			},

@@ -14,8 +14,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 
 	"github.com/patchcord/patchcord/internal/checksum"
 )
@@ -62,7 +62,7 @@ func (n *testNode) wantToStack(ret uint32, out, want []byte, counters ...string)
 	n.tb.Helper()
 	wantVerdict(n.tb, ret, tcActOK)
 	wantFrame(n.tb, out, want)
-	c := make(map[string]maps.Counter)
+	c := make(map[string]bpfmaps.Counter)
 	for _, name := range counters {
 		c[name] = counted(len(want))
 	}
@@ -98,7 +98,7 @@ func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 				return
 			}
 			wantVerdict(t, ret, tcActRedirect)
-			n.wantCounters(map[string]maps.Counter{"local_redirect": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"local_redirect": counted(len(in))})
 		})
 	}
 }
@@ -269,7 +269,7 @@ func TestFromPodICMPErrorOfNATedFlow(t *testing.T) {
 					return
 				}
 				wantVerdict(t, ret, tcActRedirect)
-				n.wantCounters(map[string]maps.Counter{client.fast: counted(len(in))})
+				n.wantCounters(map[string]bpfmaps.Counter{client.fast: counted(len(in))})
 			})
 		}
 	}
@@ -307,7 +307,7 @@ func TestFromUplinkICMPErrorOfNATedFlow(t *testing.T) {
 				return
 			}
 			wantVerdict(t, ret, tcActRedirect)
-			n.wantCounters(map[string]maps.Counter{"decap": counted(len(want))})
+			n.wantCounters(map[string]bpfmaps.Counter{"decap": counted(len(want))})
 		})
 	}
 }

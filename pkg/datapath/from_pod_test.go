@@ -16,8 +16,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // newPodNode is node 1 with podA (where packets are run) and podB on it and
@@ -183,7 +183,7 @@ func TestFromPodARP(t *testing.T) {
 				want = in
 			}
 			wantFrame(t, out, want)
-			n.wantCounters(map[string]maps.Counter{tt.counter: counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{tt.counter: counted(len(in))})
 			if tt.verdict == tcActShot {
 				n.wantDropEvent(datapath.FromPod, tt.counter, len(in))
 			} else {
@@ -205,7 +205,7 @@ func TestFromPodARPTruncated(t *testing.T) {
 
 			wantVerdict(t, ret, tcActShot)
 			wantFrame(t, out, in)
-			n.wantCounters(map[string]maps.Counter{"drop_malformed": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"drop_malformed": counted(len(in))})
 			n.wantDropEvent(datapath.FromPod, "drop_malformed", len(in))
 		})
 	}
@@ -259,7 +259,7 @@ func TestFromPodLocalRedirect(t *testing.T) {
 				marshal(tt.packet.withTTL(tt.packet.ip.TTL - 1).marshal())
 			wantFrame(t, out, want)
 			wantIPv4ChecksumValid(t, out, ethHdrLen, "forwarded packet")
-			n.wantCounters(map[string]maps.Counter{"local_redirect": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"local_redirect": counted(len(in))})
 			n.wantNoEvents()
 		})
 	}
@@ -279,7 +279,7 @@ func TestFromPodLocalRedirectPadded(t *testing.T) {
 	wantVerdict(t, ret, tcActRedirect)
 	want := append(ethernet{Dst: podB.MAC, Src: podB.HostMAC, Type: ethTypeIPv4}.marshal(p.withTTL(63).marshal()), pad...)
 	wantFrame(t, out, want)
-	n.wantCounters(map[string]maps.Counter{"local_redirect": counted(len(in))})
+	n.wantCounters(map[string]bpfmaps.Counter{"local_redirect": counted(len(in))})
 }
 
 // withChecksum returns p with the first IP ID that makes its header checksum
@@ -316,7 +316,7 @@ func TestFromPodTTLExpired(t *testing.T) {
 
 			wantVerdict(t, ret, tcActOK)
 			wantFrame(t, out, in)
-			n.wantCounters(map[string]maps.Counter{"to_host": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
 			n.wantNoEvents()
 		})
 	}
@@ -460,7 +460,7 @@ func TestFromPodMalformed(t *testing.T) {
 func TestFromPodToHost(t *testing.T) {
 	tests := []struct {
 		name   string
-		config *maps.Config // nil: none written
+		config *bpfmaps.Config // nil: none written
 		in     []byte
 	}{
 		{"outside destination", ptr(defaultConfig()), fromPod(tcpPacket(podA.IP, outsideIP))},
@@ -469,7 +469,7 @@ func TestFromPodToHost(t *testing.T) {
 		{"unallocated local pod IP", ptr(defaultConfig()), fromPod(udpPacket(podA.IP, netip.MustParseAddr("10.244.1.200")))},
 		// Until the agent has configured the uplink, the host stack
 		// routes pod traffic between nodes.
-		{"remote pod, uplink not configured", ptr(func() maps.Config {
+		{"remote pod, uplink not configured", ptr(func() bpfmaps.Config {
 			c := defaultConfig()
 			c.UplinkIfindex = 0
 			return c
@@ -487,7 +487,7 @@ func TestFromPodToHost(t *testing.T) {
 
 			wantVerdict(t, ret, tcActOK)
 			wantFrame(t, out, tt.in)
-			n.wantCounters(map[string]maps.Counter{"to_host": counted(len(tt.in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(tt.in))})
 			n.wantNoEvents()
 		})
 	}
@@ -507,8 +507,8 @@ func TestFromPodEncap(t *testing.T) {
 
 	tests := []struct {
 		name   string
-		config maps.Config
-		node   maps.Node
+		config bpfmaps.Config
+		node   bpfmaps.Node
 		packet packet
 		tos    uint8
 		df     bool
@@ -548,7 +548,7 @@ func TestFromPodEncap(t *testing.T) {
 			wantIPv4ChecksumValid(t, out, ethHdrLen, "outer header")
 			wantIPv4ChecksumValid(t, out, ethHdrLen+vxlanOverhead, "inner header")
 			// Counted before encapsulation: the pod's bytes.
-			n.wantCounters(map[string]maps.Counter{"encap": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"encap": counted(len(in))})
 			n.wantNoEvents()
 		})
 	}
@@ -684,6 +684,6 @@ func (n *testNode) wantFromPodDrop(in []byte, reason string) {
 	ret, out := mustRun(n.tb, n.prog(datapath.FromPod), in)
 	wantVerdict(n.tb, ret, tcActShot)
 	wantFrame(n.tb, out, in)
-	n.wantCounters(map[string]maps.Counter{reason: counted(len(in))})
+	n.wantCounters(map[string]bpfmaps.Counter{reason: counted(len(in))})
 	n.wantDropEvent(datapath.FromPod, reason, len(in))
 }

@@ -10,8 +10,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // dstPod is the local pod node 2's packets are for. No from_pod runs in
@@ -26,7 +26,7 @@ var dstPod = pod{
 
 // newUplinkNode is node 1 configured for standard VXLAN, with node 2 as its
 // peer and dstPod on it.
-func newUplinkNode(tb testing.TB, cfg maps.Config) *testNode {
+func newUplinkNode(tb testing.TB, cfg bpfmaps.Config) *testNode {
 	tb.Helper()
 	n := newTestNode(tb)
 	n.configure(cfg)
@@ -37,7 +37,7 @@ func newUplinkNode(tb testing.TB, cfg maps.Config) *testNode {
 }
 
 // thirdNode is another known node: node 2 may not speak for its pods.
-var thirdNode = maps.Node{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")}
+var thirdNode = bpfmaps.Node{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")}
 
 // toDstPod is a packet from a pod on node 2 to dstPod, as node 2 sends it:
 // its TTL already taken down by one.
@@ -51,7 +51,7 @@ func TestFromUplinkDecap(t *testing.T) {
 
 	tests := []struct {
 		name   string
-		config maps.Config
+		config bpfmaps.Config
 		packet packet
 		tunnel func(*tunnel) // nil: as fromPeer sends it
 	}{
@@ -98,7 +98,7 @@ func TestFromUplinkDecap(t *testing.T) {
 				marshal(tt.packet.withTTL(tt.packet.ip.TTL - 1).marshal())
 			wantFrame(t, out, want)
 			wantIPv4ChecksumValid(t, out, ethHdrLen, "decapsulated packet")
-			n.wantCounters(map[string]maps.Counter{"decap": counted(len(in) - vxlanOverhead)})
+			n.wantCounters(map[string]bpfmaps.Counter{"decap": counted(len(in) - vxlanOverhead)})
 			n.wantNoEvents()
 		})
 	}
@@ -121,7 +121,7 @@ func TestFromUplinkFromPeerHost(t *testing.T) {
 	wantVerdict(t, ret, tcActOK)
 	want := tun.eth.marshal(inner)
 	wantFrame(t, out, want)
-	n.wantCounters(map[string]maps.Counter{
+	n.wantCounters(map[string]bpfmaps.Counter{
 		"decap":   counted(len(want)),
 		"to_host": counted(len(want)),
 	})
@@ -141,7 +141,7 @@ func TestFromUplinkTTLExpired(t *testing.T) {
 			wantVerdict(t, ret, tcActOK)
 			want := tun.eth.marshal(inner)
 			wantFrame(t, out, want)
-			n.wantCounters(map[string]maps.Counter{
+			n.wantCounters(map[string]bpfmaps.Counter{
 				"decap":   counted(len(want)),
 				"to_host": counted(len(want)),
 			})
@@ -278,7 +278,7 @@ func TestFromUplinkDrop(t *testing.T) {
 
 			wantVerdict(t, ret, tcActShot)
 			wantFrame(t, out, in)
-			n.wantCounters(map[string]maps.Counter{tt.reason: counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{tt.reason: counted(len(in))})
 			n.wantDropEvent(datapath.FromUplink, tt.reason, len(in))
 		})
 	}
@@ -302,7 +302,7 @@ func TestFromUplinkPassThrough(t *testing.T) {
 
 	tests := []struct {
 		name   string
-		config *maps.Config // nil: none written
+		config *bpfmaps.Config // nil: none written
 		in     []byte
 	}{
 		{name: "arp", config: ptr(defaultConfig()), in: ethernet{Dst: broadcastMAC, Src: peerMAC, Type: ethTypeARP}.
@@ -337,7 +337,7 @@ func TestFromUplinkPassThrough(t *testing.T) {
 		// Before the agent has written the config, the node has no
 		// tunnel endpoint.
 		{name: "node not configured", in: vxlanTo(func(*tunnel) {})},
-		{name: "node IP not configured", config: ptr(func() maps.Config {
+		{name: "node IP not configured", config: ptr(func() bpfmaps.Config {
 			c := defaultConfig()
 			c.NodeIP = netip.Addr{}
 			return c

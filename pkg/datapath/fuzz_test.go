@@ -18,8 +18,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // Node 3 is a second peer: node 2 may not send in its pods' name.
@@ -79,7 +79,7 @@ func mustFuzzRun(t *testing.T, d *datapath.Datapath, prog string, in []byte) fuz
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := maps.NewStats(&d.Maps)
+	st := bpfmaps.NewStats(&d.Maps)
 	before, err := st.Read()
 	if err != nil {
 		t.Fatal(err)
@@ -187,7 +187,7 @@ func fuzzNode(f *testing.F) *datapath.Datapath {
 	n := newTestNode(f)
 	n.configure(defaultConfig())
 	n.addNode(peerNode())
-	n.addNode(maps.Node{PodCIDR: thirdCIDR, NodeIP: thirdIP})
+	n.addNode(bpfmaps.Node{PodCIDR: thirdCIDR, NodeIP: thirdIP})
 	return n.d
 }
 
@@ -236,7 +236,7 @@ func FuzzFromPod(f *testing.F) {
 	}
 	d := fuzzNode(f)
 	for _, p := range []pod{podA, podB} {
-		if err := maps.NewEndpoints(&d.Maps).Put(maps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC}); err != nil {
+		if err := bpfmaps.NewEndpoints(&d.Maps).Put(bpfmaps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC}); err != nil {
 			f.Fatal(err)
 		}
 	}
@@ -353,7 +353,7 @@ func FuzzFromUplink(f *testing.F) {
 		f.Add(s)
 	}
 	d := fuzzNode(f)
-	if err := maps.NewEndpoints(&d.Maps).Put(maps.EndpointInfo{IP: dstPod.IP, Ifindex: dstPod.Ifindex, MAC: dstPod.MAC, HostMAC: dstPod.HostMAC}); err != nil {
+	if err := bpfmaps.NewEndpoints(&d.Maps).Put(bpfmaps.EndpointInfo{IP: dstPod.IP, Ifindex: dstPod.Ifindex, MAC: dstPod.MAC, HostMAC: dstPod.HostMAC}); err != nil {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {

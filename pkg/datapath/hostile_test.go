@@ -17,9 +17,9 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -53,7 +53,7 @@ func mustHostileVeth(t *testing.T) *hostileVeth {
 	if err != nil {
 		t.Fatalf("set up dummy0 with from_pod: %v", err)
 	}
-	h.n.put(maps.EndpointInfo{IP: podA.IP, Ifindex: h.host.Attrs().Index,
+	h.n.put(bpfmaps.EndpointInfo{IP: podA.IP, Ifindex: h.host.Attrs().Index,
 		MAC: h.pod.Attrs().HardwareAddr, HostMAC: h.host.Attrs().HardwareAddr})
 	h.n.addNode(peerNode())
 	h.n.configure(defaultConfig())
@@ -61,11 +61,11 @@ func mustHostileVeth(t *testing.T) *hostileVeth {
 }
 
 // waitCounter polls until counter name has reached at least want packets.
-func (h *hostileVeth) waitCounter(name string, want uint64) map[string]maps.Counter {
+func (h *hostileVeth) waitCounter(name string, want uint64) map[string]bpfmaps.Counter {
 	h.n.tb.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		got, err := maps.NewStats(&h.n.d.Maps).Read()
+		got, err := bpfmaps.NewStats(&h.n.d.Maps).Read()
 		if err != nil {
 			h.n.tb.Fatal(err)
 		}

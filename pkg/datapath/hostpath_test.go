@@ -6,16 +6,16 @@ package datapath_test
 import (
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // tcActUnspec lets the next tc layer (the veth's legacy filters) decide.
 const tcActUnspec = 0xffffffff
 
 func TestHostPathEndpoints(t *testing.T) {
-	shaped := func(p pod) maps.EndpointInfo {
-		return maps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC, HostPath: true}
+	shaped := func(p pod) bpfmaps.EndpointInfo {
+		return bpfmaps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC, HostPath: true}
 	}
 	t.Run("from a shaped pod", func(t *testing.T) {
 		n := newTestNode(t)
@@ -25,7 +25,7 @@ func TestHostPathEndpoints(t *testing.T) {
 		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
 		wantVerdict(t, ret, tcActUnspec)
 		wantFrame(t, out, in)
-		n.wantCounters(map[string]maps.Counter{"to_host": counted(len(in))})
+		n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
 	})
 	t.Run("to a shaped pod", func(t *testing.T) {
 		n := newTestNode(t)
@@ -35,7 +35,7 @@ func TestHostPathEndpoints(t *testing.T) {
 		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
 		wantVerdict(t, ret, tcActOK)
 		wantFrame(t, out, in)
-		n.wantCounters(map[string]maps.Counter{"to_host": counted(len(in))})
+		n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
 	})
 	t.Run("from another node to a shaped pod", func(t *testing.T) {
 		n := newTestNode(t)
@@ -48,13 +48,13 @@ func TestHostPathEndpoints(t *testing.T) {
 		wantVerdict(t, ret, tcActOK)
 		want := tun.eth.marshal(inner)
 		wantFrame(t, out, want)
-		n.wantCounters(map[string]maps.Counter{"decap": counted(len(want)), "to_host": counted(len(want))})
+		n.wantCounters(map[string]bpfmaps.Counter{"decap": counted(len(want)), "to_host": counted(len(want))})
 	})
 }
 
-func (n *testNode) put(ep maps.EndpointInfo) {
+func (n *testNode) put(ep bpfmaps.EndpointInfo) {
 	n.tb.Helper()
-	if err := maps.NewEndpoints(&n.d.Maps).Put(ep); err != nil {
+	if err := bpfmaps.NewEndpoints(&n.d.Maps).Put(ep); err != nil {
 		n.tb.Fatal(err)
 	}
 }

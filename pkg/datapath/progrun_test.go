@@ -26,9 +26,9 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // tc verdicts, from linux/pkt_cls.h.
@@ -107,8 +107,8 @@ var (
 
 // defaultConfig is node 1 with its uplink configured, speaking standard
 // VXLAN: port 4789, VNI 1.
-func defaultConfig() maps.Config {
-	return maps.Config{
+func defaultConfig() bpfmaps.Config {
+	return bpfmaps.Config{
 		NodeIP:        nodeIP,
 		UplinkIfindex: uplinkIfindex,
 		UplinkMAC:     uplinkMAC,
@@ -118,7 +118,7 @@ func defaultConfig() maps.Config {
 	}
 }
 
-func peerNode() maps.Node { return maps.Node{PodCIDR: peerCIDR, NodeIP: peerIP} }
+func peerNode() bpfmaps.Node { return bpfmaps.Node{PodCIDR: peerCIDR, NodeIP: peerIP} }
 
 // testNode is one freshly loaded datapath: no counter has moved, no event
 // is queued.
@@ -143,7 +143,7 @@ func (n *testNode) prog(name string) *ebpf.Program {
 
 func (n *testNode) addPod(p pod) {
 	n.tb.Helper()
-	err := maps.NewEndpoints(&n.d.Maps).Put(maps.EndpointInfo{
+	err := bpfmaps.NewEndpoints(&n.d.Maps).Put(bpfmaps.EndpointInfo{
 		IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC,
 	})
 	if err != nil {
@@ -151,16 +151,16 @@ func (n *testNode) addPod(p pod) {
 	}
 }
 
-func (n *testNode) addNode(node maps.Node) {
+func (n *testNode) addNode(node bpfmaps.Node) {
 	n.tb.Helper()
-	if err := maps.NewNodes(&n.d.Maps).Put(node); err != nil {
+	if err := bpfmaps.NewNodes(&n.d.Maps).Put(node); err != nil {
 		n.tb.Fatal(err)
 	}
 }
 
-func (n *testNode) configure(cfg maps.Config) {
+func (n *testNode) configure(cfg bpfmaps.Config) {
 	n.tb.Helper()
-	if err := maps.NewConfig(&n.d.Maps).Put(cfg); err != nil {
+	if err := bpfmaps.NewConfig(&n.d.Maps).Put(cfg); err != nil {
 		n.tb.Fatal(err)
 	}
 }
@@ -195,13 +195,13 @@ func wantFrame(tb testing.TB, got, want []byte) {
 }
 
 // counted is one packet of n bytes on a counter.
-func counted(n int) maps.Counter { return maps.Counter{Packets: 1, Bytes: uint64(n)} }
+func counted(n int) bpfmaps.Counter { return bpfmaps.Counter{Packets: 1, Bytes: uint64(n)} }
 
 // wantCounters checks that exactly the counters in want moved, by exactly
 // as much.
-func (n *testNode) wantCounters(want map[string]maps.Counter) {
+func (n *testNode) wantCounters(want map[string]bpfmaps.Counter) {
 	n.tb.Helper()
-	got, err := maps.NewStats(&n.d.Maps).Read()
+	got, err := bpfmaps.NewStats(&n.d.Maps).Read()
 	if err != nil {
 		n.tb.Fatal(err)
 	}
@@ -394,7 +394,7 @@ func (t tunnel) marshal() []byte {
 // bpf_redirect_neigh to address; tos and df are what the outer header copies
 // from inner. The outer source port and IP ID come from a hash and a random
 // number, so the caller passes what the program chose after checking it.
-func encapsulated(eth ethernet, inner []byte, cfg maps.Config, node maps.Node, tos uint8, df bool, srcPort, id uint16) []byte {
+func encapsulated(eth ethernet, inner []byte, cfg bpfmaps.Config, node bpfmaps.Node, tos uint8, df bool, srcPort, id uint16) []byte {
 	var frag uint16
 	if df {
 		frag = ipDF

@@ -18,8 +18,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"golang.org/x/sys/unix"
 )
 
@@ -93,9 +93,9 @@ func admittedAtMost(burst, rate uint32, elapsed time.Duration) int {
 }
 
 // counter reads one counter.
-func (n *testNode) counter(name string) maps.Counter {
+func (n *testNode) counter(name string) bpfmaps.Counter {
 	n.tb.Helper()
-	got, err := maps.NewStats(&n.d.Maps).Read()
+	got, err := bpfmaps.NewStats(&n.d.Maps).Read()
 	if err != nil {
 		n.tb.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestDropEventsLimited(t *testing.T) {
 			if most := admittedAtMost(tt.wantBurst, tt.wantRate, elapsed); got < int(tt.wantBurst) || got > most {
 				t.Errorf("drop_spoofed events: got %d of %d drops, want %d (at most %d after %v)", got, flood, tt.wantBurst, most, elapsed)
 			}
-			n.wantCounters(map[string]maps.Counter{
+			n.wantCounters(map[string]bpfmaps.Counter{
 				"drop_spoofed":      {Packets: uint64(flood), Bytes: uint64(flood * len(in))},
 				"events_suppressed": {Packets: uint64(flood - got)},
 			})
@@ -158,7 +158,7 @@ func TestDropEventsPerReason(t *testing.T) {
 	if most := admittedAtMost(burst, rate, elapsed); got["drop_spoofed"] < burst || got["drop_spoofed"] > most {
 		t.Errorf("drop_spoofed events: got %d of 200, want %d (at most %d after %v)", got["drop_spoofed"], burst, most, elapsed)
 	}
-	n.wantCounters(map[string]maps.Counter{
+	n.wantCounters(map[string]bpfmaps.Counter{
 		"drop_spoofed":      {Packets: 200, Bytes: uint64(200 * len(spoofed))},
 		"drop_malformed":    {Packets: 2, Bytes: uint64(2 * len(malformed))},
 		"events_suppressed": {Packets: uint64(200 - got["drop_spoofed"])},
@@ -196,7 +196,7 @@ func TestDropEventsRefill(t *testing.T) {
 func TestTracesNotLimited(t *testing.T) {
 	const sends = 20
 	n := limitedNode(t, 1, 1)
-	if err := maps.NewConfig(&n.d.Maps).SetTrace(true); err != nil {
+	if err := bpfmaps.NewConfig(&n.d.Maps).SetTrace(true); err != nil {
 		t.Fatal(err)
 	}
 	in := fromPod(udpPacket(podA.IP, podB.IP))
@@ -214,7 +214,7 @@ func TestTracesNotLimited(t *testing.T) {
 	if traces != sends {
 		t.Errorf("local_redirect traces: got %d, want %d", traces, sends)
 	}
-	if s := n.counter("events_suppressed"); s != (maps.Counter{}) {
+	if s := n.counter("events_suppressed"); s != (bpfmaps.Counter{}) {
 		t.Errorf("events_suppressed: got %+v, want none", s)
 	}
 }

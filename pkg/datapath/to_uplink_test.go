@@ -8,12 +8,12 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // newEgressNode is node 1 configured with cfg, with peer as its peer.
-func newEgressNode(tb testing.TB, cfg maps.Config, peer maps.Node) *testNode {
+func newEgressNode(tb testing.TB, cfg bpfmaps.Config, peer bpfmaps.Node) *testNode {
 	tb.Helper()
 	n := newTestNode(tb)
 	n.configure(cfg)
@@ -40,8 +40,8 @@ func TestToUplinkEncap(t *testing.T) {
 
 	tests := []struct {
 		name   string
-		config maps.Config
-		node   maps.Node
+		config bpfmaps.Config
+		node   bpfmaps.Node
 		packet packet
 		tos    uint8
 		df     bool
@@ -86,7 +86,7 @@ func TestToUplinkEncap(t *testing.T) {
 			wantFrame(t, out, want)
 			wantIPv4ChecksumValid(t, out, ethHdrLen, "outer header")
 			// Counted before encapsulation: the host's bytes.
-			n.wantCounters(map[string]maps.Counter{"encap": counted(len(in))})
+			n.wantCounters(map[string]bpfmaps.Counter{"encap": counted(len(in))})
 			n.wantNoEvents()
 		})
 	}
@@ -100,7 +100,7 @@ func TestToUplinkOwnVXLANPassesThrough(t *testing.T) {
 	ret, vx := mustRun(t, n.prog(datapath.ToUplink), fromHost(tcpPacket(nodeIP, peerPodIP)))
 	wantVerdict(t, ret, tcActRedirect)
 	// Only the second run is under test.
-	if err := maps.NewStats(&n.d.Maps).Reset(); err != nil {
+	if err := bpfmaps.NewStats(&n.d.Maps).Reset(); err != nil {
 		t.Fatal(err)
 	}
 
@@ -116,7 +116,7 @@ func TestToUplinkOwnVXLANPassesThrough(t *testing.T) {
 func TestToUplinkPassThrough(t *testing.T) {
 	tests := []struct {
 		name   string
-		config *maps.Config // nil: none written
+		config *bpfmaps.Config // nil: none written
 		in     []byte
 	}{
 		{name: "to peer node", config: ptr(defaultConfig()), in: fromHost(tcpPacket(nodeIP, peerIP))},

@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // BPF_PROG_RUN runs tc programs on the loopback device of the test's
@@ -70,7 +70,7 @@ func mustRunFromPod(tb testing.TB, d *datapath.Datapath, frame []byte) {
 // reads the drop back through Reader and Decoder, as monitor does.
 func TestReaderDecodesADrop(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	err := maps.NewEndpoints(&d.Maps).Put(maps.EndpointInfo{IP: podIP, Ifindex: loIfindex, MAC: podMAC, HostMAC: hostMAC})
+	err := bpfmaps.NewEndpoints(&d.Maps).Put(bpfmaps.EndpointInfo{IP: podIP, Ifindex: loIfindex, MAC: podMAC, HostMAC: hostMAC})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,8 +16,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -139,7 +139,7 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	defer dp.Close()
 	ch <- prometheus.MustNewConstMetric(loadedDesc, prometheus.GaugeValue, 1)
 
-	stats, err := maps.NewStats(&dp.Maps).Read()
+	stats, err := bpfmaps.NewStats(&dp.Maps).Read()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(packetsDesc, err)
 	}
@@ -147,12 +147,12 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(packetsDesc, prometheus.CounterValue, float64(s.Packets), name)
 		ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(s.Bytes), name)
 	}
-	if eps, err := maps.NewEndpoints(&dp.Maps).List(); err != nil {
+	if eps, err := bpfmaps.NewEndpoints(&dp.Maps).List(); err != nil {
 		ch <- prometheus.NewInvalidMetric(endpointsDesc, err)
 	} else {
 		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(len(eps)))
 	}
-	if nodes, err := maps.NewNodes(&dp.Maps).List(); err != nil {
+	if nodes, err := bpfmaps.NewNodes(&dp.Maps).List(); err != nil {
 		ch <- prometheus.NewInvalidMetric(nodesDesc, err)
 	} else {
 		ch <- prometheus.MustNewConstMetric(nodesDesc, prometheus.GaugeValue, float64(len(nodes)))

@@ -15,9 +15,9 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // scrape fetches url and returns every sample by its name and labels as
@@ -86,9 +86,9 @@ func TestScrape(t *testing.T) {
 	srv := httptest.NewServer(m.Handler())
 	defer srv.Close()
 
-	eps := maps.NewEndpoints(&dp.Maps)
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	for i, ip := range []string{"10.244.1.2", "10.244.1.3", "10.244.1.4"} {
-		err := eps.Put(maps.EndpointInfo{
+		err := eps.Put(bpfmaps.EndpointInfo{
 			IP: netip.MustParseAddr(ip), Ifindex: 100 + i, Ifname: "pc" + strconv.Itoa(i),
 			MAC: net.HardwareAddr{2, 0, 0, 0, 0, byte(i)}, HostMAC: net.HardwareAddr{2, 0, 0, 0, 1, byte(i)},
 		})
@@ -96,8 +96,8 @@ func TestScrape(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	nodes := maps.NewNodes(&dp.Maps)
-	for _, n := range []maps.Node{
+	nodes := bpfmaps.NewNodes(&dp.Maps)
+	for _, n := range []bpfmaps.Node{
 		{PodCIDR: netip.MustParsePrefix("10.244.2.0/24"), NodeIP: netip.MustParseAddr("198.18.0.2")},
 		{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")},
 	} {

@@ -10,8 +10,8 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // Attachment statuses.
@@ -57,11 +57,11 @@ func ProgRows(dp *datapath.Datapath) ([]Prog, error) {
 	if err != nil {
 		return nil, err
 	}
-	eps, err := maps.NewEndpoints(&dp.Maps).List()
+	eps, err := bpfmaps.NewEndpoints(&dp.Maps).List()
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := maps.NewConfig(&dp.Maps).Get()
+	cfg, err := bpfmaps.NewConfig(&dp.Maps).Get()
 	if err != nil {
 		return nil, err
 	}
@@ -76,7 +76,7 @@ func ProgRows(dp *datapath.Datapath) ([]Prog, error) {
 
 // BuildProgRows is ProgRows without the kernel: tag looks up a program's tag
 // by ID.
-func BuildProgRows(atts []datapath.Attachment, eps []maps.EndpointInfo, uplink string, uplinkIfindex int, tag func(ebpf.ProgramID) string) []Prog {
+func BuildProgRows(atts []datapath.Attachment, eps []bpfmaps.EndpointInfo, uplink string, uplinkIfindex int, tag func(ebpf.ProgramID) string) []Prog {
 	podIP := make(map[string]string, len(eps))
 	for _, ep := range eps {
 		if ep.Ifname != "" {

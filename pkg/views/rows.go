@@ -4,7 +4,7 @@ package views
 import (
 	"slices"
 
-	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 )
 
 // Endpoint is the JSON shape of an endpoint; field names are stable.
@@ -23,9 +23,9 @@ type Endpoint struct {
 }
 
 // EndpointRows turns endpoints into rows sorted by IP.
-func EndpointRows(list []maps.EndpointInfo) []Endpoint {
+func EndpointRows(list []bpfmaps.EndpointInfo) []Endpoint {
 	list = slices.Clone(list)
-	slices.SortFunc(list, func(a, b maps.EndpointInfo) int { return a.IP.Compare(b.IP) })
+	slices.SortFunc(list, func(a, b bpfmaps.EndpointInfo) int { return a.IP.Compare(b.IP) })
 	rows := make([]Endpoint, 0, len(list))
 	for _, ep := range list {
 		rows = append(rows, Endpoint{
@@ -46,9 +46,9 @@ type Node struct {
 }
 
 // NodeRows turns remote nodes into rows sorted by pod CIDR.
-func NodeRows(list []maps.Node) []Node {
+func NodeRows(list []bpfmaps.Node) []Node {
 	list = slices.Clone(list)
-	slices.SortFunc(list, func(a, b maps.Node) int { return a.PodCIDR.Addr().Compare(b.PodCIDR.Addr()) })
+	slices.SortFunc(list, func(a, b bpfmaps.Node) int { return a.PodCIDR.Addr().Compare(b.PodCIDR.Addr()) })
 	rows := make([]Node, 0, len(list))
 	for _, n := range list {
 		v := Node{PodCIDR: n.PodCIDR.String(), NodeIP: n.NodeIP.String()}

@@ -7,12 +7,12 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/patchcord/patchcord/pkg/maps"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 )
 
 func TestEndpointRows(t *testing.T) {
 	mac := net.HardwareAddr{2, 0, 0x0a, 0xf4, 1, 5}
-	list := []maps.EndpointInfo{
+	list := []bpfmaps.EndpointInfo{
 		{IP: netip.MustParseAddr("10.244.1.9"), Ifindex: 9, Ifname: "pc9", MAC: mac, HostMAC: mac},
 		{IP: netip.MustParseAddr("10.244.1.10"), Ifindex: 10, Ifname: "pc10", MAC: mac, HostMAC: mac, Container: "abc", HostPath: true},
 	}
@@ -34,7 +34,7 @@ func TestEndpointRows(t *testing.T) {
 }
 
 func TestNodeRows(t *testing.T) {
-	list := []maps.Node{
+	list := []bpfmaps.Node{
 		{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")},
 		{PodCIDR: netip.MustParsePrefix("10.244.2.0/24"), NodeIP: netip.MustParseAddr("198.18.0.2"), VtepMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}},
 	}

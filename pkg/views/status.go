@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/events"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // Status is what `status -o json` prints; field names are stable.
@@ -138,8 +138,8 @@ func (v *Status) collectPrograms(dp *datapath.Datapath) {
 }
 
 // collectConfig fills in the node config and returns it.
-func (v *Status) collectConfig(dp *datapath.Datapath) maps.Config {
-	cfg, err := maps.NewConfig(&dp.Maps).Get()
+func (v *Status) collectConfig(dp *datapath.Datapath) bpfmaps.Config {
+	cfg, err := bpfmaps.NewConfig(&dp.Maps).Get()
 	if err != nil {
 		v.problem("%v", err)
 	}
@@ -173,7 +173,7 @@ func (v *Status) collectProcesses() {
 		v.warn("no agent has configured this node: cross-node traffic is not set up until `patchcord agent` runs")
 	}
 
-	if v.Monitoring, err = maps.TracersRunning(v.Root); err != nil {
+	if v.Monitoring, err = bpfmaps.TracersRunning(v.Root); err != nil {
 		v.warn("check monitors: %v", err)
 	} else if v.Tracing && !v.Monitoring {
 		v.warn("tracing is on but no monitor runs (one crashed?): start and stop `patchcord monitor --type trace` to switch it off")
@@ -181,13 +181,13 @@ func (v *Status) collectProcesses() {
 }
 
 // collectTables counts endpoints and nodes and returns the endpoints.
-func (v *Status) collectTables(dp *datapath.Datapath) []maps.EndpointInfo {
-	eps, err := maps.NewEndpoints(&dp.Maps).List()
+func (v *Status) collectTables(dp *datapath.Datapath) []bpfmaps.EndpointInfo {
+	eps, err := bpfmaps.NewEndpoints(&dp.Maps).List()
 	if err != nil {
 		v.problem("%v", err)
 	}
 	v.Endpoints = len(eps)
-	if nodes, err := maps.NewNodes(&dp.Maps).List(); err != nil {
+	if nodes, err := bpfmaps.NewNodes(&dp.Maps).List(); err != nil {
 		v.problem("%v", err)
 	} else {
 		v.Nodes = len(nodes)
@@ -196,7 +196,7 @@ func (v *Status) collectTables(dp *datapath.Datapath) []maps.EndpointInfo {
 }
 
 // collectAttachments judges every attachment row.
-func (v *Status) collectAttachments(dp *datapath.Datapath, eps []maps.EndpointInfo, cfg maps.Config) {
+func (v *Status) collectAttachments(dp *datapath.Datapath, eps []bpfmaps.EndpointInfo, cfg bpfmaps.Config) {
 	atts, err := dp.Attachments()
 	if err != nil {
 		v.problem("%v", err)
@@ -211,7 +211,7 @@ func (v *Status) collectAttachments(dp *datapath.Datapath, eps []maps.EndpointIn
 
 // collectCounters sums the drop counters and reads events_lost.
 func (v *Status) collectCounters(dp *datapath.Datapath) {
-	counters, err := maps.NewStats(&dp.Maps).Read()
+	counters, err := bpfmaps.NewStats(&dp.Maps).Read()
 	if err != nil {
 		v.problem("%v", err)
 		return

@@ -10,16 +10,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 func TestStatusOfFreshDatapath(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	eps := maps.NewEndpoints(&d.Maps)
+	eps := bpfmaps.NewEndpoints(&d.Maps)
 	for i, ip := range []string{"10.244.1.5", "10.244.1.6"} {
 		mac := net.HardwareAddr{2, 0, 0x0a, 0xf4, 1, byte(5 + i)}
-		ep := maps.EndpointInfo{IP: netip.MustParseAddr(ip), Ifindex: 1, MAC: mac, HostMAC: net.HardwareAddr{0xee, 0xee, 0, 0, 0, 1}}
+		ep := bpfmaps.EndpointInfo{IP: netip.MustParseAddr(ip), Ifindex: 1, MAC: mac, HostMAC: net.HardwareAddr{0xee, 0xee, 0, 0, 0, 1}}
 		if err := eps.Put(ep); err != nil {
 			t.Fatal(err)
 		}

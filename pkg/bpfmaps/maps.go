@@ -1,6 +1,6 @@
-// Package maps gives typed access to the datapath's maps: netip and net
+// Package bpfmaps gives typed access to the datapath's maps: netip and net
 // types in, netip and net types out, and errors that say what to do.
-package maps
+package bpfmaps
 
 import (
 	"encoding/binary"

@@ -1,19 +1,19 @@
-package maps_test
+package bpfmaps_test
 
 import (
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 // TestTracingLastMonitorSwitchesOff runs two trace monitors' worth of
 // StartTracing: traces stay on until both have stopped.
 func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	cfg := maps.NewConfig(&d.Maps)
+	cfg := bpfmaps.NewConfig(&d.Maps)
 	// The rest of the config must survive the flag going on and off.
-	base := maps.Config{VNI: 7, VXLANPort: 8472, MTU: 1450}
+	base := bpfmaps.Config{VNI: 7, VXLANPort: 8472, MTU: 1450}
 	if err := cfg.Put(base); err != nil {
 		t.Fatal(err)
 	}
@@ -26,18 +26,18 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 		if got.Trace != trace || got.VNI != 7 || got.VXLANPort != 8472 || got.MTU != 1450 {
 			t.Errorf("config: got %+v, want trace %v over %+v", got, trace, base)
 		}
-		if r, err := maps.TracersRunning(d.Root); err != nil || r != running {
+		if r, err := bpfmaps.TracersRunning(d.Root); err != nil || r != running {
 			t.Errorf("TracersRunning: got %v, %v; want %v", r, err, running)
 		}
 	}
 	want(false, false)
 
-	stop1, err := maps.StartTracing(d.Root, cfg)
+	stop1, err := bpfmaps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want(true, true)
-	stop2, err := maps.StartTracing(d.Root, cfg)
+	stop2, err := bpfmaps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,7 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 	want(false, false)
 
 	// A new monitor after the last one left switches it on again.
-	stop3, err := maps.StartTracing(d.Root, cfg)
+	stop3, err := bpfmaps.StartTracing(d.Root, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,6 @@
 // Tests of the endpoint maps' write ordering and ownership: a delete of a
 // pod that is gone must never remove a newer pod that reused its address.
-package maps_test
+package bpfmaps_test
 
 import (
 	"encoding/binary"
@@ -9,20 +9,20 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
-	"github.com/patchcord/patchcord/pkg/maps"
 )
 
 var podIP = netip.MustParseAddr("10.244.1.7")
 
-func endpoint(ifindex int, container string) maps.EndpointInfo {
+func endpoint(ifindex int, container string) bpfmaps.EndpointInfo {
 	mac := net.HardwareAddr{2, 0, 0, 0, 0, byte(ifindex)}
-	return maps.EndpointInfo{IP: podIP, Ifindex: ifindex, Ifname: "pc" + container, MAC: mac, HostMAC: mac,
+	return bpfmaps.EndpointInfo{IP: podIP, Ifindex: ifindex, Ifname: "pc" + container, MAC: mac, HostMAC: mac,
 		Container: container, PodIfname: "eth0", Network: "pcnet"}
 }
 
-func mustPut(tb testing.TB, eps *maps.Endpoints, ep maps.EndpointInfo) {
+func mustPut(tb testing.TB, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo) {
 	tb.Helper()
 	if err := eps.Put(ep); err != nil {
 		tb.Fatalf("put %s on ifindex %d: %v", ep.IP, ep.Ifindex, err)
@@ -53,7 +53,7 @@ func TestDeleteIfOwned(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			d := datapathtest.MustOpen(t)
-			eps := maps.NewEndpoints(&d.Maps)
+			eps := bpfmaps.NewEndpoints(&d.Maps)
 			mustPut(t, eps, endpoint(11, "old"))
 			mustPut(t, eps, endpoint(12, "new")) // IPAM reused the address
 			if err := eps.DeleteIfOwned(podIP, tt.delIndex); err != nil {
@@ -63,7 +63,7 @@ func TestDeleteIfOwned(t *testing.T) {
 			switch {
 			case tt.wantKept && (err != nil || ep.Ifindex != 12 || ep.Container != "new"):
 				t.Errorf("newer pod: got %+v, %v; want it on ifindex 12, owned by new", ep, err)
-			case !tt.wantKept && !errors.Is(err, maps.ErrNotFound):
+			case !tt.wantKept && !errors.Is(err, bpfmaps.ErrNotFound):
 				t.Errorf("deleted pod: got %+v, %v; want not found", ep, err)
 			}
 			if _, ok := byIfindex(t, d, 11); ok != tt.want11 {
@@ -82,7 +82,7 @@ func TestDeleteIfOwned(t *testing.T) {
 // A delete of a pod never registered, or registered twice, changes nothing.
 func TestDeleteIfOwnedIdempotent(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	eps := maps.NewEndpoints(&d.Maps)
+	eps := bpfmaps.NewEndpoints(&d.Maps)
 	for range 2 {
 		if err := eps.DeleteIfOwned(podIP, 11); err != nil {
 			t.Fatalf("delete of a missing endpoint: %v", err)
@@ -95,7 +95,7 @@ func TestDeleteIfOwnedIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := eps.Get(podIP); !errors.Is(err, maps.ErrNotFound) {
+	if _, err := eps.Get(podIP); !errors.Is(err, bpfmaps.ErrNotFound) {
 		t.Errorf("after delete: %v, want not found", err)
 	}
 	if owners, err := eps.Owners(); err != nil || len(owners) != 0 {
@@ -107,7 +107,7 @@ func TestDeleteIfOwnedIdempotent(t *testing.T) {
 // entry without a forwarding entry: whoever deletes it next removes both.
 func TestDeleteIfOwnedHalfWritten(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	eps := maps.NewEndpoints(&d.Maps)
+	eps := bpfmaps.NewEndpoints(&d.Maps)
 	mustPut(t, eps, endpoint(11, "a"))
 	if err := d.Maps.Endpoints.Delete(ipKey(podIP)); err != nil {
 		t.Fatal(err)
@@ -118,7 +118,7 @@ func TestDeleteIfOwnedHalfWritten(t *testing.T) {
 	if _, ok := byIfindex(t, d, 11); ok {
 		t.Error("anti-spoofing entry of the half-written endpoint is left")
 	}
-	if _, err := eps.FindOwner("a", "eth0"); !errors.Is(err, maps.ErrNotFound) {
+	if _, err := eps.FindOwner("a", "eth0"); !errors.Is(err, bpfmaps.ErrNotFound) {
 		t.Errorf("owner of the half-written endpoint: %v, want not found", err)
 	}
 }
@@ -127,7 +127,7 @@ func TestDeleteIfOwnedHalfWritten(t *testing.T) {
 // first: no owner is left for an endpoint that never forwarded.
 func TestPutRollsBack(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	eps := maps.NewEndpoints(&d.Maps)
+	eps := bpfmaps.NewEndpoints(&d.Maps)
 	max := int(d.Maps.EpByIfindex.MaxEntries())
 	keys, vals := make([]uint32, max), make([]datapath.Endpoint, max)
 	for i := range keys {
@@ -137,10 +137,10 @@ func TestPutRollsBack(t *testing.T) {
 		t.Fatalf("fill ep_by_ifindex: %v", err)
 	}
 	err := eps.Put(endpoint(11, "a"))
-	if !errors.Is(err, maps.ErrFull) {
+	if !errors.Is(err, bpfmaps.ErrFull) {
 		t.Fatalf("put into a full map: %v, want ErrFull", err)
 	}
-	if _, err := eps.Get(podIP); !errors.Is(err, maps.ErrNotFound) {
+	if _, err := eps.Get(podIP); !errors.Is(err, bpfmaps.ErrNotFound) {
 		t.Errorf("forwarding entry after a failed put: %v, want not found", err)
 	}
 	if owners, err := eps.Owners(); err != nil || len(owners) != 0 {
