@@ -242,7 +242,7 @@ func FuzzFromPod(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if !runnable(in) {
-			t.Skip("a frame BPF_PROG_RUN refuses")
+			return // a frame BPF_PROG_RUN refuses: no device ever hands it to tc
 		}
 		r := mustFuzzRun(t, d, datapath.FromPod, bytes.Clone(in))
 		r.wantOneCounter(t)
@@ -358,7 +358,7 @@ func FuzzFromUplink(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if !runnable(in) {
-			t.Skip("a frame BPF_PROG_RUN refuses")
+			return // a frame BPF_PROG_RUN refuses: no device ever hands it to tc
 		}
 		r := mustFuzzRun(t, d, datapath.FromUplink, bytes.Clone(in))
 		decapped := len(r.out) == len(in)-vxlanOverhead

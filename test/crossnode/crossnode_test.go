@@ -70,20 +70,28 @@ func sysctlInt(t *testing.T, ctx context.Context, e e2e.Execer, key string) int 
 	return v
 }
 
-// linkMTU reads an interface's MTU through `ip -j link`.
-func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
+// linkAttrs reads an interface's index and MTU through `ip -j link`.
+func linkAttrs(t *testing.T, ctx context.Context, e e2e.Execer, dev string) (ifindex, mtu int) {
 	t.Helper()
 	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var links []struct {
-		MTU int `json:"mtu"`
+		Ifindex int `json:"ifindex"`
+		MTU     int `json:"mtu"`
 	}
 	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
 		t.Fatalf("ip -j link show %s: %v\n%s", dev, err, out)
 	}
-	return links[0].MTU
+	return links[0].Ifindex, links[0].MTU
+}
+
+// linkMTU is an interface's MTU in the namespace of e.
+func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
+	t.Helper()
+	_, mtu := linkAttrs(t, ctx, e, dev)
+	return mtu
 }
 
 // TestMesh: three patchcord nodes with two pods each. Every pod reaches every
@@ -582,17 +590,8 @@ func TestAgentKillRestart(t *testing.T) {
 // ifindexOf is an interface's index in the namespace of e.
 func ifindexOf(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 	t.Helper()
-	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var links []struct {
-		Ifindex int `json:"ifindex"`
-	}
-	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
-		t.Fatalf("ip -j link show %s: %v\n%s", dev, err, out)
-	}
-	return links[0].Ifindex
+	ifindex, _ := linkAttrs(t, ctx, e, dev)
+	return ifindex
 }
 
 // pinnedTCX reads a pinned tcx link: the name of the program it runs and the ifindex it
