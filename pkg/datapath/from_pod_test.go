@@ -118,51 +118,31 @@ func TestFromPodARP(t *testing.T) {
 	}, {
 		// Not ARP for IPv4 over Ethernet: not something from_pod
 		// answers, so the host stack decides.
-		name: "non-Ethernet hardware type",
-		arp: func() arp {
-			a := arpRequest(podA.MAC, podA.IP, gatewayIP)
-			a.HType = 6 // IEEE 802
-			return a
-		}(),
+		name:    "non-Ethernet hardware type",
+		arp:     arpRequest(podA.MAC, podA.IP, gatewayIP).with(func(a *arp) { a.HType = 6 }), // IEEE 802,
 		verdict: tcActOK,
 		counter: "to_host",
 	}, {
 		// Linux's arp_process accepts hardware type 6 on Ethernet
 		// devices like type 1, so the host would learn a neighbour
 		// from this: it is spoofing all the same.
-		name: "IEEE 802 hardware type, spoofed sender IP",
-		arp: func() arp {
-			a := arpRequest(podA.MAC, podB.IP, gatewayIP)
-			a.HType = 6
-			return a
-		}(),
+		name:    "IEEE 802 hardware type, spoofed sender IP",
+		arp:     arpRequest(podA.MAC, podB.IP, gatewayIP).with(func(a *arp) { a.HType = 6 }),
 		verdict: tcActShot,
 		counter: "drop_spoofed",
 	}, {
-		name: "non-IPv4 protocol type",
-		arp: func() arp {
-			a := arpRequest(podA.MAC, podA.IP, gatewayIP)
-			a.PType = ethTypeIPv6
-			return a
-		}(),
+		name:    "non-IPv4 protocol type",
+		arp:     arpRequest(podA.MAC, podA.IP, gatewayIP).with(func(a *arp) { a.PType = ethTypeIPv6 }),
 		verdict: tcActOK,
 		counter: "to_host",
 	}, {
-		name: "hardware address length 8",
-		arp: func() arp {
-			a := arpRequest(podA.MAC, podA.IP, gatewayIP)
-			a.HLen = 8
-			return a
-		}(),
+		name:    "hardware address length 8",
+		arp:     arpRequest(podA.MAC, podA.IP, gatewayIP).with(func(a *arp) { a.HLen = 8 }),
 		verdict: tcActOK,
 		counter: "to_host",
 	}, {
-		name: "protocol address length 16",
-		arp: func() arp {
-			a := arpRequest(podA.MAC, podA.IP, gatewayIP)
-			a.PLen = 16
-			return a
-		}(),
+		name:    "protocol address length 16",
+		arp:     arpRequest(podA.MAC, podA.IP, gatewayIP).with(func(a *arp) { a.PLen = 16 }),
 		verdict: tcActOK,
 		counter: "to_host",
 	}}
@@ -247,20 +227,8 @@ func TestFromPodLocalRedirect(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			n := newPodNode(t)
 			in := fromPod(tt.packet)
-
-			ret, out := mustRun(t, n.prog(datapath.FromPod), in)
-
-			wantVerdict(t, ret, tcActRedirect)
-			// From podB's gateway to podB, one hop later; the rest
-			// of the packet as it was.
-			want := ethernet{Dst: podB.MAC, Src: podB.HostMAC, Type: ethTypeIPv4}.
-				marshal(tt.packet.withTTL(tt.packet.ip.TTL - 1).marshal())
-			wantFrame(t, out, want)
-			wantIPv4ChecksumValid(t, out, ethHdrLen, "forwarded packet")
-			n.wantCounters(map[string]bpfmaps.Counter{"local_redirect": counted(len(in))})
-			n.wantNoEvents()
+			wantForwarded(t, newPodNode(t), datapath.FromPod, in, podB, tt.packet, "local_redirect", len(in))
 		})
 	}
 }
@@ -494,62 +462,28 @@ func TestFromPodToHost(t *testing.T) {
 }
 
 func TestFromPodEncap(t *testing.T) {
-	withTOS := func(p packet, tos uint8) packet {
-		p.ip.TOS = tos
-		return p
-	}
-	flannel := defaultConfig()
-	flannel.VXLANPort = 8472
-	vni42 := defaultConfig()
-	vni42.VNI = 42
-	vtep := peerNode()
-	vtep.VtepMAC = peerVtepMAC
-
-	tests := []struct {
-		name   string
-		config bpfmaps.Config
-		node   bpfmaps.Node
-		packet packet
-		tos    uint8
-		df     bool
-	}{
+	withOptions := udpPacket(podA.IP, peerPodIP)
+	withOptions.ip.Options = []byte{0x94, 0x04, 0x00, 0x00}
+	tests := append([]encapCase{
 		{name: "udp", config: defaultConfig(), node: peerNode(), packet: udpPacket(podA.IP, peerPodIP)},
 		{name: "tcp with DF", config: defaultConfig(), node: peerNode(), packet: tcpPacket(podA.IP, peerPodIP), df: true},
 		{name: "tos copied", config: defaultConfig(), node: peerNode(),
-			packet: withTOS(tcpPacket(podA.IP, peerPodIP), 0x2e), tos: 0x2e, df: true},
-		{name: "flannel port and vtep MAC", config: flannel, node: vtep,
-			packet: udpPacket(podA.IP, peerPodIP)},
-		{name: "vni 42", config: vni42, node: peerNode(), packet: tcpPacket(podA.IP, peerPodIP), df: true},
-		{name: "inner options", config: defaultConfig(), node: peerNode(), packet: func() packet {
-			p := udpPacket(podA.IP, peerPodIP)
-			p.ip.Options = []byte{0x94, 0x04, 0x00, 0x00}
-			return p
-		}()},
-	}
+			packet: tcpPacket(podA.IP, peerPodIP).withTOS(0x2e), tos: 0x2e, df: true},
+		{name: "inner options", config: defaultConfig(), node: peerNode(), packet: withOptions},
+	}, encapPeerCases(podA.IP)...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newTestNode(t)
 			n.addPod(podA)
 			n.addNode(tt.node)
 			n.configure(tt.config)
-			in := fromPod(tt.packet)
-
-			ret, out := mustRun(t, n.prog(datapath.FromPod), in)
-
-			wantVerdict(t, ret, tcActRedirect)
-			srcPort, id := chosenByEncap(t, out, tt.df)
 			// The pod's frame keeps its Ethernet header for
 			// bpf_redirect_neigh to readdress; its packet is
 			// forwarded one hop, then wrapped.
 			eth := ethernet{Dst: podA.HostMAC, Src: podA.MAC, Type: ethTypeIPv4}
 			inner := tt.packet.withTTL(tt.packet.ip.TTL - 1).marshal()
-			want := encapsulated(eth, inner, tt.config, tt.node, tt.tos, tt.df, srcPort, id)
-			wantFrame(t, out, want)
-			wantIPv4ChecksumValid(t, out, ethHdrLen, "outer header")
+			out := tt.wantEncapsulated(t, n, datapath.FromPod, fromPod(tt.packet), eth, inner)
 			wantIPv4ChecksumValid(t, out, ethHdrLen+vxlanOverhead, "inner header")
-			// Counted before encapsulation: the pod's bytes.
-			n.wantCounters(map[string]bpfmaps.Counter{"encap": counted(len(in))})
-			n.wantNoEvents()
 		})
 	}
 }

@@ -89,17 +89,7 @@ func TestFromUplinkDecap(t *testing.T) {
 				tt.tunnel(&tun)
 			}
 			in := tun.marshal()
-
-			ret, out := mustRun(t, n.prog(datapath.FromUplink), in)
-
-			wantVerdict(t, ret, tcActRedirect)
-			// From dstPod's gateway to dstPod, one hop later.
-			want := ethernet{Dst: dstPod.MAC, Src: dstPod.HostMAC, Type: ethTypeIPv4}.
-				marshal(tt.packet.withTTL(tt.packet.ip.TTL - 1).marshal())
-			wantFrame(t, out, want)
-			wantIPv4ChecksumValid(t, out, ethHdrLen, "decapsulated packet")
-			n.wantCounters(map[string]bpfmaps.Counter{"decap": counted(len(in) - vxlanOverhead)})
-			n.wantNoEvents()
+			wantForwarded(t, n, datapath.FromUplink, in, dstPod, tt.packet, "decap", len(in)-vxlanOverhead)
 		})
 	}
 }
@@ -111,12 +101,16 @@ func TestFromUplinkDecap(t *testing.T) {
 // stack decapsulated: the pod's replies to a node always cross the stack, so
 // conntrack must see this direction too, or it marks the connection INVALID.
 func TestFromUplinkFromPeerHost(t *testing.T) {
-	n := newUplinkNode(t, defaultConfig())
-	inner := tcpPacket(peerIP, dstPod.IP).marshal()
-	tun := fromPeer(inner)
-	in := tun.marshal()
+	wantDecapToHost(t, tcpPacket(peerIP, dstPod.IP).marshal())
+}
 
-	ret, out := mustRun(t, n.prog(datapath.FromUplink), in)
+// wantDecapToHost checks that a peer's VXLAN packet carrying inner reaches
+// the host stack decapsulated, counted and without a drop event.
+func wantDecapToHost(t *testing.T, inner []byte) {
+	t.Helper()
+	n := newUplinkNode(t, defaultConfig())
+	tun := fromPeer(inner)
+	ret, out := mustRun(t, n.prog(datapath.FromUplink), tun.marshal())
 
 	wantVerdict(t, ret, tcActOK)
 	want := tun.eth.marshal(inner)
@@ -131,21 +125,7 @@ func TestFromUplinkFromPeerHost(t *testing.T) {
 func TestFromUplinkTTLExpired(t *testing.T) {
 	for _, ttl := range []uint8{1, 0} {
 		t.Run(fmt.Sprintf("ttl %d", ttl), func(t *testing.T) {
-			n := newUplinkNode(t, defaultConfig())
-			inner := udpPacket(peerPodIP, dstPod.IP).withTTL(ttl).marshal()
-			tun := fromPeer(inner)
-			in := tun.marshal()
-
-			ret, out := mustRun(t, n.prog(datapath.FromUplink), in)
-
-			wantVerdict(t, ret, tcActOK)
-			want := tun.eth.marshal(inner)
-			wantFrame(t, out, want)
-			n.wantCounters(map[string]bpfmaps.Counter{
-				"decap":   counted(len(want)),
-				"to_host": counted(len(want)),
-			})
-			n.wantNoEvents()
+			wantDecapToHost(t, udpPacket(peerPodIP, dstPod.IP).withTTL(ttl).marshal())
 		})
 	}
 }
@@ -300,11 +280,7 @@ func TestFromUplinkPassThrough(t *testing.T) {
 	}
 	toNode := ethernet{Dst: uplinkMAC, Src: peerMAC, Type: ethTypeIPv4}
 
-	tests := []struct {
-		name   string
-		config *bpfmaps.Config // nil: none written
-		in     []byte
-	}{
+	tests := []passCase{
 		{name: "arp", config: ptr(defaultConfig()), in: ethernet{Dst: broadcastMAC, Src: peerMAC, Type: ethTypeARP}.
 			marshal(arpRequest(peerMAC, peerIP, nodeIP).marshal())},
 		{name: "ipv6", config: ptr(defaultConfig()), in: ethernet{Dst: uplinkMAC, Src: peerMAC, Type: ethTypeIPv6}.
@@ -343,23 +319,7 @@ func TestFromUplinkPassThrough(t *testing.T) {
 			return c
 		}()), in: vxlanTo(func(t *tunnel) { t.ip.Dst = netip.IPv4Unspecified() })},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			n := newTestNode(t)
-			if tt.config != nil {
-				n.configure(*tt.config)
-			}
-			n.addNode(peerNode())
-			n.addPod(dstPod)
-
-			ret, out := mustRun(t, n.prog(datapath.FromUplink), tt.in)
-
-			wantVerdict(t, ret, tcActOK)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(nil)
-			n.wantNoEvents()
-		})
-	}
+	runPassCases(t, datapath.FromUplink, tests, dstPod)
 }
 
 // A traced decapsulation reports the inner packet and the pod's veth.

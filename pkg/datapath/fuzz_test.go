@@ -183,11 +183,18 @@ func (r fuzzRun) wantOneCounter(t *testing.T) {
 	}
 }
 
-func fuzzNode(f *testing.F) *datapath.Datapath {
+// fuzzTarget seeds f and returns a node that knows both peers and pods.
+func fuzzTarget(f *testing.F, seeds [][]byte, pods ...pod) *datapath.Datapath {
+	for _, s := range seeds {
+		f.Add(s)
+	}
 	n := newTestNode(f)
 	n.configure(defaultConfig())
 	n.addNode(peerNode())
 	n.addNode(bpfmaps.Node{PodCIDR: thirdCIDR, NodeIP: thirdIP})
+	for _, p := range pods {
+		n.addPod(p)
+	}
 	return n.d
 }
 
@@ -231,15 +238,7 @@ func podSeeds() [][]byte {
 }
 
 func FuzzFromPod(f *testing.F) {
-	for _, s := range podSeeds() {
-		f.Add(s)
-	}
-	d := fuzzNode(f)
-	for _, p := range []pod{podA, podB} {
-		if err := bpfmaps.NewEndpoints(&d.Maps).Put(bpfmaps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC}); err != nil {
-			f.Fatal(err)
-		}
-	}
+	d := fuzzTarget(f, podSeeds(), podA, podB)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if !runnable(in) {
 			return // a frame BPF_PROG_RUN refuses: no device ever hands it to tc
@@ -349,13 +348,7 @@ func uplinkSeeds() [][]byte {
 }
 
 func FuzzFromUplink(f *testing.F) {
-	for _, s := range uplinkSeeds() {
-		f.Add(s)
-	}
-	d := fuzzNode(f)
-	if err := bpfmaps.NewEndpoints(&d.Maps).Put(bpfmaps.EndpointInfo{IP: dstPod.IP, Ifindex: dstPod.Ifindex, MAC: dstPod.MAC, HostMAC: dstPod.HostMAC}); err != nil {
-		f.Fatal(err)
-	}
+	d := fuzzTarget(f, uplinkSeeds(), dstPod)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if !runnable(in) {
 			return // a frame BPF_PROG_RUN refuses: no device ever hands it to tc

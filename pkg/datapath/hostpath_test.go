@@ -15,28 +15,31 @@ const tcActUnspec = 0xffffffff
 
 func TestHostPathEndpoints(t *testing.T) {
 	shaped := func(p pod) bpfmaps.EndpointInfo {
-		return bpfmaps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC, HostPath: true}
+		ep := p.endpoint()
+		ep.HostPath = true
+		return ep
 	}
-	t.Run("from a shaped pod", func(t *testing.T) {
-		n := newTestNode(t)
-		n.put(shaped(podA))
-		n.addPod(podB)
-		in := fromPod(udpPacket(podA.IP, podB.IP))
-		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
-		wantVerdict(t, ret, tcActUnspec)
-		wantFrame(t, out, in)
-		n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
-	})
-	t.Run("to a shaped pod", func(t *testing.T) {
-		n := newTestNode(t)
-		n.addPod(podA)
-		n.put(shaped(podB))
-		in := fromPod(udpPacket(podA.IP, podB.IP))
-		ret, out := mustRun(t, n.prog(datapath.FromPod), in)
-		wantVerdict(t, ret, tcActOK)
-		wantFrame(t, out, in)
-		n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
-	})
+	// A shaped sender's frames go on to its veth's own filters; frames
+	// to a shaped pod go up the stack to reach its veth's egress qdisc.
+	for _, tt := range []struct {
+		name       string
+		src, dst   bpfmaps.EndpointInfo
+		wantAction uint32
+	}{
+		{"from a shaped pod", shaped(podA), podB.endpoint(), tcActUnspec},
+		{"to a shaped pod", podA.endpoint(), shaped(podB), tcActOK},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newTestNode(t)
+			n.put(tt.src)
+			n.put(tt.dst)
+			in := fromPod(udpPacket(podA.IP, podB.IP))
+			ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+			wantVerdict(t, ret, tt.wantAction)
+			wantFrame(t, out, in)
+			n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
+		})
+	}
 	t.Run("from another node to a shaped pod", func(t *testing.T) {
 		n := newTestNode(t)
 		n.configure(defaultConfig())

@@ -88,6 +88,12 @@ func arpRequest(sha net.HardwareAddr, spa, tpa netip.Addr) arp {
 	return arp{HType: 1, PType: ethTypeIPv4, HLen: 6, PLen: 4, Op: arpOpRequest, SHA: sha, SPA: spa, TPA: tpa}
 }
 
+// with returns a changed by change: a table row's one odd field.
+func (a arp) with(change func(*arp)) arp {
+	change(&a)
+	return a
+}
+
 func (a arp) marshal() []byte {
 	b := make([]byte, 0, arpLen)
 	b = binary.BigEndian.AppendUint16(b, a.HType)

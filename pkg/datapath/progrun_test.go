@@ -143,12 +143,12 @@ func (n *testNode) prog(name string) *ebpf.Program {
 
 func (n *testNode) addPod(p pod) {
 	n.tb.Helper()
-	err := bpfmaps.NewEndpoints(&n.d.Maps).Put(bpfmaps.EndpointInfo{
-		IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC,
-	})
-	if err != nil {
-		n.tb.Fatal(err)
-	}
+	n.put(p.endpoint())
+}
+
+// endpoint is what the CNI plugin registers for p.
+func (p pod) endpoint() bpfmaps.EndpointInfo {
+	return bpfmaps.EndpointInfo{IP: p.IP, Ifindex: p.Ifindex, MAC: p.MAC, HostMAC: p.HostMAC}
 }
 
 func (n *testNode) addNode(node bpfmaps.Node) {
@@ -249,30 +249,29 @@ func (n *testNode) events() []datapath.Event {
 // of n bytes by prog for reason.
 func (n *testNode) wantDropEvent(prog, reason string, size int) {
 	n.tb.Helper()
-	evs := n.events()
-	if len(evs) != 1 {
-		n.tb.Fatalf("events: got %d, want one drop:\n%s", len(evs), eventsString(evs))
-	}
-	ev := evs[0]
-	if ev.Kind != datapath.EventDrop || ev.Prog.String() != prog || ev.Reason.String() != reason ||
-		ev.Ifindex != runIfindex || ev.Target != 0 || ev.Len != uint32(size) {
-		n.tb.Errorf("event: got %s, want a drop by %s for %s, ifindex %d, len %d", eventString(ev), prog, reason, runIfindex, size)
-	}
+	n.wantOneEvent(datapath.EventDrop, prog, reason, 0, size)
 }
 
 // wantTraceEvent checks that the one event queued reports prog forwarding a
 // frame of size bytes on path reason to ifindex target, and returns it.
 func (n *testNode) wantTraceEvent(prog, reason string, target, size int) datapath.Event {
 	n.tb.Helper()
+	return n.wantOneEvent(datapath.EventTrace, prog, reason, target, size)
+}
+
+// wantOneEvent checks that exactly one event was queued, of kind by prog for
+// reason, from the run's ifindex to target (0 for drops), of size bytes.
+func (n *testNode) wantOneEvent(kind datapath.EventKind, prog, reason string, target, size int) datapath.Event {
+	n.tb.Helper()
 	evs := n.events()
 	if len(evs) != 1 {
-		n.tb.Fatalf("events: got %d, want one trace:\n%s", len(evs), eventsString(evs))
+		n.tb.Fatalf("events: got %d, want one (kind %v):\n%s", len(evs), kind, eventsString(evs))
 	}
 	ev := evs[0]
-	if ev.Kind != datapath.EventTrace || ev.Prog.String() != prog || ev.Reason.String() != reason ||
+	if ev.Kind != kind || ev.Prog.String() != prog || ev.Reason.String() != reason ||
 		ev.Ifindex != runIfindex || ev.Target != uint32(target) || ev.Len != uint32(size) {
-		n.tb.Errorf("event: got %s, want a trace by %s for %s to ifindex %d, from ifindex %d, len %d",
-			eventString(ev), prog, reason, target, runIfindex, size)
+		n.tb.Errorf("event: got %s, want kind %v by %s for %s to ifindex %d, from ifindex %d, len %d",
+			eventString(ev), kind, prog, reason, target, runIfindex, size)
 	}
 	return ev
 }
@@ -327,6 +326,12 @@ func (p packet) marshal() []byte { return p.ip.marshal(p.l4) }
 // withTTL returns the packet as a router would forward it, TTL ttl.
 func (p packet) withTTL(ttl uint8) packet {
 	p.ip.TTL = ttl
+	return p
+}
+
+// withTOS returns the packet with TOS byte tos.
+func (p packet) withTOS(tos uint8) packet {
+	p.ip.TOS = tos
 	return p
 }
 
@@ -407,6 +412,93 @@ func encapsulated(eth ethernet, inner []byte, cfg bpfmaps.Config, node bpfmaps.N
 		innerEth: ethernet{Dst: node.VtepMAC, Src: cfg.UplinkMAC, Type: ethTypeIPv4},
 		inner:    inner,
 	}.marshal()
+}
+
+// wantForwarded checks that prog redirects in to pod to: p one hop later,
+// addressed from to's gateway to to, counted under counter as bytes.
+func wantForwarded(t *testing.T, n *testNode, prog string, in []byte, to pod, p packet, counter string, bytes int) {
+	t.Helper()
+	ret, out := mustRun(t, n.prog(prog), in)
+
+	wantVerdict(t, ret, tcActRedirect)
+	want := ethernet{Dst: to.MAC, Src: to.HostMAC, Type: ethTypeIPv4}.marshal(p.withTTL(p.ip.TTL - 1).marshal())
+	wantFrame(t, out, want)
+	wantIPv4ChecksumValid(t, out, ethHdrLen, "forwarded packet")
+	n.wantCounters(map[string]bpfmaps.Counter{counter: counted(bytes)})
+	n.wantNoEvents()
+}
+
+// passCase is a frame a program must leave alone: passed on unchanged,
+// counted nowhere, reported nowhere.
+type passCase struct {
+	name   string
+	config *bpfmaps.Config // nil: none written
+	in     []byte
+}
+
+// runPassCases runs prog on each case's frame on a node that knows the peer
+// node and pods.
+func runPassCases(t *testing.T, prog string, tests []passCase, pods ...pod) {
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newTestNode(t)
+			if tt.config != nil {
+				n.configure(*tt.config)
+			}
+			n.addNode(peerNode())
+			for _, p := range pods {
+				n.addPod(p)
+			}
+
+			ret, out := mustRun(t, n.prog(prog), tt.in)
+
+			wantVerdict(t, ret, tcActOK)
+			wantFrame(t, out, tt.in)
+			n.wantCounters(nil)
+			n.wantNoEvents()
+		})
+	}
+}
+
+// encapCase is one packet from_pod or to_uplink must wrap: the node's
+// config, the peer it goes to, and what the outer header copies of it.
+type encapCase struct {
+	name   string
+	config bpfmaps.Config
+	node   bpfmaps.Node
+	packet packet
+	tos    uint8
+	df     bool
+}
+
+// encapPeerCases are the peers every encapsulating program must address
+// right: a Flannel peer (its port, its VTEP MAC) and another VNI.
+func encapPeerCases(src netip.Addr) []encapCase {
+	flannel := defaultConfig()
+	flannel.VXLANPort = 8472
+	vni42 := defaultConfig()
+	vni42.VNI = 42
+	vtep := peerNode()
+	vtep.VtepMAC = peerVtepMAC
+	return []encapCase{
+		{name: "flannel port and vtep MAC", config: flannel, node: vtep, packet: udpPacket(src, peerPodIP)},
+		{name: "vni 42", config: vni42, node: peerNode(), packet: tcpPacket(src, peerPodIP), df: true},
+	}
+}
+
+// wantEncapsulated checks that prog redirected in wrapped for tt: eth is
+// the outer Ethernet header it keeps, inner the packet inside.
+func (tt encapCase) wantEncapsulated(t *testing.T, n *testNode, prog string, in []byte, eth ethernet, inner []byte) []byte {
+	t.Helper()
+	ret, out := mustRun(t, n.prog(prog), in)
+	wantVerdict(t, ret, tcActRedirect)
+	srcPort, id := chosenByEncap(t, out, tt.df)
+	wantFrame(t, out, encapsulated(eth, inner, tt.config, tt.node, tt.tos, tt.df, srcPort, id))
+	wantIPv4ChecksumValid(t, out, ethHdrLen, "outer header")
+	// Counted before encapsulation: the sender's bytes.
+	n.wantCounters(map[string]bpfmaps.Counter{"encap": counted(len(in))})
+	n.wantNoEvents()
+	return out
 }
 
 // Offsets of the outer fields encapsulation fills with a hash and a random

@@ -28,24 +28,11 @@ func fromHost(p packet) []byte {
 }
 
 func TestToUplinkEncap(t *testing.T) {
-	flannel := defaultConfig()
-	flannel.VXLANPort = 8472
-	vni42 := defaultConfig()
-	vni42.VNI = 42
-	vtep := peerNode()
-	vtep.VtepMAC = peerVtepMAC
 	// The agent configures the uplink; to_uplink needs only the node IP.
 	noUplink := defaultConfig()
 	noUplink.UplinkIfindex = 0
 
-	tests := []struct {
-		name   string
-		config bpfmaps.Config
-		node   bpfmaps.Node
-		packet packet
-		tos    uint8
-		df     bool
-	}{
+	tests := append([]encapCase{
 		{name: "host to remote pod", config: defaultConfig(), node: peerNode(),
 			packet: tcpPacket(nodeIP, peerPodIP), df: true},
 		// A pod's packet the host stack DNATed to a remote pod
@@ -56,38 +43,21 @@ func TestToUplinkEncap(t *testing.T) {
 		// TTL 1 (the host's traceroute) is not to_uplink's to judge.
 		{name: "ttl 1", config: defaultConfig(), node: peerNode(),
 			packet: udpPacket(nodeIP, peerPodIP).withTTL(1)},
-		{name: "tos copied", config: defaultConfig(), node: peerNode(), packet: func() packet {
-			p := tcpPacket(nodeIP, peerPodIP)
-			p.ip.TOS = 0xb8
-			return p
-		}(), tos: 0xb8, df: true},
-		{name: "flannel port and vtep MAC", config: flannel, node: vtep,
-			packet: udpPacket(nodeIP, peerPodIP)},
-		{name: "vni 42", config: vni42, node: peerNode(), packet: tcpPacket(nodeIP, peerPodIP), df: true},
+		{name: "tos copied", config: defaultConfig(), node: peerNode(),
+			packet: tcpPacket(nodeIP, peerPodIP).withTOS(0xb8), tos: 0xb8, df: true},
 		{name: "inner fragment", config: defaultConfig(), node: peerNode(),
 			packet: fragment(nodeIP, peerPodIP, ipMF|185)},
 		{name: "uplink ifindex not configured", config: noUplink, node: peerNode(),
 			packet: tcpPacket(nodeIP, peerPodIP), df: true},
-	}
+	}, encapPeerCases(nodeIP)...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newEgressNode(t, tt.config, tt.node)
-			in := fromHost(tt.packet)
-
-			ret, out := mustRun(t, n.prog(datapath.ToUplink), in)
-
-			wantVerdict(t, ret, tcActRedirect)
-			srcPort, id := chosenByEncap(t, out, tt.df)
 			// The outer Ethernet header stays for
 			// bpf_redirect_neigh to readdress; the inner packet is
 			// the one the stack sent, TTL and all.
 			eth := ethernet{Dst: peerMAC, Src: uplinkMAC, Type: ethTypeIPv4}
-			want := encapsulated(eth, tt.packet.marshal(), tt.config, tt.node, tt.tos, tt.df, srcPort, id)
-			wantFrame(t, out, want)
-			wantIPv4ChecksumValid(t, out, ethHdrLen, "outer header")
-			// Counted before encapsulation: the host's bytes.
-			n.wantCounters(map[string]bpfmaps.Counter{"encap": counted(len(in))})
-			n.wantNoEvents()
+			tt.wantEncapsulated(t, n, datapath.ToUplink, fromHost(tt.packet), eth, tt.packet.marshal())
 		})
 	}
 }
@@ -114,11 +84,7 @@ func TestToUplinkOwnVXLANPassesThrough(t *testing.T) {
 
 // Whatever is not for a remote pod CIDR is the node's own traffic.
 func TestToUplinkPassThrough(t *testing.T) {
-	tests := []struct {
-		name   string
-		config *bpfmaps.Config // nil: none written
-		in     []byte
-	}{
+	tests := []passCase{
 		{name: "to peer node", config: ptr(defaultConfig()), in: fromHost(tcpPacket(nodeIP, peerIP))},
 		{name: "to outside", config: ptr(defaultConfig()), in: fromHost(udpPacket(nodeIP, outsideIP))},
 		{name: "to local pod CIDR", config: ptr(defaultConfig()), in: fromHost(udpPacket(nodeIP, podA.IP))},
@@ -134,22 +100,7 @@ func TestToUplinkPassThrough(t *testing.T) {
 		// Without a node IP there is no tunnel source to send from.
 		{name: "node not configured", in: fromHost(tcpPacket(nodeIP, peerPodIP))},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			n := newTestNode(t)
-			if tt.config != nil {
-				n.configure(*tt.config)
-			}
-			n.addNode(peerNode())
-
-			ret, out := mustRun(t, n.prog(datapath.ToUplink), tt.in)
-
-			wantVerdict(t, ret, tcActOK)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(nil)
-			n.wantNoEvents()
-		})
-	}
+	runPassCases(t, datapath.ToUplink, tests)
 }
 
 // The trace of an encapsulated packet is taken after the wrap but describes
