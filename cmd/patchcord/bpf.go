@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/views"
 	"github.com/spf13/cobra"
 )
@@ -80,27 +81,25 @@ func newEndpointCmd(g *globals) *cobra.Command {
 }
 
 func endpointList(g *globals, w io.Writer, only string) error {
-	dp, err := g.open()
-	if err != nil {
-		return err
-	}
-	defer dp.Close()
-	eps := bpfmaps.NewEndpoints(&dp.Maps)
-	var list []bpfmaps.EndpointInfo
+	read := listEndpoints
 	if only != "" {
 		ip, err := netip.ParseAddr(only)
 		if err != nil {
 			return fmt.Errorf("parse endpoint address %q: %w", only, err)
 		}
-		ep, err := eps.Get(ip)
-		if err != nil {
+		read = func(dp *datapath.Datapath) ([]bpfmaps.EndpointInfo, error) {
+			ep, err := bpfmaps.NewEndpoints(&dp.Maps).Get(ip)
 			if errors.Is(err, bpfmaps.ErrNotFound) {
-				return fmt.Errorf("endpoint %s: %w (`patchcord bpf endpoint list` shows what is registered)", ip, err)
+				return nil, fmt.Errorf("endpoint %s: %w (`patchcord bpf endpoint list` shows what is registered)", ip, err)
 			}
-			return fmt.Errorf("endpoint %s: %w", ip, err)
+			if err != nil {
+				return nil, fmt.Errorf("endpoint %s: %w", ip, err)
+			}
+			return []bpfmaps.EndpointInfo{ep}, nil
 		}
-		list = append(list, ep)
-	} else if list, err = eps.List(); err != nil {
+	}
+	list, err := readPinned(g, read)
+	if err != nil {
 		return err
 	}
 	rows := views.EndpointRows(list)
@@ -148,12 +147,7 @@ func short(id string) string {
 }
 
 func nodeList(g *globals, w io.Writer) error {
-	dp, err := g.open()
-	if err != nil {
-		return err
-	}
-	defer dp.Close()
-	list, err := bpfmaps.NewNodes(&dp.Maps).List()
+	list, err := readPinned(g, func(dp *datapath.Datapath) ([]bpfmaps.Node, error) { return bpfmaps.NewNodes(&dp.Maps).List() })
 	if err != nil {
 		return err
 	}
@@ -168,12 +162,7 @@ func nodeList(g *globals, w io.Writer) error {
 
 // endpointIPs lists the registered pod IPs for shell completion.
 func endpointIPs(g *globals) []string {
-	dp, err := g.open()
-	if err != nil {
-		return nil
-	}
-	defer dp.Close()
-	list, err := bpfmaps.NewEndpoints(&dp.Maps).List()
+	list, err := readPinned(g, listEndpoints)
 	if err != nil {
 		return nil
 	}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"text/tabwriter"
 
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/spf13/cobra"
 )
@@ -53,6 +54,21 @@ var outputFormats = []string{"table", "json"}
 // open opens the pinned datapath for reading; it never loads one.
 func (g *globals) open() (*datapath.Datapath, error) {
 	return datapath.OpenPinned(g.root)
+}
+
+// readPinned opens the node's pinned datapath for one read.
+func readPinned[T any](g *globals, read func(*datapath.Datapath) (T, error)) (T, error) {
+	dp, err := g.open()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	defer dp.Close()
+	return read(dp)
+}
+
+func listEndpoints(dp *datapath.Datapath) ([]bpfmaps.EndpointInfo, error) {
+	return bpfmaps.NewEndpoints(&dp.Maps).List()
 }
 
 // print writes v as JSON, or calls table with an aligned writer.

@@ -115,3 +115,19 @@ func Ctx(t *testing.T) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// Step is one named part of a lab test; the steps of a test share its
+// topology, which is too slow to build for each.
+type Step struct {
+	Name string
+	Run  func(*testing.T, context.Context)
+}
+
+// RunSteps runs each step as a subtest, in order, all of them even when
+// one fails: the later ones check that the node keeps working.
+func RunSteps(t *testing.T, ctx context.Context, steps ...Step) {
+	t.Helper()
+	for _, s := range steps {
+		t.Run(s.Name, func(t *testing.T) { s.Run(t, ctx) })
+	}
+}

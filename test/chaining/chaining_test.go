@@ -76,7 +76,9 @@ func TestChaining(t *testing.T) {
 			c := e2e.NewCluster(t, ctx, m.example, 2)
 			n1, n2 := c.Nodes[0], c.Nodes[1]
 
-			t.Run("status", func(t *testing.T) { assertStatus(t, ctx, n1, c.Network, m.example) })
+			e2e.RunSteps(t, ctx,
+				e2e.Step{Name: "status", Run: func(t *testing.T, ctx context.Context) { assertStatus(t, ctx, n1, c.Network, m.example) }},
+			)
 
 			a := e2e.AddCNIPod(t, ctx, n1, "a", c.Network, nil)
 			web := e2e.AddCNIPod(t, ctx, n1, "web", c.Network, map[string]any{
@@ -96,37 +98,28 @@ func TestChaining(t *testing.T) {
 			e2e.AssertRegistered(t, ctx, n2, m.veth, b.Ref())
 			f := &chainRun{m: m, c: c, n1: n1, n2: n2, a: a, web: web, slow: slow, b: b, pods: pods}
 
-			t.Run("ping", func(t *testing.T) { f.ping(t, ctx) })
-
-			t.Run("portmap", func(t *testing.T) { f.portmap(t, ctx) })
-
-			t.Run("bandwidth", func(t *testing.T) { f.bandwidth(t, ctx) })
-
-			t.Run("check", func(t *testing.T) { f.check(t, ctx) })
-
-			t.Run("gc", func(t *testing.T) { f.gc(t, ctx) })
-
-			t.Run("del", func(t *testing.T) { f.del(t, ctx) })
+			e2e.RunSteps(t, ctx,
+				e2e.Step{Name: "ping", Run: f.ping},
+				e2e.Step{Name: "portmap", Run: f.portmap},
+				e2e.Step{Name: "bandwidth", Run: f.bandwidth},
+				e2e.Step{Name: "check", Run: f.check},
+				e2e.Step{Name: "gc", Run: f.gc},
+				e2e.Step{Name: "del", Run: f.del},
+			)
 		})
 	}
 }
 
 // ping is the ping step of TestChaining.
 func (f *chainRun) ping(t *testing.T, ctx context.Context) {
-	m := f.m
-	n1 := f.n1
-	a := f.a
-	web := f.web
-	slow := f.slow
-	b := f.b
-	before := e2e.Stats(t, ctx, n1)
+	before := e2e.Stats(t, ctx, f.n1)
 	const count = 10
-	for _, pair := range [][2]*e2e.CNIPod{{a, web}, {web, a}} {
+	for _, pair := range [][2]*e2e.CNIPod{{f.a, f.web}, {f.web, f.a}} {
 		if err := e2e.PingErr(ctx, pair[0], pair[1].IP.String(), count, "-i", "0.01"); err != nil {
 			t.Error(err)
 		}
 	}
-	after := e2e.Stats(t, ctx, n1)
+	after := e2e.Stats(t, ctx, f.n1)
 	// Each request and reply is redirected once on the node.
 	if got := after["local_redirect"].Packets - before["local_redirect"].Packets; got < 4*count {
 		t.Errorf("local_redirect grew by %d for %d pings each way between a and web: want at least %d (the fast path)", got, count, 4*count)
@@ -134,32 +127,27 @@ func (f *chainRun) ping(t *testing.T, ctx context.Context) {
 	// Across nodes, both ways; to and from the node; to the shaped pod,
 	// which patchcord hands to the host stack (on the bridge, to the
 	// bridge's forwarding).
-	e2e.Ping(t, ctx, a, b.IP.String())
-	e2e.Ping(t, ctx, b, a.IP.String())
-	e2e.Ping(t, ctx, a, n1.IP.String())
-	e2e.Ping(t, ctx, n1, a.IP.String())
-	e2e.Ping(t, ctx, a, slow.IP.String())
-	e2e.Ping(t, ctx, slow, a.IP.String())
-	e2e.Ping(t, ctx, b, slow.IP.String())
-	if m.bridge != "" {
+	e2e.Ping(t, ctx, f.a, f.b.IP.String())
+	e2e.Ping(t, ctx, f.b, f.a.IP.String())
+	e2e.Ping(t, ctx, f.a, f.n1.IP.String())
+	e2e.Ping(t, ctx, f.n1, f.a.IP.String())
+	e2e.Ping(t, ctx, f.a, f.slow.IP.String())
+	e2e.Ping(t, ctx, f.slow, f.a.IP.String())
+	e2e.Ping(t, ctx, f.b, f.slow.IP.String())
+	if f.m.bridge != "" {
 		// The pod's gateway is the bridge's address.
-		e2e.Ping(t, ctx, a, e2e.DefaultGateway(t, ctx, a))
+		e2e.Ping(t, ctx, f.a, e2e.DefaultGateway(t, ctx, f.a))
 	}
 }
 
 // portmap is the portmap step of TestChaining.
 func (f *chainRun) portmap(t *testing.T, ctx context.Context) {
-	n1 := f.n1
-	n2 := f.n2
-	a := f.a
-	web := f.web
-	b := f.b
-	e2e.IperfServer(t, ctx, web, 80)
-	hostPort := n1.IP.String()
+	e2e.IperfServer(t, ctx, f.web, 80)
+	hostPort := f.n1.IP.String()
 	for _, from := range []struct {
 		name string
 		e    e2e.Execer
-	}{{"node1", n1}, {"node2", n2}, {"pod b on node2", b}, {"pod a on node1", a}} {
+	}{{"node1", f.n1}, {"node2", f.n2}, {"pod b on node2", f.b}, {"pod a on node1", f.a}} {
 		if _, err := e2e.IperfErr(ctx, from.e, hostPort, 8080, "-n", "256K"); err != nil {
 			t.Errorf("from %s to web through hostPort %s:8080: %v", from.name, hostPort, err)
 		}
@@ -168,15 +156,11 @@ func (f *chainRun) portmap(t *testing.T, ctx context.Context) {
 
 // bandwidth is the bandwidth step of TestChaining.
 func (f *chainRun) bandwidth(t *testing.T, ctx context.Context) {
-	n1 := f.n1
-	a := f.a
-	web := f.web
-	slow := f.slow
-	e2e.IperfServer(t, ctx, slow, 5201)
-	before := e2e.Stats(t, ctx, n1)
-	in, moved := received(t, ctx, a, slow.IP.String(), 5201, "-t", "2")
-	out, movedOut := received(t, ctx, a, slow.IP.String(), 5201, "-t", "2", "-R")
-	after := e2e.Stats(t, ctx, n1)
+	e2e.IperfServer(t, ctx, f.slow, 5201)
+	before := e2e.Stats(t, ctx, f.n1)
+	in, moved := received(t, ctx, f.a, f.slow.IP.String(), 5201, "-t", "2")
+	out, movedOut := received(t, ctx, f.a, f.slow.IP.String(), 5201, "-t", "2", "-R")
+	after := e2e.Stats(t, ctx, f.n1)
 	t.Logf("into slow %.1f Mbit/s, out of slow %.1f Mbit/s (limit %d)", in/1e6, out/1e6, shapedRate/1_000_000)
 	if in > rateMax {
 		t.Errorf("into the shaped pod: %.1f Mbit/s, limit %d Mbit/s: its ingress limit does not apply", in/1e6, shapedRate/1_000_000)
@@ -188,7 +172,7 @@ func (f *chainRun) bandwidth(t *testing.T, ctx context.Context) {
 		t.Errorf("local_redirect grew by %d bytes while %d went to and from the shaped pod: it took the fast path past its qdiscs", got, moved+movedOut)
 	}
 	// Two pods of the same node without a limit.
-	free, _ := received(t, ctx, a, web.IP.String(), 80, "-t", "1")
+	free, _ := received(t, ctx, f.a, f.web.IP.String(), 80, "-t", "1")
 	t.Logf("unshaped a -> web %.1f Mbit/s", free/1e6)
 	if free < freeRate {
 		t.Errorf("unshaped a -> web: %.1f Mbit/s, want above %d Mbit/s", free/1e6, freeRate/1_000_000)
@@ -197,19 +181,17 @@ func (f *chainRun) bandwidth(t *testing.T, ctx context.Context) {
 
 // check is the check step of TestChaining.
 func (f *chainRun) check(t *testing.T, ctx context.Context) {
-	a := f.a
-	pods := f.pods
-	for _, p := range pods {
+	for _, p := range f.pods {
 		if out, err := p.CNI(ctx, "check"); err != nil {
 			t.Errorf("check pod %s: %v\n%s", p.Name, err, out)
 		}
 	}
 	// A pod whose MAC changed fails CHECK, and says why.
-	if _, err := a.Exec(ctx, "ip", "link", "set", "eth0", "address", "02:00:5e:00:53:02"); err != nil {
+	if _, err := f.a.Exec(ctx, "ip", "link", "set", "eth0", "address", "02:00:5e:00:53:02"); err != nil {
 		t.Fatal(err)
 	}
-	out, err := a.CNI(ctx, "check")
-	if _, rerr := a.Exec(ctx, "ip", "link", "set", "eth0", "address", a.MAC); rerr != nil {
+	out, err := f.a.CNI(ctx, "check")
+	if _, rerr := f.a.Exec(ctx, "ip", "link", "set", "eth0", "address", f.a.MAC); rerr != nil {
 		t.Fatal(rerr)
 	}
 	if err == nil || !strings.Contains(strings.ToLower(string(out)), "mac") {
@@ -219,18 +201,10 @@ func (f *chainRun) check(t *testing.T, ctx context.Context) {
 
 // gc is the gc step of TestChaining.
 func (f *chainRun) gc(t *testing.T, ctx context.Context) {
-	m := f.m
-	c := f.c
-	n1 := f.n1
-	n2 := f.n2
-	a := f.a
-	web := f.web
-	slow := f.slow
-	b := f.b
 	// GC on node n with the attachments the runtime still knows there.
 	gc := func(n *lab.Node, valid ...*e2e.CNIPod) {
 		t.Helper()
-		conflist, err := os.ReadFile(filepath.Join(n.ConfDir, c.Network+".conflist"))
+		conflist, err := os.ReadFile(filepath.Join(n.ConfDir, f.c.Network+".conflist"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -242,41 +216,38 @@ func (f *chainRun) gc(t *testing.T, ctx context.Context) {
 		e2e.GC(t, ctx, n, conflist, attachments)
 	}
 	// Every pod valid: GC changes nothing.
-	gc(n1, a, web, slow)
-	gc(n2, b)
-	e2e.AssertRegistered(t, ctx, n1, m.veth, a.Ref(), web.Ref(), slow.Ref())
-	e2e.AssertRegistered(t, ctx, n2, m.veth, b.Ref())
-	e2e.Ping(t, ctx, a, web.IP.String())
+	gc(f.n1, f.a, f.web, f.slow)
+	gc(f.n2, f.b)
+	e2e.AssertRegistered(t, ctx, f.n1, f.m.veth, f.a.Ref(), f.web.Ref(), f.slow.Ref())
+	e2e.AssertRegistered(t, ctx, f.n2, f.m.veth, f.b.Ref())
+	e2e.Ping(t, ctx, f.a, f.web.IP.String())
 	// The runtime forgot slow: its endpoint and link go, and in primary
 	// mode its lease; the others stay. When chained, the veth and lease
 	// are the first plugin's (ptp and bridge have no GC in plugins
 	// v1.10) and go with its DEL.
-	gc(n1, a, web)
-	e2e.AssertRegistered(t, ctx, n1, m.veth, a.Ref(), web.Ref())
-	if _, ok := e2e.Endpoints(t, ctx, n1)[slow.IP.String()]; ok {
+	gc(f.n1, f.a, f.web)
+	e2e.AssertRegistered(t, ctx, f.n1, f.m.veth, f.a.Ref(), f.web.Ref())
+	if _, ok := e2e.Endpoints(t, ctx, f.n1)[f.slow.IP.String()]; ok {
 		t.Errorf("GC kept the endpoint of pod slow, which is not among the valid attachments")
 	}
-	if pins, _ := os.ReadDir(filepath.Join(n1.BpffsRoot, "links", "from_pod")); len(pins) != 2 {
+	if pins, _ := os.ReadDir(filepath.Join(f.n1.BpffsRoot, "links", "from_pod")); len(pins) != 2 {
 		t.Errorf("%d from_pod links pinned after GC, want 2 (a and web)", len(pins))
 	}
-	if _, err := os.Stat(filepath.Join(n1.IPAMDir, c.Network, slow.IP.String())); err == nil && m.primary {
+	if _, err := os.Stat(filepath.Join(f.n1.IPAMDir, f.c.Network, f.slow.IP.String())); err == nil && f.m.primary {
 		t.Errorf("GC kept the address lease of pod slow")
 	}
-	e2e.Ping(t, ctx, a, web.IP.String())
-	e2e.Ping(t, ctx, b, a.IP.String())
+	e2e.Ping(t, ctx, f.a, f.web.IP.String())
+	e2e.Ping(t, ctx, f.b, f.a.IP.String())
 }
 
 // del is the del step of TestChaining.
 func (f *chainRun) del(t *testing.T, ctx context.Context) {
-	m := f.m
-	c := f.c
-	pods := f.pods
 	// DEL after GC, as a runtime may send it, succeeds too.
-	for _, p := range pods {
+	for _, p := range f.pods {
 		p.Del(t, ctx)
 	}
-	for _, n := range c.Nodes {
-		e2e.AssertClean(t, ctx, n, c.Network, m.bridge)
+	for _, n := range f.c.Nodes {
+		e2e.AssertClean(t, ctx, n, f.c.Network, f.m.bridge)
 	}
 }
 

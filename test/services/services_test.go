@@ -34,6 +34,10 @@ var (
 	// outsideIP is a host on the fabric that is no node and has no route to any pod
 	// CIDR: what "the internet" is to the pods.
 	outsideIP = netip.MustParseAddr("198.18.0.200")
+	// The services of serviceLab.
+	webIP   = netip.MustParseAddr("10.96.0.10")
+	webN1IP = netip.MustParseAddr("10.96.0.11")
+	webN2IP = netip.MustParseAddr("10.96.0.12")
 )
 
 // Ports the backends listen on, and the ports of the services in front of them.
@@ -44,6 +48,10 @@ const (
 	dnsPort    = 53
 	// nodeServerPort is a plain server in a node's own namespace.
 	nodeServerPort = 8090
+	// The NodePorts of serviceLab's services.
+	nodePortWeb   = 30080
+	nodePortWebN1 = 30081
+	nodePortWebN2 = 30082
 )
 
 // ---- the cluster -------------------------------------------------------------------------
@@ -68,18 +76,6 @@ type serviceLab struct {
 	clientPy   string
 	svcs       []servicePort
 }
-
-var (
-	webIP   = netip.MustParseAddr("10.96.0.10")
-	webN1IP = netip.MustParseAddr("10.96.0.11")
-	webN2IP = netip.MustParseAddr("10.96.0.12")
-)
-
-const (
-	nodePortWeb   = 30080
-	nodePortWebN1 = 30081
-	nodePortWebN2 = 30082
-)
 
 func newCluster(t *testing.T, ctx context.Context) *serviceLab {
 	t.Helper()
@@ -187,21 +183,23 @@ func TestKubeProxyChainNames(t *testing.T) {
 func TestServices(t *testing.T) {
 	ctx := e2e.Ctx(t)
 	c := newCluster(t, ctx)
-	t.Run("kube-proxy-rules", func(t *testing.T) { c.kubeProxyRules(t, ctx) })
-	t.Run("redirect-before", func(t *testing.T) { c.checkRedirect(t, ctx) })
-	t.Run("clusterip-same-node", func(t *testing.T) { c.clusteripSameNode(t, ctx) })
-	t.Run("clusterip-other-node", func(t *testing.T) { c.clusteripOtherNode(t, ctx) })
-	t.Run("clusterip-udp-fragmented-same-node", func(t *testing.T) { c.clusteripFragmented(t, ctx, webN1IP, c.b1) })
-	t.Run("clusterip-udp-fragmented-other-node", func(t *testing.T) { c.clusteripFragmented(t, ctx, webN2IP, c.b2) })
-	t.Run("clusterip-from-other-node-client", func(t *testing.T) { c.clusteripFromOtherNodeClient(t, ctx) })
-	t.Run("redirect-during", func(t *testing.T) { c.checkRedirect(t, ctx) })
-	t.Run("clusterip-many-connections", func(t *testing.T) { c.clusteripManyConnections(t, ctx) })
-	t.Run("node-to-clusterip", func(t *testing.T) { c.nodeToClusterip(t, ctx) })
-	t.Run("node-to-pod", func(t *testing.T) { c.nodeToPod(t, ctx) })
-	t.Run("nodeport-from-other-node", func(t *testing.T) { c.nodeportFromOtherNode(t, ctx) })
-	t.Run("hairpin", func(t *testing.T) { c.hairpin(t, ctx) })
-	t.Run("masquerade", func(t *testing.T) { c.masquerade(t, ctx) })
-	t.Run("redirect-after", func(t *testing.T) { c.checkRedirect(t, ctx) })
+	e2e.RunSteps(t, ctx,
+		e2e.Step{Name: "kube-proxy-rules", Run: c.kubeProxyRules},
+		e2e.Step{Name: "redirect-before", Run: c.checkRedirect},
+		e2e.Step{Name: "clusterip-same-node", Run: c.clusteripSameNode},
+		e2e.Step{Name: "clusterip-other-node", Run: c.clusteripOtherNode},
+		e2e.Step{Name: "clusterip-udp-fragmented-same-node", Run: func(t *testing.T, ctx context.Context) { c.clusteripFragmented(t, ctx, webN1IP, c.b1) }},
+		e2e.Step{Name: "clusterip-udp-fragmented-other-node", Run: func(t *testing.T, ctx context.Context) { c.clusteripFragmented(t, ctx, webN2IP, c.b2) }},
+		e2e.Step{Name: "clusterip-from-other-node-client", Run: c.clusteripFromOtherNodeClient},
+		e2e.Step{Name: "redirect-during", Run: c.checkRedirect},
+		e2e.Step{Name: "clusterip-many-connections", Run: c.clusteripManyConnections},
+		e2e.Step{Name: "node-to-clusterip", Run: c.nodeToClusterip},
+		e2e.Step{Name: "node-to-pod", Run: c.nodeToPod},
+		e2e.Step{Name: "nodeport-from-other-node", Run: c.nodeportFromOtherNode},
+		e2e.Step{Name: "hairpin", Run: c.hairpin},
+		e2e.Step{Name: "masquerade", Run: c.masquerade},
+		e2e.Step{Name: "redirect-after", Run: c.checkRedirect},
+	)
 }
 
 // kubeProxyRules is the kube-proxy-rules step of TestServices.
@@ -245,42 +243,16 @@ func (c *serviceLab) kubeProxyRules(t *testing.T, ctx context.Context) {
 
 // clusteripSameNode is the clusterip-same-node step of TestServices.
 func (c *serviceLab) clusteripSameNode(t *testing.T, ctx context.Context) {
-	defer c.explainFailure(t, ctx)()
-	before := c.counters(t, ctx)
-	c.checkService(t, ctx, c.c1, webN1IP, c.b1)
-	r := c.httpGet(t, ctx, c.c1, webN1IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
-	if r.Bytes != 50_000_000 {
-		t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN1IP)
-	}
-	after := c.counters(t, ctx)
-	nat := grewOn(before, after, 1, "to_host_nat")
-	t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes", r.Seconds, nat.Packets, nat.Bytes)
-	// Every reply of b1 to c1 belongs to a DNATed connection: none may be
-	// redirected past the stack.
-	if nat.Bytes < 50_000_000 {
-		t.Errorf("node1 to_host_nat grew by %d bytes while b1 sent 50 MB through the service", nat.Bytes)
-	}
+	c.clusteripDownload(t, ctx, webN1IP, c.b1)
 }
 
-// clusteripOtherNode is the clusterip-other-node step of TestServices.
+// clusteripOtherNode is the clusterip-other-node step of TestServices. GSO
+// packets of the backend cross the tunnel whole and must survive the
+// decap-to-stack path and the forwarding after it.
 func (c *serviceLab) clusteripOtherNode(t *testing.T, ctx context.Context) {
-	defer c.explainFailure(t, ctx)()
-	before := c.counters(t, ctx)
-	c.checkService(t, ctx, c.c1, webN2IP, c.b2)
-	// GSO packets of the backend cross the tunnel whole and must survive the
-	// decap-to-stack path and the forwarding after it.
-	r := c.httpGet(t, ctx, c.c1, webN2IP.String(), httpPort, "/bytes/50000000", 30*time.Second)
-	if r.Bytes != 50_000_000 {
-		t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, webN2IP)
-	}
-	after := c.counters(t, ctx)
-	nat := grewOn(before, after, 1, "to_host_nat")
-	t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes, decap +%d packets; node1 encap +%d; node2 encap +%d",
-		r.Seconds, nat.Packets, nat.Bytes, grewOn(before, after, 1, "decap").Packets,
+	before, after := c.clusteripDownload(t, ctx, webN2IP, c.b2)
+	t.Logf("node1 decap +%d packets; node1 encap +%d; node2 encap +%d", grewOn(before, after, 1, "decap").Packets,
 		grewOn(before, after, 1, "encap").Packets, grewOn(before, after, 2, "encap").Packets)
-	if nat.Bytes < 50_000_000 {
-		t.Errorf("node1 to_host_nat grew by %d bytes while b2 sent 50 MB through the service", nat.Bytes)
-	}
 	// The DNATed requests leave node1 through to_uplink; b2's replies through
 	// from_pod on node2.
 	if got := grewOn(before, after, 1, "encap").Packets; got == 0 {
@@ -289,6 +261,27 @@ func (c *serviceLab) clusteripOtherNode(t *testing.T, ctx context.Context) {
 	if got := grewOn(before, after, 2, "encap").Bytes; got < 50_000_000 {
 		t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
 	}
+}
+
+// clusteripDownload has c1 download 50 MB through service ip, served by
+// backend, and returns the counters before and after.
+func (c *serviceLab) clusteripDownload(t *testing.T, ctx context.Context, ip netip.Addr, backend *lab.Pod) (before, after map[int]nodeCounters) {
+	defer c.explainFailure(t, ctx)()
+	before = c.counters(t, ctx)
+	c.checkService(t, ctx, c.c1, ip, backend)
+	r := c.httpGet(t, ctx, c.c1, ip.String(), httpPort, "/bytes/50000000", 30*time.Second)
+	if r.Bytes != 50_000_000 {
+		t.Errorf("downloaded %d bytes through %s, want 50000000", r.Bytes, ip)
+	}
+	after = c.counters(t, ctx)
+	nat := grewOn(before, after, 1, "to_host_nat")
+	t.Logf("50 MB in %.2fs; node1 to_host_nat +%d packets, +%d bytes", r.Seconds, nat.Packets, nat.Bytes)
+	// Every reply of the backend to c1 belongs to a DNATed connection:
+	// none may be redirected past the stack.
+	if nat.Bytes < 50_000_000 {
+		t.Errorf("node1 to_host_nat grew by %d bytes while %s sent 50 MB through the service", nat.Bytes, backend.Name)
+	}
+	return before, after
 }
 
 // clusteripFragmented: a reply of 4000 bytes leaves the backend in
