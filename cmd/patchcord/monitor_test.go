@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/internal/packet"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
@@ -39,28 +39,7 @@ var (
 
 // udpFrame is what podA sends: Ethernet/IPv4/UDP with a valid header checksum.
 func udpFrame(src, dst netip.Addr, sport, dport uint16) []byte {
-	f := make([]byte, 14+20+8+4)
-	copy(f[0:6], podA.HostMAC)
-	copy(f[6:12], podA.MAC)
-	binary.BigEndian.PutUint16(f[12:], 0x0800)
-	ip := f[14:34]
-	ip[0], ip[8], ip[9] = 0x45, 64, 17
-	binary.BigEndian.PutUint16(ip[2:], 32)
-	s, d := src.As4(), dst.As4()
-	copy(ip[12:], s[:])
-	copy(ip[16:], d[:])
-	var sum uint32
-	for i := 0; i < 20; i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
-	binary.BigEndian.PutUint16(f[34:], sport)
-	binary.BigEndian.PutUint16(f[36:], dport)
-	binary.BigEndian.PutUint16(f[38:], 12)
-	return f
+	return packet.UDP(podA.HostMAC, podA.MAC, src, dst, sport, dport, make([]byte, 4))
 }
 
 type testDatapath struct {

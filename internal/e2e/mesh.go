@@ -40,6 +40,17 @@ func NewMesh(t *testing.T, idx ...int) *Mesh {
 	return c
 }
 
+// NewPair is the smallest cross-node lab: nodes 1 and 2 with their agents
+// running and one pod on each.
+func NewPair(t *testing.T) (*Mesh, context.Context) {
+	t.Helper()
+	c := NewMesh(t, 1, 2)
+	ctx := Ctx(t)
+	c.StartAgents(t, ctx, nil)
+	c.AddPods(t, ctx, 1)
+	return c, ctx
+}
+
 // Entries lists every patchcord node of the cluster, then extra.
 func (c *Mesh) Entries(extra ...nodes.Entry) []nodes.Entry {
 	var es []nodes.Entry

@@ -2,11 +2,10 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
-	"strconv"
-	"strings"
 	"testing"
+
+	"github.com/patchcord/patchcord/internal/promtext"
 )
 
 // MetricsPort is where the agent serves metrics; each lab node has its own
@@ -18,22 +17,9 @@ const MetricsPort = 9964
 // `patchcord_datapath_packets_total{counter="encap"}`.
 func ScrapeMetrics(t *testing.T, out []byte) map[string]float64 {
 	t.Helper()
-	samples := make(map[string]float64)
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			t.Fatalf("bad sample line %q", line)
-		}
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("bad sample line %q: %v", line, err)
-		}
-		samples[line[:i]] = v
+	samples, err := promtext.Parse(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
 	}
 	return samples
 }

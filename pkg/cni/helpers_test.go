@@ -289,15 +289,21 @@ func (n *node) runPlugin(command string, args *skel.CmdArgs) (types.Result, erro
 	if err != nil {
 		return nil, err
 	}
+	return n.invoke(exe, command, args)
+}
+
+// invoke runs the plugin binary at path from the node's namespace.
+func (n *node) invoke(path, command string, args *skel.CmdArgs) (types.Result, error) {
 	iargs := &invoke.Args{Command: command, ContainerID: args.ContainerID, NetNS: args.Netns, IfName: args.IfName, Path: n.cniPath}
 	var res types.Result
-	err = n.hostNS.Do(func(ns.NetNS) error {
+	err := n.hostNS.Do(func(ns.NetNS) error {
 		// The child inherits the namespace of this locked thread.
+		var err error
 		if command == "ADD" {
-			res, err = invoke.ExecPluginWithResult(context.Background(), exe, args.StdinData, iargs, nil)
+			res, err = invoke.ExecPluginWithResult(context.Background(), path, args.StdinData, iargs, nil)
 			return err
 		}
-		return invoke.ExecPluginWithoutResult(context.Background(), exe, args.StdinData, iargs, nil)
+		return invoke.ExecPluginWithoutResult(context.Background(), path, args.StdinData, iargs, nil)
 	})
 	return res, err
 }
@@ -308,16 +314,7 @@ func (n *node) execPlugin(plugin, command string, args *skel.CmdArgs) (types.Res
 	if err != nil {
 		return nil, err
 	}
-	iargs := &invoke.Args{Command: command, ContainerID: args.ContainerID, NetNS: args.Netns, IfName: args.IfName, Path: n.cniPath}
-	var res types.Result
-	err = n.hostNS.Do(func(ns.NetNS) error {
-		if command == "ADD" {
-			res, err = invoke.ExecPluginWithResult(context.Background(), path, args.StdinData, iargs, nil)
-			return err
-		}
-		return invoke.ExecPluginWithoutResult(context.Background(), path, args.StdinData, iargs, nil)
-	})
-	return res, err
+	return n.invoke(path, command, args)
 }
 
 // assertCNIError checks that err is a CNI error with code whose text has

@@ -1,7 +1,6 @@
 package events
 
 import (
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -10,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/internal/packet"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
@@ -27,32 +27,7 @@ var (
 
 // udpFrame is an Ethernet/IPv4/UDP frame with a correct header checksum.
 func udpFrame(src, dst netip.Addr, sport, dport uint16) []byte {
-	payload := []byte("patchcord")
-	f := make([]byte, 14+20+8+len(payload))
-	copy(f[0:6], hostMAC)
-	copy(f[6:12], podMAC)
-	binary.BigEndian.PutUint16(f[12:], 0x0800)
-	ip := f[14:34]
-	ip[0] = 0x45
-	binary.BigEndian.PutUint16(ip[2:], uint16(20+8+len(payload)))
-	ip[8], ip[9] = 64, 17
-	s, d := src.As4(), dst.As4()
-	copy(ip[12:16], s[:])
-	copy(ip[16:20], d[:])
-	var sum uint32
-	for i := 0; i < 20; i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
-	udp := f[34:42]
-	binary.BigEndian.PutUint16(udp[0:], sport)
-	binary.BigEndian.PutUint16(udp[2:], dport)
-	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
-	copy(f[42:], payload)
-	return f
+	return packet.UDP(hostMAC, podMAC, src, dst, sport, dport, []byte("patchcord"))
 }
 
 func mustRunFromPod(tb testing.TB, d *datapath.Datapath, frame []byte) {

@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"bufio"
 	"context"
 	"io"
 	"net"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/patchcord/patchcord/internal/promtext"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
@@ -36,24 +36,14 @@ func scrape(t *testing.T, url string) map[string]float64 {
 	return parse(t, string(body))
 }
 
-// parse reads the Prometheus text format, enough for these tests.
+// parse reads the Prometheus text format.
 func parse(t *testing.T, text string) map[string]float64 {
 	t.Helper()
-	out := make(map[string]float64)
-	sc := bufio.NewScanner(strings.NewReader(text))
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if i < 0 || err != nil {
-			t.Fatalf("bad sample line %q", line)
-		}
-		out[line[:i]] = v
+	samples, err := promtext.Parse(strings.NewReader(text))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return samples
 }
 
 func statID(t *testing.T, name string) uint32 {

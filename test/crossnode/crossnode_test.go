@@ -213,10 +213,7 @@ func TestMesh(t *testing.T) {
 // TestDFAtPodMTU: pods get the uplink MTU minus 50; a DF packet of exactly that
 // size crosses nodes (1500 bytes on the wire), one byte more is refused by the pod itself.
 func TestDFAtPodMTU(t *testing.T) {
-	c := e2e.NewMesh(t, 1, 2)
-	ctx := e2e.Ctx(t)
-	c.StartAgents(t, ctx, nil)
-	c.AddPods(t, ctx, 1)
+	c, ctx := e2e.NewPair(t)
 	n1, from, to := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 
 	if mtu := linkMTU(t, ctx, from, "eth0"); mtu != 1450 {
@@ -392,10 +389,7 @@ func TestForeignTunnel(t *testing.T) {
 // that node alone, within seconds: no more encapsulation toward it, and its tunnel traffic
 // is dropped as unknown. Putting it back restores traffic.
 func TestNodeRemoved(t *testing.T) {
-	c := e2e.NewMesh(t, 1, 2)
-	ctx := e2e.Ctx(t)
-	c.StartAgents(t, ctx, nil)
-	c.AddPods(t, ctx, 1)
+	c, ctx := e2e.NewPair(t)
 	n1, n2, p1, p2 := c.Nodes[0], c.Nodes[1], c.Pod(1, 0), c.Pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
 	e2e.Ping(t, ctx, p1, p2.IP.String())
@@ -441,10 +435,7 @@ func TestNodeRemoved(t *testing.T) {
 // follows it, and its old address is no node's any more: VXLAN from there is dropped as
 // from an unknown tunnel, as for any address the nodes file does not list.
 func TestNodeIPChanged(t *testing.T) {
-	c := e2e.NewMesh(t, 1, 2)
-	ctx := e2e.Ctx(t)
-	c.StartAgents(t, ctx, nil)
-	c.AddPods(t, ctx, 1)
+	c, ctx := e2e.NewPair(t)
 	n1, n2, p1, p2 := c.Nodes[0], c.Nodes[1], c.Pod(1, 0), c.Pod(2, 0)
 	cidr2 := n2.PodCIDR.String()
 	e2e.Ping(t, ctx, p1, p2.IP.String())
@@ -477,10 +468,7 @@ func TestNodeIPChanged(t *testing.T) {
 // TCP flow from node1's pod to node2's, start a new agent: the datapath lives in the
 // kernel, so not one UDP datagram is lost and TCP carries on.
 func TestAgentKillRestart(t *testing.T) {
-	c := e2e.NewMesh(t, 1, 2)
-	ctx := e2e.Ctx(t)
-	c.StartAgents(t, ctx, nil)
-	c.AddPods(t, ctx, 1)
+	c, ctx := e2e.NewPair(t)
 	n1, p1, p2 := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 	e2e.IperfServer(t, ctx, p2, 5201)
 	e2e.IperfServer(t, ctx, p2, 5202)
