@@ -15,20 +15,12 @@ func TestMain(m *testing.M) { e2e.Main(m) }
 func TestLabHarness(t *testing.T) {
 	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	n, err := l.AddNode(1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := e2e.AddNodes(t, l, 1)[0]
 	nodes := filepath.Join(l.Dir, "nodes.json")
 	e2e.WriteNodes(t, nodes, e2e.EntryOf(n))
 	e2e.StartAgent(t, ctx, n, nodes)
-	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-		t.Fatal(err)
-	}
-	p, err := n.AddPod(ctx, "p1", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
+	p := e2e.AddPod(t, ctx, n, "p1", "patchcord")
 	e2e.Ping(t, ctx, n, p.IP.String())
 	if st := e2e.Stats(t, ctx, n); st["arp_reply"].Packets == 0 {
 		t.Errorf("no ARP reply counted: %+v", st)

@@ -76,3 +76,21 @@ func WaitNodeList(t *testing.T, ctx context.Context, n *lab.Node, what string, w
 		t.Fatal(err)
 	}
 }
+
+// AddPod adds a pod named name to n through the conflist network.
+func AddPod(t *testing.T, ctx context.Context, n *lab.Node, name, network string) *lab.Pod {
+	t.Helper()
+	p, err := n.AddPod(ctx, name, network)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// WriteConflist writes the conflist network on n.
+func WriteConflist(t *testing.T, n *lab.Node, network string, conf []byte) {
+	t.Helper()
+	if err := n.WriteConflist(network, conf); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -30,22 +30,13 @@ type agentNode struct {
 
 func newNode(t *testing.T, ctx context.Context, l *lab.Lab) *agentNode {
 	t.Helper()
-	n, err := l.AddNode(1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := e2e.AddNodes(t, l, 1)[0]
 	c := &agentNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
 	e2e.WriteNodes(t, c.nodes, e2e.EntryOf(n))
 	c.agent = e2e.StartAgent(t, ctx, n, c.nodes)
-	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-		t.Fatal(err)
-	}
-	if c.a, err = n.AddPod(ctx, "a", "patchcord"); err != nil {
-		t.Fatal(err)
-	}
-	if c.b, err = n.AddPod(ctx, "b", "patchcord"); err != nil {
-		t.Fatal(err)
-	}
+	e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
+	c.a = e2e.AddPod(t, ctx, n, "a", "patchcord")
+	c.b = e2e.AddPod(t, ctx, n, "b", "patchcord")
 	return c
 }
 
@@ -221,10 +212,7 @@ func TestTunnelDrops(t *testing.T) {
 	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
 	c := newNode(t, ctx, l)
-	stranger, err := l.AddNode(99)
-	if err != nil {
-		t.Fatal(err)
-	}
+	stranger := e2e.AddNodes(t, l, 99)[0]
 	// IPv6 off before any vxlan device exists: its router solicitations
 	// and MLD reports would be tunnelled to node 1 and dropped too.
 	if _, err := stranger.Exec(ctx, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"); err != nil {
@@ -472,10 +460,7 @@ func TestNotLoaded(t *testing.T) {
 	t.Parallel()
 	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	n, err := l.AddNode(1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := e2e.AddNodes(t, l, 1)[0]
 	for _, args := range [][]string{{"status"}, {"bpf", "prog", "list"}, {"monitor"}, {"bpf", "stats"}} {
 		out, err := n.CLI(ctx, args...)
 		if err == nil || !bytes.Contains(out, []byte("is the agent or the CNI plugin installed?")) {

@@ -15,10 +15,7 @@ import (
 func TestMetrics(t *testing.T) {
 	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	n, err := l.AddNode(1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := e2e.AddNodes(t, l, 1)[0]
 	// A remote node that does not exist: the map holds it all the same.
 	remote := nodes.Entry{Name: "remote", NodeIP: "198.18.0.2", PodCIDR: "10.244.2.0/24"}
 	nodesFile := filepath.Join(l.Dir, "nodes.json")
@@ -28,17 +25,9 @@ func TestMetrics(t *testing.T) {
 	if err := agent.WaitListening(ctx, e2e.MetricsPort); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-		t.Fatal(err)
-	}
-	p1, err := n.AddPod(ctx, "p1", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p2, err := n.AddPod(ctx, "p2", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
+	p1 := e2e.AddPod(t, ctx, n, "p1", "patchcord")
+	p2 := e2e.AddPod(t, ctx, n, "p2", "patchcord")
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 
 	// The node's loopback is reachable only from inside the node.

@@ -259,13 +259,8 @@ func TestFlannelInterop(t *testing.T) {
 	flEntry.VtepMAC = vtep.String()
 	c.StartAgents(t, ctx, []nodes.Entry{flEntry}, "--vxlan-port", strconv.Itoa(lab.FlannelPort), "--vni", strconv.Itoa(lab.FlannelVNI))
 	c.AddPods(t, ctx, 1)
-	if err := fl.WriteConflist("flannel-ptp", fl.FlannelConflist()); err != nil {
-		t.Fatal(err)
-	}
-	fpod, err := fl.AddPod(ctx, "f", "flannel-ptp")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e2e.WriteConflist(t, fl, "flannel-ptp", fl.FlannelConflist())
+	fpod := e2e.AddPod(t, ctx, fl, "f", "flannel-ptp")
 	n1, p1, p2 := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
 
 	t.Run("ping", func(t *testing.T) {
@@ -358,13 +353,8 @@ func TestForeignTunnel(t *testing.T) {
 	file := filepath.Join(l.Dir, "nodes.json")
 	e2e.WriteNodes(t, file, e2e.EntryOf(n1), e2e.EntryOf(n2))
 	e2e.StartAgent(t, ctx, n1, file)
-	if err := n1.WriteConflist("patchcord", n1.PrimaryConflist()); err != nil {
-		t.Fatal(err)
-	}
-	pod, err := n1.AddPod(ctx, "a", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e2e.WriteConflist(t, n1, "patchcord", n1.PrimaryConflist())
+	pod := e2e.AddPod(t, ctx, n1, "a", "patchcord")
 	t.Run("unknown source", func(t *testing.T) {
 		foreignTunnel(t, stranger, "vx1", 1, n1)
 		tunnelDropped(t, ctx, stranger, pod, "drop_unknown_tunnel")

@@ -285,9 +285,7 @@ func TestFlannelMigration(t *testing.T) {
 	kubeconfig := writeKubeconfig(t, l.Dir)
 	for _, n := range []*lab.Node{n1, n2} {
 		api.serveIn(t, n)
-		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-			t.Fatal(err)
-		}
+		e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
 		startKubeAgent(t, ctx, n, kubeconfig)
 	}
 
@@ -327,21 +325,10 @@ func TestFlannelMigration(t *testing.T) {
 		t.Errorf("n1's node map lacks the Flannel node's VtepMAC %s:\n%s", vtep, out)
 	}
 
-	p1, err := n1.AddPod(ctx, "a", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p2, err := n2.AddPod(ctx, "a", "patchcord")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := fl.WriteConflist("flannel-ptp", fl.FlannelConflist()); err != nil {
-		t.Fatal(err)
-	}
-	fpod, err := fl.AddPod(ctx, "f", "flannel-ptp")
-	if err != nil {
-		t.Fatal(err)
-	}
+	p1 := e2e.AddPod(t, ctx, n1, "a", "patchcord")
+	p2 := e2e.AddPod(t, ctx, n2, "a", "patchcord")
+	e2e.WriteConflist(t, fl, "flannel-ptp", fl.FlannelConflist())
+	fpod := e2e.AddPod(t, ctx, fl, "f", "flannel-ptp")
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p1, fpod.IP.String())
 	e2e.Ping(t, ctx, fpod, p2.IP.String())

@@ -36,13 +36,8 @@ var cniModes = []cniMode{
 func modeNode(t *testing.T, m cniMode) *lab.Node {
 	t.Helper()
 	l := e2e.NewLab(t)
-	n, err := l.AddNode(1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.WriteConflist(m.network, m.conf(n)); err != nil {
-		t.Fatal(err)
-	}
+	n := e2e.AddNodes(t, l, 1)[0]
+	e2e.WriteConflist(t, n, m.network, m.conf(n))
 	return n
 }
 
@@ -110,10 +105,7 @@ func TestSameNode(t *testing.T) {
 			n := modeNode(t, m)
 			var pods []*lab.Pod
 			for _, name := range []string{"a", "b", "c"} {
-				p, err := n.AddPod(ctx, name, m.network)
-				if err != nil {
-					t.Fatal(err)
-				}
+				p := e2e.AddPod(t, ctx, n, name, m.network)
 				pods = append(pods, p)
 			}
 			assertRegistered(t, ctx, n, m, pods)

@@ -499,9 +499,7 @@ func (c *serviceLab) addNodes(t *testing.T, ctx context.Context) []*lab.Node {
 	c.nodesFile = filepath.Join(l.Dir, "nodes.json")
 	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
 	for _, n := range nodes {
-		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
-			t.Fatal(err)
-		}
+		e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
 		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
 		// What a real node's default route does for the service range: without a
 		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
