@@ -63,11 +63,7 @@ type cniSubject struct {
 // once and deleted again, untimed: the timed rounds start from a clean node
 // with a warm datapath, as a node that has run pods before.
 func (b *builder) cniSubjects(ctx context.Context, n int) ([]*cniSubject, error) {
-	pc, err := b.node(nodeCNIPatchcord)
-	if err != nil {
-		return nil, err
-	}
-	br, err := b.node(nodeCNIBridge)
+	pc, br, err := b.pair(nodeCNIPatchcord, nodeCNIBridge)
 	if err != nil {
 		return nil, err
 	}

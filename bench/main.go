@@ -313,17 +313,15 @@ func setupTraffic(ctx context.Context, o options, b *builder, res *Results) ([]*
 		return nil, err
 	}
 	var subjects []*subject
-	if o.has(groupSame) {
-		progress("setup: same-node datapaths")
-		s, err := b.sameNode(ctx, pc, b.loaded)
-		if err != nil {
-			return nil, err
+	for _, g := range []struct {
+		name  string
+		build func(context.Context, *pcPair, *pcPair) ([]*subject, error)
+	}{{groupSame, b.sameNode}, {groupCross, b.crossNode}} {
+		if !o.has(g.name) {
+			continue
 		}
-		subjects = append(subjects, s...)
-	}
-	if o.has(groupCross) {
-		progress("setup: cross-node datapaths")
-		s, err := b.crossNode(ctx, pc, b.loaded)
+		progress("setup: " + g.name + " datapaths")
+		s, err := g.build(ctx, pc, b.loaded)
 		if err != nil {
 			return nil, err
 		}

@@ -131,14 +131,11 @@ func (b *builder) sameNode(ctx context.Context, pc, loaded *pcPair) ([]*subject,
 		if err := n.WriteConflist(c.network, c.conf(n)); err != nil {
 			return nil, err
 		}
-		client, server, err := twoPods(ctx, n, n, c.network)
+		s, err := podSubject(ctx, DatapathInfo{Group: groupSame, Name: c.name, Setup: c.setup}, n, n, c.network)
 		if err != nil {
 			return nil, err
 		}
-		subjects = append(subjects, &subject{
-			DatapathInfo: DatapathInfo{Group: groupSame, Name: c.name, Setup: c.setup},
-			Client:       client, Server: server, ServerIP: server.IP,
-		})
+		subjects = append(subjects, s)
 	}
 	return subjects, nil
 }
@@ -146,11 +143,7 @@ func (b *builder) sameNode(ctx context.Context, pc, loaded *pcPair) ([]*subject,
 // floor joins two namespaces with one veth pair, addresses on both ends:
 // the least any same-node datapath can do.
 func (b *builder) floor(ctx context.Context) (*subject, error) {
-	na, err := b.node(nodeFloorA)
-	if err != nil {
-		return nil, err
-	}
-	nb, err := b.node(nodeFloorB)
+	na, nb, err := b.pair(nodeFloorA, nodeFloorB)
 	if err != nil {
 		return nil, err
 	}
@@ -216,15 +209,8 @@ func (b *builder) hostGW(ctx context.Context) (*subject, error) {
 			return nil, err
 		}
 	}
-	client, server, err := twoPods(ctx, na, nb, "ptp")
-	if err != nil {
-		return nil, err
-	}
-	return &subject{
-		DatapathInfo: DatapathInfo{Group: groupCross, Name: "host-gw (ceiling)", Role: roleCeiling,
-			Setup: "route <peer pod CIDR> via <peer node IP>, no encapsulation; ptp + host-local pods, MTU 1500"},
-		Client: client, Server: server, ServerIP: server.IP,
-	}, nil
+	return podSubject(ctx, DatapathInfo{Group: groupCross, Name: "host-gw (ceiling)", Role: roleCeiling,
+		Setup: "route <peer pod CIDR> via <peer node IP>, no encapsulation; ptp + host-local pods, MTU 1500"}, na, nb, "ptp")
 }
 
 // flannel builds two Flannel vxlan nodes: flannel.1 (VNI 1, port 8472,
@@ -252,15 +238,8 @@ func (b *builder) flannel(ctx context.Context) (*subject, error) {
 	if err := nb.AddVXLANPeer(lab.FlannelDevice, vteps[na]); err != nil {
 		return nil, err
 	}
-	client, server, err := twoPods(ctx, na, nb, "flannel")
-	if err != nil {
-		return nil, err
-	}
-	return &subject{
-		DatapathInfo: DatapathInfo{Group: groupCross, Name: "flannel vxlan", Role: roleFlannel,
-			Setup: "kernel vxlan flannel.1 (VNI 1, port 8472, nolearning, MTU 1450) + per-peer route/neigh/fdb; pods on a cni0 bridge (bridge plugin, as Flannel's CNI delegates)"},
-		Client: client, Server: server, ServerIP: server.IP,
-	}, nil
+	return podSubject(ctx, DatapathInfo{Group: groupCross, Name: "flannel vxlan", Role: roleFlannel,
+		Setup: "kernel vxlan flannel.1 (VNI 1, port 8472, nolearning, MTU 1450) + per-peer route/neigh/fdb; pods on a cni0 bridge (bridge plugin, as Flannel's CNI delegates)"}, na, nb, "flannel")
 }
 
 func (b *builder) pair(i, j int) (*lab.Node, *lab.Node, error) {
@@ -273,6 +252,16 @@ func (b *builder) pair(i, j int) (*lab.Node, *lab.Node, error) {
 		return nil, nil, err
 	}
 	return ni, nj, nil
+}
+
+// podSubject is the datapath info measured between a new client pod on nc
+// and a new server pod on ns.
+func podSubject(ctx context.Context, info DatapathInfo, nc, ns *lab.Node, network string) (*subject, error) {
+	client, server, err := twoPods(ctx, nc, ns, network)
+	if err != nil {
+		return nil, err
+	}
+	return &subject{DatapathInfo: info, Client: client, Server: server, ServerIP: server.IP}, nil
 }
 
 // twoPods adds a client pod on nc and a server pod on ns.

@@ -121,10 +121,6 @@ func AddCNIPod(t *testing.T, ctx context.Context, n *lab.Node, name, network str
 // readAddr takes the pod's IPv4 address and MAC from its eth0.
 func (p *CNIPod) ReadAddr(t *testing.T, ctx context.Context) {
 	t.Helper()
-	out, err := p.Exec(ctx, "ip", "-j", "addr", "show", "dev", "eth0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var links []struct {
 		Address  string `json:"address"`
 		AddrInfo []struct {
@@ -132,14 +128,17 @@ func (p *CNIPod) ReadAddr(t *testing.T, ctx context.Context) {
 			Local  string `json:"local"`
 		} `json:"addr_info"`
 	}
-	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
-		t.Fatalf("eth0 of pod %s: %v\n%s", p.Name, err, out)
+	out := IPJSON(t, ctx, p, &links, "addr", "show", "dev", "eth0")
+	if len(links) != 1 {
+		t.Fatalf("eth0 of pod %s: want one link\n%s", p.Name, out)
 	}
 	for _, a := range links[0].AddrInfo {
 		if a.Family == "inet" {
-			if p.IP, err = netip.ParseAddr(a.Local); err != nil {
+			ip, err := netip.ParseAddr(a.Local)
+			if err != nil {
 				t.Fatal(err)
 			}
+			p.IP = ip
 		}
 	}
 	if !p.IP.IsValid() {

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -51,16 +50,10 @@ type kept struct {
 func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
 	var left []string
-	out, err := n.Exec(ctx, "ip", "-j", "link", "show")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var links []struct {
 		Ifname string `json:"ifname"`
 	}
-	if err := json.Unmarshal(out, &links); err != nil {
-		t.Fatalf("ip -j link: %v\n%s", err, out)
-	}
+	IPJSON(t, ctx, n, &links, "link", "show")
 	for _, l := range links {
 		if l.Ifname != "lo" && l.Ifname != "eth0" && (bridge == "" || l.Ifname != bridge) && !k.veth[l.Ifname] {
 			left = append(left, "link "+l.Ifname)
@@ -73,18 +66,12 @@ func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge st
 func leftRoutes(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
 	var left []string
-	out, err := n.Exec(ctx, "ip", "-j", "-4", "route", "show", "table", "all")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var routes []struct {
 		Dst   string `json:"dst"`
 		Dev   string `json:"dev"`
 		Table string `json:"table"`
 	}
-	if err := json.Unmarshal(out, &routes); err != nil {
-		t.Fatalf("ip -j route: %v\n%s", err, out)
-	}
+	IPJSON(t, ctx, n, &routes, "-4", "route", "show", "table", "all")
 	for _, r := range routes {
 		dst, err := netip.ParsePrefix(r.Dst)
 		if err != nil {

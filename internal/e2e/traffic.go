@@ -17,6 +17,20 @@ type Execer interface {
 	Exec(ctx context.Context, name string, args ...string) ([]byte, error)
 }
 
+// IPJSON runs `ip -j args...` in e's namespace and decodes its output into
+// v; it returns the raw output for failure messages.
+func IPJSON(t *testing.T, ctx context.Context, e Execer, v any, args ...string) []byte {
+	t.Helper()
+	out, err := e.Exec(ctx, "ip", append([]string{"-j"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(out, v); err != nil {
+		t.Fatalf("ip -j %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
 // Starter runs background commands too.
 type Starter interface {
 	Execer
@@ -147,15 +161,12 @@ func IperfServer(t *testing.T, ctx context.Context, p Starter, port int) *lab.Pr
 // primary mode, the first address of the pod CIDR with ptp.
 func DefaultGateway(t *testing.T, ctx context.Context, p Execer) string {
 	t.Helper()
-	out, err := p.Exec(ctx, "ip", "-j", "-4", "route", "show", "default")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var routes []struct {
 		Gateway string `json:"gateway"`
 	}
-	if err := json.Unmarshal(out, &routes); err != nil || len(routes) != 1 || routes[0].Gateway == "" {
-		t.Fatalf("default route: %v\n%s", err, out)
+	out := IPJSON(t, ctx, p, &routes, "-4", "route", "show", "default")
+	if len(routes) != 1 || routes[0].Gateway == "" {
+		t.Fatalf("want one default route with a gateway:\n%s", out)
 	}
 	return routes[0].Gateway
 }

@@ -8,7 +8,6 @@ package crossnode
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -73,16 +72,13 @@ func sysctlInt(t *testing.T, ctx context.Context, e e2e.Execer, key string) int 
 // linkAttrs reads an interface's index and MTU through `ip -j link`.
 func linkAttrs(t *testing.T, ctx context.Context, e e2e.Execer, dev string) (ifindex, mtu int) {
 	t.Helper()
-	out, err := e.Exec(ctx, "ip", "-j", "link", "show", "dev", dev)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var links []struct {
 		Ifindex int `json:"ifindex"`
 		MTU     int `json:"mtu"`
 	}
-	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
-		t.Fatalf("ip -j link show %s: %v\n%s", dev, err, out)
+	out := e2e.IPJSON(t, ctx, e, &links, "link", "show", "dev", dev)
+	if len(links) != 1 {
+		t.Fatalf("ip -j link show %s: want one link\n%s", dev, out)
 	}
 	return links[0].Ifindex, links[0].MTU
 }

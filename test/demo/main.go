@@ -123,30 +123,21 @@ func run(ctx context.Context) (err error) {
 	}
 	a1, a2, b1 := pods[0], pods[1], pods[2]
 
-	step("node1: patchcord bpf endpoint list")
-	if err := show(ctx, nodes[0], "bpf", "endpoint", "list"); err != nil {
-		return err
-	}
-	step("node1: patchcord bpf node list")
-	if err := show(ctx, nodes[0], "bpf", "node", "list"); err != nil {
-		return err
-	}
-
-	step("same node: ping %s -> %s", a1.IP, a2.IP)
-	if err := pingOut(ctx, a1, a2); err != nil {
-		return err
-	}
-	step("cross node: ping %s (node1) -> %s (node2)", a1.IP, b1.IP)
-	if err := pingOut(ctx, a1, b1); err != nil {
-		return err
-	}
-	step("same node: iperf3 %s -> %s", a1.IP, a2.IP)
-	if err := iperf(ctx, a1, a2); err != nil {
-		return err
-	}
-	step("cross node: iperf3 %s -> %s", a1.IP, b1.IP)
-	if err := iperf(ctx, a1, b1); err != nil {
-		return err
+	for _, st := range []struct {
+		title string
+		run   func() error
+	}{
+		{"node1: patchcord bpf endpoint list", func() error { return show(ctx, nodes[0], "bpf", "endpoint", "list") }},
+		{"node1: patchcord bpf node list", func() error { return show(ctx, nodes[0], "bpf", "node", "list") }},
+		{fmt.Sprintf("same node: ping %s -> %s", a1.IP, a2.IP), func() error { return pingOut(ctx, a1, a2) }},
+		{fmt.Sprintf("cross node: ping %s (node1) -> %s (node2)", a1.IP, b1.IP), func() error { return pingOut(ctx, a1, b1) }},
+		{fmt.Sprintf("same node: iperf3 %s -> %s", a1.IP, a2.IP), func() error { return iperf(ctx, a1, a2) }},
+		{fmt.Sprintf("cross node: iperf3 %s -> %s", a1.IP, b1.IP), func() error { return iperf(ctx, a1, b1) }},
+	} {
+		step("%s", st.title)
+		if err := st.run(); err != nil {
+			return err
+		}
 	}
 
 	for _, n := range nodes {

@@ -10,7 +10,6 @@ package runtime
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -419,16 +418,10 @@ func mapCounts(t *testing.T, ctx context.Context, n *lab.Node, network, prefix s
 			counts["lease"]++
 		}
 	}
-	out, err := n.Exec(ctx, "ip", "-j", "link", "show", "type", "veth")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var links []struct {
 		Ifname string `json:"ifname"`
 	}
-	if err := json.Unmarshal(out, &links); err != nil {
-		t.Fatal(err)
-	}
+	e2e.IPJSON(t, ctx, n, &links, "link", "show", "type", "veth")
 	for _, l := range links {
 		if strings.HasPrefix(l.Ifname, prefix) {
 			counts["veth"]++
