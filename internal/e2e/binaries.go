@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 
 	"github.com/patchcord/patchcord/internal/flock"
-	"golang.org/x/sys/unix"
 )
 
 var commands = []string{"patchcord", "patchcord-cni"}
@@ -34,7 +33,7 @@ func binaries() (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("binaries dir: %w", err)
 	}
-	lock, err := flock.Take(dir, unix.LOCK_EX)
+	lock, err := flock.Take(dir, flock.Exclusive)
 	if err != nil {
 		return "", fmt.Errorf("lock binaries dir: %w", err)
 	}

@@ -32,15 +32,10 @@ func WriteNodes(t *testing.T, path string, entries ...nodes.Entry) {
 func AddNodes(t *testing.T, l *lab.Lab, idx ...int) []*lab.Node {
 	t.Helper()
 	nodes := make([]*lab.Node, len(idx))
-	errs := make([]error, len(idx))
-	var wg sync.WaitGroup
-	for i, ix := range idx {
-		wg.Go(func() { nodes[i], errs[i] = l.AddNode(ix) })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
+	InParallel(t, len(idx), func(i int) (err error) {
+		nodes[i], err = l.AddNode(idx[i])
+		return err
+	})
 	return nodes
 }
 
@@ -91,6 +86,21 @@ func AddPod(t *testing.T, ctx context.Context, n *lab.Node, name, network string
 func WriteConflist(t *testing.T, n *lab.Node, network string, conf []byte) {
 	t.Helper()
 	if err := n.WriteConflist(network, conf); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// InParallel runs f for every index below n at once and fails t with all
+// their errors.
+func InParallel(t *testing.T, n int, f func(i int) error) {
+	t.Helper()
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = f(i) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		t.Fatal(err)
 	}
 }

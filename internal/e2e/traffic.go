@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/lab"
@@ -53,6 +55,55 @@ func PingErr(ctx context.Context, from Execer, dst string, count int, args ...st
 		return fmt.Errorf("ping %s: %v\n%s", dst, err, out)
 	}
 	return nil
+}
+
+// PingMesh pings every ordered pair of pods at once (at most 8 pings in
+// flight), count pings each with args, and fails t for each pair that lost
+// one. It returns how many echo requests it sent.
+func PingMesh(t *testing.T, ctx context.Context, pods []*lab.Pod, count int, args ...string) int {
+	t.Helper()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		sent int
+	)
+	sem := make(chan struct{}, 8)
+	for _, from := range pods {
+		for _, to := range pods {
+			if from == to {
+				continue
+			}
+			sent += count
+			wg.Go(func() {
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				if err := PingErr(ctx, from, to.IP.String(), count, args...); err != nil {
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("%s -> %s: %w", from.NetNS, to.NetNS, err))
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for _, err := range errs {
+		t.Error(err)
+	}
+	return sent
+}
+
+// PingRedirected pings dst from from count times, 10 ms apart, and checks
+// that node n redirected every request and reply past its stack.
+func PingRedirected(t *testing.T, ctx context.Context, n *lab.Node, from Execer, dst netip.Addr, count int) {
+	t.Helper()
+	before := Stats(t, ctx, n)
+	if err := PingErr(ctx, from, dst.String(), count, "-i", "0.01"); err != nil {
+		t.Fatal(err)
+	}
+	if got := Delta(before, Stats(t, ctx, n), "local_redirect").Packets; got < uint64(2*count) {
+		t.Errorf("%s: local_redirect grew by %d for %d pings to %s: want at least %d (the fast path)", n.NetNS, got, count, dst, 2*count)
+	}
 }
 
 // NoPing sends count pings and reports an error if any is answered.

@@ -14,6 +14,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// Kinds of lock for Take, Hold and Convert: Shared or Exclusive, either
+// optionally |NoWait.
+const (
+	Shared    = unix.LOCK_SH
+	Exclusive = unix.LOCK_EX
+	// NoWait makes a lock held elsewhere fail at once with ErrHeld.
+	NoWait = unix.LOCK_NB
+)
+
+// ErrHeld is what a NoWait lock fails with when another process holds it.
+var ErrHeld error = unix.EWOULDBLOCK
+
 // Lock is a flock held on an open file or directory until Unlock.
 type Lock struct {
 	fd   int
@@ -21,8 +33,8 @@ type Lock struct {
 }
 
 // Take opens path (a directory or a file) and takes a flock of kind how
-// (unix.LOCK_SH, LOCK_EX, optionally |LOCK_NB) on it. With LOCK_NB a lock
-// held elsewhere fails with an error matching unix.EWOULDBLOCK.
+// (Shared or Exclusive, optionally |NoWait) on it. With NoWait a lock held
+// elsewhere fails with an error matching ErrHeld.
 func Take(path string, how int) (*Lock, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {

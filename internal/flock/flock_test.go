@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/flock"
-	"golang.org/x/sys/unix"
 )
 
 // Two shared holders, as two trace monitors: neither can convert to
@@ -19,28 +18,28 @@ func TestSharedThenExclusive(t *testing.T) {
 		}
 	}
 	held(false)
-	a, err := flock.Take(dir, unix.LOCK_SH)
+	a, err := flock.Take(dir, flock.Shared)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := flock.Take(dir, unix.LOCK_SH)
+	b, err := flock.Take(dir, flock.Shared)
 	if err != nil {
 		t.Fatal(err)
 	}
 	held(true)
-	if err := a.Convert(unix.LOCK_EX | unix.LOCK_NB); !errors.Is(err, unix.EWOULDBLOCK) {
+	if err := a.Convert(flock.Exclusive | flock.NoWait); !errors.Is(err, flock.ErrHeld) {
 		t.Errorf("convert with another holder: %v, want EWOULDBLOCK", err)
 	}
 	a.Unlock()
-	if err := b.Convert(unix.LOCK_EX | unix.LOCK_NB); err != nil {
+	if err := b.Convert(flock.Exclusive | flock.NoWait); err != nil {
 		t.Errorf("convert as the last holder: %v", err)
 	}
-	if _, err := flock.Hold(dir, unix.LOCK_EX|unix.LOCK_NB); !errors.Is(err, unix.EWOULDBLOCK) {
+	if _, err := flock.Hold(dir, flock.Exclusive|flock.NoWait); !errors.Is(err, flock.ErrHeld) {
 		t.Errorf("Hold while held exclusively: %v, want EWOULDBLOCK", err)
 	}
 	b.Unlock()
 	held(false)
-	if _, err := flock.Take(dir+"/missing", unix.LOCK_SH); err == nil {
+	if _, err := flock.Take(dir+"/missing", flock.Shared); err == nil {
 		t.Error("Take of a missing path succeeded")
 	}
 }

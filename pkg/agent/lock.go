@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 
 	"github.com/patchcord/patchcord/internal/flock"
-	"golang.org/x/sys/unix"
 )
 
 // ErrAgentRunning means another agent already serves this root.
@@ -24,8 +23,8 @@ func Lock(root string) (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	unlock, err = flock.Hold(dir, unix.LOCK_EX|unix.LOCK_NB)
-	if errors.Is(err, unix.EWOULDBLOCK) {
+	unlock, err = flock.Hold(dir, flock.Exclusive|flock.NoWait)
+	if errors.Is(err, flock.ErrHeld) {
 		return nil, fmt.Errorf("%w: %s", ErrAgentRunning, root)
 	}
 	return unlock, err

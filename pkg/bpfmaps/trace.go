@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 
 	"github.com/patchcord/patchcord/internal/flock"
-	"golang.org/x/sys/unix"
 )
 
 // Traces cost a ring-buffer record per forwarded packet, so the datapath
@@ -46,7 +45,7 @@ func StartTracing(root string, cfg *ConfigMap) (stop func() error, err error) {
 	}
 	// Blocking: a monitor that is switching traces off holds the lock
 	// exclusively for a moment; ours must come after its write.
-	l, err := flock.Take(dir, unix.LOCK_SH)
+	l, err := flock.Take(dir, flock.Shared)
 	if err != nil {
 		return nil, err
 	}
@@ -58,8 +57,8 @@ func StartTracing(root string, cfg *ConfigMap) (stop func() error, err error) {
 		defer l.Unlock()
 		// Converting the lock drops our shared one first, so success means
 		// no other monitor holds one.
-		err := l.Convert(unix.LOCK_EX | unix.LOCK_NB)
-		if errors.Is(err, unix.EWOULDBLOCK) {
+		err := l.Convert(flock.Exclusive | flock.NoWait)
+		if errors.Is(err, flock.ErrHeld) {
 			return nil
 		}
 		if err != nil {

@@ -75,7 +75,7 @@ func mountSysBPF() error {
 // lockRoot serialises loaders of one node: container runtimes run ADDs in
 // parallel, and two of them must not both pin a fresh datapath.
 func lockRoot(root string) (unlock func(), err error) {
-	return flock.Hold(root, unix.LOCK_EX)
+	return flock.Hold(root, flock.Exclusive)
 }
 
 // LockEndpoints serialises the writers of endpoints and their from_pod
@@ -89,5 +89,5 @@ func (d *Datapath) LockEndpoints() (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	return flock.Hold(dir, unix.LOCK_EX)
+	return flock.Hold(dir, flock.Exclusive)
 }

@@ -112,18 +112,9 @@ func TestChaining(t *testing.T) {
 
 // ping is the ping step of TestChaining.
 func (f *chainRun) ping(t *testing.T, ctx context.Context) {
-	before := e2e.Stats(t, ctx, f.n1)
-	const count = 10
-	for _, pair := range [][2]*e2e.CNIPod{{f.a, f.web}, {f.web, f.a}} {
-		if err := e2e.PingErr(ctx, pair[0], pair[1].IP.String(), count, "-i", "0.01"); err != nil {
-			t.Error(err)
-		}
-	}
-	after := e2e.Stats(t, ctx, f.n1)
 	// Each request and reply is redirected once on the node.
-	if got := after["local_redirect"].Packets - before["local_redirect"].Packets; got < 4*count {
-		t.Errorf("local_redirect grew by %d for %d pings each way between a and web: want at least %d (the fast path)", got, count, 4*count)
-	}
+	e2e.PingRedirected(t, ctx, f.n1, f.a, f.web.IP, 10)
+	e2e.PingRedirected(t, ctx, f.n1, f.web, f.a.IP, 10)
 	// Across nodes, both ways; to and from the node; to the shaped pod,
 	// which patchcord hands to the host stack (on the bridge, to the
 	// bridge's forwarding).
@@ -312,14 +303,7 @@ func TestTuning(t *testing.T) {
 	if out, err := n.Exec(ctx, "cat", "/proc/sys/net/core/somaxconn"); err != nil || strings.TrimSpace(string(out)) == "1024" {
 		t.Errorf("net.core.somaxconn on the node: %v %q: tuning must change the pod only", err, out)
 	}
-	before := e2e.Stats(t, ctx, n)
-	if err := e2e.PingErr(ctx, x, y.IP.String(), 10, "-i", "0.01"); err != nil {
-		t.Fatal(err)
-	}
-	after := e2e.Stats(t, ctx, n)
-	if got := after["local_redirect"].Packets - before["local_redirect"].Packets; got < 20 {
-		t.Errorf("local_redirect grew by %d for 10 pings: want at least 20 (the fast path)", got)
-	}
+	e2e.PingRedirected(t, ctx, n, x, y.IP, 10)
 	for _, p := range []*e2e.CNIPod{x, y} {
 		if out, err := p.CNI(ctx, "check"); err != nil {
 			t.Errorf("check pod %s: %v\n%s", p.Name, err, out)

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -108,30 +107,7 @@ func TestMesh(t *testing.T) {
 		for _, n := range c.Nodes {
 			all = append(all, c.Pods[n.Index]...)
 		}
-		var mu sync.Mutex
-		var errs []error
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, 8)
-		for _, from := range all {
-			for _, to := range all {
-				if from == to {
-					continue
-				}
-				wg.Go(func() {
-					sem <- struct{}{}
-					defer func() { <-sem }()
-					if err := e2e.PingErr(ctx, from, to.IP.String(), 3); err != nil {
-						mu.Lock()
-						errs = append(errs, fmt.Errorf("%s -> %s: %w", from.NetNS, to.NetNS, err))
-						mu.Unlock()
-					}
-				})
-			}
-		}
-		wg.Wait()
-		for _, err := range errs {
-			t.Error(err)
-		}
+		e2e.PingMesh(t, ctx, all, 3)
 		// Each node sent 2 pods x 4 remote pods x 3 echo requests and got as many
 		// requests from the others; replies come on top.
 		const min = 2 * 4 * 3 * 2

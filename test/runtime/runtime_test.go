@@ -10,7 +10,6 @@ package runtime
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -55,15 +54,10 @@ func startContainerd(t *testing.T, ctx context.Context, n *lab.Node) *lab.Contai
 func runPods(t *testing.T, ctx context.Context, c *lab.Containerd, specs ...lab.SandboxSpec) []*lab.Sandbox {
 	t.Helper()
 	pods := make([]*lab.Sandbox, len(specs))
-	errs := make([]error, len(specs))
-	var wg sync.WaitGroup
-	for i, spec := range specs {
-		wg.Go(func() { pods[i], errs[i] = c.RunPod(ctx, spec) })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
+	e2e.InParallel(t, len(specs), func(i int) (err error) {
+		pods[i], err = c.RunPod(ctx, specs[i])
+		return err
+	})
 	return pods
 }
 
@@ -134,14 +128,7 @@ func TestContainerd(t *testing.T) {
 	e2e.AssertRegistered(t, ctx, n2, "", e2e.RefOfSandbox(c))
 
 	t.Run("reach", func(t *testing.T) {
-		before := e2e.Stats(t, ctx, n1)
-		if err := e2e.PingErr(ctx, a, web.IP.String(), 10, "-i", "0.01"); err != nil {
-			t.Fatal(err)
-		}
-		after := e2e.Stats(t, ctx, n1)
-		if got := after["local_redirect"].Packets - before["local_redirect"].Packets; got < 20 {
-			t.Errorf("local_redirect grew by %d for 10 pings between sandboxes: want at least 20 (the fast path)", got)
-		}
+		e2e.PingRedirected(t, ctx, n1, a, web.IP, 10)
 		e2e.Ping(t, ctx, a, c.IP.String())
 		e2e.Ping(t, ctx, c, web.IP.String())
 		e2e.Ping(t, ctx, n1, a.IP.String())
@@ -252,15 +239,7 @@ func TestParallel(t *testing.T) {
 	}
 	e2e.Ping(t, ctx, pods[0], pods[count-1].IP.String())
 
-	errs := make([]error, count)
-	var wg sync.WaitGroup
-	for i, s := range pods {
-		wg.Go(func() { errs[i] = s.Remove(ctx) })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
+	e2e.InParallel(t, count, func(i int) error { return pods[i].Remove(ctx) })
 	e2e.AssertClean(t, ctx, n, cl.Network, "")
 	assertReleased(t, c)
 }

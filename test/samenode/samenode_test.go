@@ -56,35 +56,11 @@ func assertRegistered(t *testing.T, ctx context.Context, n *lab.Node, m cniMode,
 // returns how many echo requests that made.
 func pingPairs(t *testing.T, ctx context.Context, pods []*lab.Pod, count int, interval string) int {
 	t.Helper()
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		errs  []error
-		pairs int
-	)
-	for _, src := range pods {
-		for _, dst := range pods {
-			if src == dst {
-				continue
-			}
-			pairs++
-			wg.Go(func() {
-				if err := e2e.PingErr(ctx, src, dst.IP.String(), count, "-i", interval); err != nil {
-					mu.Lock()
-					errs = append(errs, fmt.Errorf("%s -> %s: %w", src.Name, dst.Name, err))
-					mu.Unlock()
-				}
-			})
-		}
-	}
-	wg.Wait()
-	for _, err := range errs {
-		t.Error(err)
-	}
-	if len(errs) > 0 {
+	sent := e2e.PingMesh(t, ctx, pods, count, "-i", interval)
+	if t.Failed() {
 		t.FailNow()
 	}
-	return pairs * count
+	return sent
 }
 
 // chatterPerPod bounds what a pod sends to the host stack by itself while
@@ -321,15 +297,10 @@ func TestParallelAddDel(t *testing.T) {
 			n := modeNode(t, m)
 
 			pods := make([]*lab.Pod, count)
-			errs := make([]error, count)
-			var wg sync.WaitGroup
-			for i := range count {
-				wg.Go(func() { pods[i], errs[i] = n.AddPod(ctx, fmt.Sprintf("par%02d", i), m.network) })
-			}
-			wg.Wait()
-			if err := errors.Join(errs...); err != nil {
-				t.Fatal(err)
-			}
+			e2e.InParallel(t, count, func(i int) (err error) {
+				pods[i], err = n.AddPod(ctx, fmt.Sprintf("par%02d", i), m.network)
+				return err
+			})
 			seen := map[netip.Addr]string{}
 			for _, p := range pods {
 				if other, dup := seen[p.IP]; dup {
@@ -344,13 +315,7 @@ func TestParallelAddDel(t *testing.T) {
 			// The first and last pod to come up reach each other.
 			e2e.Ping(t, ctx, pods[0], pods[count-1].IP.String())
 
-			for i, p := range pods {
-				wg.Go(func() { errs[i] = p.Del(ctx) })
-			}
-			wg.Wait()
-			if err := errors.Join(errs...); err != nil {
-				t.Fatal(err)
-			}
+			e2e.InParallel(t, count, func(i int) error { return pods[i].Del(ctx) })
 			e2e.AssertClean(t, ctx, n, m.network, "")
 		})
 	}

@@ -18,7 +18,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -90,21 +89,16 @@ func newCluster(t *testing.T, ctx context.Context) *serviceLab {
 	}
 
 	nodes := c.addNodes(t, ctx)
-	var wg sync.WaitGroup
 	type podSpec struct {
 		node *lab.Node
 		name string
 		dst  **lab.Pod
 	}
 	specs := []podSpec{{c.n1, "c1", &c.c1}, {c.n1, "b1", &c.b1}, {c.n2, "b2", &c.b2}, {c.n2, "c2", &c.c2}}
-	errs := make([]error, len(specs))
-	for i, s := range specs {
-		wg.Go(func() { *s.dst, errs[i] = s.node.AddPod(ctx, s.name, "patchcord") })
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
+	e2e.InParallel(t, len(specs), func(i int) (err error) {
+		*specs[i].dst, err = specs[i].node.AddPod(ctx, specs[i].name, "patchcord")
+		return err
+	})
 
 	c.serve(t, ctx, c.b1, "b1", backendTCP, backendUDP)
 	c.serve(t, ctx, c.b2, "b2", backendTCP, backendUDP)
@@ -485,16 +479,7 @@ func (c *serviceLab) masquerade(t *testing.T, ctx context.Context) {
 func (c *serviceLab) addNodes(t *testing.T, ctx context.Context) []*lab.Node {
 	t.Helper()
 	l := c.lab
-	nodes := make([]*lab.Node, 2)
-	nodeErrs := make([]error, 2)
-	var wg sync.WaitGroup
-	for i := range nodes {
-		wg.Go(func() { nodes[i], nodeErrs[i] = l.AddNode(i + 1) })
-	}
-	wg.Wait()
-	if err := errors.Join(nodeErrs...); err != nil {
-		t.Fatal(err)
-	}
+	nodes := e2e.AddNodes(t, l, 1, 2)
 	c.n1, c.n2 = nodes[0], nodes[1]
 	c.nodesFile = filepath.Join(l.Dir, "nodes.json")
 	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
