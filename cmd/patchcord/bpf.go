@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -102,41 +103,39 @@ func endpointList(g *globals, w io.Writer, only string) error {
 	if err != nil {
 		return err
 	}
-	rows := views.EndpointRows(list)
+	return printRows(g, w, views.EndpointRows(list), "IP\tIFINDEX\tIFNAME\tMAC\tHOST MAC\tCONTAINER", func(v views.Endpoint) string {
+		return fmt.Sprintf("%s\t%d\t%s\t%s\t%s\t%s", v.IP, v.Ifindex, v.Ifname, v.MAC, v.HostMAC, short(v.ContainerID))
+	})
+}
+
+// printRows prints rows as JSON, or as a table: header, then a line of each.
+func printRows[T any](g *globals, w io.Writer, rows []T, header string, line func(T) string) error {
 	return g.print(w, rows, func(w io.Writer) {
-		fmt.Fprintln(w, "IP\tIFINDEX\tIFNAME\tMAC\tHOST MAC\tCONTAINER")
-		for _, v := range rows {
-			fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\t%s\n", v.IP, v.Ifindex, v.Ifname, v.MAC, v.HostMAC, short(v.ContainerID))
+		fmt.Fprintln(w, header)
+		for _, r := range rows {
+			fmt.Fprintln(w, line(r))
 		}
 	})
 }
 
 func statsShow(g *globals, w io.Writer, reset bool) error {
-	dp, err := g.open()
-	if err != nil {
-		return err
-	}
-	defer dp.Close()
-	st := bpfmaps.NewStats(&dp.Maps)
-	counters, err := st.Read()
-	if err != nil {
-		return err
-	}
-	names := make([]string, 0, len(counters))
-	for name := range counters {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	err = g.print(w, counters, func(w io.Writer) {
-		fmt.Fprintln(w, "COUNTER\tPACKETS\tBYTES")
-		for _, n := range names {
-			fmt.Fprintf(w, "%s\t%d\t%d\n", n, counters[n].Packets, counters[n].Bytes)
+	return g.withPinned(func(dp *datapath.Datapath) error {
+		st := bpfmaps.NewStats(&dp.Maps)
+		counters, err := st.Read()
+		if err != nil {
+			return err
 		}
+		err = g.print(w, counters, func(w io.Writer) {
+			fmt.Fprintln(w, "COUNTER\tPACKETS\tBYTES")
+			for _, n := range slices.Sorted(maps.Keys(counters)) {
+				fmt.Fprintf(w, "%s\t%d\t%d\n", n, counters[n].Packets, counters[n].Bytes)
+			}
+		})
+		if err != nil || !reset {
+			return err
+		}
+		return st.Reset()
 	})
-	if err != nil || !reset {
-		return err
-	}
-	return st.Reset()
 }
 
 func short(id string) string {
@@ -151,12 +150,8 @@ func nodeList(g *globals, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	rows := views.NodeRows(list)
-	return g.print(w, rows, func(w io.Writer) {
-		fmt.Fprintln(w, "POD CIDR\tNODE IP\tVTEP MAC")
-		for _, v := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\n", v.PodCIDR, v.NodeIP, v.VtepMAC)
-		}
+	return printRows(g, w, views.NodeRows(list), "POD CIDR\tNODE IP\tVTEP MAC", func(v views.Node) string {
+		return fmt.Sprintf("%s\t%s\t%s", v.PodCIDR, v.NodeIP, v.VtepMAC)
 	})
 }
 

@@ -56,15 +56,23 @@ func (g *globals) open() (*datapath.Datapath, error) {
 	return datapath.OpenPinned(g.root)
 }
 
-// readPinned opens the node's pinned datapath for one read.
-func readPinned[T any](g *globals, read func(*datapath.Datapath) (T, error)) (T, error) {
+// withPinned runs f on the node's pinned datapath.
+func (g *globals) withPinned(f func(*datapath.Datapath) error) error {
 	dp, err := g.open()
 	if err != nil {
-		var zero T
-		return zero, err
+		return err
 	}
 	defer dp.Close()
-	return read(dp)
+	return f(dp)
+}
+
+// readPinned opens the node's pinned datapath for one read.
+func readPinned[T any](g *globals, read func(*datapath.Datapath) (T, error)) (v T, err error) {
+	err = g.withPinned(func(dp *datapath.Datapath) error {
+		v, err = read(dp)
+		return err
+	})
+	return v, err
 }
 
 func listEndpoints(dp *datapath.Datapath) ([]bpfmaps.EndpointInfo, error) {

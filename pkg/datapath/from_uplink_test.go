@@ -130,14 +130,17 @@ func TestFromUplinkTTLExpired(t *testing.T) {
 	}
 }
 
-func TestFromUplinkDrop(t *testing.T) {
+type uplinkDropCase struct {
+	name   string
+	tunnel func(*tunnel)
+	frame  func(tunnel) []byte // nil: the tunnel marshalled
+	reason string
+}
+
+// uplinkDropCases are the cases of TestFromUplinkDrop.
+func uplinkDropCases() []uplinkDropCase {
 	valid := toDstPod(udpPacket(peerPodIP, dstPod.IP))
-	tests := []struct {
-		name   string
-		tunnel func(*tunnel)
-		frame  func(tunnel) []byte // nil: the tunnel marshalled
-		reason string
-	}{{
+	return []uplinkDropCase{{
 		name:   "unknown tunnel source",
 		tunnel: func(t *tunnel) { t.ip.Src = strangerIP },
 		reason: "drop_unknown_tunnel",
@@ -242,6 +245,11 @@ func TestFromUplinkDrop(t *testing.T) {
 		frame:  func(t tunnel) []byte { return truncate(t.marshal(), ethHdrLen+vxlanOverhead+10) },
 		reason: "drop_malformed",
 	}}
+}
+
+func TestFromUplinkDrop(t *testing.T) {
+	valid := toDstPod(udpPacket(peerPodIP, dstPod.IP))
+	tests := uplinkDropCases()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newUplinkNode(t, defaultConfig())

@@ -54,14 +54,17 @@ var (
 	})
 )
 
-func TestDecode(t *testing.T) {
+type decodeCase struct {
+	name string
+	ev   func(t *testing.T) datapath.Event
+	want Decoded
+	line string
+}
+
+// decodeCases are the cases of TestDecode.
+func decodeCases() []decodeCase {
 	const ts = 4*time.Second + 123456789
-	tests := []struct {
-		name string
-		ev   func(t *testing.T) datapath.Event
-		want Decoded
-		line string
-	}{
+	return []decodeCase{
 		{
 			name: "spoofed icmp from a pod",
 			ev: func(t *testing.T) datapath.Event {
@@ -160,6 +163,10 @@ func TestDecode(t *testing.T) {
 			line: "15:00:04.123456 cpu 0 drop  from_uplink eth0: stat_99 0x88cc len 60",
 		},
 	}
+}
+
+func TestDecode(t *testing.T) {
+	tests := decodeCases()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ev, err := Parse(raw(t, tt.ev(t)))
