@@ -226,42 +226,8 @@ func run(ctx context.Context, o options) (err error) {
 	defer func() { err = errors.Join(err, l.Close()) }()
 	b := newBuilder(l, t)
 
-	subjects, err := setupTraffic(ctx, o, b, res)
+	subjects, err := runGroups(ctx, o, b, res)
 	if err != nil {
-		return err
-	}
-	var bpfPairs []*bpfPair
-	if o.has(groupBPF) {
-		bpfPairs, err = setupBPF(b)
-		defer func() {
-			for _, p := range bpfPairs {
-				p.close()
-			}
-		}()
-		if err != nil {
-			return err
-		}
-	}
-	var cniSubjects []*cniSubject
-	if o.has(groupCNI) {
-		progress("setup: CNI nodes, %d pod namespaces per plugin", o.cniPods)
-		if cniSubjects, err = b.cniSubjects(ctx, o.cniPods); err != nil {
-			return err
-		}
-	}
-
-	if err := trafficRounds(ctx, o, subjects, res); err != nil {
-		return err
-	}
-	if len(subjects) > 0 {
-		if res.Scale, err = checkScale(ctx, b.loaded); err != nil {
-			return err
-		}
-	}
-	if err := bpfRounds(o, bpfPairs, res); err != nil {
-		return err
-	}
-	if err := controlPlane(ctx, o, b, cniSubjects, res); err != nil {
 		return err
 	}
 
@@ -275,6 +241,51 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	progress("results written to %s", o.out)
 	return nil
+}
+
+// runGroups sets up every group o asks for, then runs their rounds, adding
+// samples to res; it returns the traffic subjects for the summaries.
+func runGroups(ctx context.Context, o options, b *builder, res *Results) (subjects []*subject, err error) {
+	subjects, err = setupTraffic(ctx, o, b, res)
+	if err != nil {
+		return nil, err
+	}
+	var bpfPairs []*bpfPair
+	if o.has(groupBPF) {
+		bpfPairs, err = setupBPF(b)
+		defer func() {
+			for _, p := range bpfPairs {
+				p.close()
+			}
+		}()
+		if err != nil {
+			return nil, err
+		}
+	}
+	var cniSubjects []*cniSubject
+	if o.has(groupCNI) {
+		progress("setup: CNI nodes, %d pod namespaces per plugin", o.cniPods)
+		if cniSubjects, err = b.cniSubjects(ctx, o.cniPods); err != nil {
+			return nil, err
+		}
+	}
+
+	if err := trafficRounds(ctx, o, subjects, res); err != nil {
+		return nil, err
+	}
+	if len(subjects) > 0 {
+		if res.Scale, err = checkScale(ctx, b.loaded); err != nil {
+			return nil, err
+		}
+	}
+	if err := bpfRounds(o, bpfPairs, res); err != nil {
+		return nil, err
+	}
+	if err := controlPlane(ctx, o, b, cniSubjects, res); err != nil {
+		return nil, err
+	}
+
+	return subjects, nil
 }
 
 // controlPlane times CNI ADD and DEL in rounds, then the agent's sync.

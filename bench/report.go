@@ -123,46 +123,62 @@ func evaluate(subjects []*subject, r *Results) []Target {
 		ratioTarget(groupCross, name, "tcp4", flannel, 1.2, true, "cross-node TCP throughput, 4 streams")
 		ratioTarget(groupCross, name, "rtt_p50", flannel, 1, false, "cross-node RTT p50")
 	}
-	if r.BPF != nil {
-		for _, state := range []string{mapsMinimal, mapsLoaded} {
-			var worst, worstCold *BPFSummary
-			for i, s := range r.BPF.Summary {
-				if s.Maps != state {
-					continue
-				}
-				if s.SteadyNs != nil && (worst == nil || *s.SteadyNs > *worst.SteadyNs) {
-					worst = &r.BPF.Summary[i]
-				}
-				if s.SteadyNs == nil && (worstCold == nil || s.ColdNs > worstCold.ColdNs) {
-					worstCold = &r.BPF.Summary[i]
-				}
+	out = append(out, bpfTargets(r.BPF)...)
+	out = append(out, cniTargets(r.CNI)...)
+	return out
+}
+
+// bpfTargets judges the worst per-packet cost of each map state.
+func bpfTargets(b *BPFResults) []Target {
+	if b == nil {
+		return nil
+	}
+	var out []Target
+	for _, state := range []string{mapsMinimal, mapsLoaded} {
+		var worst, worstCold *BPFSummary
+		for i, s := range b.Summary {
+			if s.Maps != state {
+				continue
 			}
-			dp := "patchcord, " + state + " maps"
-			if worst != nil {
-				out = append(out, Target{Goal: "BPF cost per packet, steady state, worst path (" + worst.Program + " " + worst.Path + ")",
-					Datapath: dp, Value: *worst.SteadyNs, Want: "<= 100 ns", Met: *worst.SteadyNs <= 100})
+			if s.SteadyNs != nil && (worst == nil || *s.SteadyNs > *worst.SteadyNs) {
+				worst = &b.Summary[i]
 			}
-			if worstCold != nil {
-				out = append(out, Target{Goal: "BPF cost per packet, encap (no steady figure): cold upper bound, worst (" + worstCold.Program + " " + worstCold.Path + ")",
-					Datapath: dp, Value: worstCold.ColdNs, Want: "<= 100 ns", Met: worstCold.ColdNs <= 100})
+			if s.SteadyNs == nil && (worstCold == nil || s.ColdNs > worstCold.ColdNs) {
+				worstCold = &b.Summary[i]
 			}
+		}
+		dp := "patchcord, " + state + " maps"
+		if worst != nil {
+			out = append(out, Target{Goal: "BPF cost per packet, steady state, worst path (" + worst.Program + " " + worst.Path + ")",
+				Datapath: dp, Value: *worst.SteadyNs, Want: "<= 100 ns", Met: *worst.SteadyNs <= 100})
+		}
+		if worstCold != nil {
+			out = append(out, Target{Goal: "BPF cost per packet, encap (no steady figure): cold upper bound, worst (" + worstCold.Program + " " + worstCold.Path + ")",
+				Datapath: dp, Value: worstCold.ColdNs, Want: "<= 100 ns", Met: worstCold.ColdNs <= 100})
 		}
 	}
-	if r.CNI != nil {
-		var pc, br *CNISummary
-		for i, s := range r.CNI.Summary {
-			if s.Verb == "ADD" && s.Plugin == pluginPatchcord {
-				pc = &r.CNI.Summary[i]
-			}
-			if s.Verb == "ADD" && s.Plugin == pluginBridge {
-				br = &r.CNI.Summary[i]
-			}
+	return out
+}
+
+// cniTargets judges patchcord's CNI ADD p99 against bridge's.
+func cniTargets(c *CNIResults) []Target {
+	if c == nil {
+		return nil
+	}
+	var out []Target
+	var pc, br *CNISummary
+	for i, s := range c.Summary {
+		if s.Verb == "ADD" && s.Plugin == pluginPatchcord {
+			pc = &c.Summary[i]
 		}
-		if pc != nil && br != nil && br.P99 > 0 {
-			v := pc.P99 / br.P99
-			out = append(out, Target{Goal: fmt.Sprintf("CNI ADD p99 (%.1f ms vs %.1f ms)", pc.P99, br.P99),
-				Datapath: pluginPatchcord, Value: v, Want: "<= 1.00× " + pluginBridge, Met: v <= 1})
+		if s.Verb == "ADD" && s.Plugin == pluginBridge {
+			br = &c.Summary[i]
 		}
+	}
+	if pc != nil && br != nil && br.P99 > 0 {
+		v := pc.P99 / br.P99
+		out = append(out, Target{Goal: fmt.Sprintf("CNI ADD p99 (%.1f ms vs %.1f ms)", pc.P99, br.P99),
+			Datapath: pluginPatchcord, Value: v, Want: "<= 1.00× " + pluginBridge, Met: v <= 1})
 	}
 	return out
 }
@@ -272,6 +288,16 @@ func renderGroup(w io.Writer, r *Results, subjects []*subject, group string) {
 		}
 		fmt.Fprintln(w)
 	}
+	renderDetails(w, r, members, group, refNames)
+	fmt.Fprintf(w, "\n</details>\n\nHow each is built:\n\n")
+	for _, s := range members {
+		fmt.Fprintf(w, "- **%s**: %s.\n", s.Name, s.Setup)
+	}
+}
+
+// renderDetails is the folded table of a group: every figure's median,
+// spread and ratio to each reference.
+func renderDetails(w io.Writer, r *Results, members []*subject, group string, refNames []string) {
 	fmt.Fprintf(w, "\n<details><summary>Per figure: median, min–max over rounds, ratios</summary>\n\n")
 	fmt.Fprintf(w, "| figure | datapath | median | min–max |")
 	for _, n := range refNames {
@@ -295,10 +321,6 @@ func renderGroup(w io.Writer, r *Results, subjects []*subject, group string) {
 			}
 			fmt.Fprintln(w)
 		}
-	}
-	fmt.Fprintf(w, "\n</details>\n\nHow each is built:\n\n")
-	for _, s := range members {
-		fmt.Fprintf(w, "- **%s**: %s.\n", s.Name, s.Setup)
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 func main() {
@@ -63,64 +64,37 @@ func run(ctx context.Context) (err error) {
 		err = errors.Join(err, l.Close())
 	}()
 
-	step("building 2 nodes on a fabric bridge (namespaces %s-*)", l.Prefix)
-	nodesFile := filepath.Join(l.Dir, "nodes.json")
-	var nodes []*lab.Node
-	var entries []string
-	for i := 1; i <= 2; i++ {
-		n, err := l.AddNode(i)
-		if err != nil {
-			return err
-		}
-		nodes = append(nodes, n)
-		entries = append(entries, fmt.Sprintf(`{"name":"node%d","nodeIP":"%s","podCIDR":"%s"}`, i, n.IP, n.PodCIDR))
-		fmt.Printf("  node%d  uplink eth0 %s  pod CIDR %s  bpffs %s\n", i, n.IP, n.PodCIDR, n.BpffsRoot)
-	}
-	if err := os.WriteFile(nodesFile, []byte(`{"nodes":[`+strings.Join(entries, ",")+`]}`), 0o644); err != nil {
+	nodes, err := startNodes(ctx, l)
+	if err != nil {
 		return err
 	}
-
-	step("starting `patchcord agent` on each node")
+	pods, err := addPods(ctx, nodes)
+	if err != nil {
+		return err
+	}
+	if err := exercise(ctx, nodes, pods); err != nil {
+		return err
+	}
 	for _, n := range nodes {
-		ready := filepath.Join(l.Dir, fmt.Sprintf("n%d.ready", n.Index))
-		agent, err := n.Start(ctx, l.Bin("patchcord"), "--bpffs-root", n.BpffsRoot, "agent",
-			"--uplink", "eth0", "--node-ip", n.IP.String(), "--pod-cidr", n.PodCIDR.String(),
-			"--nodes", nodesFile, "--ready-file", ready)
-		if err != nil {
+		step("node%d: patchcord bpf stats (traffic took the datapath: local_redirect, encap, decap)", n.Index)
+		if err := show(ctx, n, "bpf", "stats"); err != nil {
 			return err
-		}
-		err = lab.WaitFor(ctx, "agent ready", func(context.Context) error {
-			if _, err := os.Stat(ready); err != nil {
-				select {
-				case <-agent.Done():
-					return errors.New("agent exited")
-				default:
-				}
-				return err
-			}
-			return nil
-		})
-		if err != nil {
-			log, _ := os.ReadFile(agent.LogPath)
-			return fmt.Errorf("%w\n%s", err, log)
 		}
 	}
 
-	step("adding 2 pods per node with cnitool (patchcord-cni + host-local)")
-	var pods []*lab.Pod
-	for _, n := range nodes {
-		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
+	step("removing the pods with cnitool del")
+	for _, p := range pods {
+		if err := p.Del(ctx); err != nil {
 			return err
 		}
-		for j := 1; j <= 2; j++ {
-			p, err := n.AddPod(ctx, fmt.Sprintf("pod%d", j), "patchcord")
-			if err != nil {
-				return err
-			}
-			pods = append(pods, p)
-			fmt.Printf("  %-12s on node%d  %s\n", p.Name, n.Index, p.IP)
-		}
 	}
+	step("node1 after DEL: patchcord bpf endpoint list")
+	return show(ctx, nodes[0], "bpf", "endpoint", "list")
+}
+
+// exercise shows node1's maps, then pings and runs iperf3 between pods of
+// one node and of two.
+func exercise(ctx context.Context, nodes []*lab.Node, pods []*lab.Pod) error {
 	a1, a2, b1 := pods[0], pods[1], pods[2]
 
 	for _, st := range []struct {
@@ -140,21 +114,82 @@ func run(ctx context.Context) (err error) {
 		}
 	}
 
-	for _, n := range nodes {
-		step("node%d: patchcord bpf stats (traffic took the datapath: local_redirect, encap, decap)", n.Index)
-		if err := show(ctx, n, "bpf", "stats"); err != nil {
-			return err
-		}
-	}
+	return nil
+}
 
-	step("removing the pods with cnitool del")
-	for _, p := range pods {
-		if err := p.Del(ctx); err != nil {
-			return err
+// startNodes builds two nodes on the lab's fabric and starts an agent on
+// each, with a nodes file listing both.
+func startNodes(ctx context.Context, l *lab.Lab) ([]*lab.Node, error) {
+	step("building 2 nodes on a fabric bridge (namespaces %s-*)", l.Prefix)
+	var ns []*lab.Node
+	var entries []nodes.Entry
+	for i := 1; i <= 2; i++ {
+		n, err := l.AddNode(i)
+		if err != nil {
+			return nil, err
+		}
+		ns = append(ns, n)
+		entries = append(entries, nodes.Entry{Name: fmt.Sprintf("node%d", i), NodeIP: n.IP.String(), PodCIDR: n.PodCIDR.String()})
+		fmt.Printf("  node%d  uplink eth0 %s  pod CIDR %s  bpffs %s\n", i, n.IP, n.PodCIDR, n.BpffsRoot)
+	}
+	nodesFile := filepath.Join(l.Dir, "nodes.json")
+	if err := nodes.WriteFile(nodesFile, entries); err != nil {
+		return nil, err
+	}
+	step("starting `patchcord agent` on each node")
+	for _, n := range ns {
+		if err := startAgent(ctx, l, n, nodesFile); err != nil {
+			return nil, err
 		}
 	}
-	step("node1 after DEL: patchcord bpf endpoint list")
-	return show(ctx, nodes[0], "bpf", "endpoint", "list")
+	return ns, nil
+}
+
+// startAgent starts n's agent and waits until it says it is ready.
+func startAgent(ctx context.Context, l *lab.Lab, n *lab.Node, nodesFile string) error {
+	ready := filepath.Join(l.Dir, fmt.Sprintf("n%d.ready", n.Index))
+	agent, err := n.Start(ctx, l.Bin("patchcord"), "--bpffs-root", n.BpffsRoot, "agent",
+		"--uplink", "eth0", "--node-ip", n.IP.String(), "--pod-cidr", n.PodCIDR.String(),
+		"--nodes", nodesFile, "--ready-file", ready)
+	if err != nil {
+		return err
+	}
+	err = lab.WaitFor(ctx, "agent ready", func(context.Context) error {
+		if _, err := os.Stat(ready); err != nil {
+			select {
+			case <-agent.Done():
+				return errors.New("agent exited")
+			default:
+			}
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		log, _ := os.ReadFile(agent.LogPath)
+		return fmt.Errorf("%w\n%s", err, log)
+	}
+	return nil
+}
+
+// addPods adds two pods to each node through cnitool.
+func addPods(ctx context.Context, ns []*lab.Node) ([]*lab.Pod, error) {
+	step("adding 2 pods per node with cnitool (patchcord-cni + host-local)")
+	var pods []*lab.Pod
+	for _, n := range ns {
+		if err := n.WriteConflist("patchcord", n.PrimaryConflist()); err != nil {
+			return nil, err
+		}
+		for j := 1; j <= 2; j++ {
+			p, err := n.AddPod(ctx, fmt.Sprintf("pod%d", j), "patchcord")
+			if err != nil {
+				return nil, err
+			}
+			pods = append(pods, p)
+			fmt.Printf("  %-12s on node%d  %s\n", p.Name, n.Index, p.IP)
+		}
+	}
+	return pods, nil
 }
 
 func step(format string, args ...any) {
