@@ -354,8 +354,6 @@ type podState struct {
 	podMAC      string
 }
 
-
-
 func mustMAC(tb testing.TB, s string) net.HardwareAddr {
 	tb.Helper()
 	m, err := net.ParseMAC(s)
