@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/patchcord/patchcord/internal/ipv6off"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/nodes"
@@ -223,6 +224,7 @@ type repairs struct {
 	gone    []bpfmaps.EndpointInfo // endpoints whose veth is gone or recreated
 	restore []bpfmaps.EndpointInfo // endpoints without a current from_pod link
 	orphans []datapath.Attachment  // from_pod links without an endpoint
+	ipv6    []bpfmaps.EndpointInfo // host veths with IPv6 on (set up before v0.2)
 }
 
 // reconcile removes endpoints whose veth is gone, restores missing or stale
@@ -232,7 +234,7 @@ type repairs struct {
 // because an ADD or DEL may have changed it in between.
 func (a *Agent) reconcile() error {
 	r, err := a.scan()
-	if err != nil || len(r.gone)+len(r.restore)+len(r.orphans) == 0 {
+	if err != nil || len(r.gone)+len(r.restore)+len(r.orphans)+len(r.ipv6) == 0 {
 		return err
 	}
 	unlock, err := a.dp.LockEndpoints()
@@ -261,6 +263,9 @@ func (a *Agent) scan() (repairs, error) {
 			r.gone = append(r.gone, ep)
 		case a.dp.Attached(datapath.FromPod, ep.Ifname) != nil:
 			r.restore = append(r.restore, ep)
+		}
+		if !gone && err == nil && ipv6off.Check(ep.Ifname) != nil {
+			r.ipv6 = append(r.ipv6, ep)
 		}
 	}
 	atts, err := a.dp.Attachments()
@@ -324,6 +329,15 @@ func (a *Agent) repair(r repairs) error {
 		}
 		a.log.Info("restoring from_pod attachment", "pod_ip", ep.IP, "ifname", ep.Ifname)
 		errs = append(errs, a.dp.Attach(datapath.FromPod, ep.Ifname, a.log))
+	}
+	for _, ep := range r.ipv6 {
+		if gone, err := vethGone(ep); err != nil || gone || !same(ep) {
+			continue
+		}
+		// A pod added by a release that left IPv6 on its host veth could
+		// reach the node's services on [::] past from_pod.
+		a.log.Info("turning IPv6 off on a pod's host veth", "pod_ip", ep.IP, "ifname", ep.Ifname)
+		errs = append(errs, ipv6off.Disable(ep.Ifname))
 	}
 	for _, at := range r.orphans {
 		// A DEL since the scan may have taken it already.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/internal/ipv6off"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
@@ -243,7 +244,8 @@ func waitFor(t *testing.T, cond func() bool) {
 
 // A restarted agent repairs what happened while it was away: an endpoint
 // whose veth is gone is removed, a missing attachment restored, and a link
-// left without an endpoint detached.
+// left without an endpoint detached, and IPv6 turned off on a host veth
+// that has it.
 func TestAgentReconcilesOnStart(t *testing.T) {
 	root := datapathtest.MustBPFFS(t)
 	netns := mustNodeNS(t)
@@ -265,6 +267,10 @@ func TestAgentReconcilesOnStart(t *testing.T) {
 		}
 		l, _ := netlink.LinkByName("pclive")
 		live.Ifindex = l.Attrs().Index
+		// As a release before IPv6 was turned off on host veths left it.
+		if ipv6off.Check("pclive") == nil {
+			return errors.New("a new veth has IPv6 off already: the test cannot see the repair")
+		}
 		// The live endpoint lost its attachment; the orphan veth has
 		// one but no endpoint.
 		if err := eps.Put(live); err != nil {
@@ -306,6 +312,9 @@ func TestAgentReconcilesOnStart(t *testing.T) {
 		}
 		if err := dp.Attached(datapath.FromPod, "pcorphan"); err == nil {
 			t.Error("attachment without endpoint still in place")
+		}
+		if err := ipv6off.Check("pclive"); err != nil {
+			t.Errorf("live endpoint's host veth: %v", err)
 		}
 		return nil
 	})

@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ipam"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/ipv6off"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/vishvananda/netlink"
@@ -205,7 +206,7 @@ func setupHostVeth(hostName, network string, podIP netip.Addr) error {
 	if err != nil {
 		return fmt.Errorf("find host veth %s: %w", hostName, err)
 	}
-	if err := disableIPv6(hostName); err != nil {
+	if err := ipv6off.Disable(hostName); err != nil {
 		return err
 	}
 	// The alias tells GC which network's veth this is, even when an ADD
@@ -246,10 +247,10 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		return err
 	}
 	// A bridge port too: only the port loses IPv6, not the bridge.
-	if err := disableIPv6(hostLink.Attrs().Name); err != nil {
+	if err := ipv6off.Disable(hostLink.Attrs().Name); err != nil {
 		return err
 	}
-	if err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return disableIPv6(args.IfName) }); err != nil {
+	if err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return ipv6off.Disable(args.IfName) }); err != nil {
 		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot turn off IPv6 on %s in %s", args.IfName, args.Netns), err.Error())
 	}
 	podMAC, err := net.ParseMAC(podIf.Mac)
@@ -330,7 +331,7 @@ func configurePod(ifname string, podIP netip.Addr) error {
 	}
 	// Before the link is up, so that the pod never sends the router
 	// solicitations and MLD reports from_pod would drop as drop_ipv6.
-	if err := disableIPv6(ifname); err != nil {
+	if err := ipv6off.Disable(ifname); err != nil {
 		return err
 	}
 	if err := netlink.LinkSetUp(link); err != nil {

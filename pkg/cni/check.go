@@ -11,6 +11,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/ipv6off"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/vishvananda/netlink"
@@ -71,7 +72,7 @@ func checkHost(args *skel.CmdArgs, conf *NetConf, podIP netip.Addr) (bpfmaps.End
 	if host.Attrs().Index != ep.Ifindex || host.Attrs().HardwareAddr.String() != ep.HostMAC.String() {
 		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, fmt.Sprintf("host veth %s was recreated since the pod was registered (ifindex %d, registered %d)", ep.Ifname, host.Attrs().Index, ep.Ifindex), "")
 	}
-	if err := checkIPv6Off(ep.Ifname); err != nil {
+	if err := ipv6off.Check(ep.Ifname); err != nil {
 		return bpfmaps.EndpointInfo{}, types.NewError(types.ErrInternal, "host veth speaks IPv6: delete and re-add the pod", err.Error())
 	}
 	if err := dp.Attached(datapath.FromPod, ep.Ifname); err != nil {
@@ -86,7 +87,7 @@ func checkPod(args *skel.CmdArgs, conf *NetConf, prev *current.Result, ep bpfmap
 	if err != nil {
 		return fmt.Errorf("pod interface %s: %w", args.IfName, err)
 	}
-	if err := checkIPv6Off(args.IfName); err != nil {
+	if err := ipv6off.Check(args.IfName); err != nil {
 		return err
 	}
 	if link.Attrs().HardwareAddr.String() != ep.MAC.String() {

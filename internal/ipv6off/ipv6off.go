@@ -1,4 +1,7 @@
-package cni
+// Package ipv6off turns IPv6 off on the interfaces patchcord gives a pod,
+// and checks that it stays off: the CNI plugin does it at ADD and CHECK,
+// the agent for pods set up by releases that did not.
+package ipv6off
 
 import (
 	"errors"
@@ -16,38 +19,38 @@ import (
 // what from_pod drops anyway (solicitations, MLD reports) and fills the
 // drop counters with noise. The keys are written in this order so that nothing is learnt while
 // they change; disable_ipv6 also removes any address already there.
-var hostVethIPv6Off = []struct{ key, value string }{
+var settings = []struct{ key, value string }{
 	{"accept_ra", "0"},
 	{"autoconf", "0"},
 	{"disable_ipv6", "1"},
 }
 
-func ipv6ConfPath(ifname, key string) string {
+func confPath(ifname, key string) string {
 	return filepath.Join("/proc/sys/net/ipv6/conf", ifname, key)
 }
 
-// disableIPv6 turns IPv6 off on the interface ifname of the caller's
-// network namespace. A kernel booted
-// without IPv6 has nothing to turn off.
-func disableIPv6(ifname string) error {
+// Disable turns IPv6 off on the interface ifname of the caller's network
+// namespace. A kernel booted without IPv6 has nothing to turn off.
+func Disable(ifname string) error {
 	if _, err := os.Stat("/proc/sys/net/ipv6"); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	for _, s := range hostVethIPv6Off {
-		if err := os.WriteFile(ipv6ConfPath(ifname, s.key), []byte(s.value), 0o644); err != nil {
+	for _, s := range settings {
+		if err := os.WriteFile(confPath(ifname, s.key), []byte(s.value), 0o644); err != nil {
 			return fmt.Errorf("turn off IPv6 on %s (%s=%s): %w", ifname, s.key, s.value, err)
 		}
 	}
 	return nil
 }
 
-// checkIPv6Off says what CHECK finds wrong with an interface's IPv6 state.
-func checkIPv6Off(ifname string) error {
+// Check says what is wrong with an interface's IPv6 state, nil if IPv6 is
+// off as Disable leaves it.
+func Check(ifname string) error {
 	if _, err := os.Stat("/proc/sys/net/ipv6"); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	for _, s := range hostVethIPv6Off {
-		b, err := os.ReadFile(ipv6ConfPath(ifname, s.key))
+	for _, s := range settings {
+		b, err := os.ReadFile(confPath(ifname, s.key))
 		if err != nil {
 			return fmt.Errorf("read IPv6 setting %s of %s: %w", s.key, ifname, err)
 		}
