@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -111,24 +112,7 @@ func wantEvents(t *testing.T, evs []e2e.MonitorEvent, n int, want e2e.MonitorEve
 		t.Fatalf("got %d events, want %d: %+v", len(evs), n, evs)
 	}
 	for i, ev := range evs {
-		var diffs []string
-		check := func(field string, got, want any) {
-			if want != reflectZero(want) && got != want {
-				diffs = append(diffs, fmt.Sprintf("%s %v, want %v", field, got, want))
-			}
-		}
-		check("kind", ev.Kind, want.Kind)
-		check("program", ev.Program, want.Program)
-		check("ifindex", ev.Ifindex, want.Ifindex)
-		check("ifname", ev.Ifname, want.Ifname)
-		check("reason", ev.Reason, want.Reason)
-		check("target", ev.Target, want.Target)
-		check("targetIfname", ev.TargetIfname, want.TargetIfname)
-		check("ethProto", ev.EthProto, want.EthProto)
-		check("proto", ev.Proto, want.Proto)
-		check("src", ev.Src, want.Src)
-		check("dst", ev.Dst, want.Dst)
-		check("dport", ev.Dport, want.Dport)
+		diffs := setFieldDiffs(ev, want)
 		if ev.Message == "" || ev.Time.IsZero() || time.Since(ev.Time) > time.Minute || ev.Len == 0 {
 			diffs = append(diffs, fmt.Sprintf("message %q, time %s, len %d", ev.Message, ev.Time, ev.Len))
 		}
@@ -138,16 +122,19 @@ func wantEvents(t *testing.T, evs []e2e.MonitorEvent, n int, want e2e.MonitorEve
 	}
 }
 
-func reflectZero(v any) any {
-	switch v.(type) {
-	case string:
-		return ""
-	case int:
-		return 0
-	case uint16:
-		return uint16(0)
+// setFieldDiffs names each field that want sets (non-zero) and got has
+// otherwise.
+func setFieldDiffs[T any](got, want T) []string {
+	var diffs []string
+	g, w := reflect.ValueOf(got), reflect.ValueOf(want)
+	for i := range w.NumField() {
+		f := w.Field(i)
+		if f.IsZero() || f.Kind() == reflect.Pointer || !f.Comparable() || g.Field(i).Equal(f) {
+			continue
+		}
+		diffs = append(diffs, fmt.Sprintf("%s %v, want %v", w.Type().Field(i).Name, g.Field(i), f))
 	}
-	return nil
+	return diffs
 }
 
 // counterDelta is how many packets a counter gained.
