@@ -25,11 +25,7 @@ import (
 )
 
 // BPFResults is the BPF group's part of the JSON.
-type BPFResults struct {
-	Method  string       `json:"method"`
-	Samples []BPFSample  `json:"samples"`
-	Summary []BPFSummary `json:"summary"`
-}
+type BPFResults = GroupResults[BPFSample, BPFSummary]
 
 // BPFSample is one path measured in one round with one map state, in ns.
 type BPFSample struct {

@@ -17,23 +17,22 @@ import (
 
 // CNIResults is the CNI group's part of the JSON.
 type CNIResults struct {
-	// Method says what one sample times.
-	Method  string       `json:"method"`
-	Pods    int          `json:"podsPerRound"`
-	Samples []CNISample  `json:"samples"`
-	Summary []CNISummary `json:"summary"`
+	GroupResults[CNISample, CNISummary]
+	Pods int `json:"podsPerRound"`
 }
 
 // CNISample is one cnitool invocation.
 type CNISample struct {
-	Plugin string  `json:"plugin"`
-	Verb   string  `json:"verb"`
-	Round  int     `json:"round"`
-	Seq    int     `json:"seq"`
-	Ms     float64 `json:"ms"`
+	Plugin string `json:"plugin"` // pluginPatchcord or pluginBridge
+	Verb   string `json:"verb"`   // ADD or DEL
+	Round  int    `json:"round"`
+	// Seq is the pod's place in its round: ADDs and DELs run one after
+	// another, so a late Seq runs on a node with more pods.
+	Seq int     `json:"seq"`
+	Ms  float64 `json:"ms"`
 }
 
-// CNISummary is one plugin's verb over every round.
+// CNISummary is one plugin's verb over every round, in milliseconds.
 type CNISummary struct {
 	Plugin string  `json:"plugin"`
 	Verb   string  `json:"verb"`

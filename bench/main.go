@@ -293,7 +293,7 @@ func controlPlane(ctx context.Context, o options, b *builder, subjects []*cniSub
 	if len(subjects) == 0 {
 		return nil
 	}
-	res.CNI = &CNIResults{Method: cniMethod, Pods: o.cniPods}
+	res.CNI = &CNIResults{GroupResults: GroupResults[CNISample, CNISummary]{Method: cniMethod}, Pods: o.cniPods}
 	for round := 1; round <= o.rounds; round++ {
 		progress("cni: round %d/%d", round, o.rounds)
 		samples, err := b.tools.cniRound(ctx, subjects, round)

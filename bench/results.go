@@ -32,6 +32,15 @@ type Results struct {
 	Elapsed string `json:"elapsed"`
 }
 
+// GroupResults is a measured group's part of the JSON: how one sample is
+// taken, every sample, and the summaries made of them.
+type GroupResults[S, M any] struct {
+	// Method says what one sample times.
+	Method  string `json:"method"`
+	Samples []S    `json:"samples"`
+	Summary []M    `json:"summary"`
+}
+
 // Settings are the options the run used.
 type Settings struct {
 	Rounds         int      `json:"rounds"`
