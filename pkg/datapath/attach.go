@@ -116,10 +116,22 @@ func attachTC(info ProgramInfo, ifname string, p *ebpf.Program, pin string) erro
 	if err := tcAttach(l, info, p); err != nil {
 		return err
 	}
-	if err := replacePin(p, pin); err != nil {
+	if err := pinRecord(p, pin); err != nil {
 		return fmt.Errorf("pin attachment record: %w", err)
 	}
 	return nil
+}
+
+// pinRecord pins p at pin as the record of a tc attachment. It pins a
+// clone: cilium/ebpf moves an already pinned object's pin instead of adding
+// one, and p stays pinned under progs.
+func pinRecord(p *ebpf.Program, pin string) error {
+	c, err := p.Clone()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return replacePin(c, pin)
 }
 
 // refreshLink makes l, if it is attached to ifindex, run p: a link on the
@@ -413,10 +425,10 @@ func updateTC(prog, ifname, pin string, p *ebpf.Program, want ebpf.ProgramID) (b
 	case f == nil:
 		return false, fmt.Errorf("%s has no patchcord tc filter for %s", ifname, prog)
 	case ebpf.ProgramID(f.Id) == want:
-		return false, replacePin(p, pin)
+		return false, pinRecord(p, pin)
 	}
 	if err := tcAttach(l, info, p); err != nil {
 		return false, err
 	}
-	return true, replacePin(p, pin)
+	return true, pinRecord(p, pin)
 }
