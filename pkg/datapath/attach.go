@@ -26,8 +26,8 @@ type Attachment struct {
 	// Yielded: tc mode left the ingress qdisc slot to a later plugin
 	// (AttachYielding); the host stack polices the pod.
 	Yielded bool
-	ProgID    ebpf.ProgramID
-	Pin       string
+	ProgID  ebpf.ProgramID
+	Pin     string
 	// Stale is set when the attachment no longer runs the current program
 	// on the interface of that name (interface gone or recreated, or old
 	// code).

@@ -136,11 +136,7 @@ func TestTCAttachHealsStale(t *testing.T) {
 		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
 			return err
 		}
-		l, _ := netlink.LinkByName("dummy0")
-		if err := netlink.LinkDel(l); err != nil {
-			return err
-		}
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dummy0"}, PeerName: "dummy0p"}); err != nil {
+		if err := recreateDummy(); err != nil {
 			return err
 		}
 		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {
@@ -389,6 +385,18 @@ func bandwidthNS(t *testing.T, host ns.NetNS) ns.NetNS {
 	return pod
 }
 
+// inBandwidthNode runs f in the host namespace of a fresh tc-mode node with
+// dummy0 as the host veth of a pod namespace.
+func inBandwidthNode(t *testing.T, f func(*datapath.Datapath, ns.NetNS) error) {
+	t.Helper()
+	d := mustTC(t)
+	host := mustDummyNS(t)
+	pod := bandwidthNS(t, host)
+	if err := host.Do(func(ns.NetNS) error { return f(d, pod) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // runBandwidth runs the real bandwidth plugin's ADD for eth0 in pod with
 // egress and ingress limits, from the current (host) namespace.
 func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
@@ -417,10 +425,7 @@ func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
 func TestTCBandwidthCoexistence(t *testing.T) {
 	log := datapathtest.Logger(t)
 	t.Run("patchcord-first", func(t *testing.T) {
-		d := mustTC(t)
-		host := mustDummyNS(t)
-		pod := bandwidthNS(t, host)
-		err := host.Do(func(ns.NetNS) error {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
 			if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
 				return err
 			}
@@ -429,15 +434,9 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			}
 			return nil
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
 	})
 	t.Run("patchcord-first-yielding", func(t *testing.T) {
-		d := mustTC(t)
-		host := mustDummyNS(t)
-		pod := bandwidthNS(t, host)
-		err := host.Do(func(ns.NetNS) error {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
 			if err := d.AttachYielding(datapath.FromPod, "dummy0", log); err != nil {
 				return err
 			}
@@ -463,15 +462,9 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			}
 			return nil
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
 	})
 	t.Run("bandwidth-first", func(t *testing.T) {
-		d := mustTC(t)
-		host := mustDummyNS(t)
-		pod := bandwidthNS(t, host)
-		err := host.Do(func(ns.NetNS) error {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
 			if out, err := runBandwidth(t, pod); err != nil {
 				t.Fatalf("bandwidth: %v\n%s", err, out)
 			}
@@ -494,9 +487,6 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			}
 			return nil
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
 	})
 }
 
