@@ -522,3 +522,32 @@ func TestAttachModeRecorded(t *testing.T) {
 		t.Error("ParseAttachMode(xdp): no error")
 	}
 }
+
+// --migrate-attach-mode moves a node between backends, each interface
+// attached anew before its old attachment goes, and records the new mode.
+func TestMigrateAttachMode(t *testing.T) {
+	log := datapathtest.Logger(t)
+	d := datapathtest.MustOpen(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		for _, to := range []datapath.AttachMode{datapath.AttachTC, datapath.AttachTCX} {
+			if m, err := d.MigrateAttachMode(to, log); err != nil || m != to {
+				t.Fatalf("migrate to %s: %q, %v", to, m, err)
+			}
+			if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+				t.Errorf("after migrating to %s: %v", to, err)
+			}
+			filters := len(bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS))
+			if atts, _ := d.Attachments(); len(atts) != 1 || atts[0].Mode != to || (to == datapath.AttachTC) != (filters == 1) {
+				t.Errorf("after migrating to %s: attachments %+v, %d tc filters", to, atts, filters)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
