@@ -449,10 +449,11 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			if atts, _ := d.Attachments(); len(atts) != 1 || !atts[0].Yielded || atts[0].Stale {
 				t.Errorf("attachments: %+v, want one current, yielded", atts)
 			}
-			for _, key := range []string{"rp_filter", "proxy_arp"} {
-				if b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/dummy0/" + key); strings.TrimSpace(string(b)) != "1" {
-					t.Errorf("%s on dummy0: %q, want 1: the host stack polices a yielded pod", key, b)
-				}
+			if b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/dummy0/rp_filter"); strings.TrimSpace(string(b)) != "1" {
+				t.Errorf("rp_filter on dummy0: %q, want 1: the host stack polices a yielded pod", b)
+			}
+			if out, _ := exec.Command("ip", "-4", "addr", "show", "dev", "dummy0").CombinedOutput(); !strings.Contains(string(out), datapath.PodGateway().String()+"/32") {
+				t.Errorf("dummy0 addresses:\n%s\nwant the pod gateway's /32, which answers the pod's ARP", out)
 			}
 			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
 				return err

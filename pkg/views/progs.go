@@ -36,7 +36,7 @@ type Prog struct {
 	Mode    string `json:"mode"`
 	Yielded bool   `json:"yielded,omitempty"`
 	Pin     string `json:"pin"`
-	Status    string `json:"status"`
+	Status  string `json:"status"`
 	// PodIP names the endpoint a from_pod row belongs to, when one does.
 	PodIP string `json:"podIP,omitempty"`
 }
