@@ -89,10 +89,15 @@ func Poll(ctx context.Context, what string, cond func() error) error {
 // StartAgent runs `patchcord agent` on n and returns once it has synced.
 func StartAgent(t *testing.T, ctx context.Context, n *lab.Node, nodesFile string, extra ...string) *lab.Process {
 	t.Helper()
-	p := StartReady(t, ctx, n, "agent", ReadyFile(n), AgentArgs(n, nodesFile, extra...)...)
+	return StartReady(t, ctx, n, "agent", ReadyFile(n), AgentArgs(n, nodesFile, extra...)...)
+}
+
+// AssertUplinkBackend is AssertAttachBackend for the agent's programs on
+// the uplink. It runs tc and bpftool: not while a test times traffic.
+func AssertUplinkBackend(t *testing.T, ctx context.Context, n *lab.Node) {
+	t.Helper()
 	AssertAttachBackend(t, ctx, n, "from_uplink", "eth0", "ingress")
 	AssertAttachBackend(t, ctx, n, "to_uplink", "eth0", "egress")
-	return p
 }
 
 // AssertAttachBackend checks, when the lab forces an attach mode
