@@ -31,12 +31,7 @@ namespace: interfaces are looked up by name there.`,
 		Example: "  patchcord bpf prog list\n  patchcord bpf prog list -o json | jq '.[] | select(.status != \"ok\")'",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			dp, err := g.open()
-			if err != nil {
-				return err
-			}
-			defer dp.Close()
-			rows, err := views.ProgRows(dp)
+			rows, err := readPinned(g, views.ProgRows)
 			if err != nil {
 				return err
 			}
