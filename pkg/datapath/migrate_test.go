@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/patchcord/patchcord/pkg/datapath"
@@ -56,11 +57,13 @@ func pinV010(t *testing.T, root string) {
 func TestMigrateFromRelease(t *testing.T) {
 	root := datapathtest.MustBPFFS(t)
 	pinV010(t, root)
+	start := time.Now()
 	d, err := datapath.Open(root, datapathtest.Logger(t))
 	if err != nil {
 		t.Fatalf("open over v0.1.0's maps: %v", err)
 	}
 	defer d.Close()
+	t.Logf("open with the migration: %v", time.Since(start))
 
 	if n := d.Maps.Stats.MaxEntries(); n != 128 {
 		t.Errorf("stats has %d entries, want 128 spare slots", n)
