@@ -34,6 +34,7 @@ type udpFlow struct {
 	name     string
 	src, dst *net.UDPConn
 	stop     chan struct{}
+	sendDone chan struct{}
 	wg       sync.WaitGroup
 
 	mu   sync.Mutex
@@ -44,7 +45,7 @@ type udpFlow struct {
 
 func startUDP(t *testing.T, name string, from, to *lab.Pod, port int) *udpFlow {
 	t.Helper()
-	f := &udpFlow{name: name, stop: make(chan struct{}), got: make(map[uint64]bool)}
+	f := &udpFlow{name: name, stop: make(chan struct{}), sendDone: make(chan struct{}), got: make(map[uint64]bool)}
 	dst := netip.AddrPortFrom(to.IP, uint16(port))
 	err := errors.Join(
 		inNetNS(to, func() (err error) { f.dst, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(dst)); return err }),
@@ -59,6 +60,7 @@ func startUDP(t *testing.T, name string, from, to *lab.Pod, port int) *udpFlow {
 }
 
 func (f *udpFlow) send() {
+	defer close(f.sendDone)
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	buf := make([]byte, 64)
@@ -94,6 +96,13 @@ func (f *udpFlow) receive() {
 	}
 }
 
+// arrived reports whether datagram seq arrived.
+func (f *udpFlow) arrived(seq uint64) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.got[seq]
+}
+
 // received is how many datagrams arrived so far.
 func (f *udpFlow) received() int {
 	f.mu.Lock()
@@ -105,8 +114,13 @@ func (f *udpFlow) received() int {
 // were sent and the numbers lost after the first that arrived (the first
 // ones may wait for the neighbour entries of a fresh lab).
 func (f *udpFlow) finish() (sent uint64, lost []uint64, err error) {
-	close(f.stop)
-	time.Sleep(200 * time.Millisecond)
+	stop(f.stop)
+	<-f.sendDone // f.sent is final
+	// The last datagram is the last to arrive; one second is long past
+	// any queue in the lab, and a datagram not there by then is lost.
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline) && !f.arrived(f.sent-1); {
+		time.Sleep(5 * time.Millisecond)
+	}
 	f.close()
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -123,11 +137,7 @@ func (f *udpFlow) finish() (sent uint64, lost []uint64, err error) {
 }
 
 func (f *udpFlow) close() {
-	select {
-	case <-f.stop:
-	default:
-		close(f.stop)
-	}
+	stop(f.stop)
 	f.src.Close()
 	f.dst.Close()
 	f.wg.Wait()
@@ -214,12 +224,17 @@ func (f *tcpFlow) progress() (int, error) {
 }
 
 func (f *tcpFlow) close() {
-	select {
-	case <-f.stop:
-	default:
-		close(f.stop)
-	}
+	stop(f.stop)
 	f.ln.Close()
 	f.client.Close()
 	f.wg.Wait()
+}
+
+// stop closes a flow's stop channel unless it is closed already.
+func stop(ch chan struct{}) {
+	select {
+	case <-ch:
+	default:
+		close(ch)
+	}
 }

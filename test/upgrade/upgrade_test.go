@@ -13,11 +13,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/views"
@@ -232,17 +231,21 @@ func refuseRelease(t *testing.T, ctx context.Context, u *live, old string) {
 	}
 }
 
-// pinSnapshot is every pin under root with the kernel ID of the object it
-// holds: what a binary that touched the datapath would have changed.
-func pinSnapshot(t *testing.T, root string) map[string]uint32 {
+// pinSnapshot is every pin under root with its inode: a binary that
+// pinned, replaced or removed anything there changes it.
+func pinSnapshot(t *testing.T, root string) map[string]uint64 {
 	t.Helper()
-	out := map[string]uint32{}
+	out := map[string]uint64{}
 	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
 			return err
 		}
 		rel, _ := filepath.Rel(root, path)
-		out[rel] = pinnedID(path, strings.SplitN(rel, string(filepath.Separator), 2)[0])
+		out[rel] = info.Sys().(*syscall.Stat_t).Ino
 		return nil
 	})
 	if err != nil {
@@ -251,36 +254,7 @@ func pinSnapshot(t *testing.T, root string) map[string]uint32 {
 	return out
 }
 
-func pinnedID(path, kind string) uint32 {
-	switch kind {
-	case "maps":
-		if m, err := ebpf.LoadPinnedMap(path, nil); err == nil {
-			defer m.Close()
-			if i, err := m.Info(); err == nil {
-				id, _ := i.ID()
-				return uint32(id)
-			}
-		}
-	case "progs":
-		if p, err := ebpf.LoadPinnedProgram(path, nil); err == nil {
-			defer p.Close()
-			if i, err := p.Info(); err == nil {
-				id, _ := i.ID()
-				return uint32(id)
-			}
-		}
-	case "links":
-		if l, err := link.LoadPinnedLink(path, nil); err == nil {
-			defer l.Close()
-			if i, err := l.Info(); err == nil {
-				return uint32(i.ID)
-			}
-		}
-	}
-	return 0
-}
-
-func equalSnapshots(a, b map[string]uint32) bool {
+func equalSnapshots(a, b map[string]uint64) bool {
 	if len(a) != len(b) {
 		return false
 	}
