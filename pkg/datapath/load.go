@@ -27,6 +27,8 @@ type Datapath struct {
 	Maps Maps
 
 	progs map[string]*ebpf.Program
+	// inodes are the endpoint maps' pins as Maps was opened from them.
+	inodes map[string]uint64
 }
 
 // Open returns the datapath pinned under root, loading and pinning it first
@@ -212,6 +214,7 @@ func (d *Datapath) openMaps() error {
 	if err != nil {
 		return fmt.Errorf("parse embedded object: %w", err)
 	}
+	d.inodes = d.pinInodes()
 	pinned := make(map[string]*ebpf.Map)
 	defer func() {
 		for _, m := range pinned {

@@ -409,36 +409,35 @@ func (s mapSet) close() {
 // open: what it wrote would be lost with them. Open the datapath again.
 var ErrMapsReplaced = errors.New("maps replaced by a migration")
 
-// endpointMapsCurrent checks that the endpoint maps of d are the pinned
-// ones, for writers that opened d before another binary migrated them.
-func (d *Datapath) endpointMapsCurrent() error {
-	for name, m := range map[string]*ebpf.Map{"endpoints": d.Maps.Endpoints, "ep_by_ifindex": d.Maps.EpByIfindex, "ep_meta": d.Maps.EpMeta} {
+// endpointMaps are the maps LockEndpoints guards.
+var endpointMaps = []string{"endpoints", "ep_by_ifindex", "ep_meta"}
+
+// pinInodes are the inodes of the endpoint maps' current pins. A migration
+// pins a new map by a rename, which changes the inode. Taken before the maps
+// are opened: a pin replaced in between then reads as replaced, never the
+// other way round. stat(2), not bpf(2): cheap on every ADD, and it leaves
+// the plugin's bpf() calls as they were.
+func (d *Datapath) pinInodes() map[string]uint64 {
+	out := make(map[string]uint64)
+	for _, name := range endpointMaps {
 		ls := layouts[name]
-		pinned, err := openPin(pinPath(d.mapDir(), name, ls[len(ls)-1].version))
-		if err != nil {
-			return err
+		var st unix.Stat_t
+		if err := unix.Stat(pinPath(d.mapDir(), name, ls[len(ls)-1].version), &st); err == nil {
+			out[name] = st.Ino
 		}
-		same := pinned != nil && sameMap(pinned, m)
-		if pinned != nil {
-			pinned.Close()
-		}
-		if !same {
+	}
+	return out
+}
+
+// endpointMapsCurrent checks that the endpoint maps of d are still the
+// pinned ones, for writers that opened d before another binary migrated
+// them.
+func (d *Datapath) endpointMapsCurrent() error {
+	now := d.pinInodes()
+	for _, name := range endpointMaps {
+		if ino, ok := d.inodes[name]; !ok || now[name] != ino {
 			return fmt.Errorf("map %s under %s: %w: open the datapath again", name, d.mapDir(), ErrMapsReplaced)
 		}
 	}
 	return nil
-}
-
-func sameMap(a, b *ebpf.Map) bool {
-	if a == nil || b == nil {
-		return false
-	}
-	ai, err1 := a.Info()
-	bi, err2 := b.Info()
-	if err1 != nil || err2 != nil {
-		return false
-	}
-	aid, ok1 := ai.ID()
-	bid, ok2 := bi.ID()
-	return ok1 && ok2 && aid == bid
 }
