@@ -1,6 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Every map of the datapath, declared once. All are pinned by name under
- * <bpffs root>/maps, so the three programs (and Go) share one set. */
+/* Every map of the datapath, declared once. All are pinned under
+ * <bpffs root>/maps, so the three programs (and Go) share one set. Go picks
+ * each pin by the map's layout version (pkg/datapath/migrate.go): a change to
+ * a map's type, key, value or size here is a new layout there, with a
+ * converter from the last one. */
 #pragma once
 
 #include "common.h"
@@ -63,9 +66,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } config SEC(".maps");
 
+/* Sized apart from STAT_MAX, with room to spare, so that a new counter
+ * needs no new map: readers show the stat_ids they know and ignore the
+ * rest. Changing the size is a layout change (pkg/datapath/migrate.go). */
+#define STAT_SLOTS 128
+_Static_assert(STAT_MAX <= STAT_SLOTS, "stats needs an entry per stat_id");
+
+/* stat_id -> stat_counter, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_MAX);
+	__uint(max_entries, STAT_SLOTS);
 	__type(key, __u32);
 	__type(value, struct stat_counter);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

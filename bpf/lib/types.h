@@ -96,7 +96,8 @@ enum event_limit_defaults {
 
 /* Per-CPU counters. Go names them from this enum's BTF:
  * STAT_DROP_SPOOFED becomes "drop_spoofed". Append only: the stats map
- * outlives upgrades. */
+ * outlives upgrades, and an ID keeps its counter across them. The map has
+ * STAT_SLOTS entries (lib/maps.h), so appending needs no migration. */
 enum stat_id {
 	STAT_LOCAL_REDIRECT,
 	STAT_ENCAP,

@@ -13,7 +13,9 @@ type Counter struct {
 	Bytes   uint64 `json:"bytes"`
 }
 
-// Stats is the per-CPU counter array.
+// Stats is the per-CPU counter array. It has spare slots beyond the
+// counters this build names (STAT_SLOTS in bpf/lib/maps.h), so that a newer
+// build's counters need no migration; Read and Reset leave those alone.
 type Stats struct{ m *ebpf.Map }
 
 func NewStats(m *datapath.Maps) *Stats { return &Stats{m: m.Stats} }

@@ -82,10 +82,23 @@ func lockRoot(root string) (unlock func(), err error) {
 // links: CNI ADD's register, DEL's unregister and the agent's reconcile.
 // Each holds it only for its map and attach work, never for IPAM or veth
 // setup, so parallel ADDs wait on each other for well under a millisecond.
-// It is a lock of its own, not the root's: Open holds that one while it
-// loads, and a caller may Open while holding this one.
+// It is a lock of its own, taken after the root's: Open takes it too while
+// it may migrate maps, so nobody may Open while holding it. It fails with
+// ErrMapsReplaced where a migration replaced this handle's endpoint maps.
 func (d *Datapath) LockEndpoints() (unlock func(), err error) {
-	dir := filepath.Join(d.Root, "endpoint-lock")
+	unlock, err = lockEndpoints(d.Root)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.endpointMapsCurrent(); err != nil {
+		unlock()
+		return nil, err
+	}
+	return unlock, nil
+}
+
+func lockEndpoints(root string) (unlock func(), err error) {
+	dir := filepath.Join(root, "endpoint-lock")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}

@@ -27,6 +27,8 @@ type Datapath struct {
 	Maps Maps
 
 	progs map[string]*ebpf.Program
+	// inodes are the endpoint maps' pins as Maps was opened from them.
+	inodes map[string]uint64
 }
 
 // Open returns the datapath pinned under root, loading and pinning it first
@@ -55,26 +57,44 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		d.Close()
 	}
 
-	nat := prepareConntrack(log)
+	return load(root, log)
+}
+
+// load loads this binary's objects under root, keeping what is pinned where
+// it is current and migrating the maps whose layout is older. The caller
+// holds the root's lock.
+func load(root string, log *slog.Logger) (*Datapath, error) {
+	// Endpoint writers wait while maps may be copied: an entry written to
+	// an old map after its copy would be lost with it.
+	unlock, err := lockEndpoints(root)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
 	// Whatever build's marker is there stops vouching for the pins before
 	// they change, so a load killed halfway is finished by the next Open.
 	if err := os.RemoveAll(filepath.Dir(d.buildMarker())); err != nil {
 		return nil, fmt.Errorf("clear build marker: %w", err)
 	}
-	for _, o := range objects {
-		spec, err := o.load()
-		if err == nil {
-			err = setConntrack(spec, nat)
-		}
-		if err != nil {
-			d.Close()
-			return nil, fmt.Errorf("parse embedded object: %w", err)
-		}
-		if err := d.loadObject(spec, log); err != nil {
+	specs, err := objectSpecs(prepareConntrack(log))
+	if err != nil {
+		return nil, err
+	}
+	maps, err := resolveMaps(d.mapDir(), specs[0])
+	if err != nil {
+		return nil, err
+	}
+	defer maps.close()
+	for _, spec := range specs {
+		if err := d.loadObject(spec, maps, log); err != nil {
 			d.Close()
 			return nil, err
 		}
+	}
+	if err := maps.commit(log); err != nil {
+		d.Close()
+		return nil, err
 	}
 	if err := d.openMaps(); err != nil {
 		d.Close()
@@ -87,12 +107,40 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	return d, nil
 }
 
+// variant names a build whose programs differ from the objects' (see
+// variant.go, a test-only build); editSpec makes the difference.
+var (
+	variant  string
+	editSpec = func(*ebpf.CollectionSpec) error { return nil }
+)
+
+// objectSpecs parses the embedded objects, from_pod's first, set up for the
+// kernel's conntrack.
+func objectSpecs(nat NATDetection) ([]*ebpf.CollectionSpec, error) {
+	var specs []*ebpf.CollectionSpec
+	for _, o := range objects {
+		spec, err := o.load()
+		if err == nil {
+			err = setConntrack(spec, nat)
+		}
+		if err == nil {
+			err = editSpec(spec)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("parse embedded object: %w", err)
+		}
+		specs = append(specs, spec)
+	}
+	return specs, nil
+}
+
 // buildID names this binary's BPF objects: a hash of their bytes.
 var buildID = sync.OnceValue(func() string {
 	h := sha256.New()
 	for _, o := range objects {
 		h.Write(o.bytes)
 	}
+	h.Write([]byte(variant))
 	return hex.EncodeToString(h.Sum(nil))[:16]
 })
 
@@ -160,35 +208,49 @@ func (d *Datapath) Program(name string) (*ebpf.Program, error) {
 func (d *Datapath) mapDir() string             { return filepath.Join(d.Root, "maps") }
 func (d *Datapath) progPin(name string) string { return filepath.Join(d.Root, "progs", name) }
 
+// openMaps opens every map at the pin of its current layout.
 func (d *Datapath) openMaps() error {
 	spec, err := loadFromPod()
 	if err != nil {
 		return fmt.Errorf("parse embedded object: %w", err)
 	}
-	// Every map is pinned by name, so this opens the pinned ones.
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.mapDir()}}
-	if err := spec.LoadAndAssign(&d.Maps, opts); err != nil {
+	d.inodes = d.pinInodes()
+	pinned := make(map[string]*ebpf.Map)
+	defer func() {
+		for _, m := range pinned {
+			m.Close()
+		}
+	}()
+	for name, ms := range pinnedMaps(spec) {
+		m, err := openCurrent(d.mapDir(), name, ms)
+		if err != nil {
+			return fmt.Errorf("open maps under %s: %w", d.mapDir(), err)
+		}
+		pinned[name] = m
+	}
+	// LoadAndAssign clones the replacements into d.Maps.
+	if err := spec.LoadAndAssign(&d.Maps, &ebpf.CollectionOptions{MapReplacements: pinned}); err != nil {
 		return fmt.Errorf("open maps under %s: %w", d.mapDir(), err)
 	}
 	return nil
 }
 
-// loadObject loads the object and keeps, for each program, the pinned one if
-// it runs the same code (the kernel's tag of both is equal), or pins the new
-// one over it and moves existing attachments to it. The tag is only known
-// after a load: cilium/ebpf's ProgramSpec.Tag differs from the kernel's once
-// maps are passed by fd array. A load costs the verifier ~5 ms per program.
-func (d *Datapath) loadObject(spec *ebpf.CollectionSpec, log *slog.Logger) error {
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: d.mapDir()},
-	})
+// loadObject loads the object against maps and keeps, for each program, the
+// pinned one if it runs the same code on the same maps (the kernel's tag of
+// both is equal, and the pinned one uses maps' maps), or pins the new one
+// over it and moves existing attachments to it. The tag is only known after
+// a load: cilium/ebpf's ProgramSpec.Tag differs from the kernel's once maps
+// are passed by fd array. A load costs the verifier ~5 ms per program.
+func (d *Datapath) loadObject(spec *ebpf.CollectionSpec, maps mapSet, log *slog.Logger) error {
+	repl, err := maps.replacements(spec)
+	if err != nil {
+		return err
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return fmt.Errorf("load programs: %+v", ve)
-		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("load programs: maps pinned under %s were made by an incompatible patchcord version: %w", d.mapDir(), err)
 		}
 		return fmt.Errorf("load programs: %w", err)
 	}
@@ -196,36 +258,36 @@ func (d *Datapath) loadObject(spec *ebpf.CollectionSpec, log *slog.Logger) error
 
 	for name := range spec.Programs {
 		fresh := coll.DetachProgram(name)
-		pinned, err := samePinned(d.progPin(name), fresh)
+		pinned, err := samePinned(d.progPin(name), fresh, maps)
 		if err != nil {
 			fresh.Close()
 			return err
 		}
+		p := pinned
 		if pinned != nil {
 			fresh.Close()
-			d.progs[name] = pinned
-			// A load killed between pinning this program and moving
-			// its links left them on older code.
-			if err := d.updateLinks(name, pinned, log); err != nil {
-				return err
+		} else {
+			if err := replacePin(fresh, d.progPin(name)); err != nil {
+				fresh.Close()
+				return fmt.Errorf("pin program %s: %w", name, err)
 			}
-			continue
+			p = fresh
+			log.Debug("pinned program", "prog", name, "pin", d.progPin(name))
 		}
-		if err := replacePin(fresh, d.progPin(name)); err != nil {
-			fresh.Close()
-			return fmt.Errorf("pin program %s: %w", name, err)
-		}
-		d.progs[name] = fresh
-		if err := d.updateLinks(name, fresh, log); err != nil {
+		d.progs[name] = p
+		// Where the pinned program is kept, a load killed between pinning
+		// it and moving its links left them on older code.
+		if err := d.updateLinks(name, p, log); err != nil {
 			return err
 		}
-		log.Debug("pinned program", "prog", name, "pin", d.progPin(name))
 	}
 	return nil
 }
 
-// samePinned returns the program pinned at path if its code equals fresh's.
-func samePinned(path string, fresh *ebpf.Program) (*ebpf.Program, error) {
+// samePinned returns the program pinned at path if its code equals fresh's
+// and it uses maps: the tag does not cover which maps a program uses, and a
+// program on a migrated map's old copy would run on in it.
+func samePinned(path string, fresh *ebpf.Program, maps mapSet) (*ebpf.Program, error) {
 	pinned, err := ebpf.LoadPinnedProgram(path, nil)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -243,7 +305,7 @@ func samePinned(path string, fresh *ebpf.Program) (*ebpf.Program, error) {
 		pinned.Close()
 		return nil, fmt.Errorf("inspect program %s: %w", path, err)
 	}
-	if old.Tag != cur.Tag {
+	if old.Tag != cur.Tag || !maps.usedBy(old, cur) {
 		pinned.Close()
 		return nil, nil
 	}

@@ -18,7 +18,7 @@ func TestOpenPinsAndReuses(t *testing.T) {
 		t.Fatalf("open: %v", err)
 	}
 	defer d.Close()
-	for _, pin := range []string{"progs/from_pod", "progs/from_uplink", "progs/to_uplink", "maps/endpoints", "maps/nodes", "maps/stats", "maps/events"} {
+	for _, pin := range []string{"progs/from_pod", "progs/from_uplink", "progs/to_uplink", "maps/endpoints", "maps/nodes", "maps/stats_v2", "maps/config_v2", "maps/events"} {
 		if _, err := os.Stat(filepath.Join(root, pin)); err != nil {
 			t.Errorf("expected pin %s: %v", pin, err)
 		}

@@ -1,0 +1,240 @@
+// The traffic an upgrade must not disturb, from sockets this test opens in
+// the pods' namespaces: a UDP flow of numbered datagrams, whose receiver
+// counts every number that did not arrive, and an established TCP connection
+// that echoes numbered messages.
+package upgrade
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/lab"
+)
+
+// interval is how often each flow sends: 500 datagrams and round trips a
+// second, few enough that a busy 2-CPU machine never overflows a socket
+// buffer, many enough that any gap of the datapath shows.
+const interval = 2 * time.Millisecond
+
+// inNetNS runs f in the network namespace of p; sockets f opens stay there.
+func inNetNS(p *lab.Pod, f func() error) error {
+	return ns.WithNetNSPath(p.NSPath, func(ns.NetNS) error { return f() })
+}
+
+// udpFlow sends datagrams numbered 0, 1, ... from one pod to another.
+type udpFlow struct {
+	name     string
+	src, dst *net.UDPConn
+	stop     chan struct{}
+	sendDone chan struct{}
+	wg       sync.WaitGroup
+
+	mu   sync.Mutex
+	sent uint64
+	got  map[uint64]bool
+	err  error
+}
+
+func startUDP(t *testing.T, name string, from, to *lab.Pod, port int) *udpFlow {
+	t.Helper()
+	f := &udpFlow{name: name, stop: make(chan struct{}), sendDone: make(chan struct{}), got: make(map[uint64]bool)}
+	dst := netip.AddrPortFrom(to.IP, uint16(port))
+	err := errors.Join(
+		inNetNS(to, func() (err error) { f.dst, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(dst)); return err }),
+		inNetNS(from, func() (err error) { f.src, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(dst)); return err }))
+	if err != nil {
+		t.Fatalf("udp flow %s: %v", name, err)
+	}
+	f.wg.Go(f.receive)
+	f.wg.Go(f.send)
+	t.Cleanup(f.close)
+	return f
+}
+
+func (f *udpFlow) send() {
+	defer close(f.sendDone)
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	buf := make([]byte, 64)
+	for seq := uint64(0); ; seq++ {
+		select {
+		case <-f.stop:
+			return
+		case <-tick.C:
+		}
+		binary.BigEndian.PutUint64(buf, seq)
+		_, err := f.src.Write(buf)
+		f.mu.Lock()
+		f.sent = seq + 1
+		if err != nil && f.err == nil {
+			f.err = fmt.Errorf("send datagram %d: %w", seq, err)
+		}
+		f.mu.Unlock()
+	}
+}
+
+func (f *udpFlow) receive() {
+	buf := make([]byte, 64)
+	for {
+		n, err := f.dst.Read(buf)
+		if err != nil {
+			return // closed
+		}
+		if n >= 8 {
+			f.mu.Lock()
+			f.got[binary.BigEndian.Uint64(buf)] = true
+			f.mu.Unlock()
+		}
+	}
+}
+
+// arrived reports whether datagram seq arrived.
+func (f *udpFlow) arrived(seq uint64) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.got[seq]
+}
+
+// received is how many datagrams arrived so far.
+func (f *udpFlow) received() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.got)
+}
+
+// finish stops sending, lets the last datagrams arrive and returns how many
+// were sent and the numbers lost after the first that arrived (the first
+// ones may wait for the neighbour entries of a fresh lab).
+func (f *udpFlow) finish() (sent uint64, lost []uint64, err error) {
+	stop(f.stop)
+	<-f.sendDone // f.sent is final
+	// The last datagram is the last to arrive; one second is long past
+	// any queue in the lab, and a datagram not there by then is lost.
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline) && !f.arrived(f.sent-1); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	f.close()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	first := uint64(0)
+	for first < f.sent && !f.got[first] {
+		first++
+	}
+	for seq := first; seq < f.sent; seq++ {
+		if !f.got[seq] {
+			lost = append(lost, seq)
+		}
+	}
+	return f.sent, lost, f.err
+}
+
+func (f *udpFlow) close() {
+	stop(f.stop)
+	f.src.Close()
+	f.dst.Close()
+	f.wg.Wait()
+}
+
+// tcpFlow is one TCP connection between two pods; the client sends a
+// numbered message every interval and the server echoes it.
+type tcpFlow struct {
+	name   string
+	ln     net.Listener
+	client net.Conn
+	stop   chan struct{}
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	rounds int
+	err    error
+}
+
+func startTCP(t *testing.T, name string, from, to *lab.Pod, port int) *tcpFlow {
+	t.Helper()
+	f := &tcpFlow{name: name, stop: make(chan struct{})}
+	addr := netip.AddrPortFrom(to.IP, uint16(port)).String()
+	err := inNetNS(to, func() (err error) { f.ln, err = net.Listen("tcp4", addr); return err })
+	if err == nil {
+		f.wg.Go(f.echo)
+		err = inNetNS(from, func() (err error) { f.client, err = net.DialTimeout("tcp4", addr, 5*time.Second); return err })
+	}
+	if err != nil {
+		t.Fatalf("tcp flow %s: %v", name, err)
+	}
+	f.wg.Go(f.run)
+	t.Cleanup(f.close)
+	return f
+}
+
+func (f *tcpFlow) echo() {
+	c, err := f.ln.Accept()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	io.Copy(c, c)
+}
+
+func (f *tcpFlow) run() {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	out, in := make([]byte, 8), make([]byte, 8)
+	for seq := uint64(0); ; seq++ {
+		select {
+		case <-f.stop:
+			return
+		case <-tick.C:
+		}
+		binary.BigEndian.PutUint64(out, seq)
+		f.client.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err := f.client.Write(out)
+		if err == nil {
+			_, err = io.ReadFull(f.client, in)
+		}
+		if err == nil && binary.BigEndian.Uint64(in) != seq {
+			err = fmt.Errorf("echo %d, want %d", binary.BigEndian.Uint64(in), seq)
+		}
+		f.mu.Lock()
+		if err != nil {
+			f.err = fmt.Errorf("round trip %d: %w", seq, err)
+		} else {
+			f.rounds++
+		}
+		f.mu.Unlock()
+		if err != nil {
+			return
+		}
+	}
+}
+
+// progress is how many round trips the connection made so far, and its
+// first error.
+func (f *tcpFlow) progress() (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rounds, f.err
+}
+
+func (f *tcpFlow) close() {
+	stop(f.stop)
+	f.ln.Close()
+	f.client.Close()
+	f.wg.Wait()
+}
+
+// stop closes a flow's stop channel unless it is closed already.
+func stop(ch chan struct{}) {
+	select {
+	case <-ch:
+	default:
+		close(ch)
+	}
+}
