@@ -133,7 +133,7 @@ func gitBuild(t *testing.T, ref string) string {
 	repo := e2e.RepoDir()
 	out, err := exec.Command("git", "-C", repo, "rev-parse", "--verify", "--quiet", ref+"^{commit}").Output()
 	if err != nil {
-		t.Fatalf("%s is not in this repository (%v): run `git fetch --tags` (the upgrade test builds the release it upgrades from)", ref, err)
+		t.Fatalf("%s is not in this repository (%v): fetch it (`git fetch --tags`, or `git fetch --unshallow` in a shallow clone): the upgrade test builds the release it upgrades from", ref, err)
 	}
 	commit := strings.TrimSpace(string(out))
 	src := t.TempDir()

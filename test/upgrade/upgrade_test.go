@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -24,18 +25,32 @@ import (
 
 func TestMain(m *testing.M) { e2e.Main(m) }
 
+// The last release: its tag and the commit the tag names. A clone made
+// without tags (CI's may be) still has the commit.
+const (
+	lastRelease       = "v0.1.0"
+	lastReleaseCommit = "4407d6d0d0ddc0e73693d1b09933fe0a73fbefca"
+)
+
 // release is what TestUpgradeFromRelease upgrades from:
 // $PATCHCORD_UPGRADE_FROM (a tag or commit) or the last release.
-func release() string {
+func release(t *testing.T) string {
 	if ref := os.Getenv("PATCHCORD_UPGRADE_FROM"); ref != "" {
 		return ref
 	}
-	return "v0.1.0"
+	out, err := exec.Command("git", "-C", e2e.RepoDir(), "rev-parse", "--verify", "--quiet", lastRelease+"^{commit}").Output()
+	switch got := strings.TrimSpace(string(out)); {
+	case err != nil:
+		t.Logf("tag %s not in this clone: building its commit %s", lastRelease, lastReleaseCommit[:12])
+	case got != lastReleaseCommit:
+		t.Fatalf("tag %s names %s, not the release commit %s: update lastReleaseCommit with the tag", lastRelease, got, lastReleaseCommit)
+	}
+	return lastReleaseCommit
 }
 
 func TestUpgradeFromRelease(t *testing.T) {
 	t.Parallel()
-	old := gitBuild(t, release())
+	old := gitBuild(t, release(t))
 	ctx := e2e.Ctx(t)
 	u := startLive(t, ctx, old)
 	u.c.upgrade(t, ctx, e2e.BinDir())
