@@ -167,6 +167,7 @@ func testStatus() views.Status {
 		Config:       &views.Config{Configured: true, NodeIP: "198.18.0.1", Uplink: "eth0", UplinkIfindex: 2, VNI: 1, VXLANPort: 4789, PodMTU: 1450},
 		AgentRunning: true,
 		NATDetection: views.NAT{On: true},
+		Kernel:       "6.18.0",
 		Attachments:  views.AttachmentCounts{OK: 4},
 		Endpoints:    2,
 		Nodes:        1,
@@ -188,6 +189,11 @@ func TestStatusTable(t *testing.T) {
 		v.AgentRunning, v.Tracing, v.Healthy = false, true, false
 		v.NATDetection = views.NAT{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
 		v.Attachments = views.AttachmentCounts{OK: 3, Missing: 1}
+		v.Kernel, v.Features = "6.1.0-57-amd64", datapath.Features{
+			{Name: datapath.FeatureRedirectPeer, Since: "5.10", Have: true},
+			{Name: datapath.FeatureDecapFlags, Since: "6.3", Why: "refused", Without: "decap with FIXED_GSO alone"},
+			{Name: datapath.FeatureCTKfuncs, Since: "6.0", Why: "nf_conntrack not loaded", Without: "NAT check off"},
+		}
 		v.Problems = []string{
 			"from_pod is not attached to pc3 (pod 10.244.1.3): the agent restores it within 10 s (is it running?)",
 			"agent not running: start `patchcord agent` (pods keep forwarding, but node changes and repairs wait for it)",

@@ -32,8 +32,14 @@ type Datapath struct {
 // Open returns the datapath pinned under root, loading and pinning it first
 // where it is missing or its code differs from this binary's (the upgrade
 // path: attached links are moved to the new programs atomically). Parallel
-// callers serialise on a lock on root.
+// callers serialise on a lock on root. It refuses a kernel that lacks a
+// feature the datapath needs (see features.go).
 func Open(root string, log *slog.Logger) (*Datapath, error) {
+	return open(root, log, kernelFeatures)
+}
+
+// open is Open with the feature probe given, so that tests load either mode.
+func open(root string, log *slog.Logger, probe func(*slog.Logger) (Features, error)) (*Datapath, error) {
 	if err := prepareRoot(root); err != nil {
 		return nil, err
 	}
@@ -55,7 +61,10 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		d.Close()
 	}
 
-	nat := prepareConntrack(log)
+	feats, err := probe(log)
+	if err != nil {
+		return nil, err
+	}
 	d := &Datapath{Root: root, progs: make(map[string]*ebpf.Program)}
 	// Whatever build's marker is there stops vouching for the pins before
 	// they change, so a load killed halfway is finished by the next Open.
@@ -65,7 +74,7 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 	for _, o := range objects {
 		spec, err := o.load()
 		if err == nil {
-			err = setConntrack(spec, nat)
+			err = setFeatures(spec, feats)
 		}
 		if err != nil {
 			d.Close()

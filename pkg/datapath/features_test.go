@@ -1,0 +1,121 @@
+// This file tests the kernel feature table: the probes on the running
+// kernel, the refusal of a kernel without a required feature, and both
+// decap modes of from_uplink through BPF_PROG_RUN on this kernel.
+package datapath_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf/features"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
+)
+
+// kernelAtLeast says whether the running kernel is major.minor or newer.
+func kernelAtLeast(tb testing.TB, major, minor uint32) bool {
+	tb.Helper()
+	code, err := features.LinuxVersionCode()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return code >= major<<16|minor<<8
+}
+
+// Every kernel the tests run on (this machine's and the kernel matrix's) is
+// at least MinKernel, so the required features are there; the DECAP flags
+// appeared in 6.3, and no Debian kernel backports them.
+func TestProbeFeatures(t *testing.T) {
+	datapathtest.RequireRoot(t)
+	fs := datapath.ProbeFeatures()
+	if err := fs.Check(); err != nil {
+		t.Fatalf("a kernel of the matrix lacks a required feature: %v", err)
+	}
+	names := map[string]bool{}
+	for _, f := range fs {
+		names[f.Name] = true
+		if f.Have != (f.Why == "") {
+			t.Errorf("%s: have %t but why %q", f.Name, f.Have, f.Why)
+		}
+		t.Logf("%-24s since %-5s have %-5t %s", f.Name, f.Since, f.Have, f.Why)
+	}
+	for _, name := range []string{datapath.FeatureRedirectPeer, datapath.FeatureRedirectNeigh, datapath.FeatureRingBuf,
+		datapath.FeatureBTF, datapath.FeatureDecapFlags, datapath.FeatureCTKfuncs} {
+		if !names[name] {
+			t.Errorf("feature %q not probed", name)
+		}
+	}
+	if want := kernelAtLeast(t, 6, 3); fs.Have(datapath.FeatureDecapFlags) != want {
+		t.Errorf("kernel %s: DECAP flags probed %t, want %t", datapath.KernelRelease(), !want, want)
+	}
+}
+
+func TestFeaturesCheck(t *testing.T) {
+	all := datapath.Features{
+		{Name: datapath.FeatureRedirectPeer, Since: "5.10", Have: true},
+		{Name: datapath.FeatureDecapFlags, Since: "6.3", Have: true, Without: "decap with FIXED_GSO alone"},
+	}
+	tests := []struct {
+		name string
+		fs   datapath.Features
+		want string // a part of the error; empty: none
+	}{
+		{name: "all there", fs: all},
+		{name: "degraded only", fs: all.With(datapath.FeatureDecapFlags, false)},
+		{name: "below the floor", fs: all.With(datapath.FeatureRedirectPeer, false), want: "lacks bpf_redirect_peer (since 5.10"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.fs.Check()
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("Check: %v", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("Check: got %v, want an error containing %q", err, tt.want)
+			case tt.want != "" && !strings.Contains(err.Error(), "needs Linux "+datapath.MinKernel):
+				t.Fatalf("Check: %v does not name the minimum kernel", err)
+			}
+		})
+	}
+}
+
+// from_uplink decapsulates with and without BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
+// byte for byte the same, where the kernel knows the flag; where it does not,
+// the flag makes the kernel refuse the decap, which is why the loader
+// clears it there.
+func TestFromUplinkDecapFlagModes(t *testing.T) {
+	kernelHas := datapath.ProbeFeatures().Have(datapath.FeatureDecapFlags)
+	for _, flag := range []bool{true, false} {
+		t.Run(map[bool]string{true: "with flag", false: "without flag"}[flag], func(t *testing.T) {
+			d, err := datapath.OpenWithFeatures(datapathtest.MustBPFFS(t), datapathtest.Logger(t),
+				func(fs datapath.Features) datapath.Features { return fs.With(datapath.FeatureDecapFlags, flag) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { d.Close() })
+			if loaded, err := d.DecapFlagLoaded(); err != nil || loaded != flag {
+				t.Fatalf("decap_l3_flag loaded: %t (%v), want %t", loaded, err, flag)
+			}
+			n := &testNode{tb: t, d: d}
+			n.configure(defaultConfig())
+			n.addNode(peerNode())
+			n.addPod(dstPod)
+			inner := toDstPod(tcpPacket(peerPodIP, dstPod.IP))
+			in := fromPeer(inner.marshal()).marshal()
+
+			ret, out := mustRun(t, n.prog(datapath.FromUplink), in)
+
+			if flag && !kernelHas {
+				wantVerdict(t, ret, tcActShot)
+				n.wantCounters(map[string]bpfmaps.Counter{"drop_malformed": counted(len(in))})
+				return
+			}
+			wantVerdict(t, ret, tcActRedirect)
+			want := ethernet{Dst: dstPod.MAC, Src: dstPod.HostMAC, Type: ethTypeIPv4}.
+				marshal(inner.withTTL(inner.ip.TTL - 1).marshal())
+			wantFrame(t, out, want)
+			n.wantCounters(map[string]bpfmaps.Counter{"decap": counted(len(in) - vxlanOverhead)})
+		})
+	}
+}
