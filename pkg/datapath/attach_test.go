@@ -35,6 +35,19 @@ func mustDummyNS(tb testing.TB) ns.NetNS {
 	return netns
 }
 
+// recreateDummy deletes dummy0 and makes a new one of that name, as a pod
+// restarted in place does to its host veth.
+func recreateDummy() error {
+	l, err := netlink.LinkByName("dummy0")
+	if err == nil {
+		err = netlink.LinkDel(l)
+	}
+	if err != nil {
+		return err
+	}
+	return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dummy0"}, PeerName: "dummy0p"})
+}
+
 func TestAttachIdempotentAndDetach(t *testing.T) {
 	d := datapathtest.MustOpen(t)
 	netns := mustDummyNS(t)
@@ -81,11 +94,7 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 		if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
 			return err
 		}
-		l, _ := netlink.LinkByName("dummy0")
-		if err := netlink.LinkDel(l); err != nil {
-			return err
-		}
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dummy0"}, PeerName: "dummy0p"}); err != nil {
+		if err := recreateDummy(); err != nil {
 			return err
 		}
 		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {

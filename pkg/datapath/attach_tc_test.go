@@ -1,0 +1,524 @@
+// The tc backend on real veths in namespaces of their own: attach and
+// re-attach, replacement under traffic, detach beside other tc users (the
+// real bandwidth CNI plugin among them, in both orders), and the recorded
+// attach mode.
+package datapath_test
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/patchcord/patchcord/pkg/bpfmaps"
+	"github.com/patchcord/patchcord/pkg/datapath"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// mustTC opens a fresh datapath whose node is recorded as tc mode.
+func mustTC(t *testing.T) *datapath.Datapath {
+	t.Helper()
+	d := datapathtest.MustOpen(t)
+	if m, err := d.SetAttachMode(datapath.AttachTC, datapathtest.Logger(t)); err != nil || m != datapath.AttachTC {
+		t.Fatalf("set attach mode tc: got %q, %v", m, err)
+	}
+	return d
+}
+
+// bpfFilters lists the cls_bpf filters on ifname's hook parent.
+func bpfFilters(t *testing.T, ifname string, parent uint32) []*netlink.BpfFilter {
+	t.Helper()
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := netlink.FilterList(l, parent)
+	if err != nil {
+		return nil // no qdisc: no filters
+	}
+	var out []*netlink.BpfFilter
+	for _, f := range fs {
+		if bf, ok := f.(*netlink.BpfFilter); ok {
+			out = append(out, bf)
+		}
+	}
+	return out
+}
+
+// slotQdisc is the kind of qdisc in ifname's ingress slot, "" for none.
+func slotQdisc(t *testing.T, ifname string) string {
+	t.Helper()
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qs, err := netlink.QdiscList(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range qs {
+		if q.Attrs().Parent == netlink.HANDLE_INGRESS {
+			return q.Type()
+		}
+	}
+	return ""
+}
+
+func progIDOf(t *testing.T, d *datapath.Datapath, name string) int {
+	t.Helper()
+	return int(progID(t, d, name))
+}
+
+func TestTCAttachIdempotentAndDetach(t *testing.T) {
+	d := mustTC(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		for range 2 {
+			if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
+				return err
+			}
+		}
+		fs := bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS)
+		if len(fs) != 1 || fs[0].Id != progIDOf(t, d, datapath.FromPod) || !fs[0].DirectAction || fs[0].Name != "patchcord:from_pod" {
+			t.Errorf("filters on dummy0 ingress: got %+v, want one direct-action patchcord:from_pod running from_pod", fs)
+		}
+		if q := slotQdisc(t, "dummy0"); q != "clsact" {
+			t.Errorf("qdisc in the ingress slot: %q, want clsact", q)
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+			t.Errorf("after attach: %v", err)
+		}
+		atts, err := d.Attachments()
+		if err != nil {
+			return err
+		}
+		if len(atts) != 1 || atts[0].Stale || atts[0].Mode != datapath.AttachTC || atts[0].Ifindex == 0 || atts[0].LinkID != 0 {
+			t.Errorf("attachments: got %+v, want one current tc attachment on dummy0", atts)
+		}
+		for range 2 {
+			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
+				return err
+			}
+		}
+		if fs := bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS); len(fs) != 0 {
+			t.Errorf("filters left after detach: %+v", fs)
+		}
+		if q := slotQdisc(t, "dummy0"); q != "" {
+			t.Errorf("empty %s qdisc left after detach", q)
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {
+			t.Error("still attached after detach")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A recreated interface has no filter; a filter on other code is stale;
+// Attach heals both, the second in place (same filter, new program).
+func TestTCAttachHealsStale(t *testing.T) {
+	d := mustTC(t)
+	other := mustTC(t) // another from_pod: "older code"
+	log := datapathtest.Logger(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		if err := recreateDummy(); err != nil {
+			return err
+		}
+		if err := d.Attached(datapath.FromPod, "dummy0"); err == nil {
+			t.Error("Attached: the record of a deleted interface passes as current")
+		}
+		if atts, _ := d.Attachments(); len(atts) != 1 || !atts[0].Stale {
+			t.Errorf("attachments after the interface was recreated: %+v, want one stale", atts)
+		}
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		if err := other.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		if d.Attached(datapath.FromPod, "dummy0") == nil {
+			t.Error("Attached: a filter on other code passes as current")
+		}
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		fs := bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS)
+		if len(fs) != 1 || fs[0].Id != progIDOf(t, d, datapath.FromPod) {
+			t.Errorf("filters: got %+v, want one running from_pod %d", fs, progIDOf(t, d, datapath.FromPod))
+		}
+		return d.Attached(datapath.FromPod, "dummy0")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An upgrade moves tc attachments to the new program through Open, as it
+// moves tcx links: the Open runs in the interface's namespace.
+func TestTCOpenUpgradesInPlace(t *testing.T) {
+	d := mustTC(t)
+	other := mustTC(t)
+	log := datapathtest.Logger(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		// A load killed between pinning programs and moving attachments
+		// leaves them on other code and no build marker.
+		if err := other.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		if err := os.RemoveAll(filepath.Join(d.Root, "build")); err != nil {
+			return err
+		}
+		again, err := datapath.Open(d.Root, log)
+		if err != nil {
+			return err
+		}
+		defer again.Close()
+		return again.Attached(datapath.FromPod, "dummy0")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Replacing the program of a filter under traffic leaves no moment without
+// one: two datapaths (own programs, own counters) take turns on dummy0's
+// filter while unregistered frames flow in; each from_pod drops them as
+// drop_unregistered, and a frame that met no program would reach the host
+// stack uncounted. Every frame must be counted by one of them.
+func TestTCReplaceUnderTrafficHasNoGap(t *testing.T) {
+	d1, d2 := mustTC(t), mustTC(t)
+	log := datapathtest.Logger(t)
+	netns := mustDummyNS(t)
+	var host, pod netlink.Link
+	err := netns.Do(func(ns.NetNS) error {
+		var err error
+		host, _ = netlink.LinkByName("dummy0")
+		pod, _ = netlink.LinkByName("dummy0p")
+		for _, l := range []netlink.Link{host, pod} {
+			// Only the test's frames: no IPv6 neighbour discovery.
+			if err = os.WriteFile("/proc/sys/net/ipv6/conf/"+l.Attrs().Name+"/disable_ipv6", []byte("1"), 0o644); err != nil {
+				return err
+			}
+			if err = netlink.LinkSetUp(l); err != nil {
+				return err
+			}
+		}
+		return d1.Attach(datapath.FromPod, "dummy0", log)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := ethernet{Dst: host.Attrs().HardwareAddr, Src: pod.Attrs().HardwareAddr, Type: 0x0800}.marshal(udpPacket(podA.IP, podB.IP).marshal())
+	var stop atomic.Bool
+	sent := make(chan int)
+	go func() { sent <- sendUntil(t, netns, pod.Attrs().Index, frame, &stop) }()
+
+	swaps := 0
+	err = netns.Do(func(ns.NetNS) error {
+		for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); swaps++ {
+			if err := []*datapath.Datapath{d2, d1}[swaps%2].Attach(datapath.FromPod, "dummy0", log); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	stop.Store(true)
+	n := <-sent
+	if err != nil {
+		t.Fatal(err)
+	}
+	var counted uint64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		counted = unregistered(t, d1) + unregistered(t, d2)
+		if counted >= uint64(n) {
+			break
+		}
+	}
+	t.Logf("%d frames across %d replacements; counted %d (d1 %d, d2 %d)", n, swaps, counted, unregistered(t, d1), unregistered(t, d2))
+	if counted != uint64(n) || unregistered(t, d1) == 0 || unregistered(t, d2) == 0 || swaps < 10 {
+		t.Errorf("counted %d of %d frames over %d replacements: want every frame seen by one of both programs", counted, n, swaps)
+	}
+}
+
+// sendUntil sends frame out of the pod side until stop, pacing itself so
+// that the receive backlog never overflows, and returns how many it sent.
+func sendUntil(t *testing.T, netns ns.NetNS, ifindex int, frame []byte, stop *atomic.Bool) int {
+	n := 0
+	err := netns.Do(func(ns.NetNS) error {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ALL)))
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		for !stop.Load() {
+			if err := unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: ifindex}); err != nil {
+				return err
+			}
+			if n++; n%32 == 0 {
+				time.Sleep(100 * time.Microsecond)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("send frames: %v", err)
+	}
+	return n
+}
+
+func unregistered(t *testing.T, d *datapath.Datapath) uint64 {
+	t.Helper()
+	got, err := bpfmaps.NewStats(&d.Maps).Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got["drop_unregistered"].Packets
+}
+
+// Other tc users keep their filters and their qdisc: detach removes ours
+// only, and a foreign filter where ours would go is refused, not replaced.
+func TestTCDetachLeavesForeignFilters(t *testing.T) {
+	d, other := mustTC(t), mustTC(t)
+	log := datapathtest.Logger(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		// Someone else's filters on both hooks of our clsact.
+		for _, args := range [][]string{
+			{"filter", "add", "dev", "dummy0", "ingress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0", "classid", "1:1"},
+			{"filter", "add", "dev", "dummy0", "egress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0", "classid", "1:1"},
+		} {
+			if out, err := exec.Command("tc", args...).CombinedOutput(); err != nil {
+				t.Fatalf("tc %v: %v\n%s", args, err, out)
+			}
+		}
+		if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
+			return err
+		}
+		out, _ := exec.Command("tc", "filter", "show", "dev", "dummy0", "ingress").CombinedOutput()
+		if strings.Contains(string(out), "patchcord") || !strings.Contains(string(out), "pref 7 u32") {
+			t.Errorf("ingress filters after detach:\n%s\nwant the foreign u32 only", out)
+		}
+		if q := slotQdisc(t, "dummy0"); q != "clsact" {
+			t.Errorf("qdisc after detach: %q, want the clsact the foreign filters use", q)
+		}
+		// A foreign bpf filter at our priority and handle.
+		l, _ := netlink.LinkByName("dummy0")
+		p, _ := other.Program(datapath.FromPod)
+		err := netlink.FilterAdd(&netlink.BpfFilter{
+			FilterAttrs: netlink.FilterAttrs{LinkIndex: l.Attrs().Index, Parent: netlink.HANDLE_MIN_INGRESS, Handle: 1, Priority: 2, Protocol: unix.ETH_P_ALL},
+			Fd:          p.FD(), Name: "someone-else", DirectAction: true,
+		})
+		if err != nil {
+			t.Fatalf("add a foreign bpf filter: %v", err)
+		}
+		err = d.Attach(datapath.FromPod, "dummy0", log)
+		if err == nil || !strings.Contains(err.Error(), "not patchcord's") {
+			t.Errorf("attach over a foreign filter at priority 2 handle 1: %v, want a refusal naming it", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// bandwidthNS is a pod namespace behind dummy0p (renamed eth0), for the
+// bandwidth plugin, which finds the host veth as the pod interface's peer.
+func bandwidthNS(t *testing.T, host ns.NetNS) ns.NetNS {
+	t.Helper()
+	pod, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		pod.Close()
+		testutils.UnmountNS(pod)
+	})
+	err = host.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("dummy0p")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetNsFd(l, int(pod.Fd())); err != nil {
+			return err
+		}
+		h, _ := netlink.LinkByName("dummy0")
+		return netlink.LinkSetUp(h)
+	})
+	if err == nil {
+		err = pod.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName("dummy0p")
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetName(l, "eth0"); err != nil {
+				return err
+			}
+			return netlink.LinkSetUp(l)
+		})
+	}
+	if err != nil {
+		t.Fatalf("move dummy0p into a pod namespace: %v", err)
+	}
+	return pod
+}
+
+// inBandwidthNode runs f in the host namespace of a fresh tc-mode node with
+// dummy0 as the host veth of a pod namespace.
+func inBandwidthNode(t *testing.T, f func(*datapath.Datapath, ns.NetNS) error) {
+	t.Helper()
+	d := mustTC(t)
+	host := mustDummyNS(t)
+	pod := bandwidthNS(t, host)
+	if err := host.Do(func(ns.NetNS) error { return f(d, pod) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runBandwidth runs the real bandwidth plugin's ADD for eth0 in pod with
+// egress and ingress limits, from the current (host) namespace.
+func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
+	t.Helper()
+	dir := os.Getenv("CNI_PLUGINS")
+	if dir == "" {
+		t.Fatal("CNI_PLUGINS is not set: run make tools and export CNI_PLUGINS=$PWD/bin/cni (the Makefile does)")
+	}
+	conf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "tc-bandwidth", "type": "bandwidth",
+		"runtimeConfig": map[string]any{"bandwidth": map[string]int{
+			"ingressRate": 8_000_000, "ingressBurst": 800_000, "egressRate": 8_000_000, "egressBurst": 800_000}},
+		"prevResult": map[string]any{"cniVersion": "1.0.0",
+			"interfaces": []map[string]string{{"name": "dummy0"}, {"name": "eth0", "sandbox": pod.Path()}}},
+	})
+	cmd := exec.Command(filepath.Join(dir, "bandwidth"))
+	cmd.Env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=tcbw", "CNI_NETNS=" + pod.Path(), "CNI_IFNAME=eth0", "CNI_PATH=" + dir}
+	cmd.Stdin = strings.NewReader(string(conf))
+	return cmd.CombinedOutput()
+}
+
+// The bandwidth plugin after patchcord (a chain's order): beside our clsact
+// it fails, so AttachYielding leaves it the slot; before patchcord (its
+// qdisc there first), our filter joins its ingress qdisc behind its own,
+// and detach leaves both.
+func TestTCBandwidthCoexistence(t *testing.T) {
+	log := datapathtest.Logger(t)
+	t.Run("patchcord-first", func(t *testing.T) {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
+			if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+				return err
+			}
+			if out, err := runBandwidth(t, pod); err == nil || !strings.Contains(string(out), "create ingress qdisc: file exists") {
+				t.Errorf("bandwidth beside our clsact: %v %s; want its known failure, create ingress qdisc: file exists", err, out)
+			}
+			return nil
+		})
+	})
+	t.Run("patchcord-first-yielding", func(t *testing.T) {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
+			if err := d.AttachYielding(datapath.FromPod, "dummy0", log); err != nil {
+				return err
+			}
+			if out, err := runBandwidth(t, pod); err != nil {
+				t.Errorf("bandwidth after a yielding attach: %v\n%s", err, out)
+			}
+			if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+				t.Errorf("yielded attachment: %v", err)
+			}
+			if atts, _ := d.Attachments(); len(atts) != 1 || !atts[0].Yielded || atts[0].Stale {
+				t.Errorf("attachments: %+v, want one current, yielded", atts)
+			}
+			for _, key := range []string{"rp_filter", "proxy_arp"} {
+				if b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/dummy0/" + key); strings.TrimSpace(string(b)) != "1" {
+					t.Errorf("%s on dummy0: %q, want 1: the host stack polices a yielded pod", key, b)
+				}
+			}
+			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
+				return err
+			}
+			if atts, _ := d.Attachments(); len(atts) != 0 {
+				t.Errorf("attachments after detach: %+v", atts)
+			}
+			return nil
+		})
+	})
+	t.Run("bandwidth-first", func(t *testing.T) {
+		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
+			if out, err := runBandwidth(t, pod); err != nil {
+				t.Fatalf("bandwidth: %v\n%s", err, out)
+			}
+			if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+				return err
+			}
+			out, _ := exec.Command("tc", "filter", "show", "dev", "dummy0", "ingress").CombinedOutput()
+			if q := slotQdisc(t, "dummy0"); q != "ingress" || !strings.Contains(string(out), "pref 1 u32") || !strings.Contains(string(out), "patchcord:from_pod") {
+				t.Errorf("after attach beside bandwidth: qdisc %q, filters\n%s\nwant bandwidth's ingress qdisc with its u32 and our filter", q, out)
+			}
+			if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+				t.Errorf("attached beside bandwidth: %v", err)
+			}
+			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
+				return err
+			}
+			out, _ = exec.Command("tc", "filter", "show", "dev", "dummy0", "ingress").CombinedOutput()
+			if q := slotQdisc(t, "dummy0"); q != "ingress" || !strings.Contains(string(out), "pref 1 u32") || strings.Contains(string(out), "patchcord") {
+				t.Errorf("after detach: qdisc %q, filters\n%s\nwant bandwidth's qdisc and filter untouched, ours gone", q, out)
+			}
+			return nil
+		})
+	})
+}
+
+// The mode is the node's: auto keeps the recorded one, a conflicting
+// explicit mode is refused with what to do, and auto on this kernel (6.6 or
+// later) picks tcx.
+func TestAttachModeRecorded(t *testing.T) {
+	log := datapathtest.Logger(t)
+	d := mustTC(t)
+	if m, err := d.SetAttachMode(datapath.AttachAuto, log); err != nil || m != datapath.AttachTC {
+		t.Errorf("auto over a tc node: %q, %v; want tc", m, err)
+	}
+	_, err := d.SetAttachMode(datapath.AttachTCX, log)
+	if !errors.Is(err, datapath.ErrAttachModeConflict) || !strings.Contains(err.Error(), "--attach-mode") {
+		t.Errorf("tcx over a tc node: %v; want ErrAttachModeConflict saying how to switch", err)
+	}
+	fresh := datapathtest.MustOpen(t)
+	if m, err := fresh.AttachMode(); err != nil || m != "" {
+		t.Errorf("fresh node: mode %q, %v; want none recorded", m, err)
+	}
+	if m, err := fresh.SetAttachMode(datapath.AttachAuto, log); err != nil || m != datapath.AttachTCX {
+		t.Errorf("auto on this kernel: %q, %v; want tcx", m, err)
+	}
+	if _, err := fresh.SetAttachMode(datapath.AttachTC, log); !errors.Is(err, datapath.ErrAttachModeConflict) {
+		t.Errorf("tc over a tcx node: %v; want ErrAttachModeConflict", err)
+	}
+	for _, s := range []string{"", "auto", "TCX", "tc"} {
+		if _, err := datapath.ParseAttachMode(s); err != nil {
+			t.Errorf("ParseAttachMode(%q): %v", s, err)
+		}
+	}
+	if _, err := datapath.ParseAttachMode("xdp"); err == nil {
+		t.Error("ParseAttachMode(xdp): no error")
+	}
+}
