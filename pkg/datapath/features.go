@@ -32,6 +32,7 @@ const (
 	FeatureBTF           = "kernel BTF"
 	FeatureDecapFlags    = "adjust_room DECAP flags"
 	FeatureCTKfuncs      = "conntrack kfuncs"
+	FeatureTCX           = "tcx"
 )
 
 // Feature is one kernel feature and whether the running kernel has it.
@@ -62,6 +63,7 @@ var featureTable = []struct {
 	{FeatureRingBuf, "5.8", "", func() error { return features.HaveMapType(ebpf.RingBuf) }},
 	{FeatureBTF, "5.4", "NAT check off: the conntrack kfuncs are found through it", haveKernelBTF},
 	{FeatureDecapFlags, "6.3", "decap with FIXED_GSO alone, the same for IPv4 in IPv4", haveDecapFlags},
+	{FeatureTCX, "6.6", "attach mode tc: clsact qdiscs and cls_bpf filters", haveTCX},
 }
 
 const ctWithout = "NAT check off: sound only while nothing on the node NATs"
@@ -163,6 +165,23 @@ func haveKernelBTF() error {
 		return fmt.Errorf("read kernel BTF: %w (CONFIG_DEBUG_INFO_BTF?)", err)
 	}
 	return nil
+}
+
+// haveTCX runs the attach backend's probe (attach_mode.go) with a program
+// of its own, so that it needs no loaded datapath.
+func haveTCX() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "probe_tcx",
+		Type:         ebpf.SchedCLS,
+		AttachType:   ebpf.AttachTCXIngress,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		return fmt.Errorf("probe: load tc program: %w", err)
+	}
+	defer prog.Close()
+	return probeTCX(prog)
 }
 
 // Kernel 6.3 values; Debian's UAPI header (6.1) lacks them.

@@ -25,7 +25,7 @@ func kernelAtLeast(tb testing.TB, major, minor uint32) bool {
 
 // Every kernel the tests run on (this machine's and the kernel matrix's) is
 // at least MinKernel, so the required features are there; the DECAP flags
-// appeared in 6.3, and no Debian kernel backports them.
+// appeared in 6.3 and tcx in 6.6, and no Debian kernel backports them.
 func TestProbeFeatures(t *testing.T) {
 	datapathtest.RequireRoot(t)
 	fs := datapath.ProbeFeatures()
@@ -41,13 +41,15 @@ func TestProbeFeatures(t *testing.T) {
 		t.Logf("%-24s since %-5s have %-5t %s", f.Name, f.Since, f.Have, f.Why)
 	}
 	for _, name := range []string{datapath.FeatureRedirectPeer, datapath.FeatureRedirectNeigh, datapath.FeatureRingBuf,
-		datapath.FeatureBTF, datapath.FeatureDecapFlags, datapath.FeatureCTKfuncs} {
+		datapath.FeatureBTF, datapath.FeatureDecapFlags, datapath.FeatureCTKfuncs, datapath.FeatureTCX} {
 		if !names[name] {
 			t.Errorf("feature %q not probed", name)
 		}
 	}
-	if want := kernelAtLeast(t, 6, 3); fs.Have(datapath.FeatureDecapFlags) != want {
-		t.Errorf("kernel %s: DECAP flags probed %t, want %t", datapath.KernelRelease(), !want, want)
+	for name, since := range map[string][2]uint32{datapath.FeatureDecapFlags: {6, 3}, datapath.FeatureTCX: {6, 6}} {
+		if want := kernelAtLeast(t, since[0], since[1]); fs.Have(name) != want {
+			t.Errorf("kernel %s: %s probed %t, want %t", datapath.KernelRelease(), name, !want, want)
+		}
 	}
 }
 
