@@ -40,13 +40,17 @@ generate: deps
 check-generate: generate
 	git diff --exit-code -- pkg/datapath/ || { echo "generated files are stale: run make generate and commit"; exit 1; }
 
-# Installs only the Debian packages that are missing.
-deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+# install-missing PACKAGES: installs only the Debian packages that are missing.
+define install-missing
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	$(call install-missing,$(DEB_PACKAGES))
 
 tools: $(TOOLS)/cnitool $(TOOLS)/crictl $(CNI_BIN)/host-local
 
@@ -79,12 +83,15 @@ fuzz: deps
 		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./pkg/datapath/ || exit 1; \
 	done
 
-# Kernel matrix: the datapath tests under qemu TCG on Debian's kernels (test/kernels/run.sh).
-# KERNELS="debian12 debian11" adds Debian 11's 5.10; kernels are cached in $$XDG_CACHE_HOME.
+# Kernel matrix (test/kernels/run.sh): Debian's kernels under qemu TCG run the datapath unit
+# tests and the lab tests (same node, across nodes, kill -9), compiled here, on the host's
+# binaries and tools. KERNELS="debian12 debian11" adds Debian 11's 5.10; kernels are cached
+# in $$XDG_CACHE_HOME. A failing guest test fails the target.
 KERNELS ?= debian12
-test-kernels:
-	@for p in qemu-system-x86 busybox-static kmod; do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || { echo "test-kernels needs $$p: apt-get install qemu-system-x86 busybox-static kmod"; exit 2; }; done
-	$(GO) test -c -o $(BIN)/kernels/datapath.test ./pkg/datapath/
+KERNEL_TESTS := pkg/datapath test/samenode test/crossnode test/runtime
+test-kernels: deps tools build
+	$(call install-missing,qemu-system-x86 busybox-static kmod)
+	for p in $(KERNEL_TESTS); do $(GO) test -c -o $(BIN)/kernels/$$(basename $$p).test ./$$p || exit 1; done
 	KERNELS="$(KERNELS)" test/kernels/run.sh
 
 demo: deps tools build

@@ -109,9 +109,15 @@ func NewLab(t *testing.T) *lab.Lab {
 	return lab.NewForTest(t, lab.Options{BinDir: binDir, CNIPath: CNIPath(t), CNITool: CNITool(t)})
 }
 
-// Ctx bounds everything a test runs.
+// Ctx bounds everything a test runs: 3 minutes, or $PATCHCORD_E2E_TIMEOUT
+// (a Go duration) where everything is slower, as in the kernel matrix's
+// emulated guests.
 func Ctx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	timeout := 3 * time.Minute
+	if d, err := time.ParseDuration(os.Getenv("PATCHCORD_E2E_TIMEOUT")); err == nil {
+		timeout = d
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	t.Cleanup(cancel)
 	return ctx
 }
