@@ -12,11 +12,13 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -72,7 +74,20 @@ const ctWithout = "NAT check off: sound only while nothing on the node NATs"
 // (it loads no module; the loader does, see prepareConntrack).
 func ProbeFeatures() Features { return probeFeatures(ProbeNATDetection()) }
 
+// removeMemlock lifts RLIMIT_MEMLOCK where the kernel charges BPF memory to
+// it (before 5.11): a default limit of 64 KiB refuses the datapath's maps.
+// Later kernels account BPF memory to the cgroup, and it does nothing.
+var removeMemlock = sync.OnceValue(func() error {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (kernel before 5.11): %w", err)
+	}
+	return nil
+})
+
 func probeFeatures(nat NATDetection) Features {
+	if err := removeMemlock(); err != nil {
+		return Features{{Name: "RLIMIT_MEMLOCK", Since: "5.11", Why: err.Error()}}
+	}
 	fs := make(Features, 0, len(featureTable)+1)
 	for _, row := range featureTable {
 		f := Feature{Name: row.name, Since: row.since, Without: row.without, Have: true}
