@@ -491,8 +491,8 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 }
 
 // The mode is the node's: auto keeps the recorded one, a conflicting
-// explicit mode is refused with what to do, and auto on this kernel (6.6 or
-// later) picks tcx.
+// explicit mode is refused with what to do, and auto picks tcx where the
+// kernel has it (6.6 or later), tc elsewhere.
 func TestAttachModeRecorded(t *testing.T) {
 	log := datapathtest.Logger(t)
 	d := mustTC(t)
@@ -507,11 +507,15 @@ func TestAttachModeRecorded(t *testing.T) {
 	if m, err := fresh.AttachMode(); err != nil || m != "" {
 		t.Errorf("fresh node: mode %q, %v; want none recorded", m, err)
 	}
-	if m, err := fresh.SetAttachMode(datapath.AttachAuto, log); err != nil || m != datapath.AttachTCX {
-		t.Errorf("auto on this kernel: %q, %v; want tcx", m, err)
+	want, other := datapath.AttachTCX, datapath.AttachTC
+	if !datapath.ProbeFeatures().Have(datapath.FeatureTCX) {
+		want, other = other, want
 	}
-	if _, err := fresh.SetAttachMode(datapath.AttachTC, log); !errors.Is(err, datapath.ErrAttachModeConflict) {
-		t.Errorf("tc over a tcx node: %v; want ErrAttachModeConflict", err)
+	if m, err := fresh.SetAttachMode(datapath.AttachAuto, log); err != nil || m != want {
+		t.Errorf("auto on this kernel: %q, %v; want %s", m, err, want)
+	}
+	if _, err := fresh.SetAttachMode(other, log); !errors.Is(err, datapath.ErrAttachModeConflict) {
+		t.Errorf("%s over a %s node: %v; want ErrAttachModeConflict", other, want, err)
 	}
 	for _, s := range []string{"", "auto", "TCX", "tc"} {
 		if _, err := datapath.ParseAttachMode(s); err != nil {

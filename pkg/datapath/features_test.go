@@ -13,6 +13,16 @@ import (
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 )
 
+// requireFeature skips a test of something only the kernel feature name
+// makes, naming it, where the running kernel lacks it.
+func requireFeature(tb testing.TB, name string) {
+	tb.Helper()
+	datapathtest.RequireRoot(tb)
+	if f, _ := datapath.ProbeFeatures().Get(name); !f.Have {
+		tb.Skipf("kernel %s lacks %s (since %s): %s", datapath.KernelRelease(), name, f.Since, f.Why)
+	}
+}
+
 // kernelAtLeast says whether the running kernel is major.minor or newer.
 func kernelAtLeast(tb testing.TB, major, minor uint32) bool {
 	tb.Helper()
