@@ -23,8 +23,9 @@ import (
 )
 
 // MinKernel is the oldest kernel the datapath runs on: bpf_redirect_peer
-// and bpf_redirect_neigh appeared in 5.10.
-const MinKernel = "5.10"
+// and bpf_redirect_neigh appeared in 5.10, but VXLAN encap needs
+// bpf_skb_adjust_room's BPF_F_ADJ_ROOM_ENCAP_L2_ETH, which 5.10 refuses.
+const MinKernel = "5.13"
 
 // The features' names, as status shows them.
 const (
@@ -33,6 +34,7 @@ const (
 	FeatureRingBuf       = "ring buffer"
 	FeatureBTF           = "kernel BTF"
 	FeatureDecapFlags    = "adjust_room DECAP flags"
+	FeatureEncapL2Eth    = "adjust_room ENCAP_L2_ETH"
 	FeatureCTKfuncs      = "conntrack kfuncs"
 	FeatureTCX           = "tcx"
 )
@@ -63,6 +65,7 @@ var featureTable = []struct {
 	{FeatureRedirectPeer, "5.10", "", haveHelper(asm.FnRedirectPeer)},
 	{FeatureRedirectNeigh, "5.10", "", haveHelper(asm.FnRedirectNeigh)},
 	{FeatureRingBuf, "5.8", "", func() error { return features.HaveMapType(ebpf.RingBuf) }},
+	{FeatureEncapL2Eth, "5.13", "", haveEncapL2Eth},
 	{FeatureBTF, "5.4", "NAT check off: the conntrack kfuncs are found through it", haveKernelBTF},
 	{FeatureDecapFlags, "6.3", "decap with FIXED_GSO alone, the same for IPv4 in IPv4", haveDecapFlags},
 	{FeatureTCX, "6.6", "attach mode tc: clsact qdiscs and cls_bpf filters", haveTCX},
@@ -204,21 +207,39 @@ const (
 	adjRoomMAC        = 1      // BPF_ADJ_ROOM_MAC
 	adjRoomFixedGSO   = 1 << 0 // BPF_F_ADJ_ROOM_FIXED_GSO
 	adjRoomDecapL3IP4 = 1 << 7 // BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+	// bpf/lib/vxlan.h's VXLAN_ENCAP_FLAGS: FIXED_GSO, ENCAP_L3_IPV4,
+	// ENCAP_L4_UDP, ENCAP_L2_ETH and ENCAP_L2(14).
+	adjRoomVXLANEncap = 1<<0 | 1<<1 | 1<<4 | 1<<6 | 14<<56
 )
+
+// haveEncapL2Eth grows a frame by a VXLAN header with the flags from_pod
+// and to_uplink encapsulate with: kernels before 5.13 refuse ENCAP_L2_ETH,
+// without which GSO packets would be segmented as IP, not as the Ethernet
+// frames VXLAN carries.
+func haveEncapL2Eth() error {
+	ret, err := runAdjustRoom(50, adjRoomVXLANEncap)
+	if err != nil {
+		return err
+	}
+	if ret != 0 {
+		return fmt.Errorf("bpf_skb_adjust_room refuses the VXLAN encap flags (BPF_F_ADJ_ROOM_ENCAP_L2_ETH): %w", unix.Errno(-ret))
+	}
+	return nil
+}
 
 // haveDecapFlags runs bpf_skb_adjust_room on an IPIP packet, removing its
 // outer IPv4 header, with FIXED_GSO alone and with DECAP_L3_IPV4 added:
 // kernels before 6.3 refuse unknown flags with -EINVAL. The first run tells
 // a refused flag from a probe that cannot work at all.
 func haveDecapFlags() error {
-	plain, err := runAdjustRoom(adjRoomFixedGSO)
+	plain, err := runAdjustRoom(-20, adjRoomFixedGSO)
 	if err != nil {
 		return err
 	}
 	if plain != 0 {
 		return fmt.Errorf("probe: bpf_skb_adjust_room with FIXED_GSO alone returned %d", plain)
 	}
-	ret, err := runAdjustRoom(adjRoomFixedGSO | adjRoomDecapL3IP4)
+	ret, err := runAdjustRoom(-20, adjRoomFixedGSO|adjRoomDecapL3IP4)
 	if err != nil {
 		return err
 	}
@@ -228,14 +249,14 @@ func haveDecapFlags() error {
 	return nil
 }
 
-// runAdjustRoom returns what bpf_skb_adjust_room(skb, -20, MAC, flags)
+// runAdjustRoom returns what bpf_skb_adjust_room(skb, diff, MAC, flags)
 // returns for an Ethernet/IPv4/IPv4/UDP frame.
-func runAdjustRoom(flags int64) (int32, error) {
+func runAdjustRoom(diff int32, flags int64) (int32, error) {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "probe_decap",
 		Type: ebpf.SchedCLS,
 		Instructions: asm.Instructions{
-			asm.Mov.Imm(asm.R2, -20),
+			asm.Mov.Imm(asm.R2, diff),
 			asm.Mov.Imm(asm.R3, adjRoomMAC),
 			asm.LoadImm(asm.R4, flags, asm.DWord),
 			asm.FnSkbAdjustRoom.Call(),
@@ -247,7 +268,8 @@ func runAdjustRoom(flags int64) (int32, error) {
 		return 0, fmt.Errorf("probe: load bpf_skb_adjust_room program: %w", err)
 	}
 	defer prog.Close()
-	ret, err := prog.Run(&ebpf.RunOptions{Data: ipipFrame()})
+	frame := ipipFrame()
+	ret, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: make([]byte, len(frame)+64)})
 	if err != nil {
 		return 0, fmt.Errorf("probe: run bpf_skb_adjust_room program: %w", err)
 	}
