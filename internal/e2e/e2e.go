@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 )
 
 // binDir holds the patchcord binaries this run uses; Main sets it.
@@ -105,7 +106,7 @@ func tool(tb testing.TB, env, name string) string {
 // the test, pass or fail. It skips the test when not root.
 func NewLab(t *testing.T) *lab.Lab {
 	t.Helper()
-	lab.RequireRoot(t)
+	datapathtest.RequireKernel(t)
 	return lab.NewForTest(t, lab.Options{BinDir: binDir, CNIPath: CNIPath(t), CNITool: CNITool(t)})
 }
 
