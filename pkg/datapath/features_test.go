@@ -101,6 +101,7 @@ func TestFeaturesCheck(t *testing.T) {
 // the flag makes the kernel refuse the decap, which is why the loader
 // clears it there.
 func TestFromUplinkDecapFlagModes(t *testing.T) {
+	datapathtest.RequireKernel(t)
 	kernelHas := datapath.ProbeFeatures().Have(datapath.FeatureDecapFlags)
 	for _, flag := range []bool{true, false} {
 		t.Run(map[bool]string{true: "with flag", false: "without flag"}[flag], func(t *testing.T) {

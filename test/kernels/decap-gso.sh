@@ -9,7 +9,7 @@ set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 command -v bpftrace >/dev/null || { echo "decap-gso: bpftrace not found: apt-get install bpftrace"; exit 2; }
 out=$(mktemp)
-# gso_type 0x1 is SKB_GSO_TCPV4, 0x200 SKB_GSO_UDP_TUNNEL (include/linux/skbuff.h).
+# gso_type bits (include/linux/skbuff.h): 0x1 SKB_GSO_TCPV4, 0x2 SKB_GSO_DODGY, 0x400 SKB_GSO_UDP_TUNNEL.
 bpftrace -e '
 BEGIN { printf("ready\n"); }
 kprobe:tcp_v4_rcv /((struct sk_buff *)arg0)->len > 1500/ {
