@@ -217,8 +217,8 @@ func TestStatusJSON(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes(), &doc); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"agentRunning", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost",
-		"healthy", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
+	want := []string{"agentRunning", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
+		"healthy", "kernel", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
 	if got := slices.Sorted(keys(doc)); !slices.Equal(got, want) {
 		t.Errorf("keys:\n got %v\nwant %v", got, want)
 	}
