@@ -70,9 +70,13 @@ $(CNI_BIN)/host-local:
 		github.com/containernetworking/plugins/plugins/meta/bandwidth@$(PLUGINS_VERSION) \
 		github.com/containernetworking/plugins/plugins/meta/tuning@$(PLUGINS_VERSION)
 
+# The lab suites run a second time with the tc backend (clsact + cls_bpf,
+# what kernels before 6.6 get) forced on this kernel.
+TC_SUITES := ./test/samenode/ ./test/crossnode/ ./test/chaining/ ./test/hostile/
 test: deps tools build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
+	PATCHCORD_TEST_ATTACH_MODE=tc $(GO) test -count=1 -timeout 20m $(TC_SUITES)
 
 # Each fuzz target for a bounded time; its seed corpus (testdata/fuzz) runs
 # in `make test` too. Needs root: the targets load the datapath.

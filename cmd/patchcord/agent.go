@@ -23,7 +23,7 @@ import (
 // agent.Config.
 type agentFlags struct {
 	nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
-	kubeconfig, nodeName, metricsAddr                 string
+	kubeconfig, nodeName, metricsAddr, attachMode     string
 	flannelCompat                                     bool
 	vni, port                                         uint32
 	cfg                                               agent.Config
@@ -87,6 +87,8 @@ func (af *agentFlags) register(f *pflag.FlagSet) {
 	f.Uint32Var(&cfg.EventRate, "monitor-event-rate", datapath.EventRateDefault, "drop events per second, per CPU and per drop reason, for `patchcord monitor`; more are counted as events_suppressed (0: the default)")
 	f.Uint32Var(&cfg.EventBurst, "monitor-event-burst", datapath.EventBurstDefault, "drop events at once, per CPU and per reason, before --monitor-event-rate applies (0: the default)")
 	f.StringVar(&cfg.ReadyFile, "ready-file", "", "file written once the first node sync is done")
+	f.StringVar(&af.attachMode, "attach-mode", string(datapath.AttachAuto), "how programs attach: auto (tcx on kernel 6.6 and later, tc before), tcx, or tc (clsact + cls_bpf); the node's first choice is recorded")
+	f.BoolVar(&cfg.MigrateAttachMode, "migrate-attach-mode", false, "move the node's attachments to --attach-mode when they use the other backend (each attached anew before the old one goes)")
 }
 
 // config resolves the flags into the agent's config: defaults from this
@@ -114,6 +116,9 @@ func (af *agentFlags) config(ctx context.Context, kube *nodes.Kube, root string,
 		if cfg.ClusterCIDR, err = netip.ParsePrefix(af.clusterCIDR); err != nil {
 			return cfg, fmt.Errorf("--cluster-cidr: %q is not a CIDR", af.clusterCIDR)
 		}
+	}
+	if cfg.AttachMode, err = datapath.ParseAttachMode(af.attachMode); err != nil {
+		return cfg, fmt.Errorf("--attach-mode: %w", err)
 	}
 	cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = af.vni, uint16(af.port), root
 	if cfg.Uplink == "" {

@@ -62,10 +62,10 @@ func pin(prog, ifname string) string { return filepath.Join(root, "links", prog,
 // has from_uplink but no to_uplink.
 var (
 	testAtts = []datapath.Attachment{
-		{Program: "from_pod", Ifname: "pc1", Ifindex: 5, Direction: "ingress", LinkID: 11, ProgID: 101, Pin: pin("from_pod", "pc1")},
-		{Program: "from_pod", Ifname: "pc2", Ifindex: 6, Direction: "ingress", LinkID: 12, ProgID: 101, Pin: pin("from_pod", "pc2"), Stale: true},
-		{Program: "from_pod", Ifname: "pcgone", Direction: "ingress", LinkID: 13, ProgID: 99, Pin: pin("from_pod", "pcgone"), Stale: true},
-		{Program: "from_uplink", Ifname: "eth0", Ifindex: 2, Direction: "ingress", LinkID: 14, ProgID: 102, Pin: pin("from_uplink", "eth0")},
+		{Program: "from_pod", Ifname: "pc1", Ifindex: 5, Direction: "ingress", Mode: datapath.AttachTCX, LinkID: 11, ProgID: 101, Pin: pin("from_pod", "pc1")},
+		{Program: "from_pod", Ifname: "pc2", Ifindex: 6, Direction: "ingress", Mode: datapath.AttachTCX, LinkID: 12, ProgID: 101, Pin: pin("from_pod", "pc2"), Stale: true},
+		{Program: "from_pod", Ifname: "pcgone", Direction: "ingress", Mode: datapath.AttachTC, ProgID: 99, Pin: pin("from_pod", "pcgone"), Stale: true},
+		{Program: "from_uplink", Ifname: "eth0", Ifindex: 2, Direction: "ingress", Mode: datapath.AttachTCX, LinkID: 14, ProgID: 102, Pin: pin("from_uplink", "eth0")},
 	}
 	testEps = []bpfmaps.EndpointInfo{
 		{IP: netip.MustParseAddr("10.244.1.3"), Ifindex: 7, Ifname: "pc3"},
@@ -118,13 +118,13 @@ func TestProgListJSON(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes(), &doc); err != nil {
 		t.Fatal(err)
 	}
-	wantKeys := []string{"direction", "ifindex", "ifname", "linkID", "pin", "podIP", "progID", "program", "status", "tag"}
+	wantKeys := []string{"direction", "ifindex", "ifname", "linkID", "mode", "pin", "podIP", "progID", "program", "status", "tag"}
 	if got := slices.Sorted(keys(doc[0])); !slices.Equal(got, wantKeys) {
 		t.Errorf("keys: got %v, want %v", got, wantKeys)
 	}
 	first := map[string]any{
 		"ifname": "pc1", "ifindex": 5.0, "direction": "ingress", "program": "from_pod", "progID": 101.0,
-		"tag": "1a2b3c4d5e6f7a8b", "linkID": 11.0, "pin": pin("from_pod", "pc1"), "status": "ok", "podIP": "10.244.1.1",
+		"tag": "1a2b3c4d5e6f7a8b", "linkID": 11.0, "mode": "tcx", "pin": pin("from_pod", "pc1"), "status": "ok", "podIP": "10.244.1.1",
 	}
 	if !reflect.DeepEqual(doc[0], first) {
 		t.Errorf("first row:\n got %v\nwant %v", doc[0], first)
@@ -166,6 +166,7 @@ func testStatus() views.Status {
 		},
 		Config:       &views.Config{Configured: true, NodeIP: "198.18.0.1", Uplink: "eth0", UplinkIfindex: 2, VNI: 1, VXLANPort: 4789, PodMTU: 1450},
 		AgentRunning: true,
+		AttachMode:   string(datapath.AttachTCX),
 		NATDetection: views.NAT{On: true},
 		Kernel:       "6.18.0",
 		Attachments:  views.AttachmentCounts{OK: 4},
@@ -187,6 +188,7 @@ func TestStatusTable(t *testing.T) {
 	t.Run("broken", func(t *testing.T) {
 		v := testStatus()
 		v.AgentRunning, v.Tracing, v.Healthy = false, true, false
+		v.AttachMode = string(datapath.AttachTC)
 		v.NATDetection = views.NAT{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
 		v.Attachments = views.AttachmentCounts{OK: 3, Missing: 1}
 		v.Kernel, v.Features = "6.1.0-57-amd64", datapath.Features{
@@ -217,7 +219,7 @@ func TestStatusJSON(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes(), &doc); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"agentRunning", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
+	want := []string{"agentRunning", "attachMode", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
 		"healthy", "kernel", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
 	if got := slices.Sorted(keys(doc)); !slices.Equal(got, want) {
 		t.Errorf("keys:\n got %v\nwant %v", got, want)

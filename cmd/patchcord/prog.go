@@ -19,8 +19,11 @@ func newProgCmd(g *globals) *cobra.Command {
 	prog.AddCommand(&cobra.Command{
 		Use:   "list",
 		Short: "List every attachment, flagging stale and missing ones",
-		Long: `List every pinned tcx link: interface, direction, program, program ID and
-tag, link ID and pin. Status "stale" marks a link whose interface was
+		Long: `List every attachment: interface, direction, program, program ID and
+tag, link ID (tcx) and mode, and pin. Mode is tcx (a pinned link) or tc (a
+cls_bpf filter on the clsact qdisc, its program pinned as the record);
+tc/yielded marks a pod veth whose ingress qdisc slot was left to the
+bandwidth plugin. Status "stale" marks an attachment whose interface was
 deleted or recreated, or that runs an older program; "missing" marks a pod
 veth without from_pod, or a configured uplink without from_uplink or
 to_uplink. The agent repairs both within 10 s. Run it in the node's network
@@ -44,10 +47,14 @@ namespace: interfaces are looked up by name there.`,
 }
 
 func formatProgTable(w io.Writer, rows []views.Prog) {
-	fmt.Fprintln(w, "IFNAME\tDIRECTION\tPROGRAM\tPROG ID\tTAG\tLINK ID\tSTATUS\tPIN")
+	fmt.Fprintln(w, "IFNAME\tDIRECTION\tPROGRAM\tPROG ID\tTAG\tLINK ID\tMODE\tSTATUS\tPIN")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-			r.Ifname, r.Direction, r.Program, idOrDash(r.ProgID), orDash(r.Tag), idOrDash(r.LinkID), r.Status, orDash(r.Pin))
+		mode := r.Mode
+		if r.Yielded {
+			mode += "/yielded"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+			r.Ifname, r.Direction, r.Program, idOrDash(r.ProgID), orDash(r.Tag), idOrDash(r.LinkID), orDash(mode), r.Status, orDash(r.Pin))
 	}
 }
 

@@ -109,6 +109,7 @@ func formatLoaded(row rowFunc, v views.Status) {
 		row("Node", "IP %s, uplink %s (ifindex %d), VNI %d, port %d, pod MTU %d", c.NodeIP, up, c.UplinkIfindex, c.VNI, c.VXLANPort, c.PodMTU)
 	}
 	row("Agent", "%s", map[bool]string{true: "running", false: "not running"}[v.AgentRunning])
+	row("Attach mode", "%s", orDash(v.AttachMode))
 	tracing := "off"
 	switch {
 	case v.Tracing && v.Monitoring:

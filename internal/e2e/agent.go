@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,9 +23,13 @@ func ReadyFile(n *lab.Node) string {
 // AgentArgs are the arguments of `patchcord agent` on n; extra come last, so
 // they override the defaults (e.g. "--log-level", "warn").
 func AgentArgs(n *lab.Node, nodesFile string, extra ...string) []string {
-	return append([]string{"agent",
+	args := []string{"agent",
 		"--uplink", "eth0", "--node-ip", n.IP.String(), "--pod-cidr", n.PodCIDR.String(),
-		"--nodes", nodesFile, "--ready-file", ReadyFile(n), "--log-level", "debug"}, extra...)
+		"--nodes", nodesFile, "--ready-file", ReadyFile(n), "--log-level", "debug"}
+	if mode := os.Getenv(lab.AttachModeEnv); mode != "" {
+		args = append(args, "--attach-mode", mode)
+	}
+	return append(args, extra...)
 }
 
 // Launch runs `patchcord --bpffs-root <n's> args...` on n in the background
@@ -85,6 +90,48 @@ func Poll(ctx context.Context, what string, cond func() error) error {
 func StartAgent(t *testing.T, ctx context.Context, n *lab.Node, nodesFile string, extra ...string) *lab.Process {
 	t.Helper()
 	return StartReady(t, ctx, n, "agent", ReadyFile(n), AgentArgs(n, nodesFile, extra...)...)
+}
+
+// AssertUplinkBackend is AssertAttachBackend for the agent's programs on
+// the uplink. It runs tc and bpftool: not while a test times traffic.
+func AssertUplinkBackend(t *testing.T, ctx context.Context, n *lab.Node) {
+	t.Helper()
+	AssertAttachBackend(t, ctx, n, "from_uplink", "eth0", "ingress")
+	AssertAttachBackend(t, ctx, n, "to_uplink", "eth0", "egress")
+}
+
+// AssertAttachBackend checks, when the lab forces an attach mode
+// (lab.AttachModeEnv), that prog runs on ifname of n through that backend,
+// as the kernel tools see it: in tc mode our cls_bpf filter in `tc filter
+// show` and `bpftool net`, and a program, not a link, at the pin; in tcx
+// mode a link at the pin. A pin that is a directory is a yielded tc
+// attachment (datapath.AttachYielding): no filter of ours may be there.
+func AssertAttachBackend(t *testing.T, ctx context.Context, n *lab.Node, prog, ifname, hook string) {
+	t.Helper()
+	mode := os.Getenv(lab.AttachModeEnv)
+	pin := filepath.Join(n.BpffsRoot, "links", prog, ifname)
+	if mode == "" {
+		return
+	}
+	filters, _ := n.Exec(ctx, "tc", "filter", "show", "dev", ifname, hook)
+	ours := strings.Contains(string(filters), "patchcord:"+prog)
+	if st, err := os.Stat(pin); err == nil && st.IsDir() {
+		if ours {
+			t.Errorf("%s on %s is yielded, but a patchcord filter is there:\n%s", prog, ifname, filters)
+		}
+		return
+	}
+	kind, args := "link", []string{"link", "show", "pinned", pin}
+	if mode == "tc" {
+		kind, args = "prog", []string{"prog", "show", "pinned", pin}
+		net, _ := n.Exec(ctx, "bpftool", "net", "show", "dev", ifname)
+		if !ours || !strings.Contains(string(net), "patchcord:"+prog) {
+			t.Errorf("tc mode: %s on %s not seen by the kernel tools:\ntc filter show:\n%s\nbpftool net:\n%s", prog, ifname, filters, net)
+		}
+	}
+	if out, err := n.Exec(ctx, "bpftool", args...); err != nil {
+		t.Errorf("%s mode: %s is not a pinned %s: %v\n%s", mode, pin, kind, err, out)
+	}
 }
 
 // StartReady is Launch that fails the test; it waits up to 30 s.

@@ -207,6 +207,7 @@ func NewCluster(t *testing.T, ctx context.Context, example string, count int) *C
 		WriteNodes(t, nodes, entries...)
 		for _, n := range c.Nodes {
 			StartAgent(t, ctx, n, nodes)
+			AssertUplinkBackend(t, ctx, n)
 		}
 	}
 	return c

@@ -56,6 +56,7 @@ func (c *Mesh) StartAgents(t *testing.T, ctx context.Context, extra []nodes.Entr
 	for _, n := range c.Nodes {
 		WriteNodes(t, c.Files[n.Index], c.Entries(extra...)...)
 		c.Agents[n.Index] = StartAgent(t, ctx, n, c.Files[n.Index], args...)
+		AssertUplinkBackend(t, ctx, n)
 	}
 }
 

@@ -106,6 +106,7 @@ func AssertRegistered(t *testing.T, ctx context.Context, n *lab.Node, veth strin
 		if _, err := os.Stat(filepath.Join(n.BpffsRoot, "links", "from_pod", ep.Ifname)); err != nil {
 			t.Errorf("from_pod link of pod %s: %v", p.Name, err)
 		}
+		AssertAttachBackend(t, ctx, n, "from_pod", ep.Ifname, "ingress")
 	}
 }
 

@@ -200,10 +200,40 @@ func (n *Node) WriteConflist(name string, conf []byte) error {
 	if !json.Valid(conf) {
 		return fmt.Errorf("write conflist %s: not JSON", name)
 	}
+	conf, err := forceAttachMode(conf)
+	if err != nil {
+		return fmt.Errorf("write conflist %s: %w", name, err)
+	}
 	if err := os.WriteFile(filepath.Join(n.ConfDir, name+".conflist"), conf, 0o644); err != nil {
 		return fmt.Errorf("write conflist %s: %w", name, err)
 	}
 	return nil
+}
+
+// AttachModeEnv, when set (to tcx or tc), forces patchcord's attach mode
+// on every lab node: in each conflist WriteConflist writes and in the
+// agent's flags (e2e.AgentArgs), so that `make test` runs the lab suites
+// once more with the tc backend on a kernel that has tcx.
+const AttachModeEnv = "PATCHCORD_TEST_ATTACH_MODE"
+
+// forceAttachMode sets attachMode on conf's patchcord-cni plugins when
+// AttachModeEnv asks for one.
+func forceAttachMode(conf []byte) ([]byte, error) {
+	mode := os.Getenv(AttachModeEnv)
+	if mode == "" {
+		return conf, nil
+	}
+	var list map[string]any
+	if err := json.Unmarshal(conf, &list); err != nil {
+		return nil, err
+	}
+	plugins, _ := list["plugins"].([]any)
+	for _, p := range plugins {
+		if plugin, ok := p.(map[string]any); ok && plugin["type"] == "patchcord-cni" {
+			plugin["attachMode"] = mode
+		}
+	}
+	return json.Marshal(list)
 }
 
 type ipamConf struct {

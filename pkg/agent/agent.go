@@ -45,6 +45,11 @@ type Config struct {
 	// OnSyncError, when set, is called with every failed node sync, so
 	// that the metrics can count what the log reports.
 	OnSyncError func(error)
+	// AttachMode is the attach backend asked for (datapath.AttachAuto
+	// when empty); MigrateAttachMode moves existing attachments to it
+	// instead of refusing a node recorded with the other.
+	AttachMode        datapath.AttachMode
+	MigrateAttachMode bool
 	// VTEP, when set, is this node's VTEP in Flannel's annotations
 	// (PublishVTEP), published again whenever a node set shows it lost.
 	VTEP *VTEP
@@ -100,6 +105,9 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer dp.Close()
+	if err := useAttachMode(dp, cfg, log); err != nil {
+		return err
+	}
 	unlock, err := Lock(cfg.BpffsRoot)
 	if err != nil {
 		return err
@@ -119,6 +127,24 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		}
 	}
 	return a.follow(ctx, src)
+}
+
+// useAttachMode applies --attach-mode, migrating with --migrate-attach-mode.
+func useAttachMode(dp *datapath.Datapath, cfg Config, log *slog.Logger) error {
+	want := cfg.AttachMode
+	if want == "" {
+		want = datapath.AttachAuto
+	}
+	set := dp.SetAttachMode
+	if cfg.MigrateAttachMode {
+		set = dp.MigrateAttachMode
+	}
+	mode, err := set(want, log)
+	if err != nil {
+		return fmt.Errorf("--attach-mode: %w", err)
+	}
+	log.Info("attach mode", "mode", mode)
+	return nil
 }
 
 // follow syncs every node set src sends and reconciles endpoints

@@ -59,6 +59,10 @@ func openDatapath(conf *NetConf, log *slog.Logger) (*datapath.Datapath, error) {
 	if err != nil {
 		return nil, types.NewError(types.ErrPluginNotAvailable, "cannot load the patchcord datapath", err.Error())
 	}
+	if _, err := dp.SetAttachMode(conf.attachMode, log); err != nil {
+		dp.Close()
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "cannot use attachMode "+string(conf.attachMode), err.Error())
+	}
 	return dp, nil
 }
 
@@ -111,7 +115,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 		Network: conf.Name, HostPath: conf.hostPath(),
 	}
-	if err := register(dp, eps, ep, log); err != nil {
+	if err := register(dp, eps, ep, conf, log); err != nil {
 		return err
 	}
 	undo = append(undo, func() { unregister(dp, eps, ep, log) })
@@ -268,7 +272,7 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 		Network: conf.Name, HostPath: conf.hostPath(),
 	}
-	if err := register(dp, bpfmaps.NewEndpoints(&dp.Maps), ep, log); err != nil {
+	if err := register(dp, bpfmaps.NewEndpoints(&dp.Maps), ep, conf, log); err != nil {
 		return err
 	}
 	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostLink.Attrs().Name)
@@ -278,7 +282,7 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 // register puts the endpoint in the maps and attaches from_pod, undoing the
 // first if the second fails. It holds the endpoint lock, so the agent's
 // reconcile never sees the endpoint without its link or the other way round.
-func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, log *slog.Logger) error {
+func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, conf *NetConf, log *slog.Logger) error {
 	unlock, err := dp.LockEndpoints()
 	if err != nil {
 		return types.NewError(types.ErrInternal, "cannot lock the endpoint maps", err.Error())
@@ -298,7 +302,11 @@ func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.Endpoint
 		}
 		return types.NewError(code, msg, err.Error())
 	}
-	if err := dp.Attach(datapath.FromPod, ep.Ifname, log); err != nil {
+	attach := dp.Attach
+	if conf.shapedEgress() {
+		attach = dp.AttachYielding
+	}
+	if err := attach(datapath.FromPod, ep.Ifname, log); err != nil {
 		eps.DeleteIfOwned(ep.IP, ep.Ifindex)
 		return types.NewError(types.ErrInternal, fmt.Sprintf("cannot attach from_pod to %s", ep.Ifname), err.Error())
 	}

@@ -31,6 +31,10 @@ type NetConf struct {
 	// HostPath keeps every pod of this network on the host stack path:
 	// for shaping or filtering set up on the host veth outside CNI's view.
 	HostPath bool `json:"hostPath,omitempty"`
+	// AttachMode picks the attach backend: auto (tcx where the kernel has
+	// it, 6.6 and later, tc otherwise), tcx or tc. The node's first load
+	// records it; a conflicting one is refused.
+	AttachMode string `json:"attachMode,omitempty"`
 	// RuntimeConfig carries the runtime's per-pod settings; with the
 	// "bandwidth" capability declared, a shaped pod is kept on the host
 	// path so that the bandwidth plugin's qdiscs see its traffic.
@@ -38,8 +42,19 @@ type NetConf struct {
 		Bandwidth *struct {
 			IngressRate int64 `json:"ingressRate,omitempty"`
 			EgressRate  int64 `json:"egressRate,omitempty"`
+			EgressBurst int64 `json:"egressBurst,omitempty"`
 		} `json:"bandwidth,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
+
+	attachMode datapath.AttachMode
+}
+
+// shapedEgress reports whether the bandwidth plugin will shape what the pod
+// sends: it then adds its own ingress qdisc to the host veth, which in tc
+// mode must find that slot free (datapath.AttachYielding).
+func (c *NetConf) shapedEgress() bool {
+	bw := c.RuntimeConfig.Bandwidth
+	return bw != nil && bw.EgressRate > 0 && bw.EgressBurst > 0
 }
 
 // hostPath reports whether this pod's traffic must cross its veth's qdiscs.
@@ -67,6 +82,10 @@ func parseConf(stdin []byte) (*NetConf, error) {
 	}
 	if conf.MTU != 0 && (conf.MTU < 576 || conf.MTU > 65535) {
 		return nil, invalidConf("mtu %d is out of range: use 576..65535, or leave it out to derive it from the node", conf.MTU)
+	}
+	var err error
+	if conf.attachMode, err = datapath.ParseAttachMode(conf.AttachMode); err != nil {
+		return nil, invalidConf("attachMode: %v", err)
 	}
 	if _, err := parseLevel(conf.LogLevel); err != nil {
 		return nil, invalidConf("%v", err)

@@ -69,6 +69,12 @@ func TestAddErrors(t *testing.T) {
 			phrase: "mount -t bpf bpf",
 		},
 		{
+			name:   "unknown attachMode",
+			conf:   func(t *testing.T, n *node) []byte { return n.conf(t, "1.0.0", with("attachMode", "xdp")) },
+			code:   types.ErrInvalidNetworkConfig,
+			phrase: "not one of auto, tcx, tc",
+		},
+		{
 			name:   "relative bpffsRoot",
 			conf:   func(t *testing.T, n *node) []byte { return n.conf(t, "1.0.0", with("bpffsRoot", "bpf/patchcord")) },
 			code:   types.ErrInvalidNetworkConfig,

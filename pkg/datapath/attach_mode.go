@@ -89,11 +89,7 @@ func (d *Datapath) AttachMode() (AttachMode, error) {
 // mode that differs from the recorded one is an ErrAttachModeConflict
 // saying how to switch.
 func (d *Datapath) SetAttachMode(want AttachMode, log *slog.Logger) (AttachMode, error) {
-	if err := os.MkdirAll(d.modeDir(), 0o700); err != nil {
-		return "", fmt.Errorf("create %s: %w", d.modeDir(), err)
-	}
-	// Parallel ADDs of a fresh node must record one mode, not two.
-	unlock, err := flock.Hold(d.modeDir(), unix.LOCK_EX)
+	unlock, err := d.lockMode()
 	if err != nil {
 		return "", err
 	}
@@ -115,6 +111,15 @@ func (d *Datapath) SetAttachMode(want AttachMode, log *slog.Logger) (AttachMode,
 	}
 	log.Info("attach mode chosen", "mode", m, "requested", want)
 	return m, d.recordMode(m)
+}
+
+// lockMode serialises the writers of the record: parallel ADDs of a fresh
+// node must record one mode, not two.
+func (d *Datapath) lockMode() (unlock func(), err error) {
+	if err := os.MkdirAll(d.modeDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", d.modeDir(), err)
+	}
+	return flock.Hold(d.modeDir(), unix.LOCK_EX)
 }
 
 // chooseMode resolves want on this kernel for a node with nothing attached.

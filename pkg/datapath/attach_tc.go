@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 
 	"github.com/cilium/ebpf"
@@ -185,9 +186,8 @@ func tcDetach(l netlink.Link, info ProgramInfo) error {
 // mode from_pod can neither go first nor run second on such a veth: the
 // attachment is recorded as yielded (a directory where the program pin
 // would be), and the host stack, which sees all of the pod's traffic,
-// polices it instead: strict reverse-path filtering refuses forged source
-// addresses and proxy ARP answers for the pod's link-local gateway. With
-// tcx the slot stays free, and this is Attach.
+// polices it instead (hostStackPolices). With tcx the slot stays free, and
+// this is Attach.
 func (d *Datapath) AttachYielding(prog, ifname string, log *slog.Logger) error {
 	mode, err := d.mode(log)
 	if err != nil {
@@ -196,18 +196,34 @@ func (d *Datapath) AttachYielding(prog, ifname string, log *slog.Logger) error {
 	if mode != AttachTC {
 		return d.Attach(prog, ifname, log)
 	}
-	if _, err := netlink.LinkByName(ifname); err != nil {
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
 		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
-	for key, value := range map[string]string{"rp_filter": "1", "proxy_arp": "1"} {
-		if _, err := sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/%s", ifname, key), value); err != nil {
-			return fmt.Errorf("hand %s's policing to the host stack: %w", ifname, err)
-		}
+	if err := hostStackPolices(l); err != nil {
+		return fmt.Errorf("hand %s's policing to the host stack: %w", ifname, err)
 	}
 	if err := os.MkdirAll(d.linkPin(prog, ifname), 0o700); err != nil {
 		return fmt.Errorf("record yielded %s on %s: %w", prog, ifname, err)
 	}
 	log.Info("tc mode: ingress qdisc slot left to a later plugin, the host stack polices the pod", "prog", prog, "ifname", ifname)
+	return nil
+}
+
+// hostStackPolices makes the host stack do for a yielded veth what from_pod
+// would: strict reverse-path filtering drops sources other than the pod's
+// (its /32 route is the only one through the veth), and the gateway's /32
+// on the veth answers the pod's ARP for it. Proxy ARP would need a route to
+// the gateway, which a node need not have.
+func hostStackPolices(l netlink.Link) error {
+	if _, err := sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/rp_filter", l.Attrs().Name), "1"); err != nil {
+		return err
+	}
+	gw := PodGateway()
+	err := netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: gw.AsSlice(), Mask: net.CIDRMask(32, 32)}, Scope: unix.RT_SCOPE_LINK})
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add %s/32: %w", gw, err)
+	}
 	return nil
 }
 

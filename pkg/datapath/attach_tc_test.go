@@ -7,6 +7,7 @@ package datapath_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -259,7 +260,8 @@ func TestTCReplaceUnderTrafficHasNoGap(t *testing.T) {
 	}
 }
 
-// sendUntil sends frame out of the pod side until stop, pacing itself so
+// sendUntil sends frame out of the pod side until stop (once at least),
+// pacing itself so
 // that the receive backlog never overflows, and returns how many it sent.
 func sendUntil(t *testing.T, netns ns.NetNS, ifindex int, frame []byte, stop *atomic.Bool) int {
 	n := 0
@@ -269,15 +271,17 @@ func sendUntil(t *testing.T, netns ns.NetNS, ifindex int, frame []byte, stop *at
 			return err
 		}
 		defer unix.Close(fd)
-		for !stop.Load() {
+		for {
 			if err := unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: ifindex}); err != nil {
 				return err
 			}
-			if n++; n%32 == 0 {
+			if n++; stop.Load() {
+				return nil
+			}
+			if n%32 == 0 {
 				time.Sleep(100 * time.Microsecond)
 			}
 		}
-		return nil
 	})
 	if err != nil {
 		t.Errorf("send frames: %v", err)
@@ -397,14 +401,47 @@ func inBandwidthNode(t *testing.T, f func(*datapath.Datapath, ns.NetNS) error) {
 	}
 }
 
+// behindMirred sends frames from the pod, waits until they have crossed the
+// bandwidth plugin's ifb, and returns how many from_pod saw (it drops
+// unregistered senders' frames, counting each).
+func behindMirred(t *testing.T, d *datapath.Datapath, pod ns.NetNS) uint64 {
+	t.Helper()
+	var ifb netlink.Link
+	links, _ := netlink.LinkList()
+	for _, l := range links {
+		if l.Type() == "ifb" {
+			ifb = l
+		}
+	}
+	if ifb == nil {
+		t.Fatal("no ifb: the bandwidth plugin shapes nothing")
+	}
+	host, _ := netlink.LinkByName("dummy0")
+	var eth0 netlink.Link
+	if err := pod.Do(func(ns.NetNS) (err error) { eth0, err = netlink.LinkByName("eth0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	frame := ethernet{Dst: host.Attrs().HardwareAddr, Src: eth0.Attrs().HardwareAddr, Type: 0x0800}.marshal(udpPacket(podA.IP, podB.IP).marshal())
+	const n = 10
+	var stop atomic.Bool
+	stop.Store(true)
+	for range n {
+		sendUntil(t, pod, eth0.Attrs().Index, frame, &stop)
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if l, err := netlink.LinkByIndex(ifb.Attrs().Index); err == nil && l.Attrs().Statistics.TxPackets >= n {
+			return unregistered(t, d)
+		}
+	}
+	t.Fatalf("the %d frames never crossed %s", n, ifb.Attrs().Name)
+	return 0
+}
+
 // runBandwidth runs the real bandwidth plugin's ADD for eth0 in pod with
 // egress and ingress limits, from the current (host) namespace.
 func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
 	t.Helper()
 	dir := os.Getenv("CNI_PLUGINS")
-	if dir == "" {
-		t.Fatal("CNI_PLUGINS is not set: run make tools and export CNI_PLUGINS=$PWD/bin/cni (the Makefile does)")
-	}
 	conf, _ := json.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": "tc-bandwidth", "type": "bandwidth",
 		"runtimeConfig": map[string]any{"bandwidth": map[string]int{
@@ -423,6 +460,10 @@ func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
 // qdisc there first), our filter joins its ingress qdisc behind its own,
 // and detach leaves both.
 func TestTCBandwidthCoexistence(t *testing.T) {
+	if os.Getenv("CNI_PLUGINS") == "" {
+		// make test sets it; a bare datapath.test (make test-kernels) may not.
+		t.Skip("needs the reference CNI plugins: run make tools and export CNI_PLUGINS=$PWD/bin/cni (make test does)")
+	}
 	log := datapathtest.Logger(t)
 	t.Run("patchcord-first", func(t *testing.T) {
 		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {
@@ -449,10 +490,11 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			if atts, _ := d.Attachments(); len(atts) != 1 || !atts[0].Yielded || atts[0].Stale {
 				t.Errorf("attachments: %+v, want one current, yielded", atts)
 			}
-			for _, key := range []string{"rp_filter", "proxy_arp"} {
-				if b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/dummy0/" + key); strings.TrimSpace(string(b)) != "1" {
-					t.Errorf("%s on dummy0: %q, want 1: the host stack polices a yielded pod", key, b)
-				}
+			if b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/dummy0/rp_filter"); strings.TrimSpace(string(b)) != "1" {
+				t.Errorf("rp_filter on dummy0: %q, want 1: the host stack polices a yielded pod", b)
+			}
+			if out, _ := exec.Command("ip", "-4", "addr", "show", "dev", "dummy0").CombinedOutput(); !strings.Contains(string(out), datapath.PodGateway().String()+"/32") {
+				t.Errorf("dummy0 addresses:\n%s\nwant the pod gateway's /32, which answers the pod's ARP", out)
 			}
 			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
 				return err
@@ -478,6 +520,9 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 			if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
 				t.Errorf("attached beside bandwidth: %v", err)
 			}
+			if seen := behindMirred(t, d, pod); seen != 0 {
+				t.Errorf("from_pod behind bandwidth's filter saw %d frames, want none (the reason for AttachYielding)", seen)
+			}
 			if err := d.Detach(datapath.FromPod, "dummy0"); err != nil {
 				return err
 			}
@@ -490,9 +535,24 @@ func TestTCBandwidthCoexistence(t *testing.T) {
 	})
 }
 
+// kernelHasTCX says, from the release uname reports, whether the kernel is
+// 6.6 or later: what the datapath's own probe must agree with.
+func kernelHasTCX(t *testing.T) bool {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor); err != nil {
+		t.Fatalf("kernel release %q: %v", u.Release, err)
+	}
+	return major > 6 || major == 6 && minor >= 6
+}
+
 // The mode is the node's: auto keeps the recorded one, a conflicting
-// explicit mode is refused with what to do, and auto picks tcx where the
-// kernel has it (6.6 or later), tc elsewhere.
+// explicit mode is refused with what to do, and auto picks tcx on 6.6 and
+// later, tc before.
 func TestAttachModeRecorded(t *testing.T) {
 	log := datapathtest.Logger(t)
 	d := mustTC(t)
@@ -508,14 +568,14 @@ func TestAttachModeRecorded(t *testing.T) {
 		t.Errorf("fresh node: mode %q, %v; want none recorded", m, err)
 	}
 	want, other := datapath.AttachTCX, datapath.AttachTC
-	if !datapath.ProbeFeatures().Have(datapath.FeatureTCX) {
+	if !kernelHasTCX(t) {
 		want, other = other, want
 	}
 	if m, err := fresh.SetAttachMode(datapath.AttachAuto, log); err != nil || m != want {
 		t.Errorf("auto on this kernel: %q, %v; want %s", m, err, want)
 	}
-	if _, err := fresh.SetAttachMode(other, log); !errors.Is(err, datapath.ErrAttachModeConflict) {
-		t.Errorf("%s over a %s node: %v; want ErrAttachModeConflict", other, want, err)
+	if _, err := fresh.SetAttachMode(other, log); err == nil {
+		t.Errorf("%s over a %s node: no error", other, want)
 	}
 	for _, s := range []string{"", "auto", "TCX", "tc"} {
 		if _, err := datapath.ParseAttachMode(s); err != nil {
@@ -524,5 +584,37 @@ func TestAttachModeRecorded(t *testing.T) {
 	}
 	if _, err := datapath.ParseAttachMode("xdp"); err == nil {
 		t.Error("ParseAttachMode(xdp): no error")
+	}
+}
+
+// --migrate-attach-mode moves a node between backends, each interface
+// attached anew before its old attachment goes, and records the new mode.
+func TestMigrateAttachMode(t *testing.T) {
+	if !kernelHasTCX(t) {
+		t.Skip("needs tcx (kernel 6.6) for the tcx side of the migration")
+	}
+	log := datapathtest.Logger(t)
+	d := datapathtest.MustOpen(t)
+	netns := mustDummyNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
+			return err
+		}
+		for _, to := range []datapath.AttachMode{datapath.AttachTC, datapath.AttachTCX} {
+			if m, err := d.MigrateAttachMode(to, log); err != nil || m != to {
+				t.Fatalf("migrate to %s: %q, %v", to, m, err)
+			}
+			if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+				t.Errorf("after migrating to %s: %v", to, err)
+			}
+			filters := len(bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS))
+			if atts, _ := d.Attachments(); len(atts) != 1 || atts[0].Mode != to || (to == datapath.AttachTC) != (filters == 1) {
+				t.Errorf("after migrating to %s: attachments %+v, %d tc filters", to, atts, filters)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -30,8 +30,13 @@ type Prog struct {
 	ProgID    uint32 `json:"progID"`
 	Tag       string `json:"tag"`
 	LinkID    uint32 `json:"linkID"`
-	Pin       string `json:"pin"`
-	Status    string `json:"status"`
+	// Mode is the attach backend (datapath.AttachTCX or AttachTC); ""
+	// on a missing row. Yielded: tc mode left the veth's ingress qdisc
+	// slot to the bandwidth plugin, and the host stack polices the pod.
+	Mode    string `json:"mode"`
+	Yielded bool   `json:"yielded,omitempty"`
+	Pin     string `json:"pin"`
+	Status  string `json:"status"`
 	// PodIP names the endpoint a from_pod row belongs to, when one does.
 	PodIP string `json:"podIP,omitempty"`
 }
@@ -118,6 +123,7 @@ func attachedRow(a datapath.Attachment, podIP map[string]string, tag func(ebpf.P
 	r := Prog{
 		Ifname: a.Ifname, Ifindex: a.Ifindex, Direction: a.Direction, Program: a.Program,
 		ProgID: uint32(a.ProgID), LinkID: uint32(a.LinkID), Pin: a.Pin, Status: StatusOK,
+		Mode: string(a.Mode), Yielded: a.Yielded,
 	}
 	if a.ProgID != 0 {
 		r.Tag = tag(a.ProgID)

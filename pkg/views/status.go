@@ -25,12 +25,15 @@ type Status struct {
 	AgentRunning bool    `json:"agentRunning"`
 	// Tracing is the datapath's trace flag; Monitoring whether a monitor
 	// with traces runs. Tracing without Monitoring: a monitor crashed.
-	Tracing      bool             `json:"tracing"`
-	NATDetection NAT              `json:"natDetection"`
-	Monitoring   bool             `json:"monitoring"`
-	Attachments  AttachmentCounts `json:"attachments"`
-	Endpoints    int              `json:"endpoints"`
-	Nodes        int              `json:"nodes"`
+	Tracing      bool `json:"tracing"`
+	NATDetection NAT  `json:"natDetection"`
+	Monitoring   bool `json:"monitoring"`
+	// AttachMode is the node's recorded attach backend, "" before the
+	// first attach.
+	AttachMode  string           `json:"attachMode"`
+	Attachments AttachmentCounts `json:"attachments"`
+	Endpoints   int              `json:"endpoints"`
+	Nodes       int              `json:"nodes"`
 	// Drops holds every drop counter by name (packets), DropTotal their sum.
 	Drops      map[string]uint64 `json:"drops"`
 	DropTotal  uint64            `json:"dropTotal"`
@@ -106,6 +109,11 @@ func CollectStatus(root string) (v Status) {
 		v.problem("%v", err)
 	}
 	v.collectPrograms(dp)
+	if m, err := dp.AttachMode(); err != nil {
+		v.problem("%v", err)
+	} else {
+		v.AttachMode = string(m)
+	}
 	cfg := v.collectConfig(dp)
 	v.collectProcesses()
 	eps := v.collectTables(dp)

@@ -585,7 +585,12 @@ func TestAgentKillRestart(t *testing.T) {
 	// The uplink programs are still attached to eth0 (the pinned tcx links run them
 	// there), and traffic flows both ways.
 	eth0 := ifindexOf(t, ctx, n1, "eth0")
-	for _, prog := range []string{"from_uplink", "to_uplink"} {
+	for prog, hook := range map[string]string{"from_uplink": "ingress", "to_uplink": "egress"} {
+		if os.Getenv(lab.AttachModeEnv) == "tc" {
+			// tc filters run them there; the pins are programs, not links.
+			e2e.AssertAttachBackend(t, ctx, n1, prog, "eth0", hook)
+			continue
+		}
 		if name, ifindex := pinnedTCX(t, filepath.Join(n1.BpffsRoot, "links", prog, "eth0")); name != prog || ifindex != eth0 {
 			t.Errorf("after the restart, link %s/eth0 runs %q on ifindex %d; want %s on eth0 (%d)", prog, name, ifindex, prog, eth0)
 		}
