@@ -17,6 +17,15 @@
 
 #define PROG PROG_FROM_UPLINK
 
+/* Whether bpf_skb_adjust_room gets BPF_F_ADJ_ROOM_DECAP_L3_IPV4, which
+ * kernels before 6.3 refuse (-EINVAL, the whole call). For IPv4 in IPv4 the
+ * flag only says what the stack already knows: it changes skb->protocol
+ * only where the outer and inner families differ, and clears neither
+ * skb->encapsulation nor the tunnel GSO type (only bpf-next's DECAP_L4_UDP
+ * does). The loader
+ * clears it where the kernel lacks the flag (pkg/datapath/features.go). */
+volatile const __u8 decap_l3_flag = 1;
+
 /* Outer headers plus an option-less inner IPv4 header. */
 #define VXLAN_MIN_LEN (sizeof(struct vxlan_outer) + sizeof(struct iphdr))
 
@@ -122,7 +131,8 @@ int from_uplink(struct __sk_buff *skb)
 	if (via_host == STAT_MAX)
 		ipv4_decrease_ttl(inner);
 
-	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, VXLAN_DECAP_FLAGS))
+	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				VXLAN_DECAP_FLAGS | (decap_l3_flag ? ADJ_ROOM_DECAP_L3_IPV4 : 0)))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);
 
 	/* Kernels before 6.15 drop what ip_rcv sees as PACKET_OTHERHOST. */

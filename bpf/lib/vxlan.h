@@ -53,7 +53,10 @@ enum vxlan_layout {
  * (bpf_skb_net_grow checks it before it moves a byte of the packet). */
 #define VXLAN_ERR_ENCAPSULATED (-114) /* -EALREADY */
 
-#define VXLAN_DECAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L3_IPV4)
+/* Decap keeps gso_size too: without FIXED_GSO the kernel grows it by the 50
+ * bytes removed, and segments then exceed the pod's MTU. from_uplink adds
+ * DECAP_L3_IPV4 where the kernel knows it (decap_l3_flag). */
+#define VXLAN_DECAP_FLAGS BPF_F_ADJ_ROOM_FIXED_GSO
 
 /* Source ports from the flow hash give ECMP in the underlay its entropy while
  * keeping each flow on one path; the range is the IANA dynamic one. */

@@ -168,6 +168,7 @@ func testStatus() views.Status {
 		AgentRunning: true,
 		AttachMode:   string(datapath.AttachTCX),
 		NATDetection: views.NAT{On: true},
+		Kernel:       "6.18.0",
 		Attachments:  views.AttachmentCounts{OK: 4},
 		Endpoints:    2,
 		Nodes:        1,
@@ -190,6 +191,11 @@ func TestStatusTable(t *testing.T) {
 		v.AttachMode = string(datapath.AttachTC)
 		v.NATDetection = views.NAT{Why: "nf_conntrack not loaded: its kfuncs bpf_skb_ct_lookup/bpf_ct_release are missing from kernel BTF"}
 		v.Attachments = views.AttachmentCounts{OK: 3, Missing: 1}
+		v.Kernel, v.Features = "6.1.0-57-amd64", datapath.Features{
+			{Name: datapath.FeatureRedirectPeer, Since: "5.10", Have: true},
+			{Name: datapath.FeatureDecapFlags, Since: "6.3", Why: "refused", Without: "decap with FIXED_GSO alone"},
+			{Name: datapath.FeatureCTKfuncs, Since: "6.0", Why: "nf_conntrack not loaded", Without: "NAT check off"},
+		}
 		v.Problems = []string{
 			"from_pod is not attached to pc3 (pod 10.244.1.3): the agent restores it within 10 s (is it running?)",
 			"agent not running: start `patchcord agent` (pods keep forwarding, but node changes and repairs wait for it)",
@@ -213,8 +219,8 @@ func TestStatusJSON(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes(), &doc); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"agentRunning", "attachMode", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost",
-		"healthy", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
+	want := []string{"agentRunning", "attachMode", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
+		"healthy", "kernel", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
 	if got := slices.Sorted(keys(doc)); !slices.Equal(got, want) {
 		t.Errorf("keys:\n got %v\nwant %v", got, want)
 	}

@@ -123,6 +123,7 @@ func formatLoaded(row rowFunc, v views.Status) {
 	} else {
 		row("NAT check", "off: %s", v.NATDetection.Why)
 	}
+	kernelRows(row, v)
 	row("Attachments", "%d ok, %d stale, %d missing", v.Attachments.OK, v.Attachments.Stale, v.Attachments.Missing)
 	row("Endpoints", "%d", v.Endpoints)
 	row("Nodes", "%d", v.Nodes)
@@ -138,4 +139,22 @@ func formatLoaded(row rowFunc, v views.Status) {
 		row("Drops", "%d", v.DropTotal)
 	}
 	row("Events lost", "%d", v.EventsLost)
+}
+
+// kernelRows names the kernel and every feature it lacks, with what the
+// datapath does without it.
+func kernelRows(row func(string, string, ...any), v views.Status) {
+	missing := v.Features.Missing()
+	if len(missing) == 0 {
+		row("Kernel", "%s: every feature", orDash(v.Kernel))
+		return
+	}
+	row("Kernel", "%s, lacks:", orDash(v.Kernel))
+	for _, f := range missing {
+		without := f.Without
+		if f.Required() {
+			without = "required: patchcord cannot run"
+		}
+		row("", "%s (since %s): %s", f.Name, f.Since, without)
+	}
 }

@@ -44,7 +44,7 @@ func Launch(ctx context.Context, n *lab.Node, what, ready string, timeout time.D
 	if err != nil {
 		return nil, err
 	}
-	wctx, cancel := context.WithTimeout(ctx, timeout)
+	wctx, cancel := context.WithTimeout(ctx, slowTimeout(timeout))
 	defer cancel()
 	err = Poll(wctx, what+" on "+n.NetNS+" ready", func() error {
 		select {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 )
 
 // binDir holds the patchcord binaries this run uses; Main sets it.
@@ -105,13 +106,13 @@ func tool(tb testing.TB, env, name string) string {
 // the test, pass or fail. It skips the test when not root.
 func NewLab(t *testing.T) *lab.Lab {
 	t.Helper()
-	lab.RequireRoot(t)
+	datapathtest.RequireKernel(t)
 	return lab.NewForTest(t, lab.Options{BinDir: binDir, CNIPath: CNIPath(t), CNITool: CNITool(t)})
 }
 
-// Ctx bounds everything a test runs.
+// Ctx bounds everything a test runs: 3 minutes, or $PATCHCORD_E2E_TIMEOUT.
 func Ctx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), slowTimeout(3*time.Minute))
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -130,4 +131,13 @@ func RunSteps(t *testing.T, ctx context.Context, steps ...Step) {
 	for _, s := range steps {
 		t.Run(s.Name, func(t *testing.T) { s.Run(t, ctx) })
 	}
+}
+
+// slowTimeout is d, or $PATCHCORD_E2E_TIMEOUT (a Go duration) where that is
+// longer: everything is slower in the kernel matrix's emulated guests.
+func slowTimeout(d time.Duration) time.Duration {
+	if env, err := time.ParseDuration(os.Getenv("PATCHCORD_E2E_TIMEOUT")); err == nil && env > d {
+		return env
+	}
+	return d
 }

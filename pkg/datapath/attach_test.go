@@ -114,6 +114,7 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 // every existing attachment to the new code in place: same link, new
 // program, no moment without a program on the interface.
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
+	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	root, d, netns := mustAttachedDummy(t)
 	log := datapathtest.Logger(t)
 	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
@@ -194,6 +195,7 @@ func mustOldCode(t *testing.T, d *datapath.Datapath) link.Link {
 // A link on the right interface that runs older code is updated in place:
 // same link, so no moment without a program on the veth.
 func TestAttachUpdatesStaleProgram(t *testing.T) {
+	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	d := datapathtest.MustOpen(t)
 	log := datapathtest.Logger(t)
 	netns := mustDummyNS(t)
@@ -226,6 +228,7 @@ func TestAttachUpdatesStaleProgram(t *testing.T) {
 // Open heals links a killed load left on older code: with this build's
 // marker in place (nothing to load) and without it (programs reused).
 func TestOpenHealsLinksOnOldCode(t *testing.T) {
+	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	// A load killed between pinning new programs and moving the links
 	// leaves no build marker (it is written last): the next Open reuses
 	// the pinned programs by tag and must move the links then.

@@ -127,21 +127,27 @@ func ctMarker() string {
 // programs loaded while the kfuncs were missing keep it off until the next
 // load, even once nf_conntrack is there.
 func (d *Datapath) NATCheckLoaded() (bool, error) {
-	spec, err := loadFromPod()
+	return d.constLoaded(FromPod, loadFromPod, "ct_available")
+}
+
+// constLoaded reads the one-byte load-time constant name of the pinned
+// program prog, whose embedded object load parses.
+func (d *Datapath) constLoaded(prog string, load func() (*ebpf.CollectionSpec, error), name string) (bool, error) {
+	spec, err := load()
 	if err != nil {
 		return false, fmt.Errorf("parse embedded object: %w", err)
 	}
-	v, ok := spec.Variables["ct_available"]
+	v, ok := spec.Variables[name]
 	if !ok {
-		return false, errors.New("from_pod has no ct_available: embedded object out of date")
+		return false, fmt.Errorf("%s has no %s: embedded object out of date", prog, name)
 	}
-	p, err := d.Program(FromPod)
+	p, err := d.Program(prog)
 	if err != nil {
 		return false, err
 	}
 	info, err := p.Info()
 	if err != nil {
-		return false, fmt.Errorf("read from_pod info: %w", err)
+		return false, fmt.Errorf("read %s info: %w", prog, err)
 	}
 	ids, _ := info.MapIDs()
 	for _, id := range ids {
@@ -153,7 +159,7 @@ func (d *Datapath) NATCheckLoaded() (bool, error) {
 			return value[v.Offset] != 0, nil
 		}
 	}
-	return false, fmt.Errorf("from_pod's %s map not found", v.SectionName)
+	return false, fmt.Errorf("%s's %s map not found", prog, v.SectionName)
 }
 
 // rodata returns the value of the map with id if it is the program's

@@ -72,6 +72,9 @@ func TestNATCheckLoadsWithoutKfuncs(t *testing.T) {
 					t.Fatal(err)
 				}
 				poisonKfuncs(t, spec)
+				if err := removeMemlock(); err != nil {
+					t.Fatal(err)
+				}
 				for _, m := range spec.Maps {
 					m.Pinning = ebpf.PinNone // a private copy
 				}

@@ -70,6 +70,7 @@ func (n *testNode) wantToStack(ret uint32, out, want []byte, counters ...string)
 }
 
 func TestFromPodNATedReplyGoesToHost(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	// podB asked the service on udp/40000 from port 53 and was DNATed
 	// to podA; podA's answer, podA:40000 -> podB:53, is the reply.
 	service := []string{"-p", "udp", "-s", podB.IP.String(), "-d", clusterIP,
@@ -104,6 +105,7 @@ func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 }
 
 func TestFromUplinkNATedReplyGoesToHost(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	// dstPod asked a service from udp/53 and was DNATed to a pod on the
 	// peer node; the peer pod's answer arrives in VXLAN.
 	netns := mustConntrackNS(t, "-p", "udp", "-s", dstPod.IP.String(), "-d", clusterIP,
@@ -230,6 +232,7 @@ func icmpCases(backend, client netip.Addr) []struct {
 // Fragments, SCTP and headers the fast path cannot read cross the host
 // stack, to a local pod as to a remote one.
 func TestFromPodUntrackedGoesToHost(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	for _, dst := range []struct {
 		name string
 		ip   netip.Addr
@@ -251,6 +254,7 @@ func TestFromPodUntrackedGoesToHost(t *testing.T) {
 // An ICMP error a backend pod sends about a client's request is NATed when
 // the request was: the stack must rewrite the quoted header too.
 func TestFromPodICMPErrorOfNATedFlow(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	for _, client := range []struct {
 		name, fast string
 		ip         netip.Addr
@@ -278,6 +282,7 @@ func TestFromPodICMPErrorOfNATedFlow(t *testing.T) {
 // Decapsulated traffic from a remote pod is judged as from_pod judges it;
 // what goes to the host leaves decapsulated, addressed to the uplink.
 func TestFromUplinkUntrackedGoesToHost(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	for _, tt := range untrackedCases(peerPodIP, dstPod.IP) {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newUplinkNode(t, defaultConfig())
@@ -292,6 +297,7 @@ func TestFromUplinkUntrackedGoesToHost(t *testing.T) {
 }
 
 func TestFromUplinkICMPErrorOfNATedFlow(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs) // the NAT check runs only with them
 	for _, tt := range icmpCases(peerPodIP, dstPod.IP) {
 		t.Run(tt.name, func(t *testing.T) {
 			netns := mustConntrackNS(t, tt.conntrack...)

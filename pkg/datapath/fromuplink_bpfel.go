@@ -27,6 +27,7 @@ const (
 	fromUplinkMapTunnelSrcs   = "tunnel_srcs"
 	fromUplinkProgFromUplink  = "from_uplink"
 	fromUplinkVarCtAvailable  = "ct_available"
+	fromUplinkVarDecapL3Flag  = "decap_l3_flag"
 )
 
 // loadFromUplink returns the embedded CollectionSpec for fromUplink.
@@ -94,6 +95,7 @@ type fromUplinkMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromUplinkVariableSpecs struct {
 	CtAvailable *ebpf.VariableSpec `ebpf:"ct_available"`
+	DecapL3Flag *ebpf.VariableSpec `ebpf:"decap_l3_flag"`
 }
 
 // fromUplinkObjects contains all objects after they have been loaded into the kernel.
@@ -146,6 +148,7 @@ func (m *fromUplinkMaps) Close() error {
 // It can be passed to loadFromUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromUplinkVariables struct {
 	CtAvailable *ebpf.Variable `ebpf:"ct_available"`
+	DecapL3Flag *ebpf.Variable `ebpf:"decap_l3_flag"`
 }
 
 // fromUplinkPrograms contains all programs after they have been loaded into the kernel.

@@ -34,8 +34,14 @@ type Datapath struct {
 // Open returns the datapath pinned under root, loading and pinning it first
 // where it is missing or its code differs from this binary's (the upgrade
 // path: attached links are moved to the new programs atomically). Parallel
-// callers serialise on a lock on root.
+// callers serialise on a lock on root. It refuses a kernel that lacks a
+// feature the datapath needs (see features.go).
 func Open(root string, log *slog.Logger) (*Datapath, error) {
+	return open(root, log, kernelFeatures)
+}
+
+// open is Open with the feature probe given, so that tests load either mode.
+func open(root string, log *slog.Logger, probe func(*slog.Logger) (Features, error)) (*Datapath, error) {
 	if err := prepareRoot(root); err != nil {
 		return nil, err
 	}
@@ -57,13 +63,17 @@ func Open(root string, log *slog.Logger) (*Datapath, error) {
 		d.Close()
 	}
 
-	return load(root, log)
+	feats, err := probe(log)
+	if err != nil {
+		return nil, err
+	}
+	return load(root, log, feats)
 }
 
-// load loads this binary's objects under root, keeping what is pinned where
-// it is current and migrating the maps whose layout is older. The caller
-// holds the root's lock.
-func load(root string, log *slog.Logger) (*Datapath, error) {
+// load loads this binary's objects under root, set up for the kernel's
+// features, keeping what is pinned where it is current and migrating the
+// maps whose layout is older. The caller holds the root's lock.
+func load(root string, log *slog.Logger, feats Features) (*Datapath, error) {
 	// Endpoint writers wait while maps may be copied: an entry written to
 	// an old map after its copy would be lost with it.
 	unlock, err := lockEndpoints(root)
@@ -77,7 +87,7 @@ func load(root string, log *slog.Logger) (*Datapath, error) {
 	if err := os.RemoveAll(filepath.Dir(d.buildMarker())); err != nil {
 		return nil, fmt.Errorf("clear build marker: %w", err)
 	}
-	specs, err := objectSpecs(prepareConntrack(log))
+	specs, err := objectSpecs(feats)
 	if err != nil {
 		return nil, err
 	}
@@ -115,13 +125,13 @@ var (
 )
 
 // objectSpecs parses the embedded objects, from_pod's first, set up for the
-// kernel's conntrack.
-func objectSpecs(nat NATDetection) ([]*ebpf.CollectionSpec, error) {
+// kernel's features.
+func objectSpecs(feats Features) ([]*ebpf.CollectionSpec, error) {
 	var specs []*ebpf.CollectionSpec
 	for _, o := range objects {
 		spec, err := o.load()
 		if err == nil {
-			err = setConntrack(spec, nat)
+			err = setFeatures(spec, feats)
 		}
 		if err == nil {
 			err = editSpec(spec)

@@ -41,6 +41,10 @@ type Status struct {
 	Healthy    bool              `json:"healthy"`
 	Problems   []string          `json:"problems"`
 	Warnings   []string          `json:"warnings"`
+
+	// Kernel is the running kernel's release, Features what it has.
+	Kernel   string            `json:"kernel"`
+	Features datapath.Features `json:"features"`
 }
 
 // Program is a pinned program: its kernel ID and tag say which object
@@ -92,8 +96,7 @@ func CollectStatus(root string) (v Status) {
 	v = Status{Root: root, Programs: []Program{}, Drops: map[string]uint64{}, Problems: []string{}, Warnings: []string{}}
 	defer func() { v.Healthy = len(v.Problems) == 0 }()
 
-	nat := datapath.ProbeNATDetection()
-	v.NATDetection = NAT{On: nat.On, Why: nat.Why}
+	v.collectFeatures()
 
 	dp, err := datapath.OpenPinned(root)
 	if err != nil {
@@ -117,6 +120,17 @@ func CollectStatus(root string) (v Status) {
 	v.collectAttachments(dp, eps, cfg)
 	v.collectCounters(dp)
 	return v
+}
+
+// collectFeatures probes the kernel; a missing required feature is a
+// problem, since nothing loads there.
+func (v *Status) collectFeatures() {
+	v.Kernel, v.Features = datapath.KernelRelease(), datapath.ProbeFeatures()
+	ct, _ := v.Features.Get(datapath.FeatureCTKfuncs)
+	v.NATDetection = NAT{On: ct.Have, Why: ct.Why}
+	if err := v.Features.Check(); err != nil {
+		v.problem("%v", err)
+	}
 }
 
 // collectPrograms fills in the pinned programs' IDs, tags and load times.

@@ -16,8 +16,15 @@ cut -d' ' -f1 /proc/uptime >/results/boot.secs
 for d in proc sys dev; do mount --rbind "/$d" "/host/$d"; done
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
+# Tools keep state there (cnitool's result cache in /var/lib/cni); the host's stays untouched.
+mount -t tmpfs tmpfs /host/var/lib
 mkdir -p /host/tmp/results && mount --bind /results /host/tmp/results
 [ ! -d /host/lib/modules ] || mount --bind "$MODROOT/lib/modules" /host/lib/modules
+# The kernel runs kernel.modprobe from this root, not the chroot's: this one runs the host's
+# modprobe on the guest kernel's modules, so that sockets and rules load theirs on demand
+# (NETLINK_XFRM, nfnetlink, xt_*, qdiscs), as on a real machine.
+printf '#!/bin/sh\nexec chroot /host /sbin/modprobe -d %s "$@"\n' "$MODROOT" >/modprobe
+chmod +x /modprobe && echo /modprobe >/proc/sys/kernel/modprobe
 chroot /host /bin/sh "$REPO/test/kernels/guest.sh" /tmp/results
 sync
 poweroff -f

@@ -9,14 +9,14 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
 # The initramfs passes PATH=/bin; tests run host tools from sbin (conntrack, ip, tc).
 export PATH="$res/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-echo "$res/bin/modprobe" >/proc/sys/kernel/modprobe
 for m in $GUEST_MODULES; do modprobe "$m" || echo "modprobe $m failed" >>"$res/modules.err"; done
 for spec in $TESTS; do
-	t=${spec%%:*} pkg=${spec#*:}
+	t=${spec%%:*} pkg=${spec#*:} run=
+	case $pkg in *:*) run=${pkg#*:} pkg=${pkg%%:*} ;; esac
 	n=$(basename "$t")
 	start=$(cut -d. -f1 /proc/uptime)
 	# A test binary runs in its package directory, as go test does, for its testdata.
-	(cd "$REPO/$pkg" && "$REPO/$t" -test.v -test.count=1 $TESTFLAGS >"$res/$n.out" 2>&1)
+	(cd "$REPO/$pkg" && "$REPO/$t" -test.v -test.count=1 ${run:+-test.run "$run"} $TESTFLAGS >"$res/$n.out" 2>&1)
 	echo $? >"$res/$n.rc"
 	echo $(($(cut -d. -f1 /proc/uptime) - start)) >"$res/$n.secs"
 done

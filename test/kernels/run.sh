@@ -3,11 +3,13 @@
 # read-only over 9p and runs the host-compiled test binaries in TESTS inside it, so the datapath
 # is tested on the kernels operators run, not only on this machine's.
 # Usage: KERNELS="debian12 debian11" TESTS="bin/kernels/datapath.test:pkg/datapath" test/kernels/run.sh
-# (each test is BINARY:PACKAGE_DIR, both relative to the repo; the binary runs in its package dir).
+# (each test is BINARY:PACKAGE_DIR[:RUN], paths relative to the repo; the binary runs in its
+# package dir, RUN is its -test.run). Exits 1 when a guest test fails, 2 when the matrix cannot run.
 set -eu
 
 KERNELS=${KERNELS:-debian12}
-TESTS=${TESTS:-bin/kernels/datapath.test:pkg/datapath}
+TESTS=${TESTS:-"bin/kernels/datapath.test:pkg/datapath bin/kernels/samenode.test:test/samenode
+bin/kernels/crossnode.test:test/crossnode bin/kernels/runtime.test:test/runtime:TestKillMidAdd"}
 VM_TIMEOUT=${VM_TIMEOUT:-15m}
 # Extra flags for every test binary, e.g. TESTFLAGS="-test.run TestFromUplink".
 TESTFLAGS=${TESTFLAGS:-}
@@ -16,6 +18,13 @@ GUEST_MODULES=${GUEST_MODULES:-"veth vxlan bridge sch_ingress cls_bpf nf_conntra
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/patchcord/kernels
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# What the lab tests exec (the Makefile exports these).
+PATCHCORD_BIN=${PATCHCORD_BIN:-$REPO/bin}
+CNI_PLUGINS=${CNI_PLUGINS:-$PATCHCORD_BIN/cni}
+CNITOOL=${CNITOOL:-$PATCHCORD_BIN/tools/cnitool}
+CRICTL=${CRICTL:-$PATCHCORD_BIN/tools/crictl}
+# Emulation is 10-30 times slower than the host: the lab tests' own bound (3 minutes a test).
+PATCHCORD_E2E_TIMEOUT=${PATCHCORD_E2E_TIMEOUT:-12m}
 # Needed in the initramfs to reach the 9p shares; order is resolved from modules.dep.
 BOOT_MODULES="virtio_pci 9pnet_virtio 9p"
 
@@ -90,9 +99,10 @@ run_vm() {
 	TESTS='$TESTS'
 	TESTFLAGS='$TESTFLAGS'
 	GUEST_MODULES='$GUEST_MODULES'
+	export PATCHCORD_BIN='$PATCHCORD_BIN' CNI_PLUGINS='$CNI_PLUGINS' CNITOOL='$CNITOOL' CRICTL='$CRICTL' PATCHCORD_E2E_TIMEOUT='$PATCHCORD_E2E_TIMEOUT'
 	ENV
-	# The host root may have no /lib/modules to mount over: modprobe, the guest's and the
-	# kernel's own (kernel.modprobe), reads the unpacked tree through -d instead.
+	# The host root may have no /lib/modules to mount over: the guest's modprobe (and the
+	# kernel's own, kernel.modprobe, see guest-init.sh) reads the unpacked tree through -d.
 	mkdir -p "$res/bin"
 	printf '#!/bin/sh\nexec /sbin/modprobe -d %s "$@"\n' "$root" >"$res/bin/modprobe"
 	chmod +x "$res/bin/modprobe"

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/patchcord/patchcord/pkg/datapath"
@@ -47,9 +48,24 @@ func Logger(tb testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
+// RequireKernel skips where the running kernel lacks a feature the datapath
+// cannot run without (below datapath.MinKernel), naming it: the load is
+// refused there, which TestProbeFeatures checks.
+func RequireKernel(tb testing.TB) {
+	tb.Helper()
+	RequireRoot(tb)
+	if err := kernelCheck(); err != nil {
+		tb.Skip(err)
+	}
+}
+
+// kernelCheck probes once per test binary: the kernel does not change.
+var kernelCheck = sync.OnceValue(func() error { return datapath.ProbeFeatures().Check() })
+
 // MustOpen loads a fresh datapath on a private bpffs.
 func MustOpen(tb testing.TB) *datapath.Datapath {
 	tb.Helper()
+	RequireKernel(tb)
 	d, err := datapath.Open(MustBPFFS(tb), Logger(tb))
 	if err != nil {
 		tb.Fatalf("open datapath: %v", err)
