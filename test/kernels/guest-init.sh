@@ -14,10 +14,22 @@ mount -t 9p -o "$opts" results /results || { echo "mount results failed"; powero
 cut -d' ' -f1 /proc/uptime >/results/boot.secs
 . /results/guest.env
 for d in proc sys dev; do mount --rbind "/$d" "/host/$d"; done
+# The repo (a CI clone may live in /tmp) and the kernel's modules must stay visible through
+# the tmpfs mounts below: bound aside first, bound back after.
+keep() {
+	case $1 in /tmp/* | /run/* | /var/lib/*) mkdir -p "/keep$1" && mount --bind "/host$1" "/keep$1" ;; esac
+}
+restore() {
+	[ ! -d "/keep$1" ] || { mkdir -p "/host$1" && mount --bind "/keep$1" "/host$1"; }
+}
+keep "$REPO"
+keep "$MODROOT"
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 # Tools keep state there (cnitool's result cache in /var/lib/cni); the host's stays untouched.
 mount -t tmpfs tmpfs /host/var/lib
+restore "$REPO"
+restore "$MODROOT"
 mkdir -p /host/tmp/results && mount --bind /results /host/tmp/results
 [ ! -d /host/lib/modules ] || mount --bind "$MODROOT/lib/modules" /host/lib/modules
 # The kernel runs kernel.modprobe from this root, not the chroot's: this one runs the host's
