@@ -75,27 +75,10 @@ func TestMain(m *testing.M) {
 }
 
 // mustCNIPath returns the directory holding the reference plugins
-// (host-local, ptp). As root the tests must run, so a missing one is fatal.
+// (host-local, ptp).
 func mustCNIPath(tb testing.TB) string {
 	tb.Helper()
-	var dirs []string
-	if d := os.Getenv("CNI_PLUGINS"); d != "" {
-		dirs = append(dirs, d)
-	}
-	dirs = append(dirs, "/opt/cni/bin")
-	if d, err := filepath.Abs("../../bin/cni"); err == nil {
-		dirs = append(dirs, d)
-	}
-	for _, d := range dirs {
-		if _, err := os.Stat(filepath.Join(d, "host-local")); err == nil {
-			if _, err := os.Stat(filepath.Join(d, "ptp")); err != nil {
-				tb.Fatalf("%s has host-local but no ptp: run make tools", d)
-			}
-			return d
-		}
-	}
-	tb.Fatalf("no host-local plugin in %v: run make tools (or set CNI_PLUGINS)", dirs)
-	return ""
+	return datapathtest.CNIPlugins(tb, "host-local", "ptp")
 }
 
 // testNS is a namespace from testutils.NewNS that may be deleted early.

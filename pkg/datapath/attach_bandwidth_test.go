@@ -112,7 +112,7 @@ func behindMirred(t *testing.T, d *datapath.Datapath, pod ns.NetNS) uint64 {
 // egress and ingress limits, from the current (host) namespace.
 func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
 	t.Helper()
-	dir := os.Getenv("CNI_PLUGINS")
+	dir := datapathtest.CNIPlugins(t, "bandwidth")
 	conf, _ := json.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": "tc-bandwidth", "type": "bandwidth",
 		"runtimeConfig": map[string]any{"bandwidth": map[string]int{
@@ -131,10 +131,6 @@ func runBandwidth(t *testing.T, pod ns.NetNS) ([]byte, error) {
 // qdisc there first), our filter joins its ingress qdisc behind its own,
 // and detach leaves both.
 func TestTCBandwidthCoexistence(t *testing.T) {
-	if os.Getenv("CNI_PLUGINS") == "" {
-		// make test sets it; a bare datapath.test (make test-kernels) may not.
-		t.Skip("needs the reference CNI plugins: run make tools and export CNI_PLUGINS=$PWD/bin/cni (make test does)")
-	}
 	log := datapathtest.Logger(t)
 	t.Run("patchcord-first", func(t *testing.T) {
 		inBandwidthNode(t, func(d *datapath.Datapath, pod ns.NetNS) error {

@@ -73,3 +73,32 @@ func MustOpen(tb testing.TB) *datapath.Datapath {
 	tb.Cleanup(func() { d.Close() })
 	return d
 }
+
+// CNIPlugins returns the directory holding the reference CNI plugins named:
+// $CNI_PLUGINS, /opt/cni/bin or this tree's bin/cni (the tests run in their
+// package directory, two levels down). As root the tests must run, so a
+// missing plugin is fatal.
+func CNIPlugins(tb testing.TB, names ...string) string {
+	tb.Helper()
+	var dirs []string
+	if d := os.Getenv("CNI_PLUGINS"); d != "" {
+		dirs = append(dirs, d)
+	}
+	dirs = append(dirs, "/opt/cni/bin")
+	if d, err := filepath.Abs("../../bin/cni"); err == nil {
+		dirs = append(dirs, d)
+	}
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, names[0])); err != nil {
+			continue
+		}
+		for _, n := range names[1:] {
+			if _, err := os.Stat(filepath.Join(d, n)); err != nil {
+				tb.Fatalf("%s has %s but no %s: run make tools", d, names[0], n)
+			}
+		}
+		return d
+	}
+	tb.Fatalf("no %s plugin in %v: run make tools (or set CNI_PLUGINS)", names[0], dirs)
+	return ""
+}
