@@ -94,13 +94,15 @@ fuzz: deps
 # KERNEL_RUN picks what the guests run (BINARY:PACKAGE[:RUN] each, see run.sh); empty: all of
 # it, about an hour per kernel under emulation. KERNEL_CI is CI's pick, meant for under 15
 # minutes: the branches that differ between kernels (features, decap modes, encap, redirect,
-# tc attach, NAT check) and pods on one node. The kill -9 tests run in the full set only: under
-# emulation the agent takes longer to come back than TestAgentKillRestart's 6-second flow lasts.
+# tc attach, NAT check), pods on one node, the three-node mesh with bulk TCP, and both kill -9
+# tests (the agent's, mid-flow, and the plugin's, at each step of ADD, through cnitool).
 KERNELS ?= debian12
 KERNEL_TESTS := pkg/datapath test/samenode test/crossnode test/runtime
 KERNEL_RUN ?=
 KERNEL_CI := bin/kernels/datapath.test:pkg/datapath:TestProbeFeatures|TestFeaturesCheck|TestFromUplinkDecap|TestFromPodEncap$$|TestFromPodLocalRedirect$$|TestTCAttach|TestAttachIdempotentAndDetach|TestNATCheck \
-	bin/kernels/samenode.test:test/samenode:TestSameNode/chained-ptp/(ping|counters|spoofing)
+	bin/kernels/samenode.test:test/samenode:TestSameNode/chained-ptp/(ping|counters|spoofing) \
+	bin/kernels/crossnode.test:test/crossnode:TestMesh$$|TestAgentKillRestart \
+	bin/kernels/runtime.test:test/runtime:TestKillMidAdd/cnitool
 test-kernels: deps tools build
 	$(call install-missing,qemu-system-x86 busybox-static kmod)
 	for p in $(KERNEL_TESTS); do $(GO) test -c -o $(BIN)/kernels/$$(basename $$p).test ./$$p || exit 1; done

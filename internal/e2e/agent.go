@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // ReadyFile is where the agent on n signals its first sync.
@@ -100,19 +101,33 @@ func AssertUplinkBackend(t *testing.T, ctx context.Context, n *lab.Node) {
 	AssertAttachBackend(t, ctx, n, "to_uplink", "eth0", "egress")
 }
 
-// AssertAttachBackend checks, when the lab forces an attach mode
-// (lab.AttachModeEnv), that prog runs on ifname of n through that backend,
-// as the kernel tools see it: in tc mode our cls_bpf filter in `tc filter
-// show` and `bpftool net`, and a program, not a link, at the pin; in tcx
-// mode a link at the pin. A pin that is a directory is a yielded tc
+// AttachMode is n's attach backend: the one the lab forces
+// (lab.AttachModeEnv), or else the one the node chose for its kernel, as
+// `patchcord bpf prog list` shows it.
+func AttachMode(t *testing.T, ctx context.Context, n *lab.Node) string {
+	t.Helper()
+	if mode := os.Getenv(lab.AttachModeEnv); mode != "" {
+		return mode
+	}
+	var progs []views.Prog
+	cliJSON(t, ctx, n, &progs, "bpf", "prog", "list")
+	for _, p := range progs {
+		if p.Mode != "" {
+			return p.Mode
+		}
+	}
+	return ""
+}
+
+// AssertAttachBackend checks that prog runs on ifname of n through the
+// node's backend (AttachMode), as the kernel tools see it: in tc mode our
+// cls_bpf filter in `tc filter show` and `bpftool net`, and a program, not a
+// link, at the pin; in tcx mode a link at the pin. A pin that is a directory is a yielded tc
 // attachment (datapath.AttachYielding): no filter of ours may be there.
 func AssertAttachBackend(t *testing.T, ctx context.Context, n *lab.Node, prog, ifname, hook string) {
 	t.Helper()
-	mode := os.Getenv(lab.AttachModeEnv)
+	mode := AttachMode(t, ctx, n)
 	pin := filepath.Join(n.BpffsRoot, "links", prog, ifname)
-	if mode == "" {
-		return
-	}
 	filters, _ := n.Exec(ctx, "tc", "filter", "show", "dev", ifname, hook)
 	ours := strings.Contains(string(filters), "patchcord:"+prog)
 	if st, err := os.Stat(pin); err == nil && st.IsDir() {

@@ -8,13 +8,10 @@ package crossnode
 
 import (
 	"context"
-	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -55,26 +52,6 @@ func snmpCounter(t *testing.T, ctx context.Context, e e2e.Execer, proto, name st
 	return 0
 }
 
-// sysctlInt reads an integer sysctl as the namespace of e sees it.
-func sysctlInt(t *testing.T, ctx context.Context, e e2e.Execer, key string) int {
-	t.Helper()
-	path := "/proc/sys/" + strings.ReplaceAll(key, ".", "/")
-	out, err := e.Exec(ctx, "cat", path)
-	if err != nil && strings.Contains(err.Error(), "No such file") {
-		// Where net.core.[rw]mem_max are not per network namespace
-		// (Debian 12's 6.1), the initial namespace's apply to all.
-		out, err = os.ReadFile(path)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := strconv.Atoi(strings.TrimSpace(string(out)))
-	if err != nil {
-		t.Fatalf("sysctl %s: %v", key, err)
-	}
-	return v
-}
-
 // linkAttrs reads an interface's index and MTU through `ip -j link`.
 func linkAttrs(t *testing.T, ctx context.Context, e e2e.Execer, dev string) (ifindex, mtu int) {
 	t.Helper()
@@ -97,7 +74,7 @@ func linkMTU(t *testing.T, ctx context.Context, e e2e.Execer, dev string) int {
 }
 
 // TestMesh: three patchcord nodes with two pods each. Every pod reaches every
-// other; bulk TCP crosses nodes (GSO segments whole: > 100 MB in a second for one pair);
+// other; bulk TCP crosses nodes (GSO packets encapsulated and decapsulated whole);
 // a node reaches a remote pod (to_uplink) and a pod a remote node; encap and decap count.
 func TestMesh(t *testing.T) {
 	c := e2e.NewMesh(t, 1, 2, 3)
@@ -136,9 +113,9 @@ func TestMesh(t *testing.T) {
 			from, to *lab.Pod
 			min      uint64
 		}{
-			// The bulk pair: at > 100 MB in a second, GSO segments must be crossing
-			// whole; lost ones would stall TCP near zero.
-			{c.Pod(1, 0), c.Pod(2, 0), 100 << 20},
+			// The bulk pair: GSO packets must cross whole (checked below); lost
+			// ones would stall TCP near zero.
+			{c.Pod(1, 0), c.Pod(2, 0), 1 << 20},
 			{c.Pod(2, 1), c.Pod(3, 0), 1},
 			{c.Pod(3, 1), c.Pod(1, 1), 1},
 		}
@@ -162,6 +139,18 @@ func TestMesh(t *testing.T) {
 				enc, dec := e2e.Delta(b1, e2e.Stats(t, ctx, n1), "encap"), e2e.Delta(b2, e2e.Stats(t, ctx, n2), "decap")
 				if enc.Bytes < got || dec.Bytes < got {
 					t.Errorf("bulk pair: %s encap %d bytes, %s decap %d bytes: want >= %d received", n1.NetNS, enc.Bytes, n2.NetNS, dec.Bytes, got)
+				}
+				// Packets larger than the link MTU on average: GSO packets went
+				// through encap and decap whole, not one MTU-sized segment at a
+				// time, and not dropped (TCP would have fallen back to less).
+				mtu := uint64(linkMTU(t, ctx, n1, "eth0"))
+				for _, d := range []struct {
+					what string
+					c    e2e.Counter
+				}{{"encap on " + n1.NetNS, enc}, {"decap on " + n2.NetNS, dec}} {
+					if d.c.Packets == 0 || d.c.Bytes/d.c.Packets <= mtu {
+						t.Errorf("bulk pair: %s: %d bytes in %d packets, want more than %d bytes (the MTU) a packet on average", d.what, d.c.Bytes, d.c.Packets, mtu)
+					}
 				}
 			}
 		}
@@ -434,109 +423,35 @@ func TestNodeIPChanged(t *testing.T) {
 }
 
 // TestAgentKillRestart: SIGKILL node1's agent in the middle of a UDP flow and a
-// TCP flow from node1's pod to node2's, start a new agent: the datapath lives in the
-// kernel, so not one UDP datagram is lost and TCP carries on.
+// TCP connection from node1's pod to node2's, start a new agent: the datapath lives
+// in the kernel, so not one UDP datagram is lost and TCP carries on. The flows run
+// until the new agent is up and they have moved on, however long that takes.
 func TestAgentKillRestart(t *testing.T) {
 	c, ctx := e2e.NewPair(t)
 	n1, p1, p2 := c.Nodes[0], c.Pod(1, 0), c.Pod(2, 0)
-	e2e.IperfServer(t, ctx, p2, 5201)
-	e2e.IperfServer(t, ctx, p2, 5202)
-
-	// Modest rates, and socket buffers as large as the namespaces allow (iperf3 sets
-	// both ends from the client's -w): on a small, busy machine the receiver stalls for
-	// tens of milliseconds and the default 208 KiB overflows, losing datagrams in the
-	// socket, which says nothing about the datapath. The pod's UdpRcvbufErrors tell
-	// the two apart if it still happens.
-	udpArgs := []string{"-c", p2.IP.String(), "-p", "5201", "-J", "-u", "-b", "50M", "-t", "6", "-l", "1200"}
-	buf := 4 << 20
-	for _, p := range []*lab.Pod{p1, p2} {
-		buf = min(buf, sysctlInt(t, ctx, p, "net.core.rmem_max"), sysctlInt(t, ctx, p, "net.core.wmem_max"))
-	}
-	if buf >= 1<<20 {
-		udpArgs = append(udpArgs, "-w", strconv.Itoa(buf))
-	} else {
-		t.Logf("net.core.[rw]mem_max is %d: UDP socket buffers stay at their default", buf)
-	}
-	rcvbufErrs := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors")
-
-	before := e2e.Stats(t, ctx, n1)
-	udp, err := p1.Start(ctx, "iperf3", udpArgs...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tcp, err := p1.Start(ctx, "iperf3", "-c", p2.IP.String(), "-p", "5202", "-J", "-b", "200M", "-t", "6")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Both flows are under way once node1 has encapsulated a good part of a second.
-	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	err = lab.WaitFor(wctx, "flows under way", func(ctx context.Context) error {
-		if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 5000 {
-			return fmt.Errorf("encap %d packets", enc.Packets)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	flows := e2e.NewFlows()
+	flows.UDP(t, "udp", p1, p2, 5201)
+	flows.TCP(t, "tcp", p1, p2, 5202)
+	flows.WaitProgress(t, ctx, 500)
 
 	if err := c.Agents[1].Kill(); err != nil {
 		t.Fatalf("kill agent: %v", err)
 	}
+	flows.WaitProgress(t, ctx, 100) // with no agent at all
 	c.Agents[1] = e2e.StartAgent(t, ctx, n1, c.Files[1])
-	for _, p := range []*lab.Process{udp, tcp} {
-		select {
-		case <-p.Done():
-			t.Fatalf("%s ended before the agent was back: the test proves nothing", p.Name)
-		default:
-		}
-	}
 	mid := e2e.Stats(t, ctx, n1)
-
-	results := map[string]e2e.Iperf{}
-	for name, p := range map[string]*lab.Process{"udp": udp, "tcp": tcp} {
-		werr := p.Wait()
-		out, err := p.Output()
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, err := e2e.ParseIperf(out, werr)
-		if err != nil {
-			t.Fatalf("%s flow: %v", name, err)
-		}
-		results[name] = r
-	}
-	u, tc := results["udp"], results["tcp"]
-	sockDrops := snmpCounter(t, ctx, p2, "Udp", "RcvbufErrors") - rcvbufErrs
-	t.Logf("udp: %d datagrams sent, %d lost (%d of them in the receiver's socket buffer); tcp: %d bytes, %.2f Gbit/s",
-		u.End.Sum.Packets, u.End.Sum.LostPackets, sockDrops, tc.End.SumReceived.Bytes, tc.Gbps())
-	// end.sum.lost_packets is the receiver's count, reported back to the client.
-	if u.End.Sum.LostPackets != 0 || u.End.SumReceived.Packets == 0 {
-		t.Errorf("udp across the agent restart: %d of %d datagrams lost (%d by the receiver's socket buffer, the rest on the way)",
-			u.End.Sum.LostPackets, u.End.Sum.Packets, sockDrops)
-	}
-	if tc.End.SumReceived.Bytes == 0 {
-		t.Errorf("tcp across the agent restart: nothing received")
-	}
-	// Neither flow stalled at any point: every one-second interval carried data.
-	for name, r := range results {
-		for i, iv := range r.Intervals {
-			if iv.Sum.Bytes == 0 {
-				t.Errorf("%s flow: nothing sent in interval %d of %d", name, i+1, len(r.Intervals))
-			}
-		}
-	}
+	flows.WaitProgress(t, ctx, 500)
+	flows.Finish(t, "across the agent restart")
 	// Traffic kept being encapsulated after the restart, not only before it.
-	if enc := e2e.Delta(mid, e2e.Stats(t, ctx, n1), "encap"); enc.Packets == 0 {
-		t.Errorf("no encapsulation after the agent restart")
+	if enc := e2e.Delta(mid, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 500 {
+		t.Errorf("%d packets encapsulated after the agent restart, want >= 500", enc.Packets)
 	}
 
 	// The uplink programs are still attached to eth0 (the pinned tcx links run them
 	// there), and traffic flows both ways.
 	eth0 := ifindexOf(t, ctx, n1, "eth0")
 	for prog, hook := range map[string]string{"from_uplink": "ingress", "to_uplink": "egress"} {
-		if os.Getenv(lab.AttachModeEnv) == "tc" {
+		if e2e.AttachMode(t, ctx, n1) == "tc" {
 			// tc filters run them there; the pins are programs, not links.
 			e2e.AssertAttachBackend(t, ctx, n1, prog, "eth0", hook)
 			continue

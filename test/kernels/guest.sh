@@ -9,6 +9,10 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
 # The initramfs passes PATH=/bin; tests run host tools from sbin (conntrack, ip, tc).
 export PATH="$res/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The host root is read-only here: go (the lab builds the sandbox image's binary) needs
+# a writable home and build cache.
+export HOME=/tmp/home GOCACHE=/tmp/go-build
+mkdir -p "$HOME"
 for m in $GUEST_MODULES; do modprobe "$m" || echo "modprobe $m failed" >>"$res/modules.err"; done
 for spec in $TESTS; do
 	t=${spec%%:*} pkg=${spec#*:} run=

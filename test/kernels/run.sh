@@ -9,7 +9,7 @@ set -eu
 
 KERNELS=${KERNELS:-debian12}
 TESTS=${TESTS:-"bin/kernels/datapath.test:pkg/datapath bin/kernels/samenode.test:test/samenode
-bin/kernels/crossnode.test:test/crossnode bin/kernels/runtime.test:test/runtime:TestKillMidAdd"}
+bin/kernels/crossnode.test:test/crossnode bin/kernels/runtime.test:test/runtime:TestKillMidAdd/cnitool"}
 VM_TIMEOUT=${VM_TIMEOUT:-15m}
 # Extra flags for every test binary, e.g. TESTFLAGS="-test.run TestFromUplink".
 TESTFLAGS=${TESTFLAGS:-}

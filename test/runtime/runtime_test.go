@@ -323,8 +323,10 @@ var bpfCall = regexp.MustCompile(`^(\d+) +bpf\((\w+)`)
 // killPoints reads a trace of one complete ADD and places the kills: while IPAM runs,
 // then at the registration's first map write (nothing registered, the veth made), its
 // second (only the owner entry written) and third (the anti-spoofing entry too), and at
-// the tcx link's creation (every entry written, nothing attached). The points are in
-// ADD's order: each leaves a superset of what the one before leaves.
+// the attachment: with tcx the link's creation (every entry written, nothing attached),
+// with tc the pin of the attachment's record (the filter, made through netlink, is in
+// and works; the record is missing). The points are in ADD's order: each leaves a
+// superset of what the one before leaves.
 func killPoints(t *testing.T, trace string) []killPoint {
 	t.Helper()
 	f, err := os.Open(trace)
@@ -340,10 +342,16 @@ func killPoints(t *testing.T, trace string) []killPoint {
 			calls = append(calls, call{m[1], m[2]})
 		}
 	}
+	// The attaching call: an ADD with tcx creates a link; one with tc pins
+	// only the record (its programs and maps are pinned already).
+	attach := "BPF_LINK_CREATE"
+	if !slices.ContainsFunc(calls, func(c call) bool { return c.cmd == attach }) {
+		attach = "BPF_OBJ_PIN"
+	}
 	// strace counts calls per thread: keep the thread that attaches.
 	var tid string
 	for _, c := range calls {
-		if c.cmd == "BPF_LINK_CREATE" {
+		if c.cmd == attach {
 			tid = c.tid
 		}
 	}
@@ -353,7 +361,7 @@ func killPoints(t *testing.T, trace string) []killPoint {
 			cmds = append(cmds, c.cmd)
 		}
 	}
-	link := slices.Index(cmds, "BPF_LINK_CREATE")
+	link := slices.Index(cmds, attach)
 	var updates []int
 	for i := link - 1; i >= 0 && len(updates) < 3; i-- {
 		if cmds[i] == "BPF_MAP_UPDATE_ELEM" {
@@ -361,7 +369,7 @@ func killPoints(t *testing.T, trace string) []killPoint {
 		}
 	}
 	if link < 0 || len(updates) != 3 || updates[2]-updates[0] != 2 {
-		t.Fatalf("ADD's bpf() calls are not what the kill points assume (three map writes, then the link): %v", cmds)
+		t.Fatalf("ADD's bpf() calls are not what the kill points assume (three map writes, then %s): %v", attach, cmds)
 	}
 	return []killPoint{
 		{"ipam", 0, map[string]int{"lease": 1}},

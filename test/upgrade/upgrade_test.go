@@ -9,7 +9,6 @@ package upgrade
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -65,7 +64,7 @@ func TestUpgradeFromRelease(t *testing.T) {
 		}
 	}
 	refuseRelease(t, ctx, u, old)
-	u.finish(t)
+	u.flows.Finish(t, "across the upgrade")
 }
 
 func TestUpgradeProgramCode(t *testing.T) {
@@ -92,7 +91,7 @@ func TestUpgradeProgramCode(t *testing.T) {
 			t.Errorf("%s: status %s after the upgrade", key, a.Status)
 		}
 	}
-	u.finish(t)
+	u.flows.Finish(t, "across the upgrade")
 }
 
 // live is a cluster with traffic under way: pods a, b and x on node 1, c on
@@ -101,63 +100,24 @@ type live struct {
 	c       *cluster
 	a, b, x *lab.Pod
 	pc      *lab.Pod
-	udp     []*udpFlow
-	tcp     *tcpFlow
+	flows   *e2e.Flows
 	before  map[int]map[string]e2e.Counter
-	rounds  int
-	arrived []int
 }
 
 func startLive(t *testing.T, ctx context.Context, bin string) *live {
 	t.Helper()
-	u := &live{c: newCluster(t, ctx, bin), before: map[int]map[string]e2e.Counter{}}
+	u := &live{c: newCluster(t, ctx, bin), flows: e2e.NewFlows(), before: map[int]map[string]e2e.Counter{}}
 	n1, n2 := u.c.nodes[0], u.c.nodes[1]
 	u.a, u.b, u.x = u.c.pod(t, ctx, n1, "a"), u.c.pod(t, ctx, n1, "b"), u.c.pod(t, ctx, n1, "x")
 	u.pc = u.c.pod(t, ctx, n2, "c")
-	u.udp = []*udpFlow{startUDP(t, "a->c", u.a, u.pc, 7001), startUDP(t, "a->b", u.a, u.b, 7002)}
-	u.tcp = startTCP(t, "b->c", u.b, u.pc, 7003)
-	u.waitProgress(t, ctx, 100)
+	u.flows.UDP(t, "a->c", u.a, u.pc, 7001)
+	u.flows.UDP(t, "a->b", u.a, u.b, 7002)
+	u.flows.TCP(t, "b->c", u.b, u.pc, 7003)
+	u.flows.WaitProgress(t, ctx, 100)
 	for _, n := range u.c.nodes {
 		u.before[n.Index] = e2e.Stats(t, ctx, n)
 	}
 	return u
-}
-
-// waitProgress waits until every flow has moved by n since the last call.
-func (u *live) waitProgress(t *testing.T, ctx context.Context, n int) {
-	t.Helper()
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	err := lab.WaitFor(wctx, "traffic", func(context.Context) error {
-		for i, f := range u.udp {
-			if got := f.received(); got < u.mark(i)+n {
-				return fmt.Errorf("udp %s: %d datagrams arrived", f.name, got)
-			}
-		}
-		rounds, err := u.tcp.progress()
-		if err != nil {
-			return fmt.Errorf("tcp %s: %w: %w", u.tcp.name, err, e2e.ErrExited)
-		}
-		if rounds < u.rounds+n {
-			return fmt.Errorf("tcp %s: %d round trips", u.tcp.name, rounds)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	u.arrived = u.arrived[:0]
-	for _, f := range u.udp {
-		u.arrived = append(u.arrived, f.received())
-	}
-	u.rounds, _ = u.tcp.progress()
-}
-
-func (u *live) mark(i int) int {
-	if i < len(u.arrived) {
-		return u.arrived[i]
-	}
-	return 0
 }
 
 // verify checks the upgraded cluster while the traffic still runs: a new
@@ -174,7 +134,7 @@ func (u *live) verify(t *testing.T, ctx context.Context) {
 	if eps := e2e.Endpoints(t, ctx, n1); len(eps) != 3 {
 		t.Errorf("node 1 has endpoints %v after adding d and deleting x, want a, b and d", eps)
 	}
-	u.waitProgress(t, ctx, 100)
+	u.flows.WaitProgress(t, ctx, 100)
 	for _, n := range u.c.nodes {
 		after := e2e.Stats(t, ctx, n)
 		for name, b := range u.before[n.Index] {
@@ -184,23 +144,6 @@ func (u *live) verify(t *testing.T, ctx context.Context) {
 		}
 	}
 	u.c.requireHealthy(t, ctx)
-}
-
-// finish stops the traffic and checks that none of it was lost.
-func (u *live) finish(t *testing.T) {
-	t.Helper()
-	for _, f := range u.udp {
-		sent, lost, err := f.finish()
-		t.Logf("udp %s: %d datagrams sent, %d lost", f.name, sent, len(lost))
-		if err != nil || len(lost) > 0 {
-			t.Errorf("udp %s across the upgrade: %d of %d datagrams lost (first %v), send error %v", f.name, len(lost), sent, lost[:min(len(lost), 10)], err)
-		}
-	}
-	rounds, err := u.tcp.progress()
-	t.Logf("tcp %s: %d round trips", u.tcp.name, rounds)
-	if err != nil {
-		t.Errorf("tcp %s across the upgrade: %v", u.tcp.name, err)
-	}
 }
 
 // progList is `patchcord bpf prog list` on n by program and interface.
