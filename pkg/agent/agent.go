@@ -1,8 +1,9 @@
 // Package agent is the node agent: it configures the uplink side of the
 // datapath, keeps the remote-node map and routes in step with a node source,
-// and repairs endpoints and attachments. It holds no datapath state in
-// memory: killed at any moment, it leaves a working datapath, and the next
-// start reconciles.
+// and repairs endpoints and attachments. The datapath's state is in the
+// kernel, not in the agent: killed at any moment, it leaves a working
+// datapath, and the next start reconciles. What it keeps in memory is a
+// cache of what it applied, so that a node change costs only itself.
 package agent
 
 import (
@@ -40,6 +41,9 @@ type Config struct {
 	ReadyFile string
 	// ReconcileEvery repairs endpoints and attachments periodically.
 	ReconcileEvery time.Duration
+	// NodeResyncEvery is how often the node sync reads the kernel again
+	// instead of applying only what changed (checked every ReconcileEvery).
+	NodeResyncEvery time.Duration
 	// EventRate and EventBurst limit drop events per CPU and reason
 	// (events/s, burst); 0 leaves the datapath's defaults.
 	EventRate, EventBurst uint32
@@ -83,6 +87,11 @@ type Agent struct {
 	uplink netlink.Link
 	eps    *bpfmaps.Endpoints
 	nodes  *bpfmaps.Nodes
+	// synced caches what the last node sync applied, masq the masquerade
+	// sets; set is the node set last received, for a periodic full sync.
+	synced synced
+	masq   masqSets
+	set    []nodes.Node
 }
 
 // Run sets the node up, then follows src until ctx ends. The datapath stays
@@ -93,6 +102,9 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 	}
 	if cfg.ReconcileEvery == 0 {
 		cfg.ReconcileEvery = 10 * time.Second
+	}
+	if cfg.NodeResyncEvery == 0 {
+		cfg.NodeResyncEvery = 5 * time.Minute
 	}
 	uplink, err := netlink.LinkByName(cfg.Uplink)
 	if err != nil {
@@ -166,11 +178,8 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 			if a.cfg.VTEP != nil {
 				a.cfg.VTEP.keep(ctx)
 			}
-			if err := a.syncNodes(set); err != nil {
-				a.log.Error("sync nodes", "err", err)
-				if a.cfg.OnSyncError != nil {
-					a.cfg.OnSyncError(err)
-				}
+			a.set = set
+			if err := a.sync(set); err != nil {
 				continue
 			}
 			if !ready && a.cfg.ReadyFile != "" {
@@ -183,6 +192,10 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 			if err := a.reconcile(); err != nil {
 				a.log.Error("reconcile endpoints", "err", err)
 			}
+			if a.resyncDue() {
+				a.synced = synced{}
+				a.sync(a.set)
+			}
 		case err := <-srcErr:
 			if err != nil {
 				return fmt.Errorf("node source: %w", err)
@@ -193,6 +206,18 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 			return nil
 		}
 	}
+}
+
+// sync runs one node sync and reports its failure.
+func (a *Agent) sync(set []nodes.Node) error {
+	_, err := a.syncNodes(set)
+	if err != nil {
+		a.log.Error("sync nodes", "err", err)
+		if a.cfg.OnSyncError != nil {
+			a.cfg.OnSyncError(err)
+		}
+	}
+	return err
 }
 
 func checkNodeIP(uplink netlink.Link, nodeIP netip.Addr) error {

@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
@@ -17,9 +19,28 @@ import (
 // remove its stale ones without touching anybody else's.
 const routeProtocol = netlink.RouteProtocol(161)
 
-// syncNodes makes the node map, tunnel sources, routes and neighbours match
-// set. This node's own entry is skipped.
-func (a *Agent) syncNodes(set []nodes.Node) error {
+// synced is what the last successful sync applied to the kernel: the remote
+// nodes (node map, tunnel source, route and neighbour each) by pod CIDR. A
+// node set is applied as a difference against it, so one changed node
+// among thousands costs a handful of map and netlink operations. It is a
+// cache of the kernel's state, never the truth: nil (at start, after a
+// failed sync, and every NodeResyncEvery) makes the next sync a full one,
+// which reads the kernel and repairs whatever drifted.
+type synced struct {
+	nodes map[netip.Prefix]nodes.Node
+	at    time.Time // of the last full sync
+}
+
+// syncStats is what one node sync did.
+type syncStats struct {
+	full             bool
+	changed, removed int // nodes written, nodes deleted
+}
+
+// syncNodes makes the node map, tunnel sources, routes, neighbours and the
+// masquerade sets match set. This node's own entry is skipped.
+func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
+	start := time.Now()
 	want := make(map[netip.Prefix]nodes.Node, len(set))
 	for _, n := range set {
 		if n.NodeIP == a.cfg.NodeIP {
@@ -31,17 +52,23 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 		}
 		want[n.PodCIDR] = n
 	}
-
-	have, err := a.nodes.List()
-	if err != nil {
-		return err
+	st := syncStats{full: a.synced.nodes == nil}
+	full, have := st.full, a.synced.nodes
+	if full {
+		var err error
+		if have, err = a.kernelNodes(); err != nil {
+			return st, err
+		}
 	}
 	// New and changed nodes first, so that a node whose CIDR or address
-	// changes is never absent in between.
+	// changes is never absent in between. A full sync rewrites every
+	// node: routes and neighbours may have drifted where the map did not.
 	var errs []error
-	sources := make(map[netip.Addr]bool, len(want))
-	for _, n := range want {
-		sources[n.NodeIP] = true
+	for cidr, n := range want {
+		if old, ok := have[cidr]; ok && !full && sameNode(old, n) {
+			continue
+		}
+		st.changed++
 		if err := a.nodes.Put(bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 			continue
@@ -50,24 +77,78 @@ func (a *Agent) syncNodes(set []nodes.Node) error {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 		}
 	}
-	for _, old := range have {
-		if _, ok := want[old.PodCIDR]; ok {
+	for cidr, old := range have {
+		if _, ok := want[cidr]; ok {
 			continue
 		}
+		st.removed++
 		// Route first: the host stops sending before the map forgets.
-		errs = append(errs, a.deleteRoute(old.PodCIDR), a.nodes.Delete(old.PodCIDR))
-		a.log.Info("removed node", "pod_cidr", old.PodCIDR, "node_ip", old.NodeIP)
+		errs = append(errs, a.deleteRoute(cidr), a.nodes.Delete(cidr))
+		a.log.Info("removed node", "pod_cidr", cidr, "node_ip", old.NodeIP)
 	}
-	errs = append(errs, a.nodes.PruneSources(sources))
-	errs = append(errs, a.removeStaleRoutes(want))
+	errs = append(errs, a.syncSources(want, have, full))
+	if full {
+		errs = append(errs, a.removeStaleRoutes(want))
+	}
 	if a.cfg.Masquerade {
-		errs = append(errs, a.syncMasquerade(set))
+		errs = append(errs, a.syncMasquerade(set, full))
 	}
 	if err := errors.Join(errs...); err != nil {
-		return err
+		a.synced = synced{}
+		return st, err
 	}
-	a.log.Info("nodes synced", "remote_nodes", len(want))
-	return nil
+	if full {
+		a.synced.at = time.Now()
+	}
+	a.synced.nodes = want
+	a.log.Info("nodes synced", "remote_nodes", len(want), "full", full, "changed", st.changed, "removed", st.removed,
+		"took_ms", float64(time.Since(start).Microseconds())/1000)
+	return st, nil
+}
+
+// resyncDue reports whether the next sync should read the kernel again.
+func (a *Agent) resyncDue() bool {
+	return a.synced.nodes != nil && time.Since(a.synced.at) >= a.cfg.NodeResyncEvery
+}
+
+// kernelNodes is the node map as the kernel holds it, for a full sync.
+func (a *Agent) kernelNodes() (map[netip.Prefix]nodes.Node, error) {
+	list, err := a.nodes.List()
+	if err != nil {
+		return nil, err
+	}
+	have := make(map[netip.Prefix]nodes.Node, len(list))
+	for _, n := range list {
+		have[n.PodCIDR] = nodes.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}
+	}
+	return have, nil
+}
+
+// sameNode reports whether the datapath holds the same for a and b (the
+// name is not in the kernel).
+func sameNode(a, b nodes.Node) bool {
+	return a.PodCIDR == b.PodCIDR && a.NodeIP == b.NodeIP && bytes.Equal(a.VtepMAC, b.VtepMAC)
+}
+
+// syncSources removes the tunnel sources no wanted node has any more: a
+// node gone, or a renumbered node's old address, from which VXLAN must no
+// longer be taken. A full sync prunes the whole map; otherwise only the
+// addresses of the nodes that changed or went are looked at.
+func (a *Agent) syncSources(want, have map[netip.Prefix]nodes.Node, full bool) error {
+	keep := make(map[netip.Addr]bool, len(want))
+	for _, n := range want {
+		keep[n.NodeIP] = true
+	}
+	if full {
+		return a.nodes.PruneSources(keep)
+	}
+	var errs []error
+	for cidr, old := range have {
+		if n, ok := want[cidr]; (!ok || n.NodeIP != old.NodeIP) && !keep[old.NodeIP] {
+			errs = append(errs, a.nodes.DeleteSource(old.NodeIP))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // nextHop is the pod CIDR's first address, the Flannel convention: a next

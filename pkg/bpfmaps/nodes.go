@@ -64,6 +64,15 @@ func (n *Nodes) Delete(podCIDR netip.Prefix) error {
 	return nil
 }
 
+// DeleteSource removes one tunnel source: a node gone or renumbered, whose
+// address no other node uses.
+func (n *Nodes) DeleteSource(ip netip.Addr) error {
+	if err := ignoreNotFound(n.sources, n.sources.Delete(u32(ip))); err != nil {
+		return fmt.Errorf("delete tunnel source %s: %w", ip, err)
+	}
+	return nil
+}
+
 // PruneSources removes every tunnel source not in keep: nodes gone, and a
 // renumbered node's old address, from which VXLAN must no longer be taken.
 func (n *Nodes) PruneSources(keep map[netip.Addr]bool) error {
@@ -76,9 +85,7 @@ func (n *Nodes) PruneSources(keep map[netip.Addr]bool) error {
 		if keep[addr(k)] {
 			continue
 		}
-		if err := ignoreNotFound(n.sources, n.sources.Delete(k)); err != nil {
-			errs = append(errs, fmt.Errorf("delete tunnel source %s: %w", addr(k), err))
-		}
+		errs = append(errs, n.DeleteSource(addr(k)))
 	}
 	return errors.Join(errs...)
 }
