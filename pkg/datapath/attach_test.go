@@ -116,21 +116,12 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	root, d, netns := mustAttachedDummy(t)
-	log := datapathtest.Logger(t)
-	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
 
-	// Stand in for an older release: other code pinned as from_pod and
-	// running on the link.
+	// Stand in for an older release: other code running on the link and
+	// pinned as from_pod.
+	l := mustOldCode(t, d)
 	old, err := d.Program(datapath.FromUplink)
 	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := link.LoadPinnedLink(pin, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	if err := l.Update(old); err != nil {
 		t.Fatal(err)
 	}
 	progPin := filepath.Join(root, "progs", datapath.FromPod)
@@ -140,17 +131,10 @@ func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	if err := old.Pin(progPin); err != nil {
 		t.Fatal(err)
 	}
-	// An older release also left its own build marker.
-	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
-		t.Fatal(err)
-	}
 	before := linkInfo(t, l)
 
-	upgraded, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatalf("open over an older datapath: %v", err)
-	}
-	defer upgraded.Close()
+	// An older release also left its own build marker.
+	upgraded := mustOpenUnmarked(t, root)
 	after := linkInfo(t, l)
 	if after.ID != before.ID {
 		t.Errorf("link was replaced (id %d -> %d), want it updated in place", before.ID, after.ID)
@@ -233,21 +217,28 @@ func TestOpenHealsLinksOnOldCode(t *testing.T) {
 	// leaves no build marker (it is written last): the next Open reuses
 	// the pinned programs by tag and must move the links then.
 	root, d, _ := mustAttachedDummy(t)
-	log := datapathtest.Logger(t)
 	l := mustOldCode(t, d)
 	before := linkInfo(t, l)
-	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
-		t.Fatal(err)
-	}
-	again, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer again.Close()
+	again := mustOpenUnmarked(t, root)
 	after := linkInfo(t, l)
 	if want := progID(t, again, datapath.FromPod); uint32(after.Program) != want || after.ID != before.ID {
 		t.Errorf("link %d runs program %d, want link %d on from_pod %d", after.ID, after.Program, before.ID, want)
 	}
+}
+
+// mustOpenUnmarked removes the build marker of the datapath at root, as an
+// older release or a killed load leaves it, and opens the datapath there again.
+func mustOpenUnmarked(t *testing.T, root string) *datapath.Datapath {
+	t.Helper()
+	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
+		t.Fatal(err)
+	}
+	d, err := datapath.Open(root, datapathtest.Logger(t))
+	if err != nil {
+		t.Fatalf("open without a build marker: %v", err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
 }
 
 // mustAttachedDummy opens a datapath on a fresh root, with from_pod
