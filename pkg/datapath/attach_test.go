@@ -245,16 +245,10 @@ func mustOpenUnmarked(t *testing.T, root string) *datapath.Datapath {
 // attached to dummy0 in a fresh namespace.
 func mustAttachedDummy(t *testing.T) (string, *datapath.Datapath, ns.NetNS) {
 	t.Helper()
-	root := datapathtest.MustBPFFS(t)
-	log := datapathtest.Logger(t)
-	d, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
+	d := datapathtest.MustOpen(t)
 	netns := mustDummyNS(t)
-	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
+	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)) }); err != nil {
 		t.Fatal(err)
 	}
-	return root, d, netns
+	return d.Root, d, netns
 }
