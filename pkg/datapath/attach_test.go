@@ -89,11 +89,8 @@ func TestAttachIdempotentAndDetach(t *testing.T) {
 // pin behind; attaching again must replace it rather than trust it.
 func TestAttachReplacesStaleLink(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
-			return err
-		}
 		if err := recreateDummy(); err != nil {
 			return err
 		}
@@ -115,7 +112,8 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 // program, no moment without a program on the interface.
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
-	root, d, netns := mustAttachedDummy(t)
+	d := datapathtest.MustOpen(t)
+	root, netns := d.Root, mustAttachDummy(t, d)
 
 	// Stand in for an older release: other code running on the link and
 	// pinned as from_pod.
@@ -182,11 +180,8 @@ func TestAttachUpdatesStaleProgram(t *testing.T) {
 	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	d := datapathtest.MustOpen(t)
 	log := datapathtest.Logger(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		l := mustOldCode(t, d)
 		before := linkInfo(t, l)
 		if d.Attached(datapath.FromPod, "dummy0") == nil {
@@ -216,7 +211,9 @@ func TestOpenHealsLinksOnOldCode(t *testing.T) {
 	// A load killed between pinning new programs and moving the links
 	// leaves no build marker (it is written last): the next Open reuses
 	// the pinned programs by tag and must move the links then.
-	root, d, _ := mustAttachedDummy(t)
+	d := datapathtest.MustOpen(t)
+	mustAttachDummy(t, d)
+	root := d.Root
 	l := mustOldCode(t, d)
 	before := linkInfo(t, l)
 	again := mustOpenUnmarked(t, root)
@@ -241,14 +238,12 @@ func mustOpenUnmarked(t *testing.T, root string) *datapath.Datapath {
 	return d
 }
 
-// mustAttachedDummy opens a datapath on a fresh root, with from_pod
-// attached to dummy0 in a fresh namespace.
-func mustAttachedDummy(t *testing.T) (string, *datapath.Datapath, ns.NetNS) {
+// mustAttachDummy attaches d's from_pod to dummy0 in a fresh namespace.
+func mustAttachDummy(t *testing.T, d *datapath.Datapath) ns.NetNS {
 	t.Helper()
-	d := datapathtest.MustOpen(t)
 	netns := mustDummyNS(t)
 	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)) }); err != nil {
 		t.Fatal(err)
 	}
-	return d.Root, d, netns
+	return netns
 }
