@@ -66,20 +66,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } config SEC(".maps");
 
-/* Sized apart from STAT_MAX, with room to spare, so that a new counter
- * needs no new map: readers show the stat_ids they know and ignore the
- * rest. Changing the size is a layout change (pkg/datapath/migrate.go). */
-#define STAT_SLOTS 128
-_Static_assert(STAT_MAX <= STAT_SLOTS, "stats needs an entry per stat_id");
+/* Declares name as stat_id -> value_type, per CPU: what the datapath keeps
+ * per counter or drop reason is written on the packet path, so each CPU has
+ * its own copy (no lock, no cache line shared between CPUs). The map has
+ * slots entries, sized apart from STAT_MAX with room to spare, so that a new
+ * stat_id needs no new map: readers use the stat_ids they know and ignore the
+ * rest. Changing slots is a layout change (pkg/datapath/migrate.go); the
+ * assert stops the build once STAT_MAX outgrows it. */
+#define STAT_ID_ARRAY(name, value_type, slots)                                      \
+	_Static_assert(STAT_MAX <= (slots), #name " needs an entry per stat_id"); \
+	struct {                                                                    \
+		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);                            \
+		__uint(max_entries, slots);                                         \
+		__type(key, __u32);                                                 \
+		__type(value, value_type);                                          \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                                \
+	} name SEC(".maps")
 
-/* stat_id -> stat_counter, per CPU. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_SLOTS);
-	__type(key, __u32);
-	__type(value, struct stat_counter);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} stats SEC(".maps");
+#define STAT_SLOTS 128
+STAT_ID_ARRAY(stats, struct stat_counter, STAT_SLOTS);
 
 /* Drop-event budget of one CPU for one reason, as a token bucket whose
  * tokens are nanoseconds of refill time: an event costs 1 s / rate of them,
@@ -89,19 +94,7 @@ struct event_bucket {
 	__u64 last_ns; /* bpf_ktime_get_ns of the last drop of the reason */
 };
 
-/* Sized apart from STAT_MAX so that a new reason needs no new map. */
-#define EVENT_BUCKETS 64
-_Static_assert(STAT_MAX <= EVENT_BUCKETS, "event_buckets needs an entry per stat_id");
-
-/* stat_id -> event_bucket, per CPU: no lock, no cache line shared between
- * CPUs on the drop path. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, EVENT_BUCKETS);
-	__type(key, __u32);
-	__type(value, struct event_bucket);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} event_buckets SEC(".maps");
+STAT_ID_ARRAY(event_buckets, struct event_bucket, 64);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

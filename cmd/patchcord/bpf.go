@@ -15,47 +15,49 @@ import (
 )
 
 func newBPFCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "bpf",
-		Short: "Inspect the datapath's maps and programs",
-		Example: `  patchcord bpf endpoint list
+	return newGroupCmd("bpf", "Inspect the datapath's maps and programs",
+		`  patchcord bpf endpoint list
   patchcord bpf node list -o json
   patchcord bpf prog list
   patchcord bpf stats`,
-	}
-	ep := newEndpointCmd(g)
+		newEndpointCmd(g), newNodeCmd(g), newProgCmd(g), newStatsCmd(g))
+}
+
+// newGroupCmd returns a command that only holds subcommands: it has no RunE
+// of its own, so run alone it prints its help.
+func newGroupCmd(use, short, example string, subcommands ...*cobra.Command) *cobra.Command {
+	cmd := &cobra.Command{Use: use, Short: short, Example: example}
+	cmd.AddCommand(subcommands...)
+	return cmd
+}
+
+func newStatsCmd(g *globals) *cobra.Command {
 	var reset bool
-	stats := &cobra.Command{
+	cmd := &cobra.Command{
 		Use:     "stats",
 		Short:   "Datapath counters, summed over CPUs",
 		Example: "  patchcord bpf stats\n  patchcord bpf stats -o json\n  patchcord bpf stats --reset",
 		Args:    cobra.NoArgs,
 		RunE:    func(cmd *cobra.Command, _ []string) error { return statsShow(g, cmd.OutOrStdout(), reset) },
 	}
-	stats.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
-	node := &cobra.Command{
-		Use:     "node",
-		Short:   "Remote nodes the datapath tunnels to",
-		Example: "  patchcord bpf node list",
-	}
-	node.AddCommand(&cobra.Command{
-		Use:     "list",
-		Short:   "List remote nodes by pod CIDR",
-		Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
-		Args:    cobra.NoArgs,
-		RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
-	})
-	cmd.AddCommand(ep, node, newProgCmd(g), stats)
+	cmd.Flags().BoolVar(&reset, "reset", false, "zero every counter after printing it")
 	return cmd
 }
 
+func newNodeCmd(g *globals) *cobra.Command {
+	return newGroupCmd("node", "Remote nodes the datapath tunnels to", "  patchcord bpf node list",
+		&cobra.Command{
+			Use:     "list",
+			Short:   "List remote nodes by pod CIDR",
+			Example: "  patchcord bpf node list\n  patchcord bpf node list -o json",
+			Args:    cobra.NoArgs,
+			RunE:    func(cmd *cobra.Command, _ []string) error { return nodeList(g, cmd.OutOrStdout()) },
+		})
+}
+
 func newEndpointCmd(g *globals) *cobra.Command {
-	ep := &cobra.Command{
-		Use:     "endpoint",
-		Short:   "Local pods the datapath delivers to",
-		Example: "  patchcord bpf endpoint list\n  patchcord bpf endpoint get 10.244.1.5 -o json",
-	}
-	ep.AddCommand(
+	return newGroupCmd("endpoint", "Local pods the datapath delivers to",
+		"  patchcord bpf endpoint list\n  patchcord bpf endpoint get 10.244.1.5 -o json",
 		&cobra.Command{
 			Use:     "list",
 			Short:   "List local endpoints",
@@ -78,7 +80,6 @@ func newEndpointCmd(g *globals) *cobra.Command {
 			},
 		},
 	)
-	return ep
 }
 
 func endpointList(g *globals, w io.Writer, only string) error {

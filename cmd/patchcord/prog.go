@@ -11,15 +11,11 @@ import (
 )
 
 func newProgCmd(g *globals) *cobra.Command {
-	prog := &cobra.Command{
-		Use:     "prog",
-		Short:   "The datapath's programs and where they are attached",
-		Example: "  patchcord bpf prog list",
-	}
-	prog.AddCommand(&cobra.Command{
-		Use:   "list",
-		Short: "List every attachment, flagging stale and missing ones",
-		Long: `List every attachment: interface, direction, program, program ID and
+	return newGroupCmd("prog", "The datapath's programs and where they are attached", "  patchcord bpf prog list",
+		&cobra.Command{
+			Use:   "list",
+			Short: "List every attachment, flagging stale and missing ones",
+			Long: `List every attachment: interface, direction, program, program ID and
 tag, link ID (tcx) and mode, and pin. Mode is tcx (a pinned link) or tc (a
 cls_bpf filter on the clsact qdisc, its program pinned as the record);
 tc/yielded marks a pod veth whose ingress qdisc slot was left to the
@@ -28,17 +24,16 @@ deleted or recreated, or that runs an older program; "missing" marks a pod
 veth without from_pod, or a configured uplink without from_uplink or
 to_uplink. The agent repairs both within 10 s. Run it in the node's network
 namespace: interfaces are looked up by name there.`,
-		Example: "  patchcord bpf prog list\n  patchcord bpf prog list -o json | jq '.[] | select(.status != \"ok\")'",
-		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			rows, err := readPinned(g, views.ProgRows)
-			if err != nil {
-				return err
-			}
-			return g.print(cmd.OutOrStdout(), rows, func(w io.Writer) { formatProgTable(w, rows) })
-		},
-	})
-	return prog
+			Example: "  patchcord bpf prog list\n  patchcord bpf prog list -o json | jq '.[] | select(.status != \"ok\")'",
+			Args:    cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				rows, err := readPinned(g, views.ProgRows)
+				if err != nil {
+					return err
+				}
+				return g.print(cmd.OutOrStdout(), rows, func(w io.Writer) { formatProgTable(w, rows) })
+			},
+		})
 }
 
 func formatProgTable(w io.Writer, rows []views.Prog) {

@@ -49,44 +49,54 @@ type kept struct {
 // leftLinks lists links other than lo, eth0, bridge and the kept veths.
 func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
-	var left []string
-	var links []struct {
+	type link struct {
 		Ifname string `json:"ifname"`
 	}
-	IPJSON(t, ctx, n, &links, "link", "show")
-	for _, l := range links {
-		if l.Ifname != "lo" && l.Ifname != "eth0" && (bridge == "" || l.Ifname != bridge) && !k.veth[l.Ifname] {
-			left = append(left, "link "+l.Ifname)
+	return leftInIP(t, ctx, n, func(l link) string {
+		if l.Ifname == "lo" || l.Ifname == "eth0" || (bridge != "" && l.Ifname == bridge) || k.veth[l.Ifname] {
+			return ""
 		}
-	}
-	return left
+		return "link " + l.Ifname
+	}, "link", "show")
 }
 
 // leftRoutes lists routes into the pod CIDR but the bridge's and the kept veths'.
 func leftRoutes(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
-	var left []string
-	var routes []struct {
+	type route struct {
 		Dst   string `json:"dst"`
 		Dev   string `json:"dev"`
 		Table string `json:"table"`
 	}
-	IPJSON(t, ctx, n, &routes, "-4", "route", "show", "table", "all")
-	for _, r := range routes {
+	return leftInIP(t, ctx, n, func(r route) string {
 		dst, err := netip.ParsePrefix(r.Dst)
 		if err != nil {
 			a, aerr := netip.ParseAddr(r.Dst)
 			if aerr != nil {
-				continue // "default"
+				return "" // "default"
 			}
 			dst = netip.PrefixFrom(a, 32)
 		}
 		if !n.PodCIDR.Overlaps(dst) || (bridge != "" && r.Dev == bridge) || k.veth[r.Dev] {
-			continue
+			return ""
 		}
-		left = append(left, fmt.Sprintf("route %s dev %s table %s", r.Dst, r.Dev, r.Table))
+		return fmt.Sprintf("route %s dev %s table %s", r.Dst, r.Dev, r.Table)
+	}, "-4", "route", "show", "table", "all")
+}
+
+// leftInIP decodes what `ip -j args...` lists on the node as rows of T and returns
+// what left says of each: the row as a leftover, or "" for one that may stay.
+func leftInIP[T any](t *testing.T, ctx context.Context, n *lab.Node, left func(T) string, args ...string) []string {
+	t.Helper()
+	var rows []T
+	IPJSON(t, ctx, n, &rows, args...)
+	var found []string
+	for _, r := range rows {
+		if l := left(r); l != "" {
+			found = append(found, l)
+		}
 	}
-	return left
+	return found
 }
 
 // leftMapEntries lists endpoint maps holding more entries than pods are kept.

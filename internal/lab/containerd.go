@@ -83,7 +83,9 @@ type Containerd struct {
 	mu     sync.Mutex
 	holder *Process // sleeps in the mount namespace, keeping it
 	daemon *Process // containerd
-	closed bool
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // StartContainerd builds the pause image, starts containerd in the node's namespace and
@@ -425,14 +427,15 @@ func (c *Containerd) Crictl(ctx context.Context, args ...string) ([]byte, error)
 // Close removes every sandbox through CRI (so CNI DEL runs) while containerd is up, then
 // stops containerd, kills what is left in its mount namespace (shims, plugins) and in its
 // cgroups (sandbox processes), removes the cgroups and ends the mount namespace, which
-// takes the sandboxes' netns, shm and rootfs mounts along. It is idempotent.
+// takes the sandboxes' netns, shm and rootfs mounts along. It is idempotent: a later
+// call waits for the first to finish and returns its result.
 func (c *Containerd) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.close() })
+	return c.closeErr
+}
+
+func (c *Containerd) close() error {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil
-	}
-	c.closed = true
 	holder, daemon := c.holder, c.daemon
 	c.mu.Unlock()
 

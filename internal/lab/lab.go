@@ -71,7 +71,7 @@ type Lab struct {
 	fabricMu sync.Mutex // held while the fabric is made
 
 	mu      sync.Mutex
-	closed  bool
+	closed  bool            // set by Close: what would create or start answers ErrClosed
 	fabric  string          // fabric netns name, "" until the first AddNode
 	nodes   map[int]*Node   // by index
 	pods    map[string]*Pod // by netns name
@@ -79,6 +79,9 @@ type Lab struct {
 	mounts  []string        // bpffs mount points, in creation order
 	procs   []*Process      // started by Start, stopped in Close
 	procSeq int             // numbers log files
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 var labName = regexp.MustCompile(`^[a-z0-9]{1,12}$`)
@@ -174,13 +177,16 @@ func (l *Lab) Nodes() []*Node {
 // Close stops the processes the lab started, kills whatever else still runs in its
 // namespaces, deletes the namespaces (which takes every link, address, route, program
 // attachment and iptables rule with them: no CNI DEL is run), unmounts the bpffs mounts and
-// removes Dir. It is idempotent and carries on past errors, returning them all.
+// removes Dir. It carries on past errors, returning them all. It is idempotent: a later
+// call (the signal handler's, during a test's) waits for the first to finish and returns
+// its result.
 func (l *Lab) Close() error {
+	l.closeOnce.Do(func() { l.closeErr = l.close() })
+	return l.closeErr
+}
+
+func (l *Lab) close() error {
 	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return nil
-	}
 	l.closed = true
 	procs := l.procs
 	l.procs = nil

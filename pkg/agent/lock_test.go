@@ -4,17 +4,11 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 )
 
 func TestAgentLock(t *testing.T) {
-	root := datapathtest.MustBPFFS(t)
-	d, err := datapath.Open(root, datapathtest.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	root := datapathtest.MustOpen(t).Root
 	if running, err := Running(root); err != nil || running {
 		t.Fatalf("before lock: running=%v err=%v", running, err)
 	}

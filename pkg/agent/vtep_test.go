@@ -7,16 +7,13 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
+	"github.com/patchcord/patchcord/internal/sourcetest"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
-	k8stesting "k8s.io/client-go/testing"
 )
 
 // kubeNode is a Node object with a pod CIDR and an InternalIP.
@@ -118,65 +115,24 @@ func TestPublishVTEP(t *testing.T) {
 	}
 }
 
-// mustRunKube runs a Kube source on client and returns its sets, once its
-// informer watches (the fake clientset drops what happens between its list
-// and its watch).
-func mustRunKube(tb testing.TB, src *nodes.Kube, client *fake.Clientset) <-chan []nodes.Node {
-	tb.Helper()
-	watching := make(chan struct{})
-	var once sync.Once
-	client.PrependWatchReactor("nodes", func(k8stesting.Action) (bool, watch.Interface, error) {
-		once.Do(func() { close(watching) })
-		return false, nil, nil // the default reactor serves the watch
-	})
-	updates := make(chan []nodes.Node)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- src.Run(ctx, updates) }()
-	tb.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			tb.Errorf("Run: %v", err)
-		}
-	})
-	select {
-	case <-watching:
-	case err := <-done:
-		tb.Fatalf("Run returned before watching: %v", err)
-	case <-time.After(10 * time.Second):
-		tb.Fatal("informer never started watching nodes")
-	}
-	return updates
-}
-
 // The agent restores the VTEP when a node set shows the Node re-registered
 // without it, as it does with every set (follow).
 func TestVTEPKeptPublished(t *testing.T) {
 	client := fake.NewClientset(kubeNode("n1", "198.18.0.1", "10.244.1.0/24"))
 	src := &nodes.Kube{Client: client, NodeName: "n1", Resync: -1, Log: slog.New(slog.DiscardHandler)}
-	updates := mustRunKube(t, src, client)
+	updates := sourcetest.StartWatching(t, client, "nodes", src.Run)
 	ctx := context.Background()
 	mac := net.HardwareAddr{0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01}
-	next := func() []nodes.Node {
-		t.Helper()
-		select {
-		case set := <-updates:
-			return set
-		case <-time.After(10 * time.Second):
-			t.Fatal("no node set within 10s")
-			return nil
-		}
-	}
 	// Published reads as the node's VtepMAC in the sets.
 	waitVTEP := func(v *VTEP) {
 		t.Helper()
-		for set := next(); len(set) != 1 || !bytes.Equal(set[0].VtepMAC, mac); set = next() {
+		for set := updates.Next(t); len(set) != 1 || !bytes.Equal(set[0].VtepMAC, mac); set = updates.Next(t) {
 			if v != nil {
 				v.keep(ctx)
 			}
 		}
 	}
-	next()
+	updates.Next(t)
 	v, err := PublishVTEP(ctx, src, mac, 1, netip.MustParseAddr("198.18.0.1"))
 	if err != nil {
 		t.Fatal(err)

@@ -38,11 +38,9 @@ func hostVethName(containerID, ifname string) string {
 func vethAlias(network string) string { return "patchcord/" + network }
 
 // Add is the ADD verb.
-func Add(args *skel.CmdArgs) error {
-	conf, err := parseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
+func Add(args *skel.CmdArgs) error { return withConf(args, add) }
+
+func add(args *skel.CmdArgs, conf *NetConf) error {
 	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
 	switch {
 	case conf.PrevResult != nil && conf.primary():

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/patchcord/patchcord/pkg/datapath"
@@ -91,6 +92,17 @@ func parseConf(stdin []byte) (*NetConf, error) {
 		return nil, invalidConf("%v", err)
 	}
 	return conf, nil
+}
+
+// withConf runs a verb on the parsed network configuration. Every verb
+// starts there; a configuration that does not parse fails the verb with
+// parseConf's error, as the runtime should see it.
+func withConf(args *skel.CmdArgs, verb func(*skel.CmdArgs, *NetConf) error) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	return verb(args, conf)
 }
 
 func invalidConf(format string, args ...any) *types.Error {

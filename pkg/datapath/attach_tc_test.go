@@ -130,11 +130,8 @@ func TestTCAttachHealsStale(t *testing.T) {
 	d := mustTC(t)
 	other := mustTC(t) // another from_pod: "older code"
 	log := datapathtest.Logger(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		if err := recreateDummy(); err != nil {
 			return err
 		}
@@ -173,11 +170,8 @@ func TestTCOpenUpgradesInPlace(t *testing.T) {
 	d := mustTC(t)
 	other := mustTC(t)
 	log := datapathtest.Logger(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		// A load killed between pinning programs and moving attachments
 		// leaves them on other code and no build marker.
 		if err := other.Attach(datapath.FromPod, "dummy0", log); err != nil {
@@ -301,11 +295,8 @@ func unregistered(t *testing.T, d *datapath.Datapath) uint64 {
 func TestTCDetachLeavesForeignFilters(t *testing.T) {
 	d, other := mustTC(t), mustTC(t)
 	log := datapathtest.Logger(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		// Someone else's filters on both hooks of our clsact.
 		for _, args := range [][]string{
 			{"filter", "add", "dev", "dummy0", "ingress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0", "classid", "1:1"},
@@ -406,11 +397,8 @@ func TestMigrateAttachMode(t *testing.T) {
 	}
 	log := datapathtest.Logger(t)
 	d := datapathtest.MustOpen(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		for _, to := range []datapath.AttachMode{datapath.AttachTC, datapath.AttachTCX} {
 			if m, err := d.MigrateAttachMode(to, log); err != nil || m != to {
 				t.Fatalf("migrate to %s: %q, %v", to, m, err)

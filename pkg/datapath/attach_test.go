@@ -89,11 +89,8 @@ func TestAttachIdempotentAndDetach(t *testing.T) {
 // pin behind; attaching again must replace it rather than trust it.
 func TestAttachReplacesStaleLink(t *testing.T) {
 	d := datapathtest.MustOpen(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
-			return err
-		}
 		if err := recreateDummy(); err != nil {
 			return err
 		}
@@ -115,22 +112,14 @@ func TestAttachReplacesStaleLink(t *testing.T) {
 // program, no moment without a program on the interface.
 func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
-	root, d, netns := mustAttachedDummy(t)
-	log := datapathtest.Logger(t)
-	pin := filepath.Join(root, "links", datapath.FromPod, "dummy0")
+	d := datapathtest.MustOpen(t)
+	root, netns := d.Root, mustAttachDummy(t, d)
 
-	// Stand in for an older release: other code pinned as from_pod and
-	// running on the link.
+	// Stand in for an older release: other code running on the link and
+	// pinned as from_pod.
+	l := mustOldCode(t, d)
 	old, err := d.Program(datapath.FromUplink)
 	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := link.LoadPinnedLink(pin, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	if err := l.Update(old); err != nil {
 		t.Fatal(err)
 	}
 	progPin := filepath.Join(root, "progs", datapath.FromPod)
@@ -140,17 +129,10 @@ func TestOpenUpgradesLinksInPlace(t *testing.T) {
 	if err := old.Pin(progPin); err != nil {
 		t.Fatal(err)
 	}
-	// An older release also left its own build marker.
-	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
-		t.Fatal(err)
-	}
 	before := linkInfo(t, l)
 
-	upgraded, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatalf("open over an older datapath: %v", err)
-	}
-	defer upgraded.Close()
+	// An older release also left its own build marker.
+	upgraded := mustOpenUnmarked(t, root)
 	after := linkInfo(t, l)
 	if after.ID != before.ID {
 		t.Errorf("link was replaced (id %d -> %d), want it updated in place", before.ID, after.ID)
@@ -198,11 +180,8 @@ func TestAttachUpdatesStaleProgram(t *testing.T) {
 	requireFeature(t, datapath.FeatureTCX) // it checks tcx links
 	d := datapathtest.MustOpen(t)
 	log := datapathtest.Logger(t)
-	netns := mustDummyNS(t)
+	netns := mustAttachDummy(t, d)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := d.Attach(datapath.FromPod, "dummy0", log); err != nil {
-			return err
-		}
 		l := mustOldCode(t, d)
 		before := linkInfo(t, l)
 		if d.Attached(datapath.FromPod, "dummy0") == nil {
@@ -232,38 +211,39 @@ func TestOpenHealsLinksOnOldCode(t *testing.T) {
 	// A load killed between pinning new programs and moving the links
 	// leaves no build marker (it is written last): the next Open reuses
 	// the pinned programs by tag and must move the links then.
-	root, d, _ := mustAttachedDummy(t)
-	log := datapathtest.Logger(t)
+	d := datapathtest.MustOpen(t)
+	mustAttachDummy(t, d)
+	root := d.Root
 	l := mustOldCode(t, d)
 	before := linkInfo(t, l)
-	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
-		t.Fatal(err)
-	}
-	again, err := datapath.Open(root, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer again.Close()
+	again := mustOpenUnmarked(t, root)
 	after := linkInfo(t, l)
 	if want := progID(t, again, datapath.FromPod); uint32(after.Program) != want || after.ID != before.ID {
 		t.Errorf("link %d runs program %d, want link %d on from_pod %d", after.ID, after.Program, before.ID, want)
 	}
 }
 
-// mustAttachedDummy opens a datapath on a fresh root, with from_pod
-// attached to dummy0 in a fresh namespace.
-func mustAttachedDummy(t *testing.T) (string, *datapath.Datapath, ns.NetNS) {
+// mustOpenUnmarked removes the build marker of the datapath at root, as an
+// older release or a killed load leaves it, and opens the datapath there again.
+func mustOpenUnmarked(t *testing.T, root string) *datapath.Datapath {
 	t.Helper()
-	root := datapathtest.MustBPFFS(t)
-	log := datapathtest.Logger(t)
-	d, err := datapath.Open(root, log)
-	if err != nil {
+	if err := os.RemoveAll(filepath.Join(root, "build")); err != nil {
 		t.Fatal(err)
+	}
+	d, err := datapath.Open(root, datapathtest.Logger(t))
+	if err != nil {
+		t.Fatalf("open without a build marker: %v", err)
 	}
 	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// mustAttachDummy attaches d's from_pod to dummy0 in a fresh namespace.
+func mustAttachDummy(t *testing.T, d *datapath.Datapath) ns.NetNS {
+	t.Helper()
 	netns := mustDummyNS(t)
-	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", log) }); err != nil {
+	if err := netns.Do(func(ns.NetNS) error { return d.Attach(datapath.FromPod, "dummy0", datapathtest.Logger(t)) }); err != nil {
 		t.Fatal(err)
 	}
-	return root, d, netns
+	return netns
 }

@@ -12,12 +12,8 @@ import (
 )
 
 func TestOpenPinsAndReuses(t *testing.T) {
-	root := datapathtest.MustBPFFS(t)
-	d, err := datapath.Open(root, datapathtest.Logger(t))
-	if err != nil {
-		t.Fatalf("open: %v", err)
-	}
-	defer d.Close()
+	d := datapathtest.MustOpen(t)
+	root := d.Root
 	for _, pin := range []string{"progs/from_pod", "progs/from_uplink", "progs/to_uplink", "maps/endpoints", "maps/nodes", "maps/stats_v2", "maps/config_v2", "maps/events"} {
 		if _, err := os.Stat(filepath.Join(root, pin)); err != nil {
 			t.Errorf("expected pin %s: %v", pin, err)

@@ -300,9 +300,18 @@ func (d *decoder) rest(name string, b []byte) {
 	}
 }
 
+// truncated reports whether b is too short for the n bytes of header h,
+// showing what there is as h's truncated bytes.
+func (d *decoder) truncated(h string, b []byte, n int) bool {
+	if len(b) >= n {
+		return false
+	}
+	d.rest(h+".truncated", b)
+	return true
+}
+
 func (d *decoder) ethernet(p string, b []byte) {
-	if len(b) < ethHdrLen {
-		d.rest(p+"eth.truncated", b)
+	if d.truncated(p+"eth", b, ethHdrLen) {
 		return
 	}
 	typ := binary.BigEndian.Uint16(b[12:])
@@ -320,8 +329,7 @@ func (d *decoder) ethernet(p string, b []byte) {
 }
 
 func (d *decoder) arp(p string, b []byte) {
-	if len(b) < arpLen {
-		d.rest(p+"arp.truncated", b)
+	if d.truncated(p+"arp", b, arpLen) {
 		return
 	}
 	d.add(p+"arp.htype", "%d", binary.BigEndian.Uint16(b[0:]))
@@ -337,8 +345,7 @@ func (d *decoder) arp(p string, b []byte) {
 }
 
 func (d *decoder) ipv4(p string, b []byte) {
-	if len(b) < ipv4HdrLen {
-		d.rest(p+"ip.truncated", b)
+	if d.truncated(p+"ip", b, ipv4HdrLen) {
 		return
 	}
 	hlen := int(b[0]&0x0f) * 4
@@ -381,8 +388,7 @@ func (d *decoder) ipv4(p string, b []byte) {
 }
 
 func (d *decoder) udp(p string, b []byte) {
-	if len(b) < udpHdrLen {
-		d.rest(p+"udp.truncated", b)
+	if d.truncated(p+"udp", b, udpHdrLen) {
 		return
 	}
 	dport := binary.BigEndian.Uint16(b[2:])
@@ -402,8 +408,7 @@ func (d *decoder) udp(p string, b []byte) {
 }
 
 func (d *decoder) tcp(p string, b []byte) {
-	if len(b) < tcpHdrLen {
-		d.rest(p+"tcp.truncated", b)
+	if d.truncated(p+"tcp", b, tcpHdrLen) {
 		return
 	}
 	d.add(p+"tcp.sport", "%d", binary.BigEndian.Uint16(b[0:]))

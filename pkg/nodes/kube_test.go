@@ -16,12 +16,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/patchcord/patchcord/internal/sourcetest"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
-	k8stesting "k8s.io/client-go/testing"
 )
 
 // syncBuffer is a log sink the source's goroutines write while the test reads.
@@ -71,76 +70,32 @@ func withAnnotations(n *corev1.Node, kv ...string) *corev1.Node {
 
 // kubeTest is a Kube source on a fake clientset, running until the test ends.
 type kubeTest struct {
-	src     *Kube
-	client  *fake.Clientset
-	log     *syncBuffer
-	updates chan []Node
+	*sourcetest.Source[[]Node]
+	client *fake.Clientset
+	log    *syncBuffer
 }
 
 // startKube runs the source and returns once its informer watches, so that
-// objects the test creates afterwards are seen as events (the fake
-// clientset drops what happens between its list and its watch).
+// objects the test creates afterwards are seen as events.
 func startKube(t *testing.T, resync time.Duration, objs ...runtime.Object) *kubeTest {
 	t.Helper()
 	client := fake.NewClientset(objs...)
-	watching := make(chan struct{})
-	var once sync.Once
-	client.PrependWatchReactor("nodes", func(k8stesting.Action) (bool, watch.Interface, error) {
-		once.Do(func() { close(watching) })
-		return false, nil, nil // the default reactor serves the watch
-	})
 	logs := &syncBuffer{}
-	kt := &kubeTest{
-		src:     &Kube{Client: client, NodeName: "n1", Resync: resync, Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))},
-		client:  client,
-		log:     logs,
-		updates: make(chan []Node),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- kt.src.Run(ctx, kt.updates) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Errorf("Run did not return after cancel")
-		}
-	})
-	select {
-	case <-watching:
-	case err := <-done:
-		t.Fatalf("Run returned before watching: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("informer never started watching nodes")
-	}
+	src := &Kube{Client: client, NodeName: "n1", Resync: resync, Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	kt := &kubeTest{Source: sourcetest.StartWatching(t, client, "nodes", src.Run), client: client, log: logs}
+	kt.Log = logs
 	return kt
-}
-
-// next returns the next set the source sends.
-func (kt *kubeTest) next(t *testing.T) []Node {
-	t.Helper()
-	select {
-	case set := <-kt.updates:
-		return set
-	case <-time.After(10 * time.Second):
-		t.Fatalf("no node set within 10s; log:\n%s", kt.log)
-		return nil
-	}
 }
 
 // waitSet reads sets until one equals want: handlers coalesce bursts, so
 // intermediate sets may never be sent.
 func (kt *kubeTest) waitSet(t *testing.T, want ...Node) []Node {
 	t.Helper()
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(sourcetest.Timeout)
 	var last []Node
 	for {
 		select {
-		case set := <-kt.updates:
+		case set := <-kt.Updates():
 			if equalSets(set, want) {
 				return set
 			}
@@ -166,7 +121,7 @@ func TestKubeFollowsNodes(t *testing.T) {
 	n1, n2, n3 := node("n1", "198.18.0.1", "10.244.1.0/24"), node("n2", "198.18.0.2", "10.244.2.0/24"), node("n3", "198.18.0.3", "10.244.3.0/24")
 
 	// The first set is the complete listing, this node included.
-	if set := kt.next(t); !equalSets(set, []Node{n1, n2}) {
+	if set := kt.Next(t); !equalSets(set, []Node{n1, n2}) {
 		t.Fatalf("first set = %v, want n1, n2", set)
 	}
 
@@ -231,7 +186,7 @@ func TestKubeSkipsUnroutableNodes(t *testing.T) {
 		kubeNode("same-cidr", "198.18.0.9", "10.244.1.0/24"),
 	)
 	good, dual := node("good", "198.18.0.1", "10.244.1.0/24"), node("dual-stack", "198.18.0.7", "10.244.7.0/24")
-	if set := kt.next(t); !equalSets(set, []Node{dual, good}) {
+	if set := kt.Next(t); !equalSets(set, []Node{dual, good}) {
 		t.Fatalf("set = %v, want only dual-stack and good", set)
 	}
 	logs := kt.log.String()
@@ -277,7 +232,7 @@ func TestKubeResync(t *testing.T) {
 	// Nothing changes, yet the set keeps coming: each resend lets the
 	// agent repair what was removed behind its back.
 	for i := range 3 {
-		if set := kt.next(t); !equalSets(set, want) {
+		if set := kt.Next(t); !equalSets(set, want) {
 			t.Fatalf("set %d = %v, want %v", i, set, want)
 		}
 	}
@@ -285,7 +240,7 @@ func TestKubeResync(t *testing.T) {
 
 func TestKubeIgnoresStatusOnlyUpdates(t *testing.T) {
 	kt := startKube(t, -1, kubeNode("n1", "198.18.0.1", "10.244.1.0/24"))
-	kt.next(t)
+	kt.Next(t)
 	ctx := context.Background()
 	nodesAPI := kt.client.CoreV1().Nodes()
 	for i := range 5 {
@@ -304,7 +259,7 @@ func TestKubeIgnoresStatusOnlyUpdates(t *testing.T) {
 	}
 	// Events arrive in order: a resend caused by a heartbeat would come
 	// before the set with n2.
-	if set := kt.next(t); len(set) != 2 {
+	if set := kt.Next(t); len(set) != 2 {
 		t.Fatalf("after heartbeats and a new node, got %v: heartbeats were sent as sets", set)
 	}
 }
@@ -371,7 +326,7 @@ func TestKubeFlannelAnnotations(t *testing.T) {
 			}
 			// Run keeps the node, with the warning logged once.
 			kt := startKube(t, -1, obj)
-			if set := kt.next(t); !equalSets(set, []Node{want}) {
+			if set := kt.Next(t); !equalSets(set, []Node{want}) {
 				t.Fatalf("Run sent %v, want %v", set, want)
 			}
 			logs := kt.log.String()

@@ -1,7 +1,6 @@
 package nodes
 
 import (
-	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -10,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/patchcord/patchcord/internal/sourcetest"
 )
 
 func TestParse(t *testing.T) {
@@ -64,31 +65,14 @@ func TestFileFollowsChanges(t *testing.T) {
 	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"}]}`)
 
 	src := &File{Path: path, Interval: 20 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	ctx, cancel := context.WithCancel(context.Background())
-	updates := make(chan []Node)
-	done := make(chan error, 1)
-	go func() { done <- src.Run(ctx, updates) }()
-	next := func() []Node {
-		t.Helper()
-		select {
-		case set := <-updates:
-			return set
-		case <-time.After(5 * time.Second):
-			t.Fatal("no update from the nodes file")
-		}
-		return nil
-	}
-	if set := next(); len(set) != 1 {
+	updates := sourcetest.Start(t, src.Run)
+	if set := updates.Next(t); len(set) != 1 {
 		t.Fatalf("first set: %+v", set)
 	}
 	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"`) // cut short
 	write(`{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},{"name":"b","nodeIP":"198.18.0.2","podCIDR":"10.244.2.0/24"}]}`)
-	if set := next(); len(set) != 2 {
+	if set := updates.Next(t); len(set) != 2 {
 		t.Fatalf("after change: %+v, want 2 nodes (the bad file in between must not be sent)", set)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("run: %v", err)
 	}
 }
 

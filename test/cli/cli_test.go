@@ -21,18 +21,20 @@ import (
 	"github.com/patchcord/patchcord/pkg/views"
 )
 
-// agentNode is node 1 with its agent and two pods, a and b.
+// agentNode is node 1 of a lab of its own, with its agent and two pods, a and b.
 type agentNode struct {
+	l     *lab.Lab
 	n     *lab.Node
 	agent *lab.Process
 	nodes string // the nodes file
 	a, b  *lab.Pod
 }
 
-func newNode(t *testing.T, ctx context.Context, l *lab.Lab) *agentNode {
+func newNode(t *testing.T, ctx context.Context) *agentNode {
 	t.Helper()
+	l := e2e.NewLab(t)
 	n := e2e.AddNodes(t, l, 1)[0]
-	c := &agentNode{n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
+	c := &agentNode{l: l, n: n, nodes: filepath.Join(l.Dir, "nodes.json")}
 	e2e.WriteNodes(t, c.nodes, e2e.EntryOf(n))
 	c.agent = e2e.StartAgent(t, ctx, n, c.nodes)
 	e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
@@ -147,9 +149,8 @@ func counterDelta(before, after map[string]e2e.Counter, name string) uint64 {
 // the pod's host veth and the packets' 5-tuple.
 func TestSpoofedDrops(t *testing.T) {
 	t.Parallel()
-	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	c := newNode(t, ctx, l)
+	c := newNode(t, ctx)
 	ep := c.endpoint(t, ctx, c.a)
 	const spoofed = "10.244.1.200"
 	// The gateway's MAC is fixed first: resolving it from the spoofed
@@ -196,10 +197,9 @@ func TestSpoofedDrops(t *testing.T) {
 // outer 5-tuple.
 func TestTunnelDrops(t *testing.T) {
 	t.Parallel()
-	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	c := newNode(t, ctx, l)
-	stranger := e2e.AddNodes(t, l, 99)[0]
+	c := newNode(t, ctx)
+	stranger := e2e.AddNodes(t, c.l, 99)[0]
 	// IPv6 off before any vxlan device exists: its router solicitations
 	// and MLD reports would be tunnelled to node 1 and dropped too.
 	if _, err := stranger.Exec(ctx, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"); err != nil {
@@ -281,9 +281,8 @@ func TestTunnelDrops(t *testing.T) {
 // trace monitors it stays on until the last one exits.
 func TestTraces(t *testing.T) {
 	t.Parallel()
-	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	c := newNode(t, ctx, l)
+	c := newNode(t, ctx)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 	tracing := func(want bool, what string) {
 		t.Helper()
@@ -351,9 +350,8 @@ func TestTraces(t *testing.T) {
 // repairs both.
 func TestStatusAndProgList(t *testing.T) {
 	t.Parallel()
-	l := e2e.NewLab(t)
 	ctx := e2e.Ctx(t)
-	c := newNode(t, ctx, l)
+	c := newNode(t, ctx)
 	epA, epB := c.endpoint(t, ctx, c.a), c.endpoint(t, ctx, c.b)
 
 	st, ok := c.status(t, ctx)
