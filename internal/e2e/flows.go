@@ -150,23 +150,34 @@ type udpFlow struct {
 
 func (f *udpFlow) send() {
 	defer close(f.sendDone)
-	tick := time.NewTicker(flowInterval)
-	defer tick.Stop()
 	buf := make([]byte, 64)
-	for seq := uint64(0); ; seq++ {
-		select {
-		case <-f.stop:
-			return
-		case <-tick.C:
-		}
+	paced(f.stop, func(seq uint64) bool {
 		binary.BigEndian.PutUint64(buf, seq)
 		_, err := f.src.Write(buf)
 		f.mu.Lock()
+		defer f.mu.Unlock()
 		f.sent = seq + 1
 		if err != nil && f.err == nil {
 			f.err = fmt.Errorf("send datagram %d: %w", seq, err)
 		}
-		f.mu.Unlock()
+		return true
+	})
+}
+
+// paced calls each with 0, 1, ... once every flowInterval until stop is
+// closed or each returns false.
+func paced(stop <-chan struct{}, each func(seq uint64) bool) {
+	tick := time.NewTicker(flowInterval)
+	defer tick.Stop()
+	for seq := uint64(0); ; seq++ {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		if !each(seq) {
+			return
+		}
 	}
 }
 
@@ -257,15 +268,8 @@ func (f *tcpFlow) echo() {
 }
 
 func (f *tcpFlow) run() {
-	tick := time.NewTicker(flowInterval)
-	defer tick.Stop()
 	out, in := make([]byte, 8), make([]byte, 8)
-	for seq := uint64(0); ; seq++ {
-		select {
-		case <-f.stop:
-			return
-		case <-tick.C:
-		}
+	paced(f.stop, func(seq uint64) bool {
 		binary.BigEndian.PutUint64(out, seq)
 		f.client.SetDeadline(time.Now().Add(slowTimeout(5 * time.Second)))
 		_, err := f.client.Write(out)
@@ -276,16 +280,14 @@ func (f *tcpFlow) run() {
 			err = fmt.Errorf("echo %d, want %d", binary.BigEndian.Uint64(in), seq)
 		}
 		f.mu.Lock()
+		defer f.mu.Unlock()
 		if err != nil {
 			f.err = fmt.Errorf("round trip %d: %w", seq, err)
-		} else {
-			f.rounds++
+			return false
 		}
-		f.mu.Unlock()
-		if err != nil {
-			return
-		}
-	}
+		f.rounds++
+		return true
+	})
 }
 
 // progress is how many round trips the connection made so far, and its
