@@ -12,32 +12,26 @@
 #define MAX_ENDPOINTS 16384
 #define MAX_NODES 16384
 
+/* The endpoint maps hold one entry per local pod each, under a 32-bit key
+ * (an IPv4 address or an ifindex): one size for all, so that whichever one
+ * an ADD writes first never fills up while the others have room. */
+#define ENDPOINT_HASH(name, value_type)                   \
+	struct {                                          \
+		__uint(type, BPF_MAP_TYPE_HASH);          \
+		__uint(max_entries, MAX_ENDPOINTS);       \
+		__type(key, __u32);                       \
+		__type(value, value_type);                \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);      \
+	} name SEC(".maps")
+
 /* pod IPv4 -> endpoint; forwarding to local pods. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__type(key, __u32);
-	__type(value, struct endpoint);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} endpoints SEC(".maps");
+ENDPOINT_HASH(endpoints, struct endpoint);
 
 /* host veth ifindex -> endpoint; who may send from this veth. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__type(key, __u32);
-	__type(value, struct endpoint);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ep_by_ifindex SEC(".maps");
+ENDPOINT_HASH(ep_by_ifindex, struct endpoint);
 
 /* pod IPv4 -> owner; written and read by Go only. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__type(key, __u32);
-	__type(value, struct endpoint_meta);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ep_meta SEC(".maps");
+ENDPOINT_HASH(ep_meta, struct endpoint_meta);
 
 /* remote pod CIDR -> node. */
 struct {

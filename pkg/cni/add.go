@@ -37,9 +37,6 @@ func hostVethName(containerID, ifname string) string {
 // vethAlias marks the host veths primary mode makes for a network.
 func vethAlias(network string) string { return "patchcord/" + network }
 
-// Add is the ADD verb.
-func Add(args *skel.CmdArgs) error { return withConf(args, add) }
-
 func add(args *skel.CmdArgs, conf *NetConf) error {
 	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
 	switch {

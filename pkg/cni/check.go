@@ -17,10 +17,6 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// Check is the CHECK verb: the interface, its addresses and routes, the
-// endpoint entries and the attachment must all be as ADD left them.
-func Check(args *skel.CmdArgs) error { return withConf(args, check) }
-
 func check(args *skel.CmdArgs, conf *NetConf) error {
 	if conf.PrevResult == nil {
 		return invalidConf("CHECK needs prevResult: the runtime passes the ADD result")

@@ -94,6 +94,28 @@ func parseConf(stdin []byte) (*NetConf, error) {
 	return conf, nil
 }
 
+// The plugin's verbs, as skel.PluginMainFuncs calls them: each parses the
+// configuration once, through withConf, and hands it to its implementation.
+
+// Add is the ADD verb.
+func Add(args *skel.CmdArgs) error { return withConf(args, add) }
+
+// Check is the CHECK verb: the interface, its addresses and routes, the
+// endpoint entries and the attachment must all be as ADD left them.
+func Check(args *skel.CmdArgs) error { return withConf(args, check) }
+
+// Del is the DEL verb. It succeeds however far ADD got, however often it is
+// called, and when the pod's namespace is already gone.
+func Del(args *skel.CmdArgs) error { return withConf(args, del) }
+
+// GC is the GC verb (CNI 1.1): it removes what patchcord holds for any
+// attachment not in cni.dev/valid-attachments, then lets IPAM do the same.
+func GC(args *skel.CmdArgs) error { return withConf(args, gc) }
+
+// Status is the STATUS verb (CNI 1.1): ready when the datapath can be
+// loaded (or is) under the configured root.
+func Status(args *skel.CmdArgs) error { return withConf(args, status) }
+
 // withConf runs a verb on the parsed network configuration. Every verb
 // starts there; a configuration that does not parse fails the verb with
 // parseConf's error, as the runtime should see it.

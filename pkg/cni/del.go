@@ -16,10 +16,6 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// Del is the DEL verb. It succeeds however far ADD got, however often it is
-// called, and when the pod's namespace is already gone.
-func Del(args *skel.CmdArgs) error { return withConf(args, del) }
-
 func del(args *skel.CmdArgs, conf *NetConf) error {
 	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
 
@@ -115,10 +111,6 @@ func collectStale(dp *datapath.Datapath, conf *NetConf, valid map[[2]string]bool
 	return errors.Join(errs...)
 }
 
-// GC is the GC verb (CNI 1.1): it removes what patchcord holds for any
-// attachment not in cni.dev/valid-attachments, then lets IPAM do the same.
-func GC(args *skel.CmdArgs) error { return withConf(args, gc) }
-
 func gc(args *skel.CmdArgs, conf *NetConf) error {
 	log := logger(conf, nil)
 	valid := make(map[[2]string]bool, len(conf.ValidAttachments))
@@ -140,10 +132,6 @@ func gc(args *skel.CmdArgs, conf *NetConf) error {
 	}
 	return nil
 }
-
-// Status is the STATUS verb (CNI 1.1): ready when the datapath can be
-// loaded (or is) under the configured root.
-func Status(args *skel.CmdArgs) error { return withConf(args, status) }
 
 func status(args *skel.CmdArgs, conf *NetConf) error {
 	dp, err := openDatapath(conf, logger(conf, nil))
