@@ -172,6 +172,20 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 	tick := time.NewTicker(a.cfg.ReconcileEvery)
 	defer tick.Stop()
 	ready := false
+	// apply syncs set and writes the ready file after the first success.
+	apply := func(set []nodes.Node) error {
+		if a.sync(set) != nil || ready {
+			return nil
+		}
+		ready = true
+		if a.cfg.ReadyFile == "" {
+			return nil
+		}
+		if err := os.WriteFile(a.cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
+			return fmt.Errorf("write ready file: %w", err)
+		}
+		return nil
+	}
 	for {
 		select {
 		case set := <-updates:
@@ -179,22 +193,20 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 				a.cfg.VTEP.keep(ctx)
 			}
 			a.set = set
-			if err := a.sync(set); err != nil {
-				continue
+			if err := apply(set); err != nil {
+				return err
 			}
-			if !ready && a.cfg.ReadyFile != "" {
-				if err := os.WriteFile(a.cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
-					return fmt.Errorf("write ready file: %w", err)
-				}
-			}
-			ready = true
 		case <-tick.C:
 			if err := a.reconcile(); err != nil {
 				a.log.Error("reconcile endpoints", "err", err)
 			}
-			if a.resyncDue() {
+			// A failed sync is tried again here, in full, as is any
+			// sync once NodeResyncEvery has passed.
+			if a.set != nil && a.resyncDue() {
 				a.synced = synced{}
-				a.sync(a.set)
+				if err := apply(a.set); err != nil {
+					return err
+				}
 			}
 		case err := <-srcErr:
 			if err != nil {

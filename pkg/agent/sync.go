@@ -106,9 +106,10 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 	return st, nil
 }
 
-// resyncDue reports whether the next sync should read the kernel again.
+// resyncDue reports whether a full sync is due: the last one failed, or
+// the last full one is NodeResyncEvery old.
 func (a *Agent) resyncDue() bool {
-	return a.synced.nodes != nil && time.Since(a.synced.at) >= a.cfg.NodeResyncEvery
+	return a.synced.nodes == nil || time.Since(a.synced.at) >= a.cfg.NodeResyncEvery
 }
 
 // kernelNodes is the node map as the kernel holds it, for a full sync.
