@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/agent"
 )
 
@@ -65,7 +66,7 @@ func TestGRO(t *testing.T) {
 			c.AddPods(t, ctx, 1)
 			n2, from, to := c.Nodes[1], c.Pod(1, 0), c.Pod(2, 0)
 			for _, n := range c.Nodes {
-				if err := n.SetNICLike(ctx); err != nil {
+				if err := n.SetLinks(ctx, lab.LinksNIC); err != nil {
 					t.Fatal(err)
 				}
 			}
