@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/agent"
 )
 
 // Leftovers lists what the node holds of pods other than keep (by address): links
@@ -46,7 +47,8 @@ type kept struct {
 	n        int
 }
 
-// leftLinks lists links other than lo, eth0, bridge and the kept veths.
+// leftLinks lists links other than lo, eth0, bridge, the agent's GRO device
+// (the node's, not a pod's) and the kept veths.
 func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
 	var left []string
@@ -55,7 +57,7 @@ func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge st
 	}
 	IPJSON(t, ctx, n, &links, "link", "show")
 	for _, l := range links {
-		if l.Ifname != "lo" && l.Ifname != "eth0" && (bridge == "" || l.Ifname != bridge) && !k.veth[l.Ifname] {
+		if l.Ifname != "lo" && l.Ifname != "eth0" && l.Ifname != agent.GRODevice && (bridge == "" || l.Ifname != bridge) && !k.veth[l.Ifname] {
 			left = append(left, "link "+l.Ifname)
 		}
 	}
