@@ -7,6 +7,7 @@ package crossnode
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os/exec"
 	"strconv"
@@ -43,9 +44,43 @@ func readLinkStats(t *testing.T, ctx context.Context, e e2e.Execer, dev string) 
 	return linkStats{RxPackets: s.Rx.Packets, TxPackets: s.Tx.Packets, RxDropped: s.Rx.Dropped}
 }
 
+// shape puts a tbf qdisc on the host veth toward pod IP podIP on n and
+// returns the veth's name.
+func shape(t *testing.T, ctx context.Context, n *lab.Node, podIP string) string {
+	t.Helper()
+	var routes []struct {
+		Dev string `json:"dev"`
+	}
+	out := e2e.IPJSON(t, ctx, n, &routes, "route", "get", podIP)
+	if len(routes) != 1 || routes[0].Dev == "" {
+		t.Fatalf("ip -j route get %s: want one route\n%s", podIP, out)
+	}
+	if out, err := n.Exec(ctx, "tc", "qdisc", "add", "dev", routes[0].Dev, "root", "tbf", "rate", "8gbit", "burst", "16kb", "latency", "50ms"); err != nil {
+		t.Fatalf("shape %s: %v\n%s", routes[0].Dev, err, out)
+	}
+	return routes[0].Dev
+}
+
+// qdiscPackets is what the root qdisc of dev has sent.
+func qdiscPackets(t *testing.T, ctx context.Context, n *lab.Node, dev string) uint64 {
+	t.Helper()
+	out, err := n.Exec(ctx, "tc", "-j", "-s", "qdisc", "show", "dev", dev, "root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var qs []struct {
+		Packets uint64 `json:"packets"`
+	}
+	if err := json.Unmarshal(out, &qs); err != nil || len(qs) != 1 {
+		t.Fatalf("tc -j -s qdisc show dev %s root: %v\n%s", dev, err, out)
+	}
+	return qs[0].Packets
+}
+
 // TestGRO: bulk TCP pod to pod between NIC-like nodes. With the GRO device,
 // from_uplink decapsulates packets larger than the MTU (merged), every byte
-// arrives, and the device sends and receives nothing; with --vxlan-gro=false
+// arrives, and the device sends and receives nothing; node to pod, merged
+// packets cross the stack and a segmenting qdisc intact; with --vxlan-gro=false
 // no packet is larger than a frame, so the first case is the device's doing.
 func TestGRO(t *testing.T) {
 	// Bytes sent (-n, so that no speed is asserted), and the least the
@@ -102,6 +137,11 @@ func TestGRO(t *testing.T) {
 			}
 			// From node 1 itself: from_uplink decapsulates and hands the packets to
 			// n2's stack (to_host), which routes them, merged, to the pod's veth.
+			// A tbf qdisc there, with a burst smaller than a merged packet,
+			// segments them again (tbf_segment): the tunnel GSO type the decap
+			// left on them must not get in its way.
+			veth := shape(t, ctx, n2, to.IP.String())
+			q0 := qdiscPackets(t, ctx, n2, veth)
 			before = e2e.Stats(t, ctx, n2)
 			r = e2e.IperfRun(t, ctx, c.Nodes[0], to.IP.String(), 5201, "-n", strconv.Itoa(size))
 			host := e2e.Delta(before, e2e.Stats(t, ctx, n2), "to_host")
@@ -112,6 +152,11 @@ func TestGRO(t *testing.T) {
 			}
 			if merged := host.Packets > 0 && host.Bytes/host.Packets > 1500; merged != tc.merged {
 				t.Errorf("to_host %d packets, %d bytes: merged %v, want %v", host.Packets, host.Bytes, merged, tc.merged)
+			}
+			// tbf sees only what goes toward the pod: it sent more packets than
+			// to_host handed over only if it segmented merged ones.
+			if q := qdiscPackets(t, ctx, n2, veth) - q0; tc.merged && q <= host.Packets {
+				t.Errorf("tbf on %s sent %d packets for %d merged: it segmented none", veth, q, host.Packets)
 			}
 			if tc.merged {
 				dev := readLinkStats(t, ctx, n2, agent.GRODevice)
