@@ -46,6 +46,7 @@ type options struct {
 	only     []string
 	bpfRuns  int
 	cniPods  int
+	links    []lab.Links
 }
 
 func main() {
@@ -68,7 +69,7 @@ func main() {
 
 func parseFlags(args []string) (options, error) {
 	var o options
-	var only string
+	var only, links string
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.IntVar(&o.rounds, "rounds", 3, "interleaved rounds of every traffic figure, BPF path and CNI batch")
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each iperf3 and sockperf run (whole seconds)")
@@ -77,6 +78,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&only, "only", strings.Join(allGroups, ","), "groups to run: "+strings.Join(allGroups, ","))
 	fs.IntVar(&o.bpfRuns, "bpf-runs", 20000, "cold BPF_PROG_RUN calls per path per round (a tenth as many steady-state pairs)")
 	fs.IntVar(&o.cniPods, "cni-pods", 50, "sequential ADDs (then DELs) per plugin per round")
+	fs.StringVar(&links, "links", "both", "cross-node uplinks: veth (GSO packets cross whole), nic (NIC-like: TSO/GSO off, GRO on) or both, interleaved")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -104,6 +106,10 @@ func parseFlags(args []string) (options, error) {
 			return o, fmt.Errorf("--only: unknown group %q (groups: %s)", g, strings.Join(allGroups, ","))
 		}
 		o.only = append(o.only, g)
+	}
+	var err error
+	if o.links, err = parseLinks(links); err != nil {
+		return o, err
 	}
 	if o.rounds < 1 || o.duration < time.Second || o.bpfRuns < 1 || o.cniPods < 1 {
 		return o, errors.New("--rounds, --bpf-runs and --cni-pods must be at least 1, --duration at least 1s")
@@ -336,11 +342,19 @@ func setupTraffic(ctx context.Context, o options, b *builder, res *Results) ([]*
 		if err != nil {
 			return nil, err
 		}
+		if g.name == groupCross {
+			s = withLinks(s, o.links)
+		}
 		subjects = append(subjects, s...)
 	}
+	// Link-mode copies share their server: started once.
+	serving := map[host]bool{}
 	for _, s := range subjects {
-		if err := startServers(ctx, s); err != nil {
-			return nil, fmt.Errorf("%s: %w", s.Name, err)
+		if !serving[s.Server] {
+			if err := startServers(ctx, s); err != nil {
+				return nil, fmt.Errorf("%s: %w", s.Name, err)
+			}
+			serving[s.Server] = true
 		}
 		if err := warmUp(ctx, s); err != nil {
 			return nil, err
@@ -356,12 +370,16 @@ func setupTraffic(ctx context.Context, o options, b *builder, res *Results) ([]*
 // each round starts one datapath further down the list, so that none
 // always runs first.
 func trafficRounds(ctx context.Context, o options, subjects []*subject, res *Results) error {
+	modes := uplinkModes{}
 	for round := 1; round <= o.rounds && len(subjects) > 0; round++ {
 		k := (round - 1) % len(subjects)
 		order := append(slices.Clone(subjects[k:]), subjects[:k]...)
 		for _, m := range measurements {
 			progress("traffic: round %d/%d, %s", round, o.rounds, m.name)
 			for _, s := range order {
+				if err := modes.set(ctx, s); err != nil {
+					return err
+				}
 				samples, err := measure(ctx, s, m, round, o.secs())
 				if err != nil {
 					return err

@@ -209,8 +209,9 @@ func format(v float64, unit string) string {
 func ratio(v float64) string { return fmt.Sprintf("%.2f×", v) }
 
 var groupTitles = map[string]string{
-	groupSame:  "Same-node pod → pod",
-	groupCross: "Cross-node pod → pod (two emulated nodes over a fabric bridge)",
+	groupSame:     "Same-node pod → pod",
+	groupCross:    "Cross-node pod → pod (two emulated nodes over a fabric bridge)",
+	groupCrossNIC: "Cross-node pod → pod, NIC-like links (TSO/GSO off on send, GRO on receive)",
 }
 
 // render writes the whole report.
@@ -229,9 +230,10 @@ func render(w io.Writer, r *Results, subjects []*subject) {
 		fmt.Fprintf(w, " — other work shared the machine: read ratios, not absolute figures")
 	}
 	fmt.Fprintf(w, ".\n- **Run time:** %s.\n", r.Elapsed)
-	for _, g := range []string{groupSame, groupCross} {
+	for _, g := range []string{groupSame, groupCross, groupCrossNIC} {
 		renderGroup(w, r, subjects, g)
 	}
+	renderLinks(w, r, subjects)
 	if r.Scale != nil {
 		renderScale(w, r.Scale)
 	}
@@ -272,7 +274,7 @@ func renderGroup(w io.Writer, r *Results, subjects []*subject, group string) {
 	fmt.Fprintf(w, "\n## %s\n\n", groupTitles[group])
 	fmt.Fprintf(w, "Cells: median (× %s). RTT is sockperf's full round trip (`--full-rtt`), 64-byte UDP messages; "+
 		"UDP 64 B is iperf3's received rate with `-l 64 -b 0`; CPU is machine-wide busy time (/proc/stat) per GB received. "+
-		"The two patchcord rows differ only in what their maps hold: how far apart they are shows this run's noise.\n\n",
+		"The first two patchcord rows differ only in what their maps hold: how far apart they are shows this run's noise.\n\n",
 		strings.Join(refNames, " / × "))
 	fmt.Fprintf(w, "| datapath |")
 	for _, f := range figures {

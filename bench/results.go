@@ -58,6 +58,9 @@ type DatapathInfo struct {
 	Name  string `json:"name"`
 	Role  string `json:"role,omitempty"`
 	Setup string `json:"setup"`
+	// Links is how the uplinks carry packets (lab.Links: veth or nic);
+	// empty for same-node datapaths.
+	Links string `json:"links,omitempty"`
 }
 
 // Sample is one figure of one run of one datapath.

@@ -29,6 +29,8 @@ const (
 	nodeBPFMinimal, nodeBPFLoaded   = 16, 17
 	// The self-feeding BPF datapaths (see bpfcost.go).
 	nodeBPFMinimalFeed, nodeBPFLoadedFeed = 18, 19
+	// patchcord without its GRO device (--vxlan-gro=false).
+	nodeNoGROA, nodeNoGROB = 20, 21
 )
 
 // Groups of datapaths, and what --only selects.
@@ -72,6 +74,9 @@ type subject struct {
 	DatapathInfo
 	Client, Server host
 	ServerIP       netip.Addr
+	// uplinks are the nodes whose uplinks the traffic crosses, set to
+	// Links before each run.
+	uplinks []*lab.Node
 }
 
 // builder adds nodes and pods to the lab and remembers what it made.
@@ -187,10 +192,15 @@ func (b *builder) crossNode(ctx context.Context, pc, loaded *pcPair) ([]*subject
 	if err != nil {
 		return nil, err
 	}
+	noGRO, err := b.patchcordPair(ctx, nodeNoGROA, nodeNoGROB, 0, "--vxlan-gro=false")
+	if err != nil {
+		return nil, err
+	}
 	return []*subject{
 		hostgw, flannel,
-		pc.crossSubject(groupCross, "patchcord", "patchcord-cni primary mode + host-local, agents running (masquerade off); VXLAN (port 4789) built and stripped in eBPF, MTU 1450"),
+		pc.crossSubject(groupCross, "patchcord", "patchcord-cni primary mode + host-local, agents running (masquerade off); VXLAN (port 4789) built and stripped in eBPF, MTU 1450; the agent's idle vxlan device pc-gro0 holds the port so that GRO merges"),
 		loaded.crossSubject(groupCross, loadedName, loadedSetup),
+		noGRO.crossSubject(groupCross, noGROName, "as patchcord, agents with --vxlan-gro=false: no socket owns the VXLAN port, so GRO cannot merge VXLAN"),
 	}, nil
 }
 
@@ -261,7 +271,11 @@ func podSubject(ctx context.Context, info DatapathInfo, nc, ns *lab.Node, networ
 	if err != nil {
 		return nil, err
 	}
-	return &subject{DatapathInfo: info, Client: client, Server: server, ServerIP: server.IP}, nil
+	s := &subject{DatapathInfo: info, Client: client, Server: server, ServerIP: server.IP}
+	if nc != ns {
+		s.uplinks = []*lab.Node{nc, ns}
+	}
+	return s, nil
 }
 
 // twoPods adds a client pod on nc and a server pod on ns.
@@ -275,8 +289,10 @@ func twoPods(ctx context.Context, nc, ns *lab.Node, network string) (client, ser
 	return client, server, nil
 }
 
-// Names of the patchcord variant whose maps hold the scale.
+// Names of the patchcord variant whose maps hold the scale, and of
+// the one without the GRO device.
 const (
+	noGROName   = "patchcord, --vxlan-gro=false"
 	loadedName  = "patchcord, 1k endpoints + 5k nodes"
 	loadedSetup = "as patchcord, with 1,000 endpoints and 5,000 nodes in each node's maps (5,000 routes in the node); agents stopped once synced, the datapath stays"
 )
@@ -300,12 +316,12 @@ func (p *pcPair) subject(group, name, setup string) *subject {
 
 func (p *pcPair) crossSubject(group, name, setup string) *subject {
 	return &subject{DatapathInfo: DatapathInfo{Group: group, Name: name, Setup: setup},
-		Client: p.client, Server: p.remote, ServerIP: p.remote.IP}
+		Client: p.client, Server: p.remote, ServerIP: p.remote.IP, uplinks: []*lab.Node{p.a, p.b}}
 }
 
-// patchcordPair builds nodes i and j with agents, whose nodes file lists
-// both and fake nodes more, and the pods.
-func (b *builder) patchcordPair(ctx context.Context, i, j, fake int) (*pcPair, error) {
+// patchcordPair builds nodes i and j with agents (given agentArgs), whose
+// nodes file lists both and fake nodes more, and the pods.
+func (b *builder) patchcordPair(ctx context.Context, i, j, fake int, agentArgs ...string) (*pcPair, error) {
 	na, nb, err := b.pair(i, j)
 	if err != nil {
 		return nil, err
@@ -319,7 +335,7 @@ func (b *builder) patchcordPair(ctx context.Context, i, j, fake int) (*pcPair, e
 	// Masquerade off: none of the reference datapaths masquerades either,
 	// and pod-to-pod traffic is never translated.
 	for _, n := range []*lab.Node{na, nb} {
-		agent, took, err := startAgent(ctx, n, p.nodesFile, "--masquerade=false")
+		agent, took, err := startAgent(ctx, n, p.nodesFile, append([]string{"--masquerade=false"}, agentArgs...)...)
 		if err != nil {
 			return nil, err
 		}

@@ -198,6 +198,13 @@ func runIperf(ctx context.Context, s *subject, secs int, args ...string) (iperfR
 // iperfTCP measures bulk TCP throughput, and the CPU time the whole machine
 // spent per GB received while it ran.
 func iperfTCP(ctx context.Context, s *subject, secs, streams int, id string) (result, error) {
+	var rx0 rxCounters
+	if len(s.uplinks) > 0 {
+		var err error
+		if rx0, err = readRx(ctx, s.Server); err != nil {
+			return result{}, err
+		}
+	}
 	before, err := readCPUTicks()
 	if err != nil {
 		return result{}, err
@@ -210,27 +217,40 @@ func iperfTCP(ctx context.Context, s *subject, secs, streams int, id string) (re
 	if err != nil {
 		return result{}, err
 	}
+	extra := map[string]any{}
+	if len(s.uplinks) > 0 {
+		rx1, err := readRx(ctx, s.Server)
+		if err != nil {
+			return result{}, err
+		}
+		if p := rx1.packets - rx0.packets; p > 0 {
+			extra["serverRxBytesPerPacket"] = float64(rx1.bytes-rx0.bytes) / float64(p)
+		}
+	}
 	rx := rep.End.SumReceived
 	if rx.Bytes == 0 || rx.Seconds == 0 {
 		return result{}, errors.New("iperf3 received nothing")
 	}
 	cpuSeconds := float64(after.busy-before.busy) / userHZ
+	for k, v := range map[string]any{
+		"bytes":              rx.Bytes,
+		"retransmits":        rep.End.SumSent.Retransmits,
+		"cpuSeconds":         cpuSeconds,
+		"iperfCPUHostPct":    rep.End.CPU.HostTotal,
+		"iperfCPURemotePct":  rep.End.CPU.RemoteTotal,
+		"iperfReceiverSecs":  rx.Seconds,
+		"iperfSenderSecs":    rep.End.SumSent.Seconds,
+		"iperfSenderBytes":   rep.End.SumSent.Bytes,
+		"machineBusyPercent": 100 * float64(after.busy-before.busy) / float64(max(after.total-before.total, 1)),
+	} {
+		extra[k] = v
+	}
 	return result{
 		values: map[string]float64{
 			id:          rx.BitsPerSecond / 1e9,
 			id + "_cpu": cpuSeconds / (rx.Bytes / 1e9),
 		},
-		extra: map[string]any{
-			"bytes":              rx.Bytes,
-			"retransmits":        rep.End.SumSent.Retransmits,
-			"cpuSeconds":         cpuSeconds,
-			"iperfCPUHostPct":    rep.End.CPU.HostTotal,
-			"iperfCPURemotePct":  rep.End.CPU.RemoteTotal,
-			"iperfReceiverSecs":  rx.Seconds,
-			"iperfSenderSecs":    rep.End.SumSent.Seconds,
-			"iperfSenderBytes":   rep.End.SumSent.Bytes,
-			"machineBusyPercent": 100 * float64(after.busy-before.busy) / float64(max(after.total-before.total, 1)),
-		},
+		extra: extra,
 	}, nil
 }
 

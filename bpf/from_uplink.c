@@ -131,6 +131,12 @@ int from_uplink(struct __sk_buff *skb)
 	if (via_host == STAT_MAX)
 		ipv4_decrease_ttl(inner);
 
+	/* A packet GRO merged (the agent's pc-gro0 holds the port) is one
+	 * TCPV4 | UDP_TUNNEL GSO packet with skb->encapsulation set, as a GSO
+	 * packet encapsulated by a peer's to_uplink is when a veth carries it
+	 * whole: the kernel shrinks TCP GSO packets, with or without the DECAP
+	 * flag, and the bits it leaves harm neither the pod's TCP nor the
+	 * stack's own segmentation (test/crossnode TestGRO). */
 	if (bpf_skb_adjust_room(skb, -(int)VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC,
 				VXLAN_DECAP_FLAGS | (decap_l3_flag ? ADJ_ROOM_DECAP_L3_IPV4 : 0)))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);

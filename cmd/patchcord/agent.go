@@ -24,7 +24,7 @@ import (
 type agentFlags struct {
 	nodeIP, podCIDR, nodesFile, logLevel, clusterCIDR string
 	kubeconfig, nodeName, metricsAddr, attachMode     string
-	flannelCompat                                     bool
+	flannelCompat, vxlanGRO                           bool
 	vni, port                                         uint32
 	cfg                                               agent.Config
 }
@@ -81,6 +81,7 @@ func (af *agentFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&af.metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
 	f.Uint32Var(&af.vni, "vni", 1, "VXLAN network identifier")
 	f.Uint32Var(&af.port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
+	f.BoolVar(&af.vxlanGRO, "vxlan-gro", true, "hold the VXLAN port with an idle external vxlan device, "+agent.GRODevice+", so that the uplink's GRO merges VXLAN (false removes it)")
 	f.StringVar(&af.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&cfg.Masquerade, "masquerade", true, "SNAT pod traffic leaving the cluster to the node IP (an iptables chain the agent owns; false removes it)")
 	f.StringVar(&af.clusterCIDR, "cluster-cidr", "", "what is inside the cluster for --masquerade (default: every known pod CIDR)")
@@ -121,6 +122,7 @@ func (af *agentFlags) config(ctx context.Context, kube *nodes.Kube, root string,
 		return cfg, fmt.Errorf("--attach-mode: %w", err)
 	}
 	cfg.VNI, cfg.VXLANPort, cfg.BpffsRoot = af.vni, uint16(af.port), root
+	cfg.NoVXLANGRO = !af.vxlanGRO
 	if cfg.Uplink == "" {
 		if cfg.Uplink, err = uplinkFor(cfg.NodeIP); err != nil {
 			return cfg, err

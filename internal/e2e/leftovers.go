@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/agent"
 )
 
 // Leftovers lists what the node holds of pods other than keep (by address): links
@@ -46,14 +47,15 @@ type kept struct {
 	n        int
 }
 
-// leftLinks lists links other than lo, eth0, bridge and the kept veths.
+// leftLinks lists links other than lo, eth0, bridge, the agent's GRO device
+// (the node's, not a pod's) and the kept veths.
 func leftLinks(t *testing.T, ctx context.Context, n *lab.Node, k kept, bridge string) []string {
 	t.Helper()
 	type link struct {
 		Ifname string `json:"ifname"`
 	}
 	return leftInIP(t, ctx, n, func(l link) string {
-		if l.Ifname == "lo" || l.Ifname == "eth0" || (bridge != "" && l.Ifname == bridge) || k.veth[l.Ifname] {
+		if l.Ifname == "lo" || l.Ifname == "eth0" || l.Ifname == agent.GRODevice || (bridge != "" && l.Ifname == bridge) || k.veth[l.Ifname] {
 			return ""
 		}
 		return "link " + l.Ifname

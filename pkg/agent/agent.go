@@ -31,6 +31,9 @@ type Config struct {
 	VNI       uint32
 	VXLANPort uint16
 	BpffsRoot string
+	// NoVXLANGRO leaves the VXLAN port without the GRO device (grosock.go)
+	// and removes one a previous start left.
+	NoVXLANGRO bool
 	// Masquerade SNATs pod traffic leaving the cluster to the node's
 	// address; ClusterCIDR, when set, is what "the cluster" is (otherwise
 	// every known pod CIDR).
@@ -131,6 +134,9 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 	if err := a.setupUplink(); err != nil {
 		return err
 	}
+	// After from_uplink is attached: the device's socket must never see what
+	// from_uplink takes.
+	ensureGRODevice(cfg.VXLANPort, cfg.NoVXLANGRO, log)
 	if err := a.reconcile(); err != nil {
 		log.Error("reconcile endpoints", "err", err)
 	}

@@ -6,6 +6,7 @@
 package datapath_test
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -75,6 +76,16 @@ func TestFromUplinkDecap(t *testing.T) {
 			}},
 		{name: "vni 42", config: vni42, packet: toDstPod(tcpPacket(peerPodIP, dstPod.IP)),
 			tunnel: func(t *tunnel) { t.vxlan.VNI = 42 }},
+		// What GRO hands to tc once the uplink's UDP tunnel socket (the
+		// agent's GRO device) merged frames: one packet of several MSS, its
+		// outer and inner lengths rewritten. BPF_PROG_RUN cannot set the
+		// tunnel GSO type; TestGRO in test/crossnode covers that.
+		{name: "merged frames", config: defaultConfig(), packet: func() packet {
+			p := toDstPod(tcpPacket(peerPodIP, dstPod.IP))
+			p.l4 = tcp{SrcPort: 41000, DstPort: 8080, Seq: 1000, Ack: 2000, Flags: tcpACK, Window: 502}.
+				marshal(bytes.Repeat([]byte("merged by gro "), 2*1398/14))
+			return p
+		}()},
 		{name: "outer without DF", config: defaultConfig(), packet: toDstPod(udpPacket(peerPodIP, dstPod.IP)),
 			tunnel: func(t *tunnel) {
 				t.ip.FragOff = 0

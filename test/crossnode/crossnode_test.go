@@ -413,7 +413,9 @@ func TestNodeIPChanged(t *testing.T) {
 	if err := c.Agents[2].Stop(); err != nil {
 		t.Fatal(err)
 	}
-	c.Agents[2] = e2e.StartAgent(t, ctx, n2, c.Files[2], "--node-ip", newIP)
+	// Without its GRO device, which would hold port 4789 that the kernel vxlan device
+	// below binds.
+	c.Agents[2] = e2e.StartAgent(t, ctx, n2, c.Files[2], "--node-ip", newIP, "--vxlan-gro=false")
 	e2e.WaitNodeList(t, ctx, n1, "node1 to learn node2's new IP", func(m map[string]string) bool { return m[cidr2] == newIP })
 	e2e.Ping(t, ctx, p1, p2.IP.String())
 	e2e.Ping(t, ctx, p2, p1.IP.String())
