@@ -84,7 +84,38 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
-static __always_inline int to_remote_node(struct __sk_buff *skb, const struct node_info *node)
+/* Whether the packet, or one segment of a GSO packet, is longer than the
+ * pod MTU (cfg->mtu: the uplink's less the tunnel), so that encapsulated it
+ * would not fit the uplink and die there unseen. A pod whose MTU is the pod
+ * MTU never sends one; one with a larger MTU (set by itself, or by a chained
+ * plugin's conflist) does. The host stack forwards such a packet by the
+ * route's MTU, which is the pod MTU: an ICMP "fragmentation needed" to the
+ * pod for a DF packet, which lowers its path MTU, and fragments for the rest,
+ * each encapsulated by to_uplink. */
+static __always_inline int too_big(struct __sk_buff *skb, const struct iphdr *ip,
+				    const struct node_config *cfg)
+{
+	__u32 l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
+	__u32 seg_hdr = ip->ihl * 4;
+	__u8 doff;
+
+	if (!cfg->mtu)
+		return 0;
+	if (!skb->gso_size)
+		return bpf_ntohs(ip->tot_len) > cfg->mtu;
+	/* A segment carries the IP and L4 headers and gso_size bytes. */
+	if (ip->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1))
+			return 1;
+		seg_hdr += (doff >> 4) * 4;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		seg_hdr += 8; /* struct udphdr */
+	}
+	return seg_hdr + skb->gso_size > cfg->mtu;
+}
+
+static __always_inline int to_remote_node(struct __sk_buff *skb, const struct iphdr *ip,
+					  const struct node_info *node)
 {
 	const struct node_config *cfg = node_config();
 	__u32 len = skb->len;
@@ -93,6 +124,10 @@ static __always_inline int to_remote_node(struct __sk_buff *skb, const struct no
 	/* Until the agent has configured the uplink, the host stack decides. */
 	if (!cfg || !cfg->uplink_ifindex || !cfg->node_ip)
 		return to_host(skb);
+	if (too_big(skb, ip, cfg)) {
+		count(STAT_TO_HOST_TOO_BIG, len);
+		return TC_ACT_OK;
+	}
 	/* Nothing touches the packet before vxlan_encap: a packet the pod
 	 * tunnels itself (skb->encapsulation, which no BPF context field
 	 * shows) is refused before the helper moves a byte, and goes to the
@@ -155,7 +190,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 			count(via_host, skb->len);
 			return TC_ACT_OK;
 		}
-		return to_remote_node(skb, node);
+		return to_remote_node(skb, ip, node);
 	}
 	return to_host(skb);
 }

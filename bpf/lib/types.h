@@ -120,6 +120,7 @@ enum stat_id {
 	STAT_TO_HOST_UNTRACKED, /* conntrack cannot decide on the fast path */
 	STAT_TO_HOST_ENCAPSULATED, /* the pod tunnels itself: no encap in eBPF */
 	STAT_EVENTS_SUPPRESSED, /* drop events held back by the rate limit */
+	STAT_TO_HOST_TOO_BIG, /* larger than the pod MTU: left to the stack's PMTU */
 	STAT_MAX,
 };
 

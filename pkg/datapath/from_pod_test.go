@@ -12,6 +12,7 @@ package datapath_test
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -124,6 +125,26 @@ func TestFromPodTTLExpired(t *testing.T) {
 			wantVerdict(t, ret, tcActOK)
 			wantFrame(t, out, in)
 			n.wantCounters(map[string]bpfmaps.Counter{"to_host": counted(len(in))})
+			n.wantNoEvents()
+		})
+	}
+}
+
+// A packet longer than the pod MTU would not fit the uplink encapsulated:
+// the host stack gets it as the pod sent it, to send the ICMP
+// "fragmentation needed" a router owes a DF packet, or to fragment the rest.
+func TestFromPodTooBig(t *testing.T) {
+	for _, df := range []bool{true, false} {
+		t.Run(fmt.Sprintf("df %v", df), func(t *testing.T) {
+			n := newPodNode(t)
+			n.configure(defaultConfig())
+			in := fromPod(udpPacketOfLen(podA.IP, peerPodIP, 1451, df))
+
+			ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+
+			wantVerdict(t, ret, tcActOK)
+			wantFrame(t, out, in)
+			n.wantCounters(map[string]bpfmaps.Counter{"to_host_too_big": counted(len(in))})
 			n.wantNoEvents()
 		})
 	}
@@ -309,6 +330,9 @@ func TestFromPodEncap(t *testing.T) {
 		{name: "tos copied", config: defaultConfig(), node: peerNode(),
 			packet: tcpPacket(podA.IP, peerPodIP).withTOS(0x2e), tos: 0x2e, df: true},
 		{name: "inner options", config: defaultConfig(), node: peerNode(), packet: withOptions},
+		// Encapsulated, it is as long as the uplink's MTU allows.
+		{name: "as long as the pod MTU", config: defaultConfig(), node: peerNode(),
+			packet: udpPacketOfLen(podA.IP, peerPodIP, 1450, true), df: true},
 	}, encapPeerCases(podA.IP)...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -147,7 +147,8 @@ const (
 	fromPodStatIdSTAT_TO_HOST_UNTRACKED    fromPodStatId = 18
 	fromPodStatIdSTAT_TO_HOST_ENCAPSULATED fromPodStatId = 19
 	fromPodStatIdSTAT_EVENTS_SUPPRESSED    fromPodStatId = 20
-	fromPodStatIdSTAT_MAX                  fromPodStatId = 21
+	fromPodStatIdSTAT_TO_HOST_TOO_BIG      fromPodStatId = 21
+	fromPodStatIdSTAT_MAX                  fromPodStatId = 22
 )
 
 type fromPodVxlanLayout uint32

@@ -343,6 +343,17 @@ func udpPacket(src, dst netip.Addr) packet {
 	}
 }
 
+// udpPacketOfLen is a UDP datagram whose IP packet is tot bytes long, with
+// DF or without.
+func udpPacketOfLen(src, dst netip.Addr, tot int, df bool) packet {
+	p := udpPacket(src, dst)
+	if df {
+		p.ip.FragOff = ipDF
+	}
+	p.l4 = udp{SrcPort: 40000, DstPort: 53}.marshal(make([]byte, tot-ipv4HdrLen-udpHdrLen))
+	return p
+}
+
 // tcpPacket is a TCP data segment with DF, as Linux sends them.
 func tcpPacket(src, dst netip.Addr) packet {
 	return packet{

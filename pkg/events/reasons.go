@@ -25,6 +25,7 @@ var messages = map[string]string{
 	"to_host_untracked":    "conntrack cannot decide on the fast path (fragment, SCTP, unreadable header): left to the host stack",
 	"to_host_encapsulated": "already encapsulated by the pod, left to the host stack",
 	"events_suppressed":    "drop events held back by the rate limit",
+	"to_host_too_big":      "longer than the pod MTU, left to the host stack (ICMP fragmentation needed for DF, else fragments)",
 }
 
 // Describe returns a reason in words, or "" for a reason it does not know
