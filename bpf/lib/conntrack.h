@@ -5,12 +5,14 @@
  * translation: redirected past it, a reply from a service backend would reach
  * the client from the backend's address instead of the service's. What the
  * fast path cannot look up (fragments, SCTP, unreadable headers) crosses the
- * stack too, so that no NATed packet slips past unasked. */
+ * stack too, so that no NATed packet slips past unasked. A TCP connection
+ * is asked about once, by its SYN, FIN and RST segments (ct_tcp_verdict). */
 #pragma once
 
 #include "common.h"
 #include "ipv4.h"
 #include "types.h"
+#include "maps.h"
 
 /* Only the field we read; CO-RE fixes its offset to the running kernel's. */
 struct nf_conn {
@@ -132,6 +134,61 @@ static __always_inline enum stat_id ct_icmp_verdict(struct __sk_buff *skb, __u32
 	return ct_lookup_nat(skb, &tuple, quoted.protocol);
 }
 
+/* TCP flags that open or close a connection (RFC 9293). */
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAGS_OFF 13
+
+/* The NAT check of a TCP segment, decided once per connection: a segment
+ * with SYN, FIN or RST asks conntrack and records the answer in ct_verdicts;
+ * every other segment of the connection takes the recorded answer (a hash
+ * probe instead of a conntrack lookup, about 100 ns less). It stays true
+ * because a NATed connection is created only by the stack, from a packet
+ * crossing it, and its first packet in either direction carries SYN: the
+ * client's SYN, the backend's SYN-ACK. So a connection that a tuple's
+ * recorded "no NAT" could wrongly redirect asks again before its first
+ * packet on the fast path. Conntrack picking a connection up mid-stream
+ * (nf_conntrack_tcp_loose) is the exception, and only the client can start
+ * that: it sends a non-SYN segment to a service on a tuple it already uses
+ * directly, and its own connection is what breaks. A stale "NAT" (conntrack
+ * flushed under a live connection) is safe: the stack path is always
+ * correct. UDP has no handshake that tells a new flow from an old one, so
+ * every UDP datagram asks conntrack. */
+static __always_inline enum stat_id ct_tcp_verdict(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
+						   __u32 l4_off, __u32 end)
+{
+	struct ct_flow key = {
+		.saddr = tuple->ipv4.saddr,
+		.daddr = tuple->ipv4.daddr,
+		.sport = tuple->ipv4.sport,
+		.dport = tuple->ipv4.dport,
+	};
+	__u8 *p = ctx_data(skb) + l4_off + TCP_FLAGS_OFF;
+	enum stat_id verdict;
+	__u32 *cached, v;
+	__u8 flags;
+
+	/* Without its flags the segment cannot be judged: ask every time. */
+	if (l4_off + TCP_FLAGS_OFF + 1 > end)
+		return ct_lookup_nat(skb, tuple, IPPROTO_TCP);
+	if ((void *)(p + 1) <= ctx_data_end(skb))
+		flags = *p;
+	else if (bpf_skb_load_bytes(skb, l4_off + TCP_FLAGS_OFF, &flags, 1))
+		return ct_lookup_nat(skb, tuple, IPPROTO_TCP);
+	if (!(flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		cached = bpf_map_lookup_elem(&ct_verdicts, &key);
+		if (cached)
+			return *cached;
+	}
+	verdict = ct_lookup_nat(skb, tuple, IPPROTO_TCP);
+	v = verdict;
+	/* A failed update (the LRU cannot fail for room) only costs the
+	 * next segment a lookup. */
+	bpf_map_update_elem(&ct_verdicts, &key, &v, BPF_ANY);
+	return verdict;
+}
+
 /* Returns the counter of the host path the IPv4 packet at ip (l3_off bytes
  * into the frame, its header already validated) must take, or STAT_MAX when
  * the fast path is sound: STAT_TO_HOST_NAT for a NATed connection's packet,
@@ -162,5 +219,7 @@ static __always_inline enum stat_id ct_host_path(struct __sk_buff *skb, const st
 		return STAT_TO_HOST_UNTRACKED;
 	tuple.ipv4.saddr = ip->saddr;
 	tuple.ipv4.daddr = ip->daddr;
+	if (ip->protocol == IPPROTO_TCP)
+		return ct_tcp_verdict(skb, &tuple, l4_off, end);
 	return ct_lookup_nat(skb, &tuple, ip->protocol);
 }

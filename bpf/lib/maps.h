@@ -52,6 +52,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tunnel_srcs SEC(".maps");
 
+/* TCP 4-tuple -> the NAT check's verdict (lib/conntrack.h ct_tcp_verdict).
+ * LRU: a pod opening connections by the thousand evicts other flows'
+ * verdicts, which then cost one conntrack lookup again, never a wrong one. */
+#define MAX_CT_VERDICTS 65536
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_CT_VERDICTS);
+	__type(key, struct ct_flow);
+	__type(value, __u32); /* enum stat_id */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ct_verdicts SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

@@ -32,14 +32,19 @@ func mustConntrackNS(t *testing.T, args ...string) ns.NetNS {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { netns.Close(); testutils.UnmountNS(netns) })
-	if len(args) == 0 {
-		return netns
-	}
-	cmd := exec.Command("nsenter", append([]string{"--net=" + netns.Path(), "conntrack", "-I", "-t", "60"}, args...)...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("conntrack -I %v: %v\n%s", args, err, out)
+	if len(args) > 0 {
+		conntrackIn(t, netns, append([]string{"-I", "-t", "60"}, args...)...)
 	}
 	return netns
+}
+
+// conntrackIn runs the conntrack tool in netns.
+func conntrackIn(t *testing.T, netns ns.NetNS, args ...string) {
+	t.Helper()
+	cmd := exec.Command("nsenter", append([]string{"--net=" + netns.Path(), "conntrack"}, args...)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("conntrack %v: %v\n%s", args, err, out)
+	}
 }
 
 // runIn runs prog on in from inside netns, so that the conntrack lookup
@@ -101,6 +106,82 @@ func TestFromPodNATedReplyGoesToHost(t *testing.T) {
 			wantVerdict(t, ret, tcActRedirect)
 			n.wantCounters(map[string]bpfmaps.Counter{"local_redirect": counted(len(in))})
 		})
+	}
+}
+
+// TestNATVerdictPerTCPConnection follows one TCP tuple while conntrack's
+// table changes under it: segments with SYN, FIN or RST ask conntrack, the
+// others take what the last of those recorded.
+func TestNATVerdictPerTCPConnection(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs)
+	// podB asks the service from 41000 on 8080 and is DNATed to podA;
+	// podA's segments, podA:8080 -> podB:41000, are the replies.
+	seg := func(flags uint8) []byte {
+		p := tcpPacket(podA.IP, podB.IP)
+		p.l4 = tcp{SrcPort: 8080, DstPort: 41000, Seq: 1000, Ack: 2000, Flags: flags, Window: 502}.marshal([]byte("200 OK"))
+		return fromPod(p)
+	}
+	nat := []string{"-p", "tcp", "-s", podB.IP.String(), "-d", clusterIP, "--sport", "41000", "--dport", "8080",
+		"--dst-nat", podA.IP.String(), "--state", "ESTABLISHED"}
+	const (
+		tcpFIN = 0x01
+		tcpSYN = 0x02
+		tcpRST = 0x04
+	)
+	netns := mustConntrackNS(t)
+	n := newPodNode(t)
+	steps := []struct {
+		do      func()
+		flags   uint8
+		verdict uint32
+		why     string
+	}{
+		{nil, tcpACK, tcActRedirect, "no connection: asked, redirected"},
+		{func() { conntrackIn(t, netns, append([]string{"-I", "-t", "60"}, nat...)...) }, tcpACK | tcpPSH, tcActRedirect,
+			"NAT entry made mid-stream: the recorded verdict holds until the next SYN, FIN or RST"},
+		{nil, tcpSYN | tcpACK, tcActOK, "the backend's SYN-ACK asks again and finds the NAT"},
+		{nil, tcpACK, tcActOK, "the rest of the connection follows it to the stack"},
+		{func() { conntrackIn(t, netns, "-D", "-p", "tcp", "-s", podB.IP.String(), "-d", clusterIP) }, tcpACK, tcActOK,
+			"entry flushed: the stale NAT verdict keeps the (always correct) stack path"},
+		{nil, tcpRST | tcpACK, tcActRedirect, "RST asks again: no connection"},
+		{func() { conntrackIn(t, netns, append([]string{"-I", "-t", "60"}, nat...)...) }, tcpFIN | tcpACK, tcActOK, "FIN asks again"},
+	}
+	for i, st := range steps {
+		if st.do != nil {
+			st.do()
+		}
+		ret, _ := runIn(t, netns, n, datapath.FromPod, seg(st.flags))
+		if ret != st.verdict {
+			t.Fatalf("step %d (%s): verdict %d, want %d", i, st.why, ret, st.verdict)
+		}
+	}
+	// One tuple, one recorded verdict.
+	var k [12]byte
+	var v uint32
+	entries := 0
+	it := n.d.Maps.CtVerdicts.Iterate()
+	for it.Next(&k, &v) {
+		entries++
+	}
+	if err := it.Err(); err != nil || entries != 1 {
+		t.Fatalf("ct_verdicts holds %d entries (%v), want 1", entries, err)
+	}
+}
+
+// TestNATVerdictUDPAsksEveryDatagram: UDP has no handshake, so a NAT entry
+// made between two datagrams of one flow takes effect at once.
+func TestNATVerdictUDPAsksEveryDatagram(t *testing.T) {
+	requireFeature(t, datapath.FeatureCTKfuncs)
+	netns := mustConntrackNS(t)
+	n := newPodNode(t)
+	in := fromPod(udpPacket(podA.IP, podB.IP))
+	if ret, _ := runIn(t, netns, n, datapath.FromPod, in); ret != tcActRedirect {
+		t.Fatalf("no connection: verdict %d, want redirect", ret)
+	}
+	conntrackIn(t, netns, "-I", "-t", "60", "-p", "udp", "-s", podB.IP.String(), "-d", clusterIP,
+		"--sport", "53", "--dport", "40000", "--dst-nat", podA.IP.String())
+	if ret, _ := runIn(t, netns, n, datapath.FromPod, in); ret != tcActOK {
+		t.Fatalf("NATed: verdict %d, want TC_ACT_OK", ret)
 	}
 }
 

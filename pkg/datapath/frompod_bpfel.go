@@ -19,6 +19,14 @@ const (
 	fromPodConfigFlagsCFG_TRACE fromPodConfigFlags = 1
 )
 
+type fromPodCtFlow struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+}
+
 type fromPodEndpoint struct {
 	_       structs.HostLayout
 	Ip      uint32
@@ -162,6 +170,7 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	fromPodMapConfig        = "config"
+	fromPodMapCtVerdicts    = "ct_verdicts"
 	fromPodMapEndpoints     = "endpoints"
 	fromPodMapEpByIfindex   = "ep_by_ifindex"
 	fromPodMapEpMeta        = "ep_meta"
@@ -228,6 +237,7 @@ type fromPodProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodMapSpecs struct {
 	Config       *ebpf.MapSpec `ebpf:"config"`
+	CtVerdicts   *ebpf.MapSpec `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
@@ -270,6 +280,7 @@ func (o *fromPodObjects) Close() error {
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodMaps struct {
 	Config       *ebpf.Map `ebpf:"config"`
+	CtVerdicts   *ebpf.Map `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
@@ -283,6 +294,7 @@ type fromPodMaps struct {
 func (m *fromPodMaps) Close() error {
 	return _FromPodClose(
 		m.Config,
+		m.CtVerdicts,
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,

@@ -17,6 +17,7 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	fromUplinkMapConfig       = "config"
+	fromUplinkMapCtVerdicts   = "ct_verdicts"
 	fromUplinkMapEndpoints    = "endpoints"
 	fromUplinkMapEpByIfindex  = "ep_by_ifindex"
 	fromUplinkMapEpMeta       = "ep_meta"
@@ -80,6 +81,7 @@ type fromUplinkProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromUplinkMapSpecs struct {
 	Config       *ebpf.MapSpec `ebpf:"config"`
+	CtVerdicts   *ebpf.MapSpec `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
@@ -119,6 +121,7 @@ func (o *fromUplinkObjects) Close() error {
 // It can be passed to loadFromUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromUplinkMaps struct {
 	Config       *ebpf.Map `ebpf:"config"`
+	CtVerdicts   *ebpf.Map `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
@@ -132,6 +135,7 @@ type fromUplinkMaps struct {
 func (m *fromUplinkMaps) Close() error {
 	return _FromUplinkClose(
 		m.Config,
+		m.CtVerdicts,
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,

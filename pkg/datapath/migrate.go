@@ -86,6 +86,7 @@ var layouts = map[string][]layout{
 	"events":        {{version: 1, shape: shape{ebpf.RingBuf, 0, 0, 256 * 1024, 0}}},
 	// New since v0.1.0; its first shape is its version 1.
 	"event_buckets": {{version: 1, shape: shape{ebpf.PerCPUArray, 4, 16, 64, 0}}},
+	"ct_verdicts":   {{version: 1, shape: shape{ebpf.LRUHash, 12, 4, 65536, 0}}},
 	"config": {
 		// v0.1.0's struct node_config; builds after it appended
 		// event_rate and event_burst under the same pin.

@@ -17,6 +17,7 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	toUplinkMapConfig       = "config"
+	toUplinkMapCtVerdicts   = "ct_verdicts"
 	toUplinkMapEndpoints    = "endpoints"
 	toUplinkMapEpByIfindex  = "ep_by_ifindex"
 	toUplinkMapEpMeta       = "ep_meta"
@@ -78,6 +79,7 @@ type toUplinkProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type toUplinkMapSpecs struct {
 	Config       *ebpf.MapSpec `ebpf:"config"`
+	CtVerdicts   *ebpf.MapSpec `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.MapSpec `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.MapSpec `ebpf:"ep_meta"`
@@ -115,6 +117,7 @@ func (o *toUplinkObjects) Close() error {
 // It can be passed to loadToUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type toUplinkMaps struct {
 	Config       *ebpf.Map `ebpf:"config"`
+	CtVerdicts   *ebpf.Map `ebpf:"ct_verdicts"`
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	EpByIfindex  *ebpf.Map `ebpf:"ep_by_ifindex"`
 	EpMeta       *ebpf.Map `ebpf:"ep_meta"`
@@ -128,6 +131,7 @@ type toUplinkMaps struct {
 func (m *toUplinkMaps) Close() error {
 	return _ToUplinkClose(
 		m.Config,
+		m.CtVerdicts,
 		m.Endpoints,
 		m.EpByIfindex,
 		m.EpMeta,
