@@ -14,6 +14,7 @@
 #include "lib/ipv4.h"
 #include "lib/verdict.h"
 #include "lib/vxlan.h"
+#include "lib/decap.h"
 
 #define PROG PROG_FROM_UPLINK
 
@@ -49,27 +50,6 @@ static __always_inline int is_our_vxlan(struct __sk_buff *skb, const struct node
 	return udp->dest == bpf_htons(cfg->vxlan_port);
 }
 
-/* Whom the sending node vouches for: its own pods, and itself. */
-enum inner_source {
-	INNER_REMOTE_POD,  /* a pod of the node that sent the tunnel */
-	INNER_REMOTE_NODE, /* that node itself: host network, NodePort SNAT */
-	INNER_FORGED,      /* anybody else: another node's pod, ours, the world */
-};
-
-/* VXLAN carries no authentication: a known node (or whoever forges its
- * address) could otherwise claim any source, and our pods would answer
- * another node's pod or trust a packet "from" their neighbour. A pod CIDR
- * in the node map names its node; only that node may send from it. */
-static __always_inline enum inner_source inner_source(const struct iphdr *inner, __be32 outer_src)
-{
-	struct lpm_v4_key key = { .prefixlen = 32, .addr = inner->saddr };
-	const struct node_info *node = bpf_map_lookup_elem(&nodes, &key);
-
-	if (node)
-		return node->node_ip == outer_src ? INNER_REMOTE_POD : INNER_FORGED;
-	return inner->saddr == outer_src ? INNER_REMOTE_NODE : INNER_FORGED;
-}
-
 SEC("tcx/ingress")
 int from_uplink(struct __sk_buff *skb)
 {
@@ -79,7 +59,7 @@ int from_uplink(struct __sk_buff *skb)
 	struct vxlan_outer *h;
 	struct iphdr *inner;
 	void *data_end;
-	enum stat_id via_host = STAT_MAX; /* STAT_MAX: not via the host */
+	enum stat_id via_host;
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
@@ -114,20 +94,8 @@ int from_uplink(struct __sk_buff *skb)
 	if (!ep)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
 
-	/* This node routes the inner packet once; some packets must be routed
-	 * by the host stack instead, which gets them decapsulated, as they
-	 * came: with TTL 1, so that it answers; anything for a pod whose veth
-	 * shapes its traffic (EP_HOST_PATH); anything not from a remote pod
-	 * (a node's own traffic, NodePort and node-to-service traffic), since
-	 * the pod's replies to such sources always cross the stack, and
-	 * conntrack must see both directions or it marks them INVALID (which
-	 * kube-proxy drops); and a reply in a connection this node NATed (a
-	 * pod's request to a service whose backend is elsewhere), or one
-	 * conntrack cannot be asked about here, so that conntrack reverses it. */
-	if (inner->ttl <= 1 || (ep->flags & EP_HOST_PATH) || src != INNER_REMOTE_POD)
-		via_host = STAT_TO_HOST;
-	else
-		via_host = ct_host_path(skb, inner, sizeof(struct vxlan_outer));
+	/* See decap_host_path: some packets are routed by the host stack. */
+	via_host = decap_host_path(skb, inner, sizeof(struct vxlan_outer), ep, src);
 	if (via_host == STAT_MAX)
 		ipv4_decrease_ttl(inner);
 

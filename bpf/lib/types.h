@@ -142,6 +142,7 @@ enum prog_id {
 	PROG_FROM_POD = 1,
 	PROG_FROM_UPLINK,
 	PROG_TO_UPLINK,
+	PROG_FROM_TUNNEL,
 };
 
 enum event_kind {

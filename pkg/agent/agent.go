@@ -136,7 +136,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 	}
 	// After from_uplink is attached: the device's socket must never see what
 	// from_uplink takes.
-	ensureGRODevice(cfg.VXLANPort, cfg.NoVXLANGRO, log)
+	a.setupTunnel(ensureGRODevice(cfg.VXLANPort, cfg.NoVXLANGRO, log))
 	if err := a.reconcile(); err != nil {
 		log.Error("reconcile endpoints", "err", err)
 	}

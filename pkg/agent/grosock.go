@@ -17,6 +17,7 @@ import (
 	"syscall"
 
 	"github.com/patchcord/patchcord/internal/ipv6off"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/vishvananda/netlink"
 )
 
@@ -38,14 +39,15 @@ var groSysctls = []struct{ key, value string }{
 
 // ensureGRODevice creates or repairs the GRO device for port; with off, it
 // removes it. Failure is a degraded mode, not an error: traffic flows
-// without GRO, so it is logged and the agent goes on.
-func ensureGRODevice(port uint16, off bool, log *slog.Logger) {
+// without GRO, so it is logged and the agent goes on. It reports whether
+// the device holds the port.
+func ensureGRODevice(port uint16, off bool, log *slog.Logger) bool {
 	log = log.With("dev", GRODevice, "vxlan_port", port)
 	if off {
 		if err := removeGRODevice(); err != nil {
 			log.Warn("remove the GRO device (--vxlan-gro=false)", "err", err)
 		}
-		return
+		return false
 	}
 	err := setupGRODevice(port)
 	switch {
@@ -58,6 +60,27 @@ func ensureGRODevice(port uint16, off bool, log *slog.Logger) {
 	default:
 		log.Warn("VXLAN GRO off: no device holds the VXLAN port; traffic flows unmerged", "err", err)
 	}
+	return err == nil
+}
+
+// setupTunnel attaches from_tunnel to the GRO device when it holds the
+// port, so that VXLAN the stack reassembled from fragments reaches pods,
+// and detaches it otherwise. Without it such VXLAN dies at the device, as
+// it did before; the rest of the datapath is unaffected, so a failure is
+// logged, not fatal.
+func (a *Agent) setupTunnel(held bool) {
+	log := a.log.With("prog", datapath.FromTunnel, "dev", GRODevice)
+	if !held {
+		if err := a.dp.Detach(datapath.FromTunnel, GRODevice); err != nil {
+			log.Warn("detach from the GRO device", "err", err)
+		}
+		return
+	}
+	if err := a.dp.Attach(datapath.FromTunnel, GRODevice, a.log); err != nil {
+		log.Warn("VXLAN in IP fragments (Flannel peers behind a smaller-MTU hop) is dropped: attach failed", "err", err)
+		return
+	}
+	log.Info("VXLAN reassembled from fragments is decapsulated by the kernel's vxlan socket and judged by from_tunnel")
 }
 
 // setupGRODevice makes GRODevice what it must be, reusing one a previous

@@ -123,6 +123,7 @@ const (
 	fromPodProgIdPROG_FROM_POD    fromPodProgId = 1
 	fromPodProgIdPROG_FROM_UPLINK fromPodProgId = 2
 	fromPodProgIdPROG_TO_UPLINK   fromPodProgId = 3
+	fromPodProgIdPROG_FROM_TUNNEL fromPodProgId = 4
 )
 
 type fromPodStatCounter struct {

@@ -21,6 +21,7 @@ var objects = []object{
 	{loadFromPod, _FromPodBytes},
 	{loadFromUplink, _FromUplinkBytes},
 	{loadToUplink, _ToUplinkBytes},
+	{loadFromTunnel, _FromTunnelBytes},
 }
 
 // ProgramInfo is what the ELF says of a program: its name (the C function)
@@ -62,7 +63,7 @@ var programs = sync.OnceValues(func() ([]ProgramInfo, error) {
 })
 
 // Programs lists the datapath's programs in the order of their objects:
-// from_pod, from_uplink, to_uplink.
+// from_pod, from_uplink, to_uplink, from_tunnel.
 func Programs() []ProgramInfo { return embedded(programs()) }
 
 // embedded returns what was read from the objects embedded in this binary,

@@ -14,12 +14,13 @@ func TestProgramsFromELF(t *testing.T) {
 		{FromPod, ebpf.AttachTCXIngress},
 		{FromUplink, ebpf.AttachTCXIngress},
 		{ToUplink, ebpf.AttachTCXEgress},
+		{FromTunnel, ebpf.AttachTCXIngress},
 	}
 	if got := Programs(); !slices.Equal(got, want) {
 		t.Fatalf("programs %+v, want %+v", got, want)
 	}
 	for _, p := range Programs() {
-		id := slices.IndexFunc([]ProgID{fromPodProgIdPROG_FROM_POD, fromPodProgIdPROG_FROM_UPLINK, fromPodProgIdPROG_TO_UPLINK},
+		id := slices.IndexFunc([]ProgID{fromPodProgIdPROG_FROM_POD, fromPodProgIdPROG_FROM_UPLINK, fromPodProgIdPROG_TO_UPLINK, fromPodProgIdPROG_FROM_TUNNEL},
 			func(id ProgID) bool { return id.String() == p.Name })
 		if id < 0 {
 			t.Errorf("enum prog_id names no %s", p.Name)

@@ -49,6 +49,8 @@ const (
 	FromPod    = "from_pod"
 	FromUplink = "from_uplink"
 	ToUplink   = "to_uplink"
+	// FromTunnel is attached to the agent's GRO device (pkg/agent).
+	FromTunnel = "from_tunnel"
 )
 
 // enumValues reads the constants of a C enum from the datapath's own BTF,

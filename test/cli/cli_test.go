@@ -18,6 +18,8 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/views"
 )
 
@@ -361,7 +363,7 @@ func TestStatusAndProgList(t *testing.T) {
 	if cfg := st.Config; cfg == nil || !cfg.Configured || cfg.NodeIP != c.n.IP.String() || cfg.Uplink != "eth0" || cfg.VNI != 1 || cfg.VXLANPort != 4789 || cfg.PodMTU != 1450 {
 		t.Errorf("node config: %+v", cfg)
 	}
-	if len(st.Programs) != 3 || slices.ContainsFunc(st.Programs, func(p views.Program) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
+	if len(st.Programs) != len(datapath.Programs()) || slices.ContainsFunc(st.Programs, func(p views.Program) bool { return p.ID == 0 || len(p.Tag) != 16 }) {
 		t.Errorf("programs: %+v", st.Programs)
 	}
 	if out, err := c.n.CLI(ctx, "status"); err != nil || !bytes.Contains(out, []byte("Status       OK")) {
@@ -374,6 +376,7 @@ func TestStatusAndProgList(t *testing.T) {
 		{"from_pod", epB.Ifname, "ingress", "ok"},
 		{"from_uplink", "eth0", "ingress", "ok"},
 		{"to_uplink", "eth0", "egress", "ok"},
+		{"from_tunnel", agent.GRODevice, "ingress", "ok"},
 	}
 	slices.SortFunc(want[:2], func(a, b key) int { return strings.Compare(a.ifname, b.ifname) })
 	progKeys := func(rows []views.Prog) []key {

@@ -251,6 +251,31 @@ func TestFlannelInterop(t *testing.T) {
 		}
 	})
 
+	// A hop of smaller MTU between the Flannel node and n1, which the
+	// Flannel node's route to n1 stands for: flannel.1 sends its outer
+	// packets without DF, so a packet that no longer fits is fragmented.
+	// n1's stack reassembles it, pc-gro0's socket decapsulates it and
+	// from_tunnel hands it to the pod; before, it died at the socket.
+	t.Run("outer fragments", func(t *testing.T) {
+		if out, err := fl.Exec(ctx, "ip", "route", "replace", n1.IP.String()+"/32", "dev", "eth0", "mtu", "1400"); err != nil {
+			t.Fatalf("route with mtu 1400: %v\n%s", err, out)
+		}
+		defer fl.Exec(ctx, "ip", "route", "del", n1.IP.String()+"/32")
+		b := e2e.Stats(t, ctx, n1)
+		// 1422 bytes of payload: an inner packet of the pod MTU, 1500
+		// bytes outside, two fragments on a 1400-byte hop.
+		e2e.Ping(t, ctx, fpod, p1.IP.String(), "-M", "dont", "-s", "1422")
+		a := e2e.Stats(t, ctx, n1)
+		if dec := e2e.Delta(b, a, "decap"); dec.Packets < 3 {
+			t.Errorf("%s: decap grew by %d for 3 fragmented echo requests", n1.NetNS, dec.Packets)
+		}
+		for _, reason := range []string{"drop_unknown_tunnel", "drop_bad_vni", "drop_no_endpoint", "drop_malformed", "drop_inner_spoofed"} {
+			if d := e2e.Delta(b, a, reason); d.Packets != 0 {
+				t.Errorf("%s: %s grew by %d", n1.NetNS, reason, d.Packets)
+			}
+		}
+	})
+
 	t.Run("tcp", func(t *testing.T) {
 		e2e.IperfServer(t, ctx, fpod, 5201)
 		e2e.IperfServer(t, ctx, p1, 5201)
