@@ -101,7 +101,7 @@ KERNEL_TESTS := pkg/datapath test/samenode test/crossnode test/runtime
 KERNEL_RUN ?=
 KERNEL_CI := bin/kernels/datapath.test:pkg/datapath:TestProbeFeatures|TestFeaturesCheck|TestFromUplinkDecap|TestFromPodEncap$$|TestFromPodLocalRedirect$$|TestTCAttach|TestAttachIdempotentAndDetach|TestNATCheck|TestNATVerdict|TestFromTunnel \
 	bin/kernels/samenode.test:test/samenode:TestSameNode/chained-ptp/(ping|counters|spoofing) \
-	bin/kernels/crossnode.test:test/crossnode:TestMesh$$|TestAgentKillRestart|TestFlannelInterop \
+	bin/kernels/crossnode.test:test/crossnode:TestMesh$$|TestAgentKillRestart \
 	bin/kernels/runtime.test:test/runtime:TestKillMidAdd/cnitool
 test-kernels: deps tools build
 	$(call install-missing,qemu-system-x86 busybox-static kmod)
