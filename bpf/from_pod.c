@@ -77,11 +77,8 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 		count(via_host, skb->len);
 		return TC_ACT_OK;
 	}
-	mac_copy(eth->h_source, dst->host_mac);
-	mac_copy(eth->h_dest, dst->mac);
 	ipv4_decrease_ttl(ip);
-	forwarded(skb, node_config(), STAT_LOCAL_REDIRECT, PROG, dst->ifindex);
-	return bpf_redirect_peer(dst->ifindex, 0);
+	return redirect_to_pod(skb, eth, dst, node_config(), STAT_LOCAL_REDIRECT, PROG);
 }
 
 /* Whether the packet, or one segment of a GSO packet, is longer than the

@@ -67,11 +67,6 @@ int from_tunnel(struct __sk_buff *skb)
 		return drop(skb, STAT_DROP_NO_ENDPOINT, PROG);
 
 	via_host = decap_host_path(skb, inner, sizeof(*eth), ep, src);
-	/* ct_host_path may have read paged data: headers again. */
-	eth = ctx_data(skb);
-	inner = (void *)(eth + 1);
-	if ((void *)(inner + 1) > ctx_data_end(skb))
-		return drop(skb, STAT_DROP_MALFORMED, PROG);
 	if (via_host != STAT_MAX) {
 		/* The stack takes it as from_uplink's host path gives it: on
 		 * the uplink, addressed to it. pc-gro0 forwards nothing. */
@@ -81,10 +76,7 @@ int from_tunnel(struct __sk_buff *skb)
 		return bpf_redirect(cfg->uplink_ifindex, BPF_F_INGRESS);
 	}
 	ipv4_decrease_ttl(inner);
-	mac_copy(eth->h_source, ep->host_mac);
-	mac_copy(eth->h_dest, ep->mac);
-	forwarded(skb, cfg, STAT_DECAP, PROG, ep->ifindex);
-	return bpf_redirect_peer(ep->ifindex, 0);
+	return redirect_to_pod(skb, eth, ep, cfg, STAT_DECAP, PROG);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

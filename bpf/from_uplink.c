@@ -125,10 +125,7 @@ int from_uplink(struct __sk_buff *skb)
 		count(via_host, skb->len);
 		return TC_ACT_OK;
 	}
-	mac_copy(h->eth.h_source, ep->host_mac);
-	mac_copy(h->eth.h_dest, ep->mac);
-	forwarded(skb, cfg, STAT_DECAP, PROG, ep->ifindex);
-	return bpf_redirect_peer(ep->ifindex, 0);
+	return redirect_to_pod(skb, &h->eth, ep, cfg, STAT_DECAP, PROG);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

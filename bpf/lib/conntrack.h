@@ -81,23 +81,28 @@ static __always_inline enum stat_id ct_lookup_nat(struct __sk_buff *skb, struct 
 	return natted ? STAT_TO_HOST_NAT : STAT_MAX;
 }
 
-/* Reads the ports of a TCP or UDP header at off into tuple; the header must
- * lie within the IP packet, which ends at end. Ports in the linear part are
- * read directly; elsewhere bpf_skb_load_bytes reads paged data and, unlike a
- * pull, leaves the caller's packet pointers valid. */
+/* Reads len bytes at off into to; they must lie within the IP packet,
+ * which ends at end. Bytes in the linear part are read directly; elsewhere
+ * bpf_skb_load_bytes reads paged data and, unlike a pull, leaves the
+ * caller's packet pointers valid. len must be a constant. */
+static __always_inline int ct_load(struct __sk_buff *skb, __u32 off, __u32 end, void *to, __u32 len)
+{
+	void *from = ctx_data(skb) + off;
+
+	if (off + len > end)
+		return -1;
+	if (from + len <= ctx_data_end(skb)) {
+		__builtin_memcpy(to, from, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
+/* Reads the ports of a TCP or UDP header at off into tuple. */
 static __always_inline int ct_load_ports(struct __sk_buff *skb, __u32 off, __u32 end,
 					 struct bpf_sock_tuple *tuple)
 {
-	__be16 *ports = ctx_data(skb) + off;
-
-	if (off + 4 > end)
-		return -1;
-	if ((void *)(ports + 2) <= ctx_data_end(skb)) {
-		tuple->ipv4.sport = ports[0];
-		tuple->ipv4.dport = ports[1];
-		return 0;
-	}
-	return bpf_skb_load_bytes(skb, off, &tuple->ipv4.sport, 4);
+	return ct_load(skb, off, end, &tuple->ipv4.sport, 4);
 }
 
 /* An ICMP error is NATed when the packet it quotes is: conntrack finds its
@@ -143,7 +148,7 @@ static __always_inline enum stat_id ct_icmp_verdict(struct __sk_buff *skb, __u32
 /* The NAT check of a TCP segment, decided once per connection: a segment
  * with SYN, FIN or RST asks conntrack and records the answer in ct_verdicts;
  * every other segment of the connection takes the recorded answer (a hash
- * probe instead of a conntrack lookup, about 100 ns less). It stays true
+ * probe instead of a conntrack lookup: see README's cost table). It stays true
  * because a NATed connection is created only by the stack, from a packet
  * crossing it, and its first packet in either direction carries SYN: the
  * client's SYN, the backend's SYN-ACK. So a connection that a tuple's
@@ -158,26 +163,15 @@ static __always_inline enum stat_id ct_icmp_verdict(struct __sk_buff *skb, __u32
 static __always_inline enum stat_id ct_tcp_verdict(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
 						   __u32 l4_off, __u32 end)
 {
-	struct ct_flow key = {
-		.saddr = tuple->ipv4.saddr,
-		.daddr = tuple->ipv4.daddr,
-		.sport = tuple->ipv4.sport,
-		.dport = tuple->ipv4.dport,
-	};
-	__u8 *p = ctx_data(skb) + l4_off + TCP_FLAGS_OFF;
 	enum stat_id verdict;
 	__u32 *cached, v;
 	__u8 flags;
 
 	/* Without its flags the segment cannot be judged: ask every time. */
-	if (l4_off + TCP_FLAGS_OFF + 1 > end)
-		return ct_lookup_nat(skb, tuple, IPPROTO_TCP);
-	if ((void *)(p + 1) <= ctx_data_end(skb))
-		flags = *p;
-	else if (bpf_skb_load_bytes(skb, l4_off + TCP_FLAGS_OFF, &flags, 1))
+	if (ct_load(skb, l4_off + TCP_FLAGS_OFF, end, &flags, 1))
 		return ct_lookup_nat(skb, tuple, IPPROTO_TCP);
 	if (!(flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
-		cached = bpf_map_lookup_elem(&ct_verdicts, &key);
+		cached = bpf_map_lookup_elem(&ct_verdicts, &tuple->ipv4);
 		if (cached)
 			return *cached;
 	}
@@ -185,7 +179,7 @@ static __always_inline enum stat_id ct_tcp_verdict(struct __sk_buff *skb, struct
 	v = verdict;
 	/* A failed update (the LRU cannot fail for room) only costs the
 	 * next segment a lookup. */
-	bpf_map_update_elem(&ct_verdicts, &key, &v, BPF_ANY);
+	bpf_map_update_elem(&ct_verdicts, &tuple->ipv4, &v, BPF_ANY);
 	return verdict;
 }
 

@@ -52,14 +52,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tunnel_srcs SEC(".maps");
 
-/* TCP 4-tuple -> the NAT check's verdict (lib/conntrack.h ct_tcp_verdict).
+/* TCP 4-tuple, as the NAT check's struct bpf_sock_tuple holds it, in the
+ * packet's direction -> the check's verdict (lib/conntrack.h ct_tcp_verdict).
  * LRU: a pod opening connections by the thousand evicts other flows'
  * verdicts, which then cost one conntrack lookup again, never a wrong one. */
 #define MAX_CT_VERDICTS 65536
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_CT_VERDICTS);
-	__type(key, struct ct_flow);
+	__type(key, typeof(((struct bpf_sock_tuple *)0)->ipv4));
 	__type(value, __u32); /* enum stat_id */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ct_verdicts SEC(".maps");

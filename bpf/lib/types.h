@@ -50,15 +50,6 @@ struct endpoint_meta {
 	char network[64];     /* the conflist's name: GC of one network leaves others alone */
 };
 
-/* A TCP connection's 4-tuple in the direction of the packet, laid out as
- * struct bpf_sock_tuple's ipv4 member. */
-struct ct_flow {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-};
-
 struct lpm_v4_key {
 	__u32 prefixlen;
 	__u32 addr;

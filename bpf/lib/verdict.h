@@ -7,6 +7,7 @@
 
 #include "maps.h"
 #include "ipv4.h"
+#include "eth.h"
 
 static __always_inline void count(enum stat_id id, __u32 len)
 {
@@ -152,4 +153,17 @@ static __always_inline void forwarded(struct __sk_buff *skb, const struct node_c
 				      enum stat_id path, enum prog_id prog, __u32 target)
 {
 	forwarded_at(skb, cfg, path, prog, target, skb->len, 0);
+}
+
+/* Hands the frame at eth to the pod of ep past the host stack, from its
+ * gateway (the host veth) to the pod, counted and traced under path: the
+ * last step of every path that ends in a pod. */
+static __always_inline int redirect_to_pod(struct __sk_buff *skb, struct ethhdr *eth,
+					   const struct endpoint *ep, const struct node_config *cfg,
+					   enum stat_id path, enum prog_id prog)
+{
+	mac_copy(eth->h_source, ep->host_mac);
+	mac_copy(eth->h_dest, ep->mac);
+	forwarded(skb, cfg, path, prog, ep->ifindex);
+	return bpf_redirect_peer(ep->ifindex, 0);
 }

@@ -76,7 +76,7 @@ func (a *Agent) setupTunnel(held bool) {
 		}
 		return
 	}
-	if err := a.dp.Attach(datapath.FromTunnel, GRODevice, a.log); err != nil {
+	if err := a.dp.Attach(datapath.FromTunnel, GRODevice, log); err != nil {
 		log.Warn("VXLAN in IP fragments (Flannel peers behind a smaller-MTU hop) is dropped: attach failed", "err", err)
 		return
 	}

@@ -123,11 +123,6 @@ func TestNATVerdictPerTCPConnection(t *testing.T) {
 	}
 	nat := []string{"-p", "tcp", "-s", podB.IP.String(), "-d", clusterIP, "--sport", "41000", "--dport", "8080",
 		"--dst-nat", podA.IP.String(), "--state", "ESTABLISHED"}
-	const (
-		tcpFIN = 0x01
-		tcpSYN = 0x02
-		tcpRST = 0x04
-	)
 	netns := mustConntrackNS(t)
 	n := newPodNode(t)
 	steps := []struct {

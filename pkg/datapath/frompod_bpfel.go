@@ -19,14 +19,6 @@ const (
 	fromPodConfigFlagsCFG_TRACE fromPodConfigFlags = 1
 )
 
-type fromPodCtFlow struct {
-	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
-	Sport uint16
-	Dport uint16
-}
-
 type fromPodEndpoint struct {
 	_       structs.HostLayout
 	Ip      uint32

@@ -34,8 +34,11 @@ const (
 	ipDF = 0x4000
 	ipMF = 0x2000
 
-	tcpACK = 0x10
+	tcpFIN = 0x01
+	tcpSYN = 0x02
+	tcpRST = 0x04
 	tcpPSH = 0x08
+	tcpACK = 0x10
 
 	ethHdrLen   = 14
 	arpLen      = 28
