@@ -1,7 +1,9 @@
 package datapath
 
 import (
+	"bytes"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -19,6 +21,24 @@ func TestProgramsFromELF(t *testing.T) {
 	if got := Programs(); !slices.Equal(got, want) {
 		t.Fatalf("programs %+v, want %+v", got, want)
 	}
+	// The table is read from symbols alone; cilium/ebpf, which loads the
+	// programs, must read the same from the full parse.
+	var full []ProgramInfo
+	for _, o := range objects {
+		spec, err := o.load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ps []ProgramInfo
+		for name, p := range spec.Programs {
+			ps = append(ps, ProgramInfo{name, p.AttachType})
+		}
+		slices.SortFunc(ps, func(a, b ProgramInfo) int { return strings.Compare(a.Name, b.Name) })
+		full = append(full, ps...)
+	}
+	if !slices.Equal(full, Programs()) {
+		t.Errorf("cilium/ebpf reads programs %+v from the objects, the symbol table %+v", full, Programs())
+	}
 	for _, p := range Programs() {
 		id := slices.IndexFunc([]ProgID{fromPodProgIdPROG_FROM_POD, fromPodProgIdPROG_FROM_UPLINK, fromPodProgIdPROG_TO_UPLINK, fromPodProgIdPROG_FROM_TUNNEL},
 			func(id ProgID) bool { return id.String() == p.Name })
@@ -31,5 +51,14 @@ func TestProgramsFromELF(t *testing.T) {
 	}
 	if s := ProgID(99).String(); s != "prog_99" {
 		t.Errorf("unknown prog ID reads %q, want prog_99", s)
+	}
+}
+
+// A function in a section no hook runs is a build bug, said by name.
+func TestProgramsOutsideHookSection(t *testing.T) {
+	obj := bytes.ReplaceAll(_FromPodBytes, []byte("tcx/ingress\x00"), []byte("tcx/ingresz\x00"))
+	_, err := elfPrograms(obj)
+	if err == nil || !strings.Contains(err.Error(), `program from_pod is in section "tcx/ingresz"`) {
+		t.Fatalf("err = %v, want from_pod named with its section", err)
 	}
 }
