@@ -88,22 +88,60 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		}
 	}()
 
-	res, podIP, release, err := allocate(args, conf, log)
+	hostNS, err := ns.GetCurrentNS()
 	if err != nil {
-		return err
+		return fmt.Errorf("open host network namespace: %w", err)
 	}
-	undo = append(undo, release)
+	defer hostNS.Close()
+	// The veth comes first and is labelled at once, so that whatever a
+	// killed ADD leaves from here on, DEL finds by name and GC by label.
 	hostName := hostVethName(args.ContainerID, args.IfName)
-	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostName, mtu, podIP, log)
+	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostNS, hostName, mtu, log)
 	if delVeth != nil {
 		undo = append(undo, delVeth)
 	}
 	if err != nil {
 		return err
 	}
-	if err := setupHostVeth(hostName, conf.Name, podIP); err != nil {
+	if err := labelHostVeth(hostName, conf.Name); err != nil {
 		return err
 	}
+
+	// IPAM (an exec of its plugin) and the pod's addresses and routes run
+	// while from_pod is attached: a tcx attach waits out an RCU grace
+	// period (≈10 ms here), the longest step of ADD. The attachment is
+	// staged, recorded only by register.
+	leased := make(chan lease, 1)
+	go func() {
+		var l lease
+		// A new goroutine may run on any thread, and a caller that runs
+		// ADD in-process may have its own in another namespace.
+		err := hostNS.Do(func(ns.NetNS) error {
+			if l = allocate(args, conf, log); l.err == nil {
+				l.err = configure(args, netns, hostIf.Index, hostName, l.ip)
+			}
+			return nil
+		})
+		if err != nil && l.err == nil {
+			l.err = fmt.Errorf("enter host network namespace: %w", err)
+		}
+		leased <- l
+	}()
+	staged, stageErr := stage(dp, hostName, conf, log)
+	l := <-leased
+	if l.release != nil {
+		undo = append(undo, l.release)
+	}
+	if staged != nil {
+		undo = append(undo, staged.Abort)
+	}
+	if l.err != nil {
+		return l.err
+	}
+	if stageErr != nil {
+		return stageErr
+	}
+	res, podIP := l.res, l.ip
 
 	ep := bpfmaps.EndpointInfo{
 		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
@@ -111,7 +149,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 		Network: conf.Name, HostPath: conf.hostPath(),
 	}
-	if err := register(dp, eps, ep, conf, log); err != nil {
+	if err := register(dp, eps, ep, staged, log); err != nil {
 		return err
 	}
 	undo = append(undo, func() { unregister(dp, eps, ep, log) })
@@ -136,9 +174,17 @@ func primaryResult(res *current.Result, args *skel.CmdArgs, hostIf, podIf net.In
 	return res
 }
 
-// allocate leases the pod's address from the IPAM plugin. On success,
-// release gives the lease back, for a later step's failure.
-func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (res *current.Result, podIP netip.Addr, release func(), err error) {
+// lease is what allocate got from the IPAM plugin; release, set once an
+// address is leased, gives it back for a later step's failure.
+type lease struct {
+	res     *current.Result
+	ip      netip.Addr
+	release func()
+	err     error
+}
+
+// allocate leases the pod's address from the IPAM plugin.
+func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) lease {
 	r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
 	if err != nil {
 		// The IPAM plugin's own code says best whether to retry (an
@@ -149,41 +195,34 @@ func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (res *current
 		if errors.As(err, &te) {
 			code = te.Code
 		}
-		return nil, podIP, nil, types.NewError(code, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())
+		return lease{err: types.NewError(code, fmt.Sprintf("ipam plugin %q failed: check the ipam section", conf.IPAM.Type), err.Error())}
 	}
-	release = func() {
+	l := lease{release: func() {
 		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
 			log.Warn("release address after failed ADD", "err", err)
 		}
+	}}
+	if l.res, err = current.NewResultFromResult(r); err != nil {
+		l.err = types.NewError(types.ErrDecodingFailure, "cannot read the ipam plugin's result", err.Error())
+		return l
 	}
-	res, err = current.NewResultFromResult(r)
-	if err != nil {
-		release()
-		return nil, podIP, nil, types.NewError(types.ErrDecodingFailure, "cannot read the ipam plugin's result", err.Error())
-	}
-	if podIP, err = singleIPv4(res.IPs); err != nil {
-		release()
-		return nil, podIP, nil, err
-	}
-	return res, podIP, release, nil
+	l.ip, l.err = singleIPv4(l.res.IPs)
+	return l
 }
 
-// setupContainerVeth makes the veth pair from inside the pod's namespace and
-// configures the pod's end. delVeth, non-nil once the pair exists (even when
-// err is set), deletes it again.
-func setupContainerVeth(args *skel.CmdArgs, netns ns.NetNS, hostName string, mtu int, podIP netip.Addr, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
-	hostNS, err := ns.GetCurrentNS()
-	if err != nil {
-		return hostIf, podIf, nil, fmt.Errorf("open host network namespace: %w", err)
-	}
-	defer hostNS.Close()
+// setupContainerVeth makes the veth pair from inside the pod's namespace,
+// the pod's end down and without IPv6. delVeth, non-nil once the pair
+// exists (even when err is set), deletes it again.
+func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName string, mtu int, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
 	err = netns.Do(func(ns.NetNS) error {
 		var err error
 		hostIf, podIf, err = ip.SetupVethWithName(args.IfName, hostName, mtu, "", hostNS)
 		if err != nil {
 			return err
 		}
-		return configurePod(args.IfName, podIP)
+		// Before the link is up, so that the pod never sends the router
+		// solicitations and MLD reports from_pod would drop as drop_ipv6.
+		return ipv6off.Disable(args.IfName)
 	})
 	if hostIf.Name != "" {
 		delVeth = func() {
@@ -198,9 +237,10 @@ func setupContainerVeth(args *skel.CmdArgs, netns ns.NetNS, hostName string, mtu
 	return hostIf, podIf, delVeth, nil
 }
 
-// setupHostVeth readies the host end: the host reaches the pod (kubelet
-// probes, node traffic) through the ordinary stack along its route.
-func setupHostVeth(hostName, network string, podIP netip.Addr) error {
+// labelHostVeth readies the host end before it carries anything: no IPv6,
+// and the alias that tells GC which network's veth this is, even when an
+// ADD died before registering it anywhere.
+func labelHostVeth(hostName, network string) error {
 	hostLink, err := netlink.LinkByName(hostName)
 	if err != nil {
 		return fmt.Errorf("find host veth %s: %w", hostName, err)
@@ -208,13 +248,26 @@ func setupHostVeth(hostName, network string, podIP netip.Addr) error {
 	if err := ipv6off.Disable(hostName); err != nil {
 		return err
 	}
-	// The alias tells GC which network's veth this is, even when an ADD
-	// died before registering it anywhere.
 	if err := netlink.LinkSetAlias(hostLink, vethAlias(network)); err != nil {
 		return fmt.Errorf("label host veth %s: %w", hostName, err)
 	}
+	return nil
+}
+
+// configure gives the pod its address and routes, and the host its route
+// to the pod.
+func configure(args *skel.CmdArgs, netns ns.NetNS, hostIndex int, hostName string, podIP netip.Addr) error {
+	if err := netns.Do(func(ns.NetNS) error { return configurePod(args.IfName, podIP) }); err != nil {
+		return fmt.Errorf("configure %s in %s: %w", args.IfName, args.Netns, err)
+	}
+	return routeToPod(hostIndex, hostName, podIP)
+}
+
+// routeToPod is the host's way to the pod (kubelet probes, node traffic):
+// the ordinary stack along a /32 through the host veth.
+func routeToPod(hostIndex int, hostName string, podIP netip.Addr) error {
 	if err := netlink.RouteReplace(&netlink.Route{
-		LinkIndex: hostLink.Attrs().Index,
+		LinkIndex: hostIndex,
 		Dst:       prefixNet(netip.PrefixFrom(podIP, 32)),
 		Scope:     netlink.SCOPE_LINK,
 	}); err != nil {
@@ -268,17 +321,36 @@ func addChained(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) error {
 		Container: args.ContainerID, PodIfname: args.IfName, Netns: args.Netns,
 		Network: conf.Name, HostPath: conf.hostPath(),
 	}
-	if err := register(dp, bpfmaps.NewEndpoints(&dp.Maps), ep, conf, log); err != nil {
+	staged, err := stage(dp, ep.Ifname, conf, log)
+	if err != nil {
+		return err
+	}
+	defer staged.Abort()
+	if err := register(dp, bpfmaps.NewEndpoints(&dp.Maps), ep, staged, log); err != nil {
 		return err
 	}
 	log.Info("registered chained pod", "pod_ip", podIP, "host_ifname", hostLink.Attrs().Name)
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 }
 
-// register puts the endpoint in the maps and attaches from_pod, undoing the
-// first if the second fails. It holds the endpoint lock, so the agent's
-// reconcile never sees the endpoint without its link or the other way round.
-func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, conf *NetConf, log *slog.Logger) error {
+// stage attaches from_pod to the host veth, to be recorded by register.
+func stage(dp *datapath.Datapath, ifname string, conf *NetConf, log *slog.Logger) (*datapath.Staged, error) {
+	st := dp.Stage
+	if conf.shapedEgress() {
+		st = dp.StageYielding
+	}
+	s, err := st(datapath.FromPod, ifname, log)
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("cannot attach from_pod to %s", ifname), err.Error())
+	}
+	return s, nil
+}
+
+// register puts the endpoint in the maps and records its staged from_pod
+// attachment, undoing the first if the second fails. It holds the endpoint
+// lock, so the agent's reconcile never sees the endpoint without its link
+// or the other way round; the slow attach itself was done before.
+func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.EndpointInfo, staged *datapath.Staged, log *slog.Logger) error {
 	unlock, err := dp.LockEndpoints()
 	if err != nil {
 		return types.NewError(types.ErrInternal, "cannot lock the endpoint maps", err.Error())
@@ -298,11 +370,7 @@ func register(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.Endpoint
 		}
 		return types.NewError(code, msg, err.Error())
 	}
-	attach := dp.Attach
-	if conf.shapedEgress() {
-		attach = dp.AttachYielding
-	}
-	if err := attach(datapath.FromPod, ep.Ifname, log); err != nil {
+	if err := staged.Commit(); err != nil {
 		eps.DeleteIfOwned(ep.IP, ep.Ifindex)
 		return types.NewError(types.ErrInternal, fmt.Sprintf("cannot attach from_pod to %s", ep.Ifname), err.Error())
 	}
@@ -331,11 +399,6 @@ func configurePod(ifname string, podIP netip.Addr) error {
 	link, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("find %s: %w", ifname, err)
-	}
-	// Before the link is up, so that the pod never sends the router
-	// solicitations and MLD reports from_pod would drop as drop_ipv6.
-	if err := ipv6off.Disable(ifname); err != nil {
-		return err
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("set %s up: %w", ifname, err)

@@ -45,34 +45,91 @@ func (d *Datapath) linkPin(prog, ifname string) string {
 // and one left on a deleted interface of the same name is replaced; never
 // with a moment without a program on the interface.
 func (d *Datapath) Attach(prog, ifname string, log *slog.Logger) error {
-	p, err := d.Program(prog)
+	s, err := d.Stage(prog, ifname, log)
 	if err != nil {
 		return err
 	}
-	mode, err := d.mode(log)
-	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+	return s.Commit()
+}
+
+// Staged is an attachment whose program already runs on the interface but
+// is not recorded yet: Commit pins it, so that it outlives the process and
+// the agent's reconcile and DEL see it; Abort takes it off again. Until
+// Commit nothing on bpffs names it, so it is nobody's orphan to remove, and
+// a tcx link dies with the process that staged it. Attaching is the slow
+// part (a tcx attach waits for an RCU grace period, ≈18 ms on a 2-core
+// machine): staging it lets CNI ADD do it beside IPAM and outside the
+// endpoint lock, and commit under the lock.
+type Staged struct {
+	commit func() error
+	abort  func()
+	done   bool
+}
+
+// Commit records the attachment; if that fails, it is aborted.
+func (s *Staged) Commit() error {
+	if s.done {
+		return nil
 	}
-	pin := d.linkPin(prog, ifname)
-	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
-		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
-	}
-	info, _ := programInfo(prog)
-	if mode == AttachTC {
-		err = attachTC(info, ifname, p, pin)
-	} else {
-		err = attachTCX(info, ifname, p, pin, log)
-	}
-	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+	s.done = true
+	if err := s.commit(); err != nil {
+		s.abort()
+		return err
 	}
 	return nil
 }
 
-func attachTCX(info ProgramInfo, ifname string, p *ebpf.Program, pin string, log *slog.Logger) error {
+// Abort undoes the attachment unless it was committed. It may be called
+// after Commit, as a deferred cleanup.
+func (s *Staged) Abort() {
+	if !s.done {
+		s.done = true
+		s.abort()
+	}
+}
+
+// Stage is Attach up to the record: prog runs on ifname once it returns.
+func (d *Datapath) Stage(prog, ifname string, log *slog.Logger) (*Staged, error) {
+	p, err := d.Program(prog)
+	if err != nil {
+		return nil, err
+	}
+	mode, err := d.mode(log)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+	}
+	pin := d.linkPin(prog, ifname)
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return nil, fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+	}
+	info, _ := programInfo(prog)
+	var s *Staged
+	if mode == AttachTC {
+		s, err = stageTC(info, ifname, p, pin)
+	} else {
+		s, err = stageTCX(info, ifname, p, pin, log)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+	}
+	commit := s.commit
+	s.commit = func() error {
+		if err := commit(); err != nil {
+			return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+		}
+		return nil
+	}
+	return s, nil
+}
+
+// kept is a Staged for an attachment that was already in place and
+// recorded: there is nothing to commit, and nothing of ours to abort.
+func kept() *Staged { return &Staged{commit: func() error { return nil }, abort: func() {}} }
+
+func stageTCX(info ProgramInfo, ifname string, p *ebpf.Program, pin string, log *slog.Logger) (*Staged, error) {
 	iface, err := net.InterfaceByName(ifname)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	old, err := link.LoadPinnedLink(pin, nil)
 	switch {
@@ -80,9 +137,9 @@ func attachTCX(info ProgramInfo, ifname string, p *ebpf.Program, pin string, log
 		defer old.Close()
 		if done, err := refreshLink(old, iface.Index, p); done || err != nil {
 			if err != nil {
-				return fmt.Errorf("update link: %w", err)
+				return nil, fmt.Errorf("update link: %w", err)
 			}
-			return nil
+			return kept(), nil
 		}
 		log.Info("replacing attachment of a deleted interface", "prog", info.Name, "ifname", ifname)
 	case !errors.Is(err, fs.ErrNotExist):
@@ -93,33 +150,53 @@ func attachTCX(info ProgramInfo, ifname string, p *ebpf.Program, pin string, log
 	// links per hook, and the rename swaps the pin atomically.
 	l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: info.Attach})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer l.Close()
-	if err := replacePin(l, pin); err != nil {
-		return fmt.Errorf("pin link: %w", err)
-	}
-	return nil
+	return &Staged{
+		commit: func() error {
+			defer l.Close()
+			if err := replacePin(l, pin); err != nil {
+				return fmt.Errorf("pin link: %w", err)
+			}
+			return nil
+		},
+		// The last reference to an unpinned link detaches it.
+		abort: func() { l.Close() },
+	}, nil
 }
 
-// attachTC puts the filter in first and the record second: a process killed
-// in between leaves a working filter that the next Attach records.
-func attachTC(info ProgramInfo, ifname string, p *ebpf.Program, pin string) error {
+// stageTC puts the filter in and commits the record: a process killed in
+// between leaves a working filter that the next Attach records.
+func stageTC(info ProgramInfo, ifname string, p *ebpf.Program, pin string) (*Staged, error) {
 	if yielded(pin) {
 		// The slot's owner runs first whatever is added behind it.
-		return nil
+		return kept(), nil
 	}
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	f, err := tcFind(l, info)
+	if err != nil {
+		return nil, err
 	}
 	if err := tcAttach(l, info, p); err != nil {
-		return err
+		return nil, err
 	}
-	if err := pinRecord(p, pin); err != nil {
-		return fmt.Errorf("pin attachment record: %w", err)
+	abort := func() {}
+	if f == nil {
+		// Only a filter this call added is ours to take off.
+		abort = func() { tcDetach(l, info) }
 	}
-	return nil
+	return &Staged{
+		commit: func() error {
+			if err := pinRecord(p, pin); err != nil {
+				return fmt.Errorf("pin attachment record: %w", err)
+			}
+			return nil
+		},
+		abort: abort,
+	}, nil
 }
 
 // pinRecord pins p at pin as the record of a tc attachment. It pins a

@@ -189,25 +189,42 @@ func tcDetach(l netlink.Link, info ProgramInfo) error {
 // polices it instead (hostStackPolices). With tcx the slot stays free, and
 // this is Attach.
 func (d *Datapath) AttachYielding(prog, ifname string, log *slog.Logger) error {
+	s, err := d.StageYielding(prog, ifname, log)
+	if err != nil {
+		return err
+	}
+	return s.Commit()
+}
+
+// StageYielding is AttachYielding up to the record, as Stage is Attach's.
+func (d *Datapath) StageYielding(prog, ifname string, log *slog.Logger) (*Staged, error) {
 	mode, err := d.mode(log)
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+		return nil, fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
 	if mode != AttachTC {
-		return d.Attach(prog, ifname, log)
+		return d.Stage(prog, ifname, log)
 	}
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
+		return nil, fmt.Errorf("attach %s to %s: %w", prog, ifname, err)
 	}
 	if err := hostStackPolices(l); err != nil {
-		return fmt.Errorf("hand %s's policing to the host stack: %w", ifname, err)
+		return nil, fmt.Errorf("hand %s's policing to the host stack: %w", ifname, err)
 	}
-	if err := os.MkdirAll(d.linkPin(prog, ifname), 0o700); err != nil {
-		return fmt.Errorf("record yielded %s on %s: %w", prog, ifname, err)
-	}
-	log.Info("tc mode: ingress qdisc slot left to a later plugin, the host stack polices the pod", "prog", prog, "ifname", ifname)
-	return nil
+	pin := d.linkPin(prog, ifname)
+	return &Staged{
+		commit: func() error {
+			if err := os.MkdirAll(pin, 0o700); err != nil {
+				return fmt.Errorf("record yielded %s on %s: %w", prog, ifname, err)
+			}
+			log.Info("tc mode: ingress qdisc slot left to a later plugin, the host stack polices the pod", "prog", prog, "ifname", ifname)
+			return nil
+		},
+		// The policing stays: it is harmless, and the veth goes with
+		// a failed ADD.
+		abort: func() {},
+	}, nil
 }
 
 // hostStackPolices makes the host stack do for a yielded veth what from_pod

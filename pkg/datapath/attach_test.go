@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
@@ -246,4 +247,75 @@ func mustAttachDummy(t *testing.T, d *datapath.Datapath) ns.NetNS {
 		t.Fatal(err)
 	}
 	return netns
+}
+
+// programsOn counts the programs the kernel runs at dummy0's ingress: tcx
+// links, or cls_bpf filters in tc mode.
+func programsOn(t *testing.T, mode datapath.AttachMode) int {
+	t.Helper()
+	if mode == datapath.AttachTC {
+		return len(bpfFilters(t, "dummy0", netlink.HANDLE_MIN_INGRESS))
+	}
+	l, err := netlink.LinkByName("dummy0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(res.Programs)
+}
+
+// A staged attachment runs at once but is nobody's to see until Commit:
+// not listed, not Attached, so the agent's reconcile cannot take it for an
+// orphan. Abort takes it off; Commit records it, after which Abort is a
+// no-op (ADD defers it).
+func TestStagedAttach(t *testing.T) {
+	for _, mode := range []datapath.AttachMode{datapath.AttachTCX, datapath.AttachTC} {
+		t.Run(string(mode), func(t *testing.T) {
+			d := datapathtest.MustOpen(t)
+			if m, err := d.SetAttachMode(mode, datapathtest.Logger(t)); err != nil || m != mode {
+				t.Fatalf("set attach mode %s: got %q, %v", mode, m, err)
+			}
+			netns := mustDummyNS(t)
+			err := netns.Do(func(ns.NetNS) error {
+				s, err := d.Stage(datapath.FromPod, "dummy0", datapathtest.Logger(t))
+				if err != nil {
+					return err
+				}
+				if n := programsOn(t, mode); n != 1 {
+					t.Errorf("staged: %d programs on dummy0, want 1", n)
+				}
+				if atts, err := d.Attachments(); err != nil || len(atts) != 0 {
+					t.Errorf("staged: attachments %+v (%v), want none recorded", atts, err)
+				}
+				if d.Attached(datapath.FromPod, "dummy0") == nil {
+					t.Error("staged: Attached before Commit")
+				}
+				s.Abort()
+				if n := programsOn(t, mode); n != 0 {
+					t.Errorf("aborted: %d programs on dummy0, want 0", n)
+				}
+
+				if s, err = d.Stage(datapath.FromPod, "dummy0", datapathtest.Logger(t)); err != nil {
+					return err
+				}
+				if err := s.Commit(); err != nil {
+					return err
+				}
+				s.Abort()
+				if err := d.Attached(datapath.FromPod, "dummy0"); err != nil {
+					t.Errorf("committed: %v", err)
+				}
+				if n := programsOn(t, mode); n != 1 {
+					t.Errorf("committed, then Abort: %d programs on dummy0, want 1", n)
+				}
+				return d.Detach(datapath.FromPod, "dummy0")
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
 }

@@ -80,8 +80,9 @@ func lockRoot(root string) (unlock func(), err error) {
 
 // LockEndpoints serialises the writers of endpoints and their from_pod
 // links: CNI ADD's register, DEL's unregister and the agent's reconcile.
-// Each holds it only for its map and attach work, never for IPAM or veth
-// setup, so parallel ADDs wait on each other for well under a millisecond.
+// Each holds it only for its map work and its links' pins, never for IPAM,
+// veth setup or ADD's attach (staged before, see Staged), so parallel ADDs
+// wait on each other for well under a millisecond.
 // It is a lock of its own, taken after the root's: Open takes it too while
 // it may migrate maps, so nobody may Open while holding it. It fails with
 // ErrMapsReplaced where a migration replaced this handle's endpoint maps.
