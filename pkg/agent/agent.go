@@ -95,6 +95,9 @@ type Agent struct {
 	synced synced
 	masq   masqSets
 	set    []nodes.Node
+	// tunnel: from_tunnel is meant to be on the GRO device (it held the
+	// port when the agent started).
+	tunnel bool
 }
 
 // Run sets the node up, then follows src until ctx ends. The datapath stays
@@ -206,6 +209,9 @@ func (a *Agent) follow(ctx context.Context, src nodes.Source) error {
 			if err := a.reconcile(); err != nil {
 				a.log.Error("reconcile endpoints", "err", err)
 			}
+			if err := a.repairHooks(); err != nil {
+				a.log.Error("restore the node's attachments", "err", err)
+			}
 			// A failed sync is tried again here, in full, as is any
 			// sync once NodeResyncEvery has passed.
 			if a.set != nil && a.resyncDue() {
@@ -285,6 +291,27 @@ func (a *Agent) setupUplink() error {
 	}
 	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.MTU)
 	return nil
+}
+
+// repairHooks restores the node's own attachments where one is missing or
+// stale: detached by hand (bpftool, tc filter del), or gone with the GRO
+// device someone deleted. Without from_uplink the node's pods receive no
+// VXLAN; without to_uplink nothing stops a pod's forged VXLAN at the
+// uplink; without from_tunnel reassembled VXLAN is dropped.
+func (a *Agent) repairHooks() error {
+	var errs []error
+	uplink := a.uplink.Attrs().Name
+	for _, prog := range []string{datapath.FromUplink, datapath.ToUplink} {
+		if err := a.dp.Attached(prog, uplink); err != nil {
+			a.log.Warn("restoring the uplink's attachment", "prog", prog, "ifname", uplink, "found", err)
+			errs = append(errs, a.dp.Attach(prog, uplink, a.log))
+		}
+	}
+	if err := a.dp.Attached(datapath.FromTunnel, GRODevice); a.tunnel && err != nil {
+		a.log.Warn("restoring the GRO device and its attachment", "prog", datapath.FromTunnel, "ifname", GRODevice, "found", err)
+		a.setupTunnel(ensureGRODevice(a.cfg.VXLANPort, a.cfg.NoVXLANGRO, a.log))
+	}
+	return errors.Join(errs...)
 }
 
 // repairs is what one reconcile pass found to do, from a scan without the

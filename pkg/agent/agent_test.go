@@ -319,3 +319,55 @@ func TestAgentReconcilesOnStart(t *testing.T) {
 		return nil
 	})
 }
+
+// A running agent puts back the node's own attachments: from_uplink
+// detached by hand, and the GRO device deleted along with from_tunnel.
+func TestAgentRestoresNodeHooks(t *testing.T) {
+	root := datapathtest.MustBPFFS(t)
+	netns := mustNodeNS(t)
+	log := datapathtest.Logger(t)
+	ready := filepath.Join(t.TempDir(), "ready")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	cfg := Config{Uplink: "eth0", NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR, VNI: 1, VXLANPort: 4789,
+		BpffsRoot: root, ReadyFile: ready, ReconcileEvery: 50 * time.Millisecond}
+	src := make(chanSource)
+	go func() {
+		done <- netns.Do(func(ns.NetNS) error { return Run(ctx, cfg, src, log) })
+	}()
+	src <- []nodes.Node{node1}
+	waitFor(t, func() bool { _, err := os.Stat(ready); return err == nil })
+
+	dp, err := datapath.OpenPinned(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	attached := func(prog, ifname string) bool {
+		var err error
+		netns.Do(func(ns.NetNS) error { err = dp.Attached(prog, ifname); return nil })
+		return err == nil
+	}
+	if !attached(datapath.FromUplink, "eth0") || !attached(datapath.FromTunnel, GRODevice) {
+		t.Fatal("the agent did not attach from_uplink and from_tunnel at start")
+	}
+	err = netns.Do(func(ns.NetNS) error {
+		if err := dp.Detach(datapath.FromUplink, "eth0"); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName(GRODevice)
+		if err != nil {
+			return err
+		}
+		return netlink.LinkDel(l)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return attached(datapath.FromUplink, "eth0") && attached(datapath.FromTunnel, GRODevice) })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -70,6 +70,9 @@ func ensureGRODevice(port uint16, off bool, log *slog.Logger) bool {
 // logged, not fatal.
 func (a *Agent) setupTunnel(held bool) {
 	log := a.log.With("prog", datapath.FromTunnel, "dev", GRODevice)
+	// With the port held, the tick's repairHooks tries again after a
+	// failure below, or after the device was deleted.
+	a.tunnel = held
 	if !held {
 		if err := a.dp.Detach(datapath.FromTunnel, GRODevice); err != nil {
 			log.Warn("detach from the GRO device", "err", err)

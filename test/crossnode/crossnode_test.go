@@ -274,6 +274,20 @@ func TestFlannelInterop(t *testing.T) {
 				t.Errorf("%s: %s grew by %d", n1.NetNS, reason, d.Packets)
 			}
 		}
+
+		// from_tunnel's host path: with TTL 2 the Flannel node's
+		// forwarding leaves TTL 1, which n1 must not forward; its stack
+		// gets the reassembled packet on the uplink and answers "time
+		// to live exceeded", as for an unfragmented one.
+		b = e2e.Stats(t, ctx, n1)
+		out, _ := fpod.Exec(ctx, "ping", "-c", "1", "-W", "2", "-t", "2", "-M", "dont", "-s", "1422", p1.IP.String())
+		a = e2e.Stats(t, ctx, n1)
+		if !strings.Contains(string(out), "Time to live exceeded") || !strings.Contains(string(out), "From "+n1.IP.String()) {
+			t.Errorf("ping -t 2 through fragments: want time exceeded from %s\n%s", n1.IP, out)
+		}
+		if d := e2e.Delta(b, a, "to_host"); d.Packets < 1 {
+			t.Errorf("%s: to_host grew by %d for a fragmented echo request with TTL 1", n1.NetNS, d.Packets)
+		}
 	})
 
 	t.Run("tcp", func(t *testing.T) {
