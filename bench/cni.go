@@ -12,6 +12,7 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
@@ -23,7 +24,7 @@ type CNIResults struct {
 
 // CNISample is one cnitool invocation.
 type CNISample struct {
-	Plugin string `json:"plugin"` // pluginPatchcord or pluginBridge
+	Plugin string `json:"plugin"` // one of cniPlugins
 	Verb   string `json:"verb"`   // ADD or DEL
 	Round  int    `json:"round"`
 	// Seq is the pod's place in its round: ADDs and DELs run one after
@@ -45,9 +46,13 @@ type CNISummary struct {
 const cniMethod = "wall time of `nsenter --net=<node> env CNI_PATH=... cnitool add|del <network> <netns>` run by the bench process, pods added one after another, then deleted one after another; the first ADD of each pod namespace (which for patchcord loads the datapath on the node) is not timed"
 
 const (
-	pluginPatchcord = "patchcord (primary) + host-local"
-	pluginBridge    = "bridge + host-local"
+	pluginPatchcord   = "patchcord (primary) + host-local"
+	pluginPatchcordTC = "patchcord (primary, attachMode tc) + host-local"
+	pluginBridge      = "bridge + host-local"
 )
+
+// cniPlugins are the CNI group's subjects in the order they run and report.
+var cniPlugins = []string{pluginPatchcord, pluginPatchcordTC, pluginBridge}
 
 // cniSubject is a node with a network whose ADD and DEL are timed, and the
 // pod namespaces they run on.
@@ -66,25 +71,42 @@ func (b *builder) cniSubjects(ctx context.Context, n int) ([]*cniSubject, error)
 	if err != nil {
 		return nil, err
 	}
-	if err := pc.WriteConflist("patchcord", pc.PrimaryConflist()); err != nil {
-		return nil, err
-	}
-	// A node runs its agent; the plugin does not need it, but reads the
-	// pod MTU from the config the agent writes.
-	file := filepath.Join(b.lab.Dir, "nodes-cni.json")
-	if err := nodes.WriteFile(file, []nodes.Entry{e2e.EntryOf(pc)}); err != nil {
-		return nil, err
-	}
-	agent, _, err := startAgent(ctx, pc, file, "--masquerade=false")
+	// The same plugin with the tc backend: a tcx attach, and the veth's
+	// deletion with a tcx program on it, each wait out an RCU grace
+	// period; tc's clsact does not.
+	tc, err := b.node(nodeCNIPatchcordTC)
 	if err != nil {
 		return nil, err
 	}
-	b.agents = append(b.agents, agent)
+	for _, node := range []struct {
+		n    *lab.Node
+		mode datapath.AttachMode
+	}{{pc, datapath.AttachAuto}, {tc, datapath.AttachTC}} {
+		conf, err := lab.WithAttachMode(node.n.PrimaryConflist(), string(node.mode))
+		if err != nil {
+			return nil, err
+		}
+		if err := node.n.WriteConflist("patchcord", conf); err != nil {
+			return nil, err
+		}
+		// A node runs its agent; the plugin does not need it, but reads
+		// the pod MTU from the config the agent writes.
+		file := filepath.Join(b.lab.Dir, fmt.Sprintf("nodes-cni-%d.json", node.n.Index))
+		if err := nodes.WriteFile(file, []nodes.Entry{e2e.EntryOf(node.n)}); err != nil {
+			return nil, err
+		}
+		agent, _, err := startAgent(ctx, node.n, file, "--masquerade=false", "--attach-mode", string(node.mode))
+		if err != nil {
+			return nil, err
+		}
+		b.agents = append(b.agents, agent)
+	}
 	if err := br.WriteConflist("bridge", e2e.BridgeConflist(br, "bridge", podMTU)); err != nil {
 		return nil, err
 	}
 	subjects := []*cniSubject{
 		{plugin: pluginPatchcord, network: "patchcord", node: pc},
+		{plugin: pluginPatchcordTC, network: "patchcord", node: tc},
 		{plugin: pluginBridge, network: "bridge", node: br},
 	}
 	for _, s := range subjects {
@@ -141,7 +163,7 @@ func (t tools) cnitoolRun(ctx context.Context, n *lab.Node, verb, network, nsPat
 
 func summarizeCNI(samples []CNISample) []CNISummary {
 	var out []CNISummary
-	for _, plugin := range []string{pluginPatchcord, pluginBridge} {
+	for _, plugin := range cniPlugins {
 		for _, verb := range []string{"ADD", "DEL"} {
 			var v []float64
 			for _, s := range samples {

@@ -31,6 +31,8 @@ const (
 	nodeBPFMinimalFeed, nodeBPFLoadedFeed = 18, 19
 	// patchcord without its GRO device (--vxlan-gro=false).
 	nodeNoGROA, nodeNoGROB = 20, 21
+	// CNI ADD and DEL with the tc backend beside tcx's.
+	nodeCNIPatchcordTC = 22
 )
 
 // Groups of datapaths, and what --only selects.

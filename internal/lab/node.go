@@ -223,6 +223,11 @@ func forceAttachMode(conf []byte) ([]byte, error) {
 	if mode == "" {
 		return conf, nil
 	}
+	return WithAttachMode(conf, mode)
+}
+
+// WithAttachMode sets attachMode on the conflist's patchcord-cni plugins.
+func WithAttachMode(conf []byte, mode string) ([]byte, error) {
 	var list map[string]any
 	if err := json.Unmarshal(conf, &list); err != nil {
 		return nil, err
