@@ -12,17 +12,20 @@
 #define MAX_ENDPOINTS 16384
 #define MAX_NODES 16384
 
+/* A map every object shares, pinned by name under the bpffs root. */
+#define PINNED_MAP(name, map_type, entries, key_type, value_type) \
+	struct {                                                  \
+		__uint(type, map_type);                           \
+		__uint(max_entries, entries);                     \
+		__type(key, key_type);                            \
+		__type(value, value_type);                        \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);              \
+	} name SEC(".maps")
+
 /* The endpoint maps hold one entry per local pod each, under a 32-bit key
  * (an IPv4 address or an ifindex): one size for all, so that whichever one
  * an ADD writes first never fills up while the others have room. */
-#define ENDPOINT_HASH(name, value_type)                   \
-	struct {                                          \
-		__uint(type, BPF_MAP_TYPE_HASH);          \
-		__uint(max_entries, MAX_ENDPOINTS);       \
-		__type(key, __u32);                       \
-		__type(value, value_type);                \
-		__uint(pinning, LIBBPF_PIN_BY_NAME);      \
-	} name SEC(".maps")
+#define ENDPOINT_HASH(name, value_type) PINNED_MAP(name, BPF_MAP_TYPE_HASH, MAX_ENDPOINTS, __u32, value_type)
 
 /* pod IPv4 -> endpoint; forwarding to local pods. */
 ENDPOINT_HASH(endpoints, struct endpoint);
@@ -44,34 +47,17 @@ struct {
 } nodes SEC(".maps");
 
 /* remote node IPv4 -> present; VXLAN is decapsulated only from these. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_NODES);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tunnel_srcs SEC(".maps");
+PINNED_MAP(tunnel_srcs, BPF_MAP_TYPE_HASH, MAX_NODES, __u32, __u32);
 
 /* TCP 4-tuple, as the NAT check's struct bpf_sock_tuple holds it, in the
- * packet's direction -> the check's verdict (lib/conntrack.h ct_tcp_verdict).
+ * packet's direction -> the check's verdict, an enum stat_id
+ * (lib/conntrack.h ct_tcp_verdict).
  * LRU: a pod opening connections by the thousand evicts other flows'
  * verdicts, which then cost one conntrack lookup again, never a wrong one. */
 #define MAX_CT_VERDICTS 65536
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_CT_VERDICTS);
-	__type(key, typeof(((struct bpf_sock_tuple *)0)->ipv4));
-	__type(value, __u32); /* enum stat_id */
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ct_verdicts SEC(".maps");
+PINNED_MAP(ct_verdicts, BPF_MAP_TYPE_LRU_HASH, MAX_CT_VERDICTS, typeof(((struct bpf_sock_tuple *)0)->ipv4), __u32);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct node_config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} config SEC(".maps");
+PINNED_MAP(config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct node_config);
 
 /* Declares name as stat_id -> value_type, per CPU: what the datapath keeps
  * per counter or drop reason is written on the packet path, so each CPU has
@@ -82,13 +68,7 @@ struct {
  * assert stops the build once STAT_MAX outgrows it. */
 #define STAT_ID_ARRAY(name, value_type, slots)                                      \
 	_Static_assert(STAT_MAX <= (slots), #name " needs an entry per stat_id"); \
-	struct {                                                                    \
-		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);                            \
-		__uint(max_entries, slots);                                         \
-		__type(key, __u32);                                                 \
-		__type(value, value_type);                                          \
-		__uint(pinning, LIBBPF_PIN_BY_NAME);                                \
-	} name SEC(".maps")
+	PINNED_MAP(name, BPF_MAP_TYPE_PERCPU_ARRAY, slots, __u32, value_type)
 
 #define STAT_SLOTS 128
 STAT_ID_ARRAY(stats, struct stat_counter, STAT_SLOTS);
