@@ -307,7 +307,10 @@ func (a *Agent) repairHooks() error {
 			errs = append(errs, a.dp.Attach(prog, uplink, a.log))
 		}
 	}
-	if err := a.dp.Attached(datapath.FromTunnel, GRODevice); a.tunnel && err != nil {
+	if !a.tunnel {
+		return errors.Join(errs...)
+	}
+	if err := a.dp.Attached(datapath.FromTunnel, GRODevice); err != nil {
 		a.log.Warn("restoring the GRO device and its attachment", "prog", datapath.FromTunnel, "ifname", GRODevice, "found", err)
 		a.setupTunnel(ensureGRODevice(a.cfg.VXLANPort, a.cfg.NoVXLANGRO, a.log))
 	}

@@ -109,7 +109,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 
 	// IPAM (an exec of its plugin) and the pod's addresses and routes run
 	// while from_pod is attached: a tcx attach waits out an RCU grace
-	// period (≈10 ms here), the longest step of ADD. The attachment is
+	// period (≈11 ms measured), the longest step of ADD. The attachment is
 	// staged, recorded only by register.
 	leased := make(chan lease, 1)
 	go func() {

@@ -214,9 +214,10 @@ func (d *Datapath) StageYielding(prog, ifname string, log *slog.Logger) (*Staged
 	}
 	pin := d.linkPin(prog, ifname)
 	return &Staged{
+		what: fmt.Sprintf("record yielded %s on %s", prog, ifname),
 		commit: func() error {
 			if err := os.MkdirAll(pin, 0o700); err != nil {
-				return fmt.Errorf("record yielded %s on %s: %w", prog, ifname, err)
+				return err
 			}
 			log.Info("tc mode: ingress qdisc slot left to a later plugin, the host stack polices the pod", "prog", prog, "ifname", ifname)
 			return nil
