@@ -20,6 +20,7 @@ import (
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // gatewayIP is the pod's only neighbour: from_pod answers ARP for it with
@@ -68,14 +69,11 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open network namespace %q", args.Netns), err.Error())
 	}
 	defer netns.Close()
-
-	dp, err := openDatapath(conf, log)
+	hostNS, err := ns.GetCurrentNS()
 	if err != nil {
-		return err
+		return fmt.Errorf("open host network namespace: %w", err)
 	}
-	defer dp.Close()
-	eps := bpfmaps.NewEndpoints(&dp.Maps)
-	mtu := podMTU(conf, dp, log)
+	defer hostNS.Close()
 
 	// Everything made from here on is undone if a later step fails, so a
 	// failed ADD leaves no lease, veth, route or map entry behind.
@@ -88,60 +86,92 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		}
 	}()
 
-	hostNS, err := ns.GetCurrentNS()
-	if err != nil {
-		return fmt.Errorf("open host network namespace: %w", err)
+	// IPAM (an exec of its plugin, ≈5 ms) runs on a goroutine beside the
+	// other steps; only the pod's address and the host's route to it wait
+	// for the lease. Where it starts follows the attach: with tc, whose
+	// attach takes ≈1 ms, IPAM is the longest step and starts at once,
+	// beside the datapath's open and the veth; with tcx, whose attach
+	// waits out an RCU grace period (≈11 ms, the CPU idle), it starts
+	// just before the attach and is hidden in that wait, rather than
+	// slowing the open and the veth by competing for a small node's CPUs
+	// (on a 2-CPU VM, IPAM first made tc ADDs faster and tcx ADDs slower).
+	leased := make(chan lease, 1)
+	started := false
+	startIPAM := func() {
+		if started {
+			return
+		}
+		started = true
+		go func() {
+			var l lease
+			// A new goroutine may run on any thread, and a caller that
+			// runs ADD in-process may have its own in another namespace.
+			if err := hostNS.Do(func(ns.NetNS) error { l = allocate(args, conf, log); return nil }); err != nil {
+				l.err = fmt.Errorf("enter host network namespace: %w", err)
+			}
+			leased <- l
+		}()
 	}
-	defer hostNS.Close()
-	// The veth comes first and is labelled at once, so that whatever a
-	// killed ADD leaves from here on, DEL finds by name and GC by label.
+	if mode, _ := datapath.RecordedAttachMode(conf.BpffsRoot); conf.attachMode == datapath.AttachTC || mode == datapath.AttachTC {
+		startIPAM()
+	}
+	var got *lease
+	wait := func() lease {
+		if got == nil {
+			l := <-leased
+			got = &l
+		}
+		return *got
+	}
+	defer func() {
+		if err != nil && started {
+			// The lease goes last, whatever step failed: its address
+			// is free only once nothing of this pod uses it.
+			if l := wait(); l.release != nil {
+				undo = append([]func(){l.release}, undo...)
+			}
+		}
+	}()
+
+	dp, err := openDatapath(conf, log)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	eps := bpfmaps.NewEndpoints(&dp.Maps)
+	mtu := podMTU(conf, dp, log)
+
+	// The veth is labelled at once, so that whatever a killed ADD leaves
+	// from here on, DEL finds by name and GC by label.
 	hostName := hostVethName(args.ContainerID, args.IfName)
-	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostNS, hostName, mtu, log)
+	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostNS, hostName, conf.Name, mtu, log)
 	if delVeth != nil {
 		undo = append(undo, delVeth)
 	}
 	if err != nil {
 		return err
 	}
-	if err := labelHostVeth(hostName, conf.Name); err != nil {
+	// The attachment is staged, recorded only by register. The host end
+	// comes up only once from_pod runs: until then a veth drops whatever
+	// the pod sends, so a process already in the namespace (a runtime may
+	// add a network to a running container) never gets a packet past it.
+	startIPAM()
+	staged, err := stage(dp, hostName, conf, log)
+	if err != nil {
 		return err
 	}
-
-	// IPAM (an exec of its plugin) and the pod's addresses and routes run
-	// while from_pod is attached: a tcx attach waits out an RCU grace
-	// period (≈11 ms measured), the longest step of ADD. The attachment is
-	// staged, recorded only by register.
-	leased := make(chan lease, 1)
-	go func() {
-		var l lease
-		// A new goroutine may run on any thread, and a caller that runs
-		// ADD in-process may have its own in another namespace.
-		err := hostNS.Do(func(ns.NetNS) error {
-			if l = allocate(args, conf, log); l.err == nil {
-				l.err = configure(args, netns, hostIf.Index, hostName, l.ip)
-			}
-			return nil
-		})
-		if err != nil && l.err == nil {
-			l.err = fmt.Errorf("enter host network namespace: %w", err)
-		}
-		leased <- l
-	}()
-	staged, stageErr := stage(dp, hostName, conf, log)
-	l := <-leased
-	if l.release != nil {
-		undo = append(undo, l.release)
+	undo = append(undo, staged.Abort)
+	if err := netlink.LinkSetUp(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Index: hostIf.Index}}); err != nil {
+		return fmt.Errorf("set host veth %s up: %w", hostName, err)
 	}
-	if staged != nil {
-		undo = append(undo, staged.Abort)
-	}
+	l := wait()
 	if l.err != nil {
 		return l.err
 	}
-	if stageErr != nil {
-		return stageErr
-	}
 	res, podIP := l.res, l.ip
+	if err := address(args, netns, hostIf.Index, hostName, podIP); err != nil {
+		return err
+	}
 
 	ep := bpfmaps.EndpointInfo{
 		IP: podIP, Ifindex: hostIf.Index, Ifname: hostName,
@@ -210,54 +240,89 @@ func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) lease {
 	return l
 }
 
-// setupContainerVeth makes the veth pair from inside the pod's namespace,
-// the pod's end down and without IPv6. delVeth, non-nil once the pair
-// exists (even when err is set), deletes it again.
-func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName string, mtu int, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
+// setupContainerVeth makes the veth pair from inside the pod's namespace:
+// the pod's end without IPv6, then up with its routes (its address comes
+// with the lease); the host's end labelled for network and down, so that
+// nothing crosses before from_pod is attached. delVeth, non-nil once the
+// pair exists (even when err is set), deletes it again.
+func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, network string, mtu int, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
 	err = netns.Do(func(ns.NetNS) error {
-		var err error
-		hostIf, podIf, err = ip.SetupVethWithName(args.IfName, hostName, mtu, "", hostNS)
-		if err != nil {
-			return err
+		attrs := netlink.NewLinkAttrs()
+		attrs.Name, attrs.MTU = args.IfName, mtu
+		err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: attrs, PeerName: hostName, PeerNamespace: netlink.NsFd(int(hostNS.Fd()))})
+		if errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("%s in the pod or %s on the node already exists: %w", args.IfName, hostName, err)
 		}
-		// Before the link is up, so that the pod never sends the router
-		// solicitations and MLD reports from_pod would drop as drop_ipv6.
-		return ipv6off.Disable(args.IfName)
-	})
-	if hostIf.Name != "" {
+		if err != nil {
+			return fmt.Errorf("create veth pair: %w", err)
+		}
 		delVeth = func() {
 			if err := ip.DelLinkByName(hostName); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
 				log.Warn("delete veth after failed ADD", "ifname", hostName, "err", err)
 			}
 		}
-	}
+		podLink, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fmt.Errorf("find %s: %w", args.IfName, err)
+		}
+		podIf = iface(podLink)
+		// Before the link is up, so that the pod never sends the router
+		// solicitations and MLD reports from_pod would drop as drop_ipv6.
+		if err := ipv6off.Disable(args.IfName); err != nil {
+			return err
+		}
+		if err := podLinkUp(podLink); err != nil {
+			return err
+		}
+		return hostNS.Do(func(ns.NetNS) error {
+			hostLink, err := netlink.LinkByName(hostName)
+			if err != nil {
+				return fmt.Errorf("find %s: %w", hostName, err)
+			}
+			hostIf = iface(hostLink)
+			return labelHostVeth(hostLink, network)
+		})
+	})
 	if err != nil {
 		return hostIf, podIf, delVeth, fmt.Errorf("set up veth %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	return hostIf, podIf, delVeth, nil
 }
 
+// iface is l as the net package has it; net.InterfaceByName would list every
+// link of the node to find one.
+func iface(l netlink.Link) net.Interface {
+	a := l.Attrs()
+	return net.Interface{Index: a.Index, MTU: a.MTU, Name: a.Name, HardwareAddr: a.HardwareAddr, Flags: a.Flags}
+}
+
 // labelHostVeth readies the host end before it carries anything: no IPv6,
 // and the alias that tells GC which network's veth this is, even when an
 // ADD died before registering it anywhere.
-func labelHostVeth(hostName, network string) error {
-	hostLink, err := netlink.LinkByName(hostName)
-	if err != nil {
-		return fmt.Errorf("find host veth %s: %w", hostName, err)
-	}
-	if err := ipv6off.Disable(hostName); err != nil {
+func labelHostVeth(hostLink netlink.Link, network string) error {
+	name := hostLink.Attrs().Name
+	if err := ipv6off.Disable(name); err != nil {
 		return err
 	}
 	if err := netlink.LinkSetAlias(hostLink, vethAlias(network)); err != nil {
-		return fmt.Errorf("label host veth %s: %w", hostName, err)
+		return fmt.Errorf("label host veth %s: %w", name, err)
 	}
 	return nil
 }
 
-// configure gives the pod its address and routes, and the host its route
-// to the pod.
-func configure(args *skel.CmdArgs, netns ns.NetNS, hostIndex int, hostName string, podIP netip.Addr) error {
-	if err := netns.Do(func(ns.NetNS) error { return configurePod(args.IfName, podIP) }); err != nil {
+// address gives the pod its address, and the host its route to the pod.
+func address(args *skel.CmdArgs, netns ns.NetNS, hostIndex int, hostName string, podIP netip.Addr) error {
+	err := netns.Do(func(ns.NetNS) error {
+		link, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fmt.Errorf("find %s: %w", args.IfName, err)
+		}
+		if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(podIP, 32))}); err != nil {
+			return fmt.Errorf("add %s/32 to %s: %w", podIP, args.IfName, err)
+		}
+		return nil
+	})
+	if err != nil {
 		return fmt.Errorf("configure %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	return routeToPod(hostIndex, hostName, podIP)
@@ -393,18 +458,12 @@ func unregister(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.Endpoi
 	}
 }
 
-// configurePod gives the pod its /32 and routes everything through the
-// link-local gateway. Runs inside the pod's namespace.
-func configurePod(ifname string, podIP netip.Addr) error {
-	link, err := netlink.LinkByName(ifname)
-	if err != nil {
-		return fmt.Errorf("find %s: %w", ifname, err)
-	}
+// podLinkUp brings the pod's interface up and routes everything through
+// the link-local gateway; its address comes with the lease (address). Runs
+// inside the pod's namespace.
+func podLinkUp(link netlink.Link) error {
 	if err := netlink.LinkSetUp(link); err != nil {
-		return fmt.Errorf("set %s up: %w", ifname, err)
-	}
-	if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(podIP, 32))}); err != nil {
-		return fmt.Errorf("add %s/32 to %s: %w", podIP, ifname, err)
+		return fmt.Errorf("set %s up: %w", link.Attrs().Name, err)
 	}
 	for _, r := range []netlink.Route{
 		{LinkIndex: link.Attrs().Index, Dst: &net.IPNet{IP: gatewayIP(), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK},
