@@ -86,35 +86,8 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		}
 	}()
 
-	// IPAM (an exec of its plugin, ≈5 ms) runs on a goroutine beside the
-	// other steps; only the pod's address and the host's route to it wait
-	// for the lease. Where it starts follows the attach: with tc, whose
-	// attach takes ≈1 ms, IPAM is the longest step and starts at once,
-	// beside the datapath's open and the veth; with tcx, whose attach
-	// waits out an RCU grace period (≈11 ms, the CPU idle), it starts
-	// just before the attach and is hidden in that wait, rather than
-	// slowing the open and the veth by competing for a small node's CPUs
-	// (on a 2-CPU VM, IPAM first made tc ADDs faster and tcx ADDs slower).
-	leased := make(chan lease, 1)
-	started := false
-	startIPAM := func() {
-		if started {
-			return
-		}
-		started = true
-		go func() {
-			var l lease
-			// A new goroutine may run on any thread, and a caller that
-			// runs ADD in-process may have its own in another namespace.
-			if err := hostNS.Do(func(ns.NetNS) error { l = allocate(args, conf, log); return nil }); err != nil {
-				l.err = fmt.Errorf("enter host network namespace: %w", err)
-			}
-			leased <- l
-		}()
-	}
-	if mode, _ := datapath.RecordedAttachMode(conf.BpffsRoot); conf.attachMode == datapath.AttachTC || mode == datapath.AttachTC {
-		startIPAM()
-	}
+	// leased, once IPAM runs, brings its lease; wait takes it once.
+	var leased chan lease
 	var got *lease
 	wait := func() lease {
 		if got == nil {
@@ -124,7 +97,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return *got
 	}
 	defer func() {
-		if err != nil && started {
+		if err != nil && leased != nil {
 			// The lease goes last, whatever step failed: its address
 			// is free only once nothing of this pod uses it.
 			if l := wait(); l.release != nil {
@@ -141,21 +114,37 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 	eps := bpfmaps.NewEndpoints(&dp.Maps)
 	mtu := podMTU(conf, dp, log)
 
-	// The veth is labelled at once, so that whatever a killed ADD leaves
-	// from here on, DEL finds by name and GC by label.
 	hostName := hostVethName(args.ContainerID, args.IfName)
-	hostIf, podIf, delVeth, err := setupContainerVeth(args, netns, hostNS, hostName, conf.Name, mtu, log)
+	hostIf, podIf, delVeth, err := makeVeth(args, netns, hostNS, hostName, conf.Name, mtu, log)
 	if delVeth != nil {
 		undo = append(undo, delVeth)
 	}
 	if err != nil {
 		return err
 	}
+
+	// IPAM (an exec of its plugin, ≈5 ms) runs on a goroutine beside the
+	// rest, from the moment the veth is made and labelled, so that a kill
+	// during IPAM leaves nothing GC cannot find; only the pod's address and
+	// the host's route to it wait for the lease. With tcx it is hidden in
+	// the attach's RCU wait.
+	leased = make(chan lease, 1)
+	go func() {
+		var l lease
+		// A new goroutine may run on any thread, and a caller that runs
+		// ADD in-process may have its own in another namespace.
+		if err := hostNS.Do(func(ns.NetNS) error { l = allocate(args, conf, log); return nil }); err != nil {
+			l.err = fmt.Errorf("enter host network namespace: %w", err)
+		}
+		leased <- l
+	}()
+	if err := netns.Do(func(ns.NetNS) error { return readyPodEnd(args.IfName) }); err != nil {
+		return fmt.Errorf("set up %s in %s: %w", args.IfName, args.Netns, err)
+	}
 	// The attachment is staged, recorded only by register. The host end
 	// comes up only once from_pod runs: until then a veth drops whatever
 	// the pod sends, so a process already in the namespace (a runtime may
 	// add a network to a running container) never gets a packet past it.
-	startIPAM()
 	staged, err := stage(dp, hostName, conf, log)
 	if err != nil {
 		return err
@@ -240,12 +229,12 @@ func allocate(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) lease {
 	return l
 }
 
-// setupContainerVeth makes the veth pair from inside the pod's namespace:
-// the pod's end without IPv6, then up with its routes (its address comes
-// with the lease); the host's end labelled for network and down, so that
-// nothing crosses before from_pod is attached. delVeth, non-nil once the
-// pair exists (even when err is set), deletes it again.
-func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, network string, mtu int, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
+// makeVeth makes the veth pair from inside the pod's namespace, both ends
+// down, and labels the host end for network at once, so that whatever a
+// killed ADD leaves from here on, DEL finds by name and GC by label.
+// delVeth, non-nil once the pair exists (even when err is set), deletes it
+// again.
+func makeVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, network string, mtu int, log *slog.Logger) (hostIf, podIf net.Interface, delVeth func(), err error) {
 	err = netns.Do(func(ns.NetNS) error {
 		attrs := netlink.NewLinkAttrs()
 		attrs.Name, attrs.MTU = args.IfName, mtu
@@ -261,20 +250,7 @@ func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, ne
 				log.Warn("delete veth after failed ADD", "ifname", hostName, "err", err)
 			}
 		}
-		podLink, err := netlink.LinkByName(args.IfName)
-		if err != nil {
-			return fmt.Errorf("find %s: %w", args.IfName, err)
-		}
-		podIf = iface(podLink)
-		// Before the link is up, so that the pod never sends the router
-		// solicitations and MLD reports from_pod would drop as drop_ipv6.
-		if err := ipv6off.Disable(args.IfName); err != nil {
-			return err
-		}
-		if err := podLinkUp(podLink); err != nil {
-			return err
-		}
-		return hostNS.Do(func(ns.NetNS) error {
+		err = hostNS.Do(func(ns.NetNS) error {
 			hostLink, err := netlink.LinkByName(hostName)
 			if err != nil {
 				return fmt.Errorf("find %s: %w", hostName, err)
@@ -282,11 +258,36 @@ func setupContainerVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, ne
 			hostIf = iface(hostLink)
 			return labelHostVeth(hostLink, network)
 		})
+		if err != nil {
+			return err
+		}
+		podLink, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fmt.Errorf("find %s: %w", args.IfName, err)
+		}
+		podIf = iface(podLink)
+		return nil
 	})
 	if err != nil {
 		return hostIf, podIf, delVeth, fmt.Errorf("set up veth %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	return hostIf, podIf, delVeth, nil
+}
+
+// readyPodEnd turns IPv6 off on the pod's end, then brings it up with its
+// routes; its address comes with the lease (address). Runs inside the pod's
+// namespace.
+func readyPodEnd(ifname string) error {
+	// Before the link is up, so that the pod never sends the router
+	// solicitations and MLD reports from_pod would drop as drop_ipv6.
+	if err := ipv6off.Disable(ifname); err != nil {
+		return err
+	}
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", ifname, err)
+	}
+	return podLinkUp(link)
 }
 
 // iface is l as the net package has it; net.InterfaceByName would list every
@@ -459,8 +460,7 @@ func unregister(dp *datapath.Datapath, eps *bpfmaps.Endpoints, ep bpfmaps.Endpoi
 }
 
 // podLinkUp brings the pod's interface up and routes everything through
-// the link-local gateway; its address comes with the lease (address). Runs
-// inside the pod's namespace.
+// the link-local gateway.
 func podLinkUp(link netlink.Link) error {
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("set %s up: %w", link.Attrs().Name, err)

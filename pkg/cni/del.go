@@ -11,6 +11,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/vishvananda/netlink"
@@ -18,25 +19,48 @@ import (
 
 func del(args *skel.CmdArgs, conf *NetConf) error {
 	log := logger(conf, nil).With("container", args.ContainerID, "ifname", args.IfName)
-
-	errs := []error{withPinned(conf, func(dp *datapath.Datapath) error {
-		hostIfname := ""
-		if conf.primary() {
-			// The veth name needs no map: detach even if the entries
-			// that name it are gone.
-			hostIfname = hostVethName(args.ContainerID, args.IfName)
+	if !conf.primary() {
+		if err := withPinned(conf, func(dp *datapath.Datapath) error {
+			return forget(dp, args.ContainerID, args.IfName, "", log)
+		}); err != nil {
+			return types.NewError(types.ErrTryAgainLater, "DEL did not complete; the runtime will retry", err.Error())
 		}
+		return nil
+	}
+
+	// The address is released beside the rest: an exec of the IPAM
+	// plugin, ≈5 ms. A pod that gets it meanwhile is safe from this DEL,
+	// which removes endpoints by (IP, ifindex).
+	hostNS, err := ns.GetCurrentNS()
+	if err != nil {
+		return fmt.Errorf("open host network namespace: %w", err)
+	}
+	defer hostNS.Close()
+	released := make(chan error, 1)
+	go func() {
+		// A new goroutine may run on any thread, and a caller that runs
+		// DEL in-process may have its own in another namespace.
+		released <- hostNS.Do(func(ns.NetNS) error { return ipam.ExecDel(conf.IPAM.Type, args.StdinData) })
+	}()
+
+	// The veth goes first: deleting it takes from_pod's attachment, the
+	// pod end and the host route along, and a tcx link with it, in the
+	// one RCU grace period the deletion waits out anyway. Detaching first
+	// would wait out a second one (≈17 ms), and under the endpoint lock.
+	// Until forget, traffic for the pod finds a veth that is gone and is
+	// dropped.
+	var errs []error
+	hostIfname := hostVethName(args.ContainerID, args.IfName)
+	if err := ip.DelLinkByName(hostIfname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+		errs = append(errs, fmt.Errorf("delete host veth: %w", err))
+	}
+	errs = append(errs, withPinned(conf, func(dp *datapath.Datapath) error {
+		// The veth name needs no map: the record goes even if the
+		// entries that name it are gone.
 		return forget(dp, args.ContainerID, args.IfName, hostIfname, log)
-	})}
-
-	if conf.primary() {
-		// Deleting the host end takes the pod end and the host route along.
-		if err := ip.DelLinkByName(hostVethName(args.ContainerID, args.IfName)); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
-			errs = append(errs, fmt.Errorf("delete host veth: %w", err))
-		}
-		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
-			errs = append(errs, fmt.Errorf("release address with ipam plugin %q: %w", conf.IPAM.Type, err))
-		}
+	}))
+	if err := <-released; err != nil {
+		errs = append(errs, fmt.Errorf("release address with ipam plugin %q: %w", conf.IPAM.Type, err))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrTryAgainLater, "DEL did not complete; the runtime will retry", err.Error())

@@ -67,12 +67,7 @@ func (d *Datapath) modeDir() string { return filepath.Join(d.Root, "attach-mode"
 
 // AttachMode returns the backend recorded for this node; "" before the
 // first attach or SetAttachMode.
-func (d *Datapath) AttachMode() (AttachMode, error) { return RecordedAttachMode(d.Root) }
-
-// RecordedAttachMode is AttachMode for the datapath under root, without
-// opening it.
-func RecordedAttachMode(root string) (AttachMode, error) {
-	d := &Datapath{Root: root}
+func (d *Datapath) AttachMode() (AttachMode, error) {
 	entries, err := os.ReadDir(d.modeDir())
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return "", fmt.Errorf("read attach mode: %w", err)

@@ -308,14 +308,6 @@ type killPoint struct {
 	// kills it; 0 for the kill by host-local.
 	bpf  int
 	left map[string]int
-	// also is another state the kill may leave: IPAM runs beside the
-	// veth's making, so the IPAM kill finds the veth there or not yet.
-	also map[string]int
-}
-
-// leaves reports whether a kill at p may leave delta.
-func (p killPoint) leaves(delta map[string]int) bool {
-	return maps.Equal(delta, p.left) || p.also != nil && maps.Equal(delta, p.also)
 }
 
 // at is the killer's control value.
@@ -329,7 +321,7 @@ func (p killPoint) at() string {
 var bpfCall = regexp.MustCompile(`^(\d+) +bpf\((\w+)`)
 
 // killPoints reads a trace of one complete ADD and places the kills: once IPAM has
-// leased (the veth, made beside IPAM, there or not yet), then at the registration's first map
+// leased (the veth, made before IPAM, is there), then at the registration's first map
 // write (nothing registered; from_pod is attached but unrecorded, so a tcx link died
 // with the process and a tc filter went with nothing that names it), its second (only
 // the owner entry written) and third (the anti-spoofing entry too), and at the pin that
@@ -378,11 +370,11 @@ func killPoints(t *testing.T, trace string) []killPoint {
 	}
 	registering := map[string]int{"lease": 1, "veth": 1}
 	return []killPoint{
-		{"ipam", 0, registering, map[string]int{"lease": 1}},
-		{"veth", updates[0] + 1, registering, nil},
-		{"owner", updates[1] + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1}, nil},
-		{"antispoof", updates[2] + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1, "ep_by_ifindex": 1}, nil},
-		{"endpoint", pin + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1, "ep_by_ifindex": 1, "endpoints": 1}, nil},
+		{"ipam", 0, registering},
+		{"veth", updates[0] + 1, registering},
+		{"owner", updates[1] + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1}},
+		{"antispoof", updates[2] + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1, "ep_by_ifindex": 1}},
+		{"endpoint", pin + 1, map[string]int{"lease": 1, "veth": 1, "ep_meta": 1, "ep_by_ifindex": 1, "endpoints": 1}},
 	}
 }
 
@@ -390,7 +382,7 @@ func killPoints(t *testing.T, trace string) []killPoint {
 // than the last (a pinned link), -1 if delta is no point's.
 func killLevel(points []killPoint, delta map[string]int) int {
 	for i, p := range points {
-		if p.leaves(delta) {
+		if maps.Equal(delta, p.left) {
 			return i
 		}
 	}
@@ -515,7 +507,7 @@ func killMidAddCnitool(t *testing.T) {
 			then(p)
 			switch {
 			// Two points may leave the same: it is this one's.
-			case level == i || err != nil && pt.leaves(delta):
+			case level == i || err != nil && maps.Equal(delta, pt.left):
 				return
 			case level < 0:
 				t.Fatalf("%s: the killed ADD left %v, which is no step of ADD's", pt.name, delta)
