@@ -52,13 +52,15 @@ func del(args *skel.CmdArgs, conf *NetConf) error {
 	var errs []error
 	hostIfname := hostVethName(args.ContainerID, args.IfName)
 	if err := ip.DelLinkByName(hostIfname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
+		// The pod stays policed as itself until the retry.
 		errs = append(errs, fmt.Errorf("delete host veth: %w", err))
+	} else {
+		errs = append(errs, withPinned(conf, func(dp *datapath.Datapath) error {
+			// The veth name needs no map: the record goes even if the
+			// entries that name it are gone.
+			return forget(dp, args.ContainerID, args.IfName, hostIfname, log)
+		}))
 	}
-	errs = append(errs, withPinned(conf, func(dp *datapath.Datapath) error {
-		// The veth name needs no map: the record goes even if the
-		// entries that name it are gone.
-		return forget(dp, args.ContainerID, args.IfName, hostIfname, log)
-	}))
 	if err := <-released; err != nil {
 		errs = append(errs, fmt.Errorf("release address with ipam plugin %q: %w", conf.IPAM.Type, err))
 	}
