@@ -138,7 +138,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		}
 		leased <- l
 	}()
-	if err := netns.Do(func(ns.NetNS) error { return readyPodEnd(args.IfName) }); err != nil {
+	if err := netns.Do(func(ns.NetNS) error { return readyPodEnd(podIf) }); err != nil {
 		return fmt.Errorf("set up %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	// The attachment is staged, recorded only by register. The host end
@@ -150,7 +150,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return err
 	}
 	undo = append(undo, staged.Abort)
-	if err := netlink.LinkSetUp(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Index: hostIf.Index}}); err != nil {
+	if err := netlink.LinkSetUp(byIndex(hostIf)); err != nil {
 		return fmt.Errorf("set host veth %s up: %w", hostName, err)
 	}
 	l := wait()
@@ -158,7 +158,7 @@ func addPrimary(args *skel.CmdArgs, conf *NetConf, log *slog.Logger) (err error)
 		return l.err
 	}
 	res, podIP := l.res, l.ip
-	if err := address(args, netns, hostIf.Index, hostName, podIP); err != nil {
+	if err := address(args, netns, podIf, hostIf, podIP); err != nil {
 		return err
 	}
 
@@ -277,17 +277,19 @@ func makeVeth(args *skel.CmdArgs, netns, hostNS ns.NetNS, hostName, network stri
 // readyPodEnd turns IPv6 off on the pod's end, then brings it up with its
 // routes; its address comes with the lease (address). Runs inside the pod's
 // namespace.
-func readyPodEnd(ifname string) error {
+func readyPodEnd(pod net.Interface) error {
 	// Before the link is up, so that the pod never sends the router
 	// solicitations and MLD reports from_pod would drop as drop_ipv6.
-	if err := ipv6off.Disable(ifname); err != nil {
+	if err := ipv6off.Disable(pod.Name); err != nil {
 		return err
 	}
-	link, err := netlink.LinkByName(ifname)
-	if err != nil {
-		return fmt.Errorf("find %s: %w", ifname, err)
-	}
-	return podLinkUp(link)
+	return podLinkUp(byIndex(pod))
+}
+
+// byIndex is a handle on an interface netlink finds by its index, for calls
+// that would otherwise look it up by name again.
+func byIndex(i net.Interface) netlink.Link {
+	return &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: i.Index, Name: i.Name}}
 }
 
 // iface is l as the net package has it; net.InterfaceByName would list every
@@ -312,21 +314,14 @@ func labelHostVeth(hostLink netlink.Link, network string) error {
 }
 
 // address gives the pod its address, and the host its route to the pod.
-func address(args *skel.CmdArgs, netns ns.NetNS, hostIndex int, hostName string, podIP netip.Addr) error {
+func address(args *skel.CmdArgs, netns ns.NetNS, podIf, hostIf net.Interface, podIP netip.Addr) error {
 	err := netns.Do(func(ns.NetNS) error {
-		link, err := netlink.LinkByName(args.IfName)
-		if err != nil {
-			return fmt.Errorf("find %s: %w", args.IfName, err)
-		}
-		if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(podIP, 32))}); err != nil {
-			return fmt.Errorf("add %s/32 to %s: %w", podIP, args.IfName, err)
-		}
-		return nil
+		return netlink.AddrAdd(byIndex(podIf), &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(podIP, 32))})
 	})
 	if err != nil {
-		return fmt.Errorf("configure %s in %s: %w", args.IfName, args.Netns, err)
+		return fmt.Errorf("add %s/32 to %s in %s: %w", podIP, args.IfName, args.Netns, err)
 	}
-	return routeToPod(hostIndex, hostName, podIP)
+	return routeToPod(hostIf.Index, hostIf.Name, podIP)
 }
 
 // routeToPod is the host's way to the pod (kubelet probes, node traffic):

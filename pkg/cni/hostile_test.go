@@ -5,7 +5,6 @@
 package cni_test
 
 import (
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/patchcord/patchcord/internal/packet"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -31,29 +31,8 @@ const forgedPort = 9999
 // forgedFrame is an Ethernet broadcast carrying a UDP datagram from
 // forgedFrom to nodeLocal: the host stack takes it for local delivery.
 func forgedFrame(src net.HardwareAddr) []byte {
-	f := make([]byte, 14+20+8+4)
-	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
-	copy(f[6:12], src)
-	binary.BigEndian.PutUint16(f[12:], unix.ETH_P_IP)
-	ip := f[14:34]
-	ip[0], ip[8], ip[9] = 0x45, 64, unix.IPPROTO_UDP
-	binary.BigEndian.PutUint16(ip[2:], uint16(len(f)-14))
-	s, d := forgedFrom.As4(), nodeLocal.As4()
-	copy(ip[12:16], s[:])
-	copy(ip[16:20], d[:])
-	var sum uint32
-	for i := 0; i < 20; i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
-	udp := f[34:]
-	binary.BigEndian.PutUint16(udp[0:], 4000)
-	binary.BigEndian.PutUint16(udp[2:], forgedPort)
-	binary.BigEndian.PutUint16(udp[4:], 12)
-	return f
+	broadcast := net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	return packet.UDP(broadcast, src, forgedFrom, nodeLocal, 4000, forgedPort, []byte("pc!!"))
 }
 
 // sendForged sends one forged frame out of link.

@@ -114,14 +114,22 @@ func pinPath(dir, name string, v int) string {
 	return filepath.Join(dir, fmt.Sprintf("%s_v%d", name, v))
 }
 
-// currentLayout is the layout of name this binary's objects declare; spec
-// is the objects' own, which must be it.
-func currentLayout(name string, spec *ebpf.MapSpec) (layout, []layout, error) {
+// newestLayout is name's newest layout, and all of them.
+func newestLayout(name string) (layout, []layout, error) {
 	ls := layouts[name]
 	if len(ls) == 0 {
 		return layout{}, nil, fmt.Errorf("map %s has no layout in pkg/datapath/migrate.go", name)
 	}
-	cur := ls[len(ls)-1]
+	return ls[len(ls)-1], ls, nil
+}
+
+// currentLayout is the layout of name this binary's objects declare; spec
+// is the objects' own, which must be it.
+func currentLayout(name string, spec *ebpf.MapSpec) (layout, []layout, error) {
+	cur, ls, err := newestLayout(name)
+	if err != nil {
+		return layout{}, nil, err
+	}
 	if cur.shape != specShape(spec) {
 		return layout{}, nil, fmt.Errorf("map %s in bpf/lib/maps.h is %+v, its newest layout %+v: add a layout to pkg/datapath/migrate.go", name, specShape(spec), cur.shape)
 	}
@@ -176,11 +184,10 @@ func errLayout(name, pin string, m *ebpf.Map, cur layout) error {
 // openCurrent opens name at its current layout's pin, for readers that must
 // not change anything. Where only an older layout is pinned it says so.
 func openCurrent(dir, name string) (*ebpf.Map, error) {
-	ls := layouts[name]
-	if len(ls) == 0 {
-		return nil, fmt.Errorf("map %s has no layout in pkg/datapath/migrate.go", name)
+	cur, ls, err := newestLayout(name)
+	if err != nil {
+		return nil, err
 	}
-	cur := ls[len(ls)-1]
 	pin := pinPath(dir, name, cur.version)
 	m, err := openPin(pin)
 	if err != nil {
