@@ -4,8 +4,9 @@
 /* from_pod runs at tcx ingress of every host-side pod veth: it sees every
  * packet a pod sends. It answers the pod's ARP for its gateway, drops what the
  * pod may not send, hands packets for pods on this node straight into their
- * namespace and wraps packets for other nodes' pods in VXLAN. Everything else
- * (the node itself, services, the outside world) goes to the host stack. */
+ * namespace, and sends packets for other nodes' pods out of the uplink: wrapped
+ * in VXLAN, or routed as they are where the network knows their pod CIDR.
+ * Everything else (the node itself, services, the outside world) goes to the host stack. */
 
 #include "lib/common.h"
 #include "lib/conntrack.h"
@@ -24,6 +25,7 @@
 const struct event *unused_event __attribute__((unused));
 const enum event_limit_defaults *unused_limits __attribute__((unused));
 const enum vxlan_layout *unused_layout __attribute__((unused));
+const enum node_flags *unused_node_flags __attribute__((unused));
 
 static __always_inline int to_host(struct __sk_buff *skb)
 {
@@ -81,6 +83,27 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 	return redirect_to_pod(skb, eth, dst, node_config(), STAT_LOCAL_REDIRECT, PROG);
 }
 
+/* The length of the longest IPv4 packet skb puts on the wire: the packet,
+ * or one segment of a GSO packet, which carries the IP and L4 headers and
+ * gso_size bytes. 0 when a TCP header that must be read cannot be. */
+static __always_inline __u32 wire_len(struct __sk_buff *skb, const struct iphdr *ip)
+{
+	__u32 l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
+	__u32 seg_hdr = ip->ihl * 4;
+	__u8 doff;
+
+	if (!skb->gso_size)
+		return bpf_ntohs(ip->tot_len);
+	if (ip->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1))
+			return 0;
+		seg_hdr += (doff >> 4) * 4;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		seg_hdr += 8; /* struct udphdr */
+	}
+	return seg_hdr + skb->gso_size;
+}
+
 /* Whether the packet, or one segment of a GSO packet, is longer than the
  * pod MTU (cfg->mtu: the uplink's less the tunnel), so that encapsulated it
  * would not fit the uplink and die there unseen. A pod whose MTU is the pod
@@ -92,23 +115,62 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, struct ethhdr *et
 static __always_inline int too_big(struct __sk_buff *skb, const struct iphdr *ip,
 				    const struct node_config *cfg)
 {
-	__u32 l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
-	__u32 seg_hdr = ip->ihl * 4;
-	__u8 doff;
+	__u32 len;
 
 	if (!cfg->mtu)
 		return 0;
-	if (!skb->gso_size)
-		return bpf_ntohs(ip->tot_len) > cfg->mtu;
-	/* A segment carries the IP and L4 headers and gso_size bytes. */
-	if (ip->protocol == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1))
-			return 1;
-		seg_hdr += (doff >> 4) * 4;
-	} else if (ip->protocol == IPPROTO_UDP) {
-		seg_hdr += 8; /* struct udphdr */
+	len = wire_len(skb, ip);
+	return !len || len > cfg->mtu;
+}
+
+/* A node reached by routing: the kernel's FIB (the agent's route to the
+ * node's pod CIDR, or one BGP taught it) picks the next hop, and the packet
+ * leaves the uplink as the stack would have forwarded it, without the stack.
+ * What the FIB would not send out of the uplink as it is (no route, a route
+ * elsewhere, longer than the route's MTU, forwarding off) is the stack's to
+ * forward or refuse, with the ICMP a router owes. tot_len asks the FIB to
+ * check the MTU; for a GSO packet it is one segment's length, since the
+ * uplink sends segments. */
+static __always_inline int to_native_node(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip)
+{
+	const struct node_config *cfg = node_config();
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.tos = ip->tos,
+		.l4_protocol = ip->protocol,
+		.ipv4_src = ip->saddr,
+		.ipv4_dst = ip->daddr,
+		.ifindex = skb->ifindex,
+	};
+	__u32 len = skb->len;
+	long ret;
+
+	if (!cfg || !cfg->uplink_ifindex)
+		return to_host(skb);
+	fib.tot_len = wire_len(skb, ip);
+	if (!fib.tot_len)
+		return to_host(skb);
+	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		count(STAT_TO_HOST_TOO_BIG, len);
+		return TC_ACT_OK;
 	}
-	return seg_hdr + skb->gso_size > cfg->mtu;
+	if ((ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    fib.ifindex != cfg->uplink_ifindex)
+		return to_host(skb);
+	ipv4_decrease_ttl(ip);
+	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The FIB put the next hop where the destination was; the
+		 * neighbour subsystem resolves it and sends the packet on. */
+		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
+
+		forwarded_at(skb, cfg, STAT_NATIVE_OUT, PROG, fib.ifindex, len, 0);
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	mac_copy(eth->h_dest, fib.dmac);
+	mac_copy(eth->h_source, fib.smac);
+	forwarded_at(skb, cfg, STAT_NATIVE_OUT, PROG, fib.ifindex, len, 0);
+	return bpf_redirect(fib.ifindex, 0);
 }
 
 static __always_inline int to_remote_node(struct __sk_buff *skb, const struct iphdr *ip,
@@ -187,6 +249,8 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, const struct endpo
 			count(via_host, skb->len);
 			return TC_ACT_OK;
 		}
+		if (node->flags & NODE_NATIVE)
+			return to_native_node(skb, eth, ip);
 		return to_remote_node(skb, ip, node);
 	}
 	return to_host(skb);

@@ -3,8 +3,9 @@
 
 /* from_uplink runs at tcx ingress of the node's uplink. VXLAN from a known
  * node, to this node's IP, port and VNI, is decapsulated and handed straight
- * to the pod. Every other packet of the node passes untouched and uncounted:
- * the node's own traffic must never notice patchcord. */
+ * to the pod; so is a routed packet from a native node's pod, where there are
+ * native nodes. Every other packet of the node passes untouched and
+ * uncounted: the node's own traffic must never notice patchcord. */
 
 #include "lib/common.h"
 #include "lib/conntrack.h"
@@ -50,6 +51,48 @@ static __always_inline int is_our_vxlan(struct __sk_buff *skb, const struct node
 	return udp->dest == bpf_htons(cfg->vxlan_port);
 }
 
+/* A packet routed to one of our pods by a native node (or the fabric between
+ * us) needs no more routing than the host stack would give it: the pod's
+ * host route, through its veth. It gets that here, with the stack's judgement
+ * where it matters: only a packet sent to this node's MAC (a switch floods
+ * others, which are not ours to forward), and the same host paths as a
+ * decapsulated packet. The fabric routes by destination only, so no source
+ * is vouched for as a tunnel's outer header vouches for its inner one; a
+ * source outside the native nodes' pod CIDRs is left to the stack as it was
+ * before patchcord, and one that claims a pod of this node, which no router
+ * would send here, is dropped. */
+static __always_inline int from_native(struct __sk_buff *skb, const struct node_config *cfg)
+{
+	struct lpm_v4_key key = { .prefixlen = 32 };
+	struct ethhdr *eth = ctx_data(skb);
+	struct iphdr *ip = (void *)(eth + 1);
+	const struct node_info *node;
+	const struct endpoint *ep;
+	enum stat_id via_host;
+
+	if ((void *)(ip + 1) > ctx_data_end(skb) || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    skb->pkt_type != PACKET_HOST)
+		return TC_ACT_OK;
+	ep = bpf_map_lookup_elem(&endpoints, &ip->daddr);
+	if (!ep)
+		return TC_ACT_OK;
+	if (!ipv4_hdr_len(ip, skb->len - sizeof(*eth)))
+		return TC_ACT_OK;
+	if (bpf_map_lookup_elem(&endpoints, &ip->saddr))
+		return drop(skb, STAT_DROP_WIRE_SPOOFED, PROG);
+	key.addr = ip->saddr;
+	node = bpf_map_lookup_elem(&nodes, &key);
+	if (!node || !(node->flags & NODE_NATIVE))
+		return TC_ACT_OK;
+	via_host = decap_host_path(skb, ip, sizeof(*eth), ep, INNER_REMOTE_POD);
+	if (via_host != STAT_MAX) {
+		count(via_host, skb->len);
+		return TC_ACT_OK;
+	}
+	ipv4_decrease_ttl(ip);
+	return redirect_to_pod(skb, eth, ep, cfg, STAT_NATIVE_IN, PROG);
+}
+
 SEC("tcx/ingress")
 int from_uplink(struct __sk_buff *skb)
 {
@@ -66,7 +109,7 @@ int from_uplink(struct __sk_buff *skb)
 	/* Uplink drivers keep at least Ethernet, IP and UDP linear; when they
 	 * do not, the packet is not looked at twice. */
 	if (!is_our_vxlan(skb, cfg))
-		return TC_ACT_OK;
+		return (cfg->flags & CFG_NATIVE) ? from_native(skb, cfg) : TC_ACT_OK;
 
 	if (ctx_pull(skb, VXLAN_MIN_LEN))
 		return drop(skb, STAT_DROP_MALFORMED, PROG);

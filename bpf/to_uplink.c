@@ -4,8 +4,9 @@
 /* to_uplink runs at tcx egress of the uplink. The host stack sends packets
  * for remote pod CIDRs here through the routes the agent installs (the node
  * talking to a remote pod, or forwarding a kube-proxy DNAT result); they are
- * encapsulated exactly as from_pod does it. Our own VXLAN packets pass
- * through here too: their destination is a node, not a pod CIDR. */
+ * encapsulated exactly as from_pod does it, unless the node is native. Our
+ * own VXLAN packets pass through here too: their destination is a node, not a
+ * pod CIDR. */
 
 #include "lib/common.h"
 #include "lib/types.h"
@@ -51,7 +52,8 @@ int to_uplink(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	key.addr = ip->daddr;
 	node = bpf_map_lookup_elem(&nodes, &key);
-	if (!node)
+	/* A native node's pods are reached by the route the stack took. */
+	if (!node || (node->flags & NODE_NATIVE))
 		return TC_ACT_OK;
 	cfg = node_config();
 	if (!cfg || !cfg->node_ip)

@@ -15,6 +15,11 @@
 /* Kernel 6.3 names; linux-libc-dev 6.1 does not have them. */
 #define ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 
+/* linux/socket.h is not UAPI; the FIB and neighbour helpers want it. */
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
 #ifndef PACKET_HOST
 #define PACKET_HOST 0
 #endif

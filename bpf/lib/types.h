@@ -55,17 +55,29 @@ struct lpm_v4_key {
 	__u32 addr;
 };
 
+/* How a remote node's pods are reached (node_info.flags). */
+enum node_flags {
+	/* Routed, not tunnelled: the network knows the node's pod CIDR (one
+	 * L2 segment with the agent's route, or a fabric that learned it by
+	 * BGP), so packets leave the uplink as they are. */
+	NODE_NATIVE = 1 << 0,
+};
+
 /* A remote node, found by longest-prefix match on its pod CIDR. */
 struct node_info {
 	__u32 node_ip;
 	/* Inner destination MAC a kernel vxlan peer (flannel.1) expects; zero
 	 * for patchcord peers, which ignore it. */
 	__u8 vtep_mac[6];
-	__u16 flags;
+	__u16 flags; /* enum node_flags */
 };
 
 enum config_flags {
 	CFG_TRACE = 1 << 0, /* emit a trace event per forwarded packet */
+	/* Some remote node is NODE_NATIVE: from_uplink looks for routed
+	 * packets to local pods. Without it, the node's own traffic is not
+	 * looked up at all. */
+	CFG_NATIVE = 1 << 1,
 };
 
 /* Node-wide settings. An array map rather than load-time constants because
@@ -121,6 +133,9 @@ enum stat_id {
 	STAT_TO_HOST_ENCAPSULATED, /* the pod tunnels itself: no encap in eBPF */
 	STAT_EVENTS_SUPPRESSED, /* drop events held back by the rate limit */
 	STAT_TO_HOST_TOO_BIG, /* larger than the pod MTU: left to the stack's PMTU */
+	STAT_NATIVE_OUT, /* a pod's packet routed to a native node, past the stack */
+	STAT_NATIVE_IN,  /* a routed packet from the uplink handed to a local pod */
+	STAT_DROP_WIRE_SPOOFED, /* a routed packet from the wire with a local pod's source */
 	STAT_MAX,
 };
 

@@ -151,8 +151,8 @@ func nodeList(g *globals, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return printRows(g, w, views.NodeRows(list), "POD CIDR\tNODE IP\tVTEP MAC", func(v views.Node) string {
-		return fmt.Sprintf("%s\t%s\t%s", v.PodCIDR, v.NodeIP, v.VtepMAC)
+	return printRows(g, w, views.NodeRows(list), "POD CIDR\tNODE IP\tROUTING\tVTEP MAC", func(v views.Node) string {
+		return fmt.Sprintf("%s\t%s\t%s\t%s", v.PodCIDR, v.NodeIP, v.Routing, v.VtepMAC)
 	})
 }
 

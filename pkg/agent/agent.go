@@ -31,6 +31,10 @@ type Config struct {
 	VNI       uint32
 	VXLANPort uint16
 	BpffsRoot string
+	// Routing is how remote nodes' pods are reached where the node source
+	// does not say (nodes.Tunnel when empty). With nodes.Native, pods get
+	// the uplink's whole MTU.
+	Routing nodes.Routing
 	// NoVXLANGRO leaves the VXLAN port without the GRO device (grosock.go)
 	// and removes one a previous start left.
 	NoVXLANGRO bool
@@ -76,6 +80,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--vni: %d is out of range 1..16777215", c.VNI)
 	case c.VXLANPort == 0:
 		return errors.New("--vxlan-port: 0 is not a port")
+	case c.Routing != nodes.RoutingDefault && c.Routing != nodes.Tunnel && c.Routing != nodes.Native && c.Routing != nodes.Auto:
+		return fmt.Errorf("--routing: %q is not tunnel, native or auto", c.Routing)
 	case c.ClusterCIDR.IsValid() && (!c.ClusterCIDR.Addr().Is4() || !c.ClusterCIDR.Contains(c.PodCIDR.Addr())):
 		return fmt.Errorf("--cluster-cidr: %s must be IPv4 and contain --pod-cidr %s", c.ClusterCIDR, c.PodCIDR)
 	}
@@ -98,6 +104,9 @@ type Agent struct {
 	// tunnel: from_tunnel is meant to be on the GRO device (it held the
 	// port when the agent started).
 	tunnel bool
+	// subnet is the uplink's subnet holding NodeIP: the nodes that
+	// nodes.Auto reaches natively.
+	subnet netip.Prefix
 }
 
 // Run sets the node up, then follows src until ctx ends. The datapath stays
@@ -116,7 +125,8 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 	if err != nil {
 		return fmt.Errorf("--uplink: %w", err)
 	}
-	if err := checkNodeIP(uplink, cfg.NodeIP); err != nil {
+	subnet, err := nodeSubnet(uplink, cfg.NodeIP)
+	if err != nil {
 		return err
 	}
 	dp, err := datapath.Open(cfg.BpffsRoot, log)
@@ -132,7 +142,7 @@ func Run(ctx context.Context, cfg Config, src nodes.Source, log *slog.Logger) er
 		return err
 	}
 	defer unlock()
-	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: bpfmaps.NewEndpoints(&dp.Maps), nodes: bpfmaps.NewNodes(&dp.Maps)}
+	a := &Agent{cfg: cfg, log: log, dp: dp, uplink: uplink, eps: bpfmaps.NewEndpoints(&dp.Maps), nodes: bpfmaps.NewNodes(&dp.Maps), subnet: subnet}
 
 	if err := a.setupUplink(); err != nil {
 		return err
@@ -244,17 +254,19 @@ func (a *Agent) sync(set []nodes.Node) error {
 	return err
 }
 
-func checkNodeIP(uplink netlink.Link, nodeIP netip.Addr) error {
+// nodeSubnet finds nodeIP on the uplink and returns its subnet.
+func nodeSubnet(uplink netlink.Link, nodeIP netip.Addr) (netip.Prefix, error) {
 	addrs, err := netlink.AddrList(uplink, netlink.FAMILY_V4)
 	if err != nil {
-		return fmt.Errorf("list addresses of %s: %w", uplink.Attrs().Name, err)
+		return netip.Prefix{}, fmt.Errorf("list addresses of %s: %w", uplink.Attrs().Name, err)
 	}
 	for _, a := range addrs {
 		if a.IP.Equal(nodeIP.AsSlice()) {
-			return nil
+			ones, _ := a.Mask.Size()
+			return netip.PrefixFrom(nodeIP, ones).Masked(), nil
 		}
 	}
-	return fmt.Errorf("--node-ip: %s is not an address of %s: tunnels would carry a source no peer replies to", nodeIP, uplink.Attrs().Name)
+	return netip.Prefix{}, fmt.Errorf("--node-ip: %s is not an address of %s: tunnels would carry a source no peer replies to", nodeIP, uplink.Attrs().Name)
 }
 
 // setupUplink writes the node config and attaches the uplink programs.
@@ -265,14 +277,23 @@ func (a *Agent) setupUplink() error {
 	if err != nil {
 		return err
 	}
+	// Pods keep room for the tunnel unless no node is meant to need it.
+	// A node a source sets to tunnel then costs its packets a detour:
+	// from_pod leaves those longer than the tunnel can carry to the stack,
+	// whose route MTU answers with "fragmentation needed".
+	mtu := attrs.MTU - datapath.VXLANOverhead
+	if a.cfg.Routing == nodes.Native {
+		mtu = attrs.MTU
+	}
 	cfg := bpfmaps.Config{
 		NodeIP:        a.cfg.NodeIP,
 		UplinkIfindex: attrs.Index,
 		UplinkMAC:     attrs.HardwareAddr,
 		VXLANPort:     a.cfg.VXLANPort,
 		VNI:           a.cfg.VNI,
-		MTU:           attrs.MTU - datapath.VXLANOverhead,
-		Trace:         old.Trace, // a running monitor keeps its traces
+		MTU:           mtu,
+		Trace:         old.Trace,  // a running monitor keeps its traces
+		Native:        old.Native, // until the first node sync decides
 		EventRate:     a.cfg.EventRate,
 		EventBurst:    a.cfg.EventBurst,
 	}
@@ -289,7 +310,8 @@ func (a *Agent) setupUplink() error {
 	if err := ip.EnableIP4Forward(); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
-	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.MTU)
+	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.MTU,
+		"routing", a.routing(), "subnet", a.subnet)
 	return nil
 }
 

@@ -50,6 +50,7 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 			a.log.Error("ignoring node whose pod CIDR overlaps ours", "node", n.Name, "pod_cidr", n.PodCIDR)
 			continue
 		}
+		n.Routing = a.resolve(n)
 		want[n.PodCIDR] = n
 	}
 	st := syncStats{full: a.synced.nodes == nil}
@@ -69,7 +70,8 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 			continue
 		}
 		st.changed++
-		if err := a.nodes.Put(bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}); err != nil {
+		node := bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC, Native: n.Routing == nodes.Native}
+		if err := a.nodes.Put(node); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 			continue
 		}
@@ -86,7 +88,7 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 		errs = append(errs, a.deleteRoute(cidr), a.nodes.Delete(cidr))
 		a.log.Info("removed node", "pod_cidr", cidr, "node_ip", old.NodeIP)
 	}
-	errs = append(errs, a.syncSources(want, have, full))
+	errs = append(errs, a.syncSources(want, have, full), a.syncNativeFlag(want))
 	if full {
 		errs = append(errs, a.removeStaleRoutes(want))
 	}
@@ -120,15 +122,60 @@ func (a *Agent) kernelNodes() (map[netip.Prefix]nodes.Node, error) {
 	}
 	have := make(map[netip.Prefix]nodes.Node, len(list))
 	for _, n := range list {
-		have[n.PodCIDR] = nodes.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC}
+		have[n.PodCIDR] = nodes.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC, Routing: routingOf(n.Native)}
 	}
 	return have, nil
 }
 
 // sameNode reports whether the datapath holds the same for a and b (the
-// name is not in the kernel).
+// name is not in the kernel), both with their routing resolved.
 func sameNode(a, b nodes.Node) bool {
-	return a.PodCIDR == b.PodCIDR && a.NodeIP == b.NodeIP && bytes.Equal(a.VtepMAC, b.VtepMAC)
+	return a.PodCIDR == b.PodCIDR && a.NodeIP == b.NodeIP && bytes.Equal(a.VtepMAC, b.VtepMAC) && a.Routing == b.Routing
+}
+
+// routing is the agent's own routing mode, the nodes' default.
+func (a *Agent) routing() nodes.Routing {
+	if a.cfg.Routing == nodes.RoutingDefault {
+		return nodes.Tunnel
+	}
+	return a.cfg.Routing
+}
+
+// resolve decides how n's pods are reached: nodes.Tunnel or nodes.Native.
+// A Flannel node (it has a VTEP MAC) takes VXLAN only, whatever it is set to.
+func (a *Agent) resolve(n nodes.Node) nodes.Routing {
+	mode := n.Routing
+	if mode == nodes.RoutingDefault {
+		mode = a.routing()
+	}
+	if len(n.VtepMAC) != 0 {
+		return nodes.Tunnel
+	}
+	if mode == nodes.Auto {
+		return routingOf(a.subnet.Contains(n.NodeIP))
+	}
+	return mode
+}
+
+func routingOf(native bool) nodes.Routing {
+	if native {
+		return nodes.Native
+	}
+	return nodes.Tunnel
+}
+
+// syncNativeFlag tells from_uplink whether to look for routed packets to
+// local pods: only while some node is native, so that a tunnel-only node's
+// own traffic costs no lookup.
+func (a *Agent) syncNativeFlag(want map[netip.Prefix]nodes.Node) error {
+	native := false
+	for _, n := range want {
+		if n.Routing == nodes.Native {
+			native = true
+			break
+		}
+	}
+	return bpfmaps.NewConfig(&a.dp.Maps).SetNative(native)
 }
 
 // syncSources removes the tunnel sources no wanted node has any more: a
@@ -160,9 +207,14 @@ func nextHop(cidr netip.Prefix) net.IP { return cidr.Masked().Addr().AsSlice() }
 
 // ensureRoute routes the host's own traffic for a remote pod CIDR out of the
 // uplink, where to_uplink encapsulates it. The route MTU leaves room for the
-// VXLAN headers, so host TCP picks a fitting MSS.
+// VXLAN headers, so host TCP picks a fitting MSS. A native node's pod CIDR
+// is routed via the node itself, as Flannel's host-gw does: the route the
+// host stack and from_pod's FIB lookup both take.
 func (a *Agent) ensureRoute(n nodes.Node) error {
 	attrs := a.uplink.Attrs()
+	if n.Routing == nodes.Native {
+		return a.ensureNativeRoute(n)
+	}
 	lladdr := n.VtepMAC
 	if len(lladdr) == 0 {
 		lladdr = attrs.HardwareAddr
@@ -189,13 +241,36 @@ func (a *Agent) ensureRoute(n nodes.Node) error {
 	return nil
 }
 
+func (a *Agent) ensureNativeRoute(n nodes.Node) error {
+	attrs := a.uplink.Attrs()
+	if !a.subnet.Contains(n.NodeIP) {
+		return fmt.Errorf("native routing to %s: not on %s's subnet %s; route its pod CIDR %s by BGP or use tunnel",
+			n.NodeIP, attrs.Name, a.subnet, n.PodCIDR)
+	}
+	if err := netlink.RouteReplace(&netlink.Route{
+		LinkIndex: attrs.Index,
+		Dst:       prefixNet(n.PodCIDR),
+		Gw:        n.NodeIP.AsSlice(),
+		Protocol:  routeProtocol,
+	}); err != nil {
+		return fmt.Errorf("add route %s via %s: %w", n.PodCIDR, n.NodeIP, err)
+	}
+	// The tunnel's next hop, if the node was a tunnel one until now.
+	return a.deleteNextHop(n.PodCIDR)
+}
+
 func (a *Agent) deleteRoute(cidr netip.Prefix) error {
 	attrs := a.uplink.Attrs()
 	err := netlink.RouteDel(&netlink.Route{LinkIndex: attrs.Index, Dst: prefixNet(cidr), Protocol: routeProtocol})
 	if err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("delete route %s: %w", cidr, err)
 	}
-	err = netlink.NeighDel(&netlink.Neigh{LinkIndex: attrs.Index, Family: unix.AF_INET, IP: nextHop(cidr)})
+	return a.deleteNextHop(cidr)
+}
+
+// deleteNextHop removes the permanent neighbour entry of a tunnel route.
+func (a *Agent) deleteNextHop(cidr netip.Prefix) error {
+	err := netlink.NeighDel(&netlink.Neigh{LinkIndex: a.uplink.Attrs().Index, Family: unix.AF_INET, IP: nextHop(cidr)})
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("delete neighbour %s: %w", nextHop(cidr), err)
 	}

@@ -24,7 +24,7 @@ func TestSyncNodesIncremental(t *testing.T) {
 			return err
 		}
 		nm := bpfmaps.NewNodes(&d.Maps)
-		a := &Agent{cfg: Config{NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR}, log: datapathtest.Logger(t), uplink: uplink, nodes: nm}
+		a := &Agent{cfg: Config{NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR}, log: datapathtest.Logger(t), uplink: uplink, nodes: nm, dp: d}
 		set := []nodes.Node{node1, node2, node3}
 		for i := range 50 {
 			set = append(set, fakeNode(i))

@@ -18,6 +18,9 @@ type Config struct {
 	VNI           uint32
 	MTU           int // pod MTU
 	Trace         bool
+	// Native: some remote node is reached by routing, so from_uplink
+	// looks for routed packets to local pods.
+	Native bool
 	// EventRate and EventBurst limit drop events per CPU and per drop
 	// reason (events per second, and how many at once); 0 leaves the
 	// datapath's defaults (datapath.EventRateDefault, EventBurstDefault).
@@ -45,6 +48,7 @@ func (c *ConfigMap) Get() (Config, error) {
 		VNI:           v.Vni,
 		MTU:           int(v.Mtu),
 		Trace:         v.Flags&datapath.ConfigTrace != 0,
+		Native:        v.Flags&datapath.ConfigNative != 0,
 		EventRate:     v.EventRate,
 		EventBurst:    v.EventBurst,
 	}
@@ -81,6 +85,9 @@ func (c *ConfigMap) Put(cfg Config) error {
 	}
 	if cfg.Trace {
 		v.Flags |= datapath.ConfigTrace
+	}
+	if cfg.Native {
+		v.Flags |= datapath.ConfigNative
 	}
 	if err := c.m.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("write node config: %w", err)

@@ -15,6 +15,8 @@ type Node struct {
 	PodCIDR netip.Prefix
 	NodeIP  netip.Addr
 	VtepMAC net.HardwareAddr // nil unless the peer runs a kernel vxlan device
+	// Native: its pods are reached by routing, without the tunnel.
+	Native bool
 }
 
 // Nodes is the remote-node LPM map plus the tunnel sources decap accepts.
@@ -38,6 +40,9 @@ func (n *Nodes) Put(node Node) error {
 		return fmt.Errorf("node %s: only IPv4 is supported", node.NodeIP)
 	}
 	val := datapath.NodeInfo{NodeIp: u32(node.NodeIP)}
+	if node.Native {
+		val.Flags |= uint16(datapath.NodeNative)
+	}
 	if len(node.VtepMAC) != 0 {
 		m, err := mac6(node.VtepMAC)
 		if err != nil {
@@ -96,6 +101,7 @@ func (n *Nodes) List() ([]Node, error) {
 		node := Node{
 			PodCIDR: netip.PrefixFrom(addr(key.Addr), int(key.Prefixlen)),
 			NodeIP:  addr(val.NodeIp),
+			Native:  val.Flags&uint16(datapath.NodeNative) != 0,
 		}
 		if val.VtepMac != [6]uint8{} {
 			node.VtepMAC = hw(val.VtepMac)

@@ -24,14 +24,25 @@ func monitorDir(root string) string { return filepath.Join(root, "monitor") }
 // whole, so this is a read-modify-write: callers that may race (several
 // monitors) serialise through StartTracing's monitor lock.
 func (c *ConfigMap) SetTrace(on bool) error {
+	return c.setFlag(func(cfg *Config) *bool { return &cfg.Trace }, on)
+}
+
+// SetNative sets the config's native flag as SetTrace sets the trace flag.
+// Its one writer is the agent, which checks it on every node sync, so a
+// write lost to a monitor's at the same moment is repaired by the next.
+func (c *ConfigMap) SetNative(on bool) error {
+	return c.setFlag(func(cfg *Config) *bool { return &cfg.Native }, on)
+}
+
+func (c *ConfigMap) setFlag(flag func(*Config) *bool, on bool) error {
 	cfg, err := c.Get()
 	if err != nil {
 		return err
 	}
-	if cfg.Trace == on {
+	if *flag(&cfg) == on {
 		return nil
 	}
-	cfg.Trace = on
+	*flag(&cfg) = on
 	return c.Put(cfg)
 }
 

@@ -16,7 +16,8 @@ import (
 type fromPodConfigFlags uint32
 
 const (
-	fromPodConfigFlagsCFG_TRACE fromPodConfigFlags = 1
+	fromPodConfigFlagsCFG_TRACE  fromPodConfigFlags = 1
+	fromPodConfigFlagsCFG_NATIVE fromPodConfigFlags = 2
 )
 
 type fromPodEndpoint struct {
@@ -102,6 +103,12 @@ type fromPodNodeConfig struct {
 	EventBurst    uint32
 }
 
+type fromPodNodeFlags uint32
+
+const (
+	fromPodNodeFlagsNODE_NATIVE fromPodNodeFlags = 1
+)
+
 type fromPodNodeInfo struct {
 	_       structs.HostLayout
 	NodeIp  uint32
@@ -149,7 +156,10 @@ const (
 	fromPodStatIdSTAT_TO_HOST_ENCAPSULATED fromPodStatId = 19
 	fromPodStatIdSTAT_EVENTS_SUPPRESSED    fromPodStatId = 20
 	fromPodStatIdSTAT_TO_HOST_TOO_BIG      fromPodStatId = 21
-	fromPodStatIdSTAT_MAX                  fromPodStatId = 22
+	fromPodStatIdSTAT_NATIVE_OUT           fromPodStatId = 22
+	fromPodStatIdSTAT_NATIVE_IN            fromPodStatId = 23
+	fromPodStatIdSTAT_DROP_WIRE_SPOOFED    fromPodStatId = 24
+	fromPodStatIdSTAT_MAX                  fromPodStatId = 25
 )
 
 type fromPodVxlanLayout uint32
@@ -162,22 +172,23 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromPodMapConfig        = "config"
-	fromPodMapCtVerdicts    = "ct_verdicts"
-	fromPodMapEndpoints     = "endpoints"
-	fromPodMapEpByIfindex   = "ep_by_ifindex"
-	fromPodMapEpMeta        = "ep_meta"
-	fromPodMapEventBuckets  = "event_buckets"
-	fromPodMapEvents        = "events"
-	fromPodMapNodes         = "nodes"
-	fromPodMapStats         = "stats"
-	fromPodMapTunnelSrcs    = "tunnel_srcs"
-	fromPodProgFromPod      = "from_pod"
-	fromPodVarCtAvailable   = "ct_available"
-	fromPodVarUnusedEvent   = "unused_event"
-	fromPodVarUnusedGateway = "unused_gateway"
-	fromPodVarUnusedLayout  = "unused_layout"
-	fromPodVarUnusedLimits  = "unused_limits"
+	fromPodMapConfig          = "config"
+	fromPodMapCtVerdicts      = "ct_verdicts"
+	fromPodMapEndpoints       = "endpoints"
+	fromPodMapEpByIfindex     = "ep_by_ifindex"
+	fromPodMapEpMeta          = "ep_meta"
+	fromPodMapEventBuckets    = "event_buckets"
+	fromPodMapEvents          = "events"
+	fromPodMapNodes           = "nodes"
+	fromPodMapStats           = "stats"
+	fromPodMapTunnelSrcs      = "tunnel_srcs"
+	fromPodProgFromPod        = "from_pod"
+	fromPodVarCtAvailable     = "ct_available"
+	fromPodVarUnusedEvent     = "unused_event"
+	fromPodVarUnusedGateway   = "unused_gateway"
+	fromPodVarUnusedLayout    = "unused_layout"
+	fromPodVarUnusedLimits    = "unused_limits"
+	fromPodVarUnusedNodeFlags = "unused_node_flags"
 )
 
 // loadFromPod returns the embedded CollectionSpec for fromPod.
@@ -245,11 +256,12 @@ type fromPodMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fromPodVariableSpecs struct {
-	CtAvailable   *ebpf.VariableSpec `ebpf:"ct_available"`
-	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedGateway *ebpf.VariableSpec `ebpf:"unused_gateway"`
-	UnusedLayout  *ebpf.VariableSpec `ebpf:"unused_layout"`
-	UnusedLimits  *ebpf.VariableSpec `ebpf:"unused_limits"`
+	CtAvailable     *ebpf.VariableSpec `ebpf:"ct_available"`
+	UnusedEvent     *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedGateway   *ebpf.VariableSpec `ebpf:"unused_gateway"`
+	UnusedLayout    *ebpf.VariableSpec `ebpf:"unused_layout"`
+	UnusedLimits    *ebpf.VariableSpec `ebpf:"unused_limits"`
+	UnusedNodeFlags *ebpf.VariableSpec `ebpf:"unused_node_flags"`
 }
 
 // fromPodObjects contains all objects after they have been loaded into the kernel.
@@ -303,11 +315,12 @@ func (m *fromPodMaps) Close() error {
 //
 // It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fromPodVariables struct {
-	CtAvailable   *ebpf.Variable `ebpf:"ct_available"`
-	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
-	UnusedGateway *ebpf.Variable `ebpf:"unused_gateway"`
-	UnusedLayout  *ebpf.Variable `ebpf:"unused_layout"`
-	UnusedLimits  *ebpf.Variable `ebpf:"unused_limits"`
+	CtAvailable     *ebpf.Variable `ebpf:"ct_available"`
+	UnusedEvent     *ebpf.Variable `ebpf:"unused_event"`
+	UnusedGateway   *ebpf.Variable `ebpf:"unused_gateway"`
+	UnusedLayout    *ebpf.Variable `ebpf:"unused_layout"`
+	UnusedLimits    *ebpf.Variable `ebpf:"unused_limits"`
+	UnusedNodeFlags *ebpf.Variable `ebpf:"unused_node_flags"`
 }
 
 // fromPodPrograms contains all programs after they have been loaded into the kernel.

@@ -27,6 +27,8 @@ type (
 
 const (
 	ConfigTrace      = fromPodConfigFlagsCFG_TRACE
+	ConfigNative     = fromPodConfigFlagsCFG_NATIVE
+	NodeNative       = fromPodNodeFlagsNODE_NATIVE
 	EndpointHostPath = fromPodEndpointFlagsEP_HOST_PATH
 
 	EventDrop  = fromPodEventKindEVENT_DROP

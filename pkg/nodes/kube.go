@@ -39,6 +39,10 @@ const (
 	FlannelKubeSubnetManager = "flannel.alpha.coreos.com/kube-subnet-manager"
 )
 
+// RoutingAnnotation sets how a node's pods are reached (tunnel, native or
+// auto), overriding every agent's --routing for that node.
+const RoutingAnnotation = "patchcord.io/routing"
+
 // DefaultResync is how often the whole node set is sent again although
 // nothing changed: the agent's sync is idempotent, so a resend repairs a
 // route or map entry someone removed by hand. Flannel uses the same period.
@@ -311,6 +315,12 @@ func fromKube(obj *corev1.Node) (n Node, warn, err error) {
 		return n, nil, fmt.Errorf("%w: status.addresses has no IPv4 InternalIP", ErrNotReady)
 	}
 	mac, publicIP, warn := flannelVTEP(obj.Annotations)
+	if r, ok := obj.Annotations[RoutingAnnotation]; ok {
+		var err error
+		if n.Routing, err = ParseRouting(r); err != nil {
+			warn = errors.Join(warn, fmt.Errorf("annotation %s: %w; using the agent's --routing", RoutingAnnotation, err))
+		}
+	}
 	if mac != nil {
 		n.VtepMAC = mac
 		// Flannel sends from, and to, its public IP, which differs from the

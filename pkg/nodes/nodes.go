@@ -24,6 +24,34 @@ type Node struct {
 	// VtepMAC is the inner destination MAC the node's kernel vxlan device
 	// expects (Flannel publishes it); nil for patchcord nodes.
 	VtepMAC net.HardwareAddr
+	// Routing is how this node's pods are reached, when the source says;
+	// RoutingDefault leaves it to the agent's --routing.
+	Routing Routing
+}
+
+// Routing is how a remote node's pods are reached.
+type Routing string
+
+const (
+	RoutingDefault Routing = ""
+	// Tunnel: VXLAN to the node's IP; the network needs to know only nodes.
+	Tunnel Routing = "tunnel"
+	// Native: no encapsulation; the network must route the node's pod
+	// CIDR to it (one L2 segment, where the agent routes via the node's
+	// IP, or a fabric that learned it by BGP).
+	Native Routing = "native"
+	// Auto: native to nodes on the uplink's subnet, tunnel to the rest
+	// (Calico's CrossSubnet).
+	Auto Routing = "auto"
+)
+
+// ParseRouting reads "tunnel", "native" or "auto".
+func ParseRouting(s string) (Routing, error) {
+	switch r := Routing(s); r {
+	case Tunnel, Native, Auto:
+		return r, nil
+	}
+	return "", fmt.Errorf("%q is not a routing mode (tunnel, native or auto)", s)
 }
 
 // Source delivers the complete node set each time it changes.
@@ -39,9 +67,10 @@ type Entry struct {
 	NodeIP  string `json:"nodeIP"`
 	PodCIDR string `json:"podCIDR"`
 	VtepMAC string `json:"vtepMAC,omitempty"`
+	Routing string `json:"routing,omitempty"`
 }
 
-// Parse reads a nodes file: {"nodes": [{"name", "nodeIP", "podCIDR", "vtepMAC"}]}.
+// Parse reads a nodes file: {"nodes": [{"name", "nodeIP", "podCIDR", "vtepMAC", "routing"}]}.
 // Errors name the offending field, e.g. `nodes[1].podCIDR`.
 func Parse(data []byte) ([]Node, error) {
 	var f struct {
@@ -86,6 +115,11 @@ func Parse(data []byte) ([]Node, error) {
 				return nil, fmt.Errorf("%s: %q is not a MAC address", field("vtepMAC"), fn.VtepMAC)
 			}
 			n.VtepMAC = mac
+		}
+		if fn.Routing != "" {
+			if n.Routing, err = ParseRouting(fn.Routing); err != nil {
+				return nil, fmt.Errorf("%s: %w", field("routing"), err)
+			}
 		}
 		out = append(out, n)
 	}

@@ -15,12 +15,13 @@ import (
 
 func TestParse(t *testing.T) {
 	good := `{"nodes":[{"name":"node1","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},` +
-		`{"name":"node2","nodeIP":"198.18.0.2","podCIDR":"10.244.2.0/24","vtepMAC":"0e:00:00:00:00:02"}]}`
+		`{"name":"node2","nodeIP":"198.18.0.2","podCIDR":"10.244.2.0/24","vtepMAC":"0e:00:00:00:00:02"},` +
+		`{"name":"node3","nodeIP":"198.18.0.3","podCIDR":"10.244.3.0/24","routing":"native"}]}`
 	nodes, err := Parse([]byte(good))
 	if err != nil {
 		t.Fatalf("parse: %v", err)
 	}
-	if len(nodes) != 2 || nodes[1].VtepMAC.String() != "0e:00:00:00:00:02" || nodes[0].VtepMAC != nil ||
+	if len(nodes) != 3 || nodes[0].Routing != RoutingDefault || nodes[2].Routing != Native || nodes[1].VtepMAC.String() != "0e:00:00:00:00:02" || nodes[0].VtepMAC != nil ||
 		nodes[0].PodCIDR.String() != "10.244.1.0/24" || nodes[1].NodeIP.String() != "198.18.0.2" {
 		t.Errorf("parse: got %+v", nodes)
 	}
@@ -35,6 +36,7 @@ func TestParse(t *testing.T) {
 		{"bad cidr", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0"}]}`, "nodes[0].podCIDR"},
 		{"host bits", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.1/24"}]}`, "did you mean 10.244.1.0/24"},
 		{"duplicate cidr", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24"},{"name":"b","nodeIP":"198.18.0.2","podCIDR":"10.244.1.0/24"}]}`, "nodes[1].podCIDR"},
+		{"bad routing", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24","routing":"bgp"}]}`, "nodes[0].routing"},
 		{"bad mac", `{"nodes":[{"name":"a","nodeIP":"198.18.0.1","podCIDR":"10.244.1.0/24","vtepMAC":"zz"}]}`, "nodes[0].vtepMAC"},
 	}
 	for _, tt := range bad {

@@ -43,6 +43,8 @@ type Node struct {
 	PodCIDR string `json:"podCIDR"`
 	NodeIP  string `json:"nodeIP"`
 	VtepMAC string `json:"vtepMAC,omitempty"`
+	// Routing is "tunnel" (VXLAN) or "native" (routed unencapsulated).
+	Routing string `json:"routing"`
 }
 
 // NodeRows turns remote nodes into rows sorted by pod CIDR.
@@ -51,7 +53,10 @@ func NodeRows(list []bpfmaps.Node) []Node {
 	slices.SortFunc(list, func(a, b bpfmaps.Node) int { return a.PodCIDR.Addr().Compare(b.PodCIDR.Addr()) })
 	rows := make([]Node, 0, len(list))
 	for _, n := range list {
-		v := Node{PodCIDR: n.PodCIDR.String(), NodeIP: n.NodeIP.String()}
+		v := Node{PodCIDR: n.PodCIDR.String(), NodeIP: n.NodeIP.String(), Routing: "tunnel"}
+		if n.Native {
+			v.Routing = "native"
+		}
 		if n.VtepMAC != nil {
 			v.VtepMAC = n.VtepMAC.String()
 		}

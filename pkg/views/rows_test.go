@@ -35,14 +35,14 @@ func TestEndpointRows(t *testing.T) {
 
 func TestNodeRows(t *testing.T) {
 	list := []bpfmaps.Node{
-		{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3")},
+		{PodCIDR: netip.MustParsePrefix("10.244.3.0/24"), NodeIP: netip.MustParseAddr("198.18.0.3"), Native: true},
 		{PodCIDR: netip.MustParsePrefix("10.244.2.0/24"), NodeIP: netip.MustParseAddr("198.18.0.2"), VtepMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}},
 	}
 	b, err := json.Marshal(NodeRows(list))
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `[{"podCIDR":"10.244.2.0/24","nodeIP":"198.18.0.2","vtepMAC":"02:00:00:00:00:02"},{"podCIDR":"10.244.3.0/24","nodeIP":"198.18.0.3"}]`
+	want := `[{"podCIDR":"10.244.2.0/24","nodeIP":"198.18.0.2","vtepMAC":"02:00:00:00:00:02","routing":"tunnel"},{"podCIDR":"10.244.3.0/24","nodeIP":"198.18.0.3","routing":"native"}]`
 	if string(b) != want {
 		t.Errorf("JSON:\n got %s\nwant %s", b, want)
 	}

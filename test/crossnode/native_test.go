@@ -1,0 +1,51 @@
+package crossnode
+
+import (
+	"testing"
+
+	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
+)
+
+// TestNativeRouting: with --routing native the nodes' pods reach each other
+// by the fabric's routes, unencapsulated: from_pod sends by the FIB,
+// from_uplink hands routed packets to the pod, and nothing is wrapped.
+func TestNativeRouting(t *testing.T) {
+	c := e2e.NewMesh(t, 1, 2)
+	ctx := e2e.Ctx(t)
+	c.StartAgents(t, ctx, nil, "--routing", "native")
+	c.AddPods(t, ctx, 1)
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+
+	// No tunnel overhead: the pod gets the uplink's MTU.
+	if pod, up := linkMTU(t, ctx, c.Pod(1, 0), "eth0"), linkMTU(t, ctx, n1, "eth0"); pod != up {
+		t.Errorf("pod MTU %d, want the uplink's %d", pod, up)
+	}
+
+	b1, b2 := e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
+	e2e.PingMesh(t, ctx, []*lab.Pod{c.Pod(1, 0), c.Pod(2, 0)}, 3)
+	e2e.IperfServer(t, ctx, c.Pod(2, 0), 5201)
+	r := e2e.IperfRun(t, ctx, c.Pod(1, 0), c.Pod(2, 0).IP.String(), 5201, "-t", "1")
+	t.Logf("tcp native: %d bytes received, %.2f Gbit/s", r.End.SumReceived.Bytes, r.Gbps())
+	if r.End.SumReceived.Bytes < 1<<20 {
+		t.Errorf("tcp native: %d bytes received, want >= 1 MiB", r.End.SumReceived.Bytes)
+	}
+	a1, a2 := e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
+	for _, d := range []struct {
+		node          string
+		before, after map[string]e2e.Counter
+	}{{n1.NetNS, b1, a1}, {n2.NetNS, b2, a2}} {
+		out, in := e2e.Delta(d.before, d.after, "native_out"), e2e.Delta(d.before, d.after, "native_in")
+		if out.Packets < 6 || in.Packets < 6 {
+			t.Errorf("%s: native_out %d, native_in %d packets: want >= 6 each", d.node, out.Packets, in.Packets)
+		}
+		for _, name := range []string{"encap", "decap"} {
+			if c := e2e.Delta(d.before, d.after, name); c.Packets != 0 {
+				t.Errorf("%s: %s %d packets with every node native", d.node, name, c.Packets)
+			}
+		}
+	}
+
+	// The node's own traffic to a remote pod takes the agent's route.
+	e2e.Ping(t, ctx, n1, c.Pod(2, 0).IP.String())
+}
