@@ -249,7 +249,7 @@ func openBPFDatapath(n *lab.Node, state string, feeds bool, log *slog.Logger) (*
 
 func (b *bpfDatapath) fill() error {
 	m := &b.dp.Maps
-	cfg := bpfmaps.Config{NodeIP: bNodeIP, UplinkIfindex: 7, UplinkMAC: bUplinkMAC, VXLANPort: 4789, VNI: 1, MTU: 1450}
+	cfg := bpfmaps.Config{NodeIP: bNodeIP, UplinkIfindex: 7, UplinkMAC: bUplinkMAC, VXLANPort: 4789, VNI: 1, TunnelMTU: 1450}
 	eps := []bpfmaps.EndpointInfo{bPodA, bPodB}
 	peer := bpfmaps.Node{PodCIDR: bPeerCIDR, NodeIP: bPeerIP}
 	if b.feeds {

@@ -105,13 +105,14 @@ static __always_inline __u32 wire_len(struct __sk_buff *skb, const struct iphdr 
 }
 
 /* Whether the packet, or one segment of a GSO packet, is longer than the
- * pod MTU (cfg->mtu: the uplink's less the tunnel), so that encapsulated it
- * would not fit the uplink and die there unseen. A pod whose MTU is the pod
- * MTU never sends one; one with a larger MTU (set by itself, or by a chained
- * plugin's conflist) does. The host stack forwards such a packet by the
- * route's MTU, which is the pod MTU: an ICMP "fragmentation needed" to the
- * pod for a DF packet, which lowers its path MTU, and fragments for the rest,
- * each encapsulated by to_uplink. */
+ * tunnel carries (cfg->mtu: the uplink's MTU less VXLAN's headers), so that
+ * encapsulated it would not fit the uplink and die there unseen. A pod whose
+ * MTU is that never sends one; one with a larger MTU does: set by itself, by
+ * a chained plugin's conflist, or by the agent where it routes every node
+ * natively and a source still tunnels one. The host stack forwards such a
+ * packet by the route's MTU, which is the tunnel's: an ICMP "fragmentation
+ * needed" to the pod for a DF packet, which lowers its path MTU, and
+ * fragments for the rest, each encapsulated by to_uplink. */
 static __always_inline int too_big(struct __sk_buff *skb, const struct iphdr *ip,
 				    const struct node_config *cfg)
 {

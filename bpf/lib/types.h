@@ -78,6 +78,9 @@ enum config_flags {
 	 * packets to local pods. Without it, the node's own traffic is not
 	 * looked up at all. */
 	CFG_NATIVE = 1 << 1,
+	/* Pods get the uplink's whole MTU, not mtu: the agent routes every
+	 * node natively. Read by the CNI plugin only. */
+	CFG_POD_UPLINK_MTU = 1 << 2,
 };
 
 /* Node-wide settings. An array map rather than load-time constants because
@@ -88,7 +91,10 @@ struct node_config {
 	__u8 uplink_mac[6];
 	__u16 vxlan_port;
 	__u32 vni;
-	__u32 mtu; /* pod MTU; read by the CNI plugin, not by the datapath */
+	/* The longest packet the tunnel carries: the uplink's MTU less
+	 * VXLAN's headers. from_pod checks packets to tunnelled nodes
+	 * against it; it is the pod MTU unless CFG_POD_UPLINK_MTU. */
+	__u32 mtu;
 	enum config_flags flags;
 	/* Drop events per second and burst, per CPU and per drop reason
 	 * (lib/verdict.h: event_admit); 0 stands for the defaults below. */

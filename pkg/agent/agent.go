@@ -279,19 +279,16 @@ func (a *Agent) setupUplink() error {
 	}
 	// Pods keep room for the tunnel unless no node is meant to need it.
 	// A node a source sets to tunnel then costs its packets a detour:
-	// from_pod leaves those longer than the tunnel can carry to the stack,
+	// from_pod leaves those longer than the tunnel carries to the stack,
 	// whose route MTU answers with "fragmentation needed".
-	mtu := attrs.MTU - datapath.VXLANOverhead
-	if a.cfg.Routing == nodes.Native {
-		mtu = attrs.MTU
-	}
 	cfg := bpfmaps.Config{
 		NodeIP:        a.cfg.NodeIP,
 		UplinkIfindex: attrs.Index,
 		UplinkMAC:     attrs.HardwareAddr,
 		VXLANPort:     a.cfg.VXLANPort,
 		VNI:           a.cfg.VNI,
-		MTU:           mtu,
+		TunnelMTU:     attrs.MTU - datapath.VXLANOverhead,
+		PodUplinkMTU:  a.cfg.Routing == nodes.Native,
 		Trace:         old.Trace,  // a running monitor keeps its traces
 		Native:        old.Native, // until the first node sync decides
 		EventRate:     a.cfg.EventRate,
@@ -310,7 +307,7 @@ func (a *Agent) setupUplink() error {
 	if err := ip.EnableIP4Forward(); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
-	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.MTU,
+	a.log.Info("uplink ready", "uplink", attrs.Name, "node_ip", a.cfg.NodeIP, "vni", a.cfg.VNI, "vxlan_port", a.cfg.VXLANPort, "pod_mtu", cfg.PodMTU(),
 		"routing", a.routing(), "subnet", a.subnet)
 	return nil
 }

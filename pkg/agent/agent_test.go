@@ -107,7 +107,7 @@ func TestAgentSyncsNodesAndRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfgGot.NodeIP != node1.NodeIP || cfgGot.VNI != 1 || cfgGot.VXLANPort != 4789 || cfgGot.MTU != 1450 || !cfgGot.Configured() {
+	if cfgGot.NodeIP != node1.NodeIP || cfgGot.VNI != 1 || cfgGot.VXLANPort != 4789 || cfgGot.PodMTU() != 1450 || !cfgGot.Configured() {
 		t.Errorf("node config: %+v", cfgGot)
 	}
 

@@ -16,8 +16,13 @@ type Config struct {
 	UplinkMAC     net.HardwareAddr
 	VXLANPort     uint16
 	VNI           uint32
-	MTU           int // pod MTU
-	Trace         bool
+	// TunnelMTU is the longest packet the tunnel carries: the uplink's
+	// MTU less VXLAN's headers. Use PodMTU for the pods'.
+	TunnelMTU int
+	// PodUplinkMTU: pods get the uplink's whole MTU, since the agent
+	// routes every node natively.
+	PodUplinkMTU bool
+	Trace        bool
 	// Native: some remote node is reached by routing, so from_uplink
 	// looks for routed packets to local pods.
 	Native bool
@@ -27,6 +32,14 @@ type Config struct {
 	// Drops are counted either way.
 	EventRate  uint32
 	EventBurst uint32
+}
+
+// PodMTU is the MTU the agent means pods to have; 0 if it has not said.
+func (c Config) PodMTU() int {
+	if c.PodUplinkMTU && c.TunnelMTU != 0 {
+		return c.TunnelMTU + datapath.VXLANOverhead
+	}
+	return c.TunnelMTU
 }
 
 // Configured reports whether an agent has set up the uplink.
@@ -46,7 +59,8 @@ func (c *ConfigMap) Get() (Config, error) {
 		UplinkIfindex: int(v.UplinkIfindex),
 		VXLANPort:     v.VxlanPort,
 		VNI:           v.Vni,
-		MTU:           int(v.Mtu),
+		TunnelMTU:     int(v.Mtu),
+		PodUplinkMTU:  v.Flags&datapath.ConfigPodUplinkMTU != 0,
 		Trace:         v.Flags&datapath.ConfigTrace != 0,
 		Native:        v.Flags&datapath.ConfigNative != 0,
 		EventRate:     v.EventRate,
@@ -66,7 +80,7 @@ func (c *ConfigMap) Put(cfg Config) error {
 		UplinkIfindex: uint32(cfg.UplinkIfindex),
 		VxlanPort:     cfg.VXLANPort,
 		Vni:           cfg.VNI,
-		Mtu:           uint32(cfg.MTU),
+		Mtu:           uint32(cfg.TunnelMTU),
 		EventRate:     cfg.EventRate,
 		EventBurst:    cfg.EventBurst,
 	}
@@ -85,6 +99,9 @@ func (c *ConfigMap) Put(cfg Config) error {
 	}
 	if cfg.Trace {
 		v.Flags |= datapath.ConfigTrace
+	}
+	if cfg.PodUplinkMTU {
+		v.Flags |= datapath.ConfigPodUplinkMTU
 	}
 	if cfg.Native {
 		v.Flags |= datapath.ConfigNative

@@ -13,7 +13,7 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 	d := datapathtest.MustOpen(t)
 	cfg := bpfmaps.NewConfig(&d.Maps)
 	// The rest of the config must survive the flag going on and off.
-	base := bpfmaps.Config{VNI: 7, VXLANPort: 8472, MTU: 1450}
+	base := bpfmaps.Config{VNI: 7, VXLANPort: 8472, TunnelMTU: 1450}
 	if err := cfg.Put(base); err != nil {
 		t.Fatal(err)
 	}
@@ -23,7 +23,7 @@ func TestTracingLastMonitorSwitchesOff(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got.Trace != trace || got.VNI != 7 || got.VXLANPort != 8472 || got.MTU != 1450 {
+		if got.Trace != trace || got.VNI != 7 || got.VXLANPort != 8472 || got.TunnelMTU != 1450 {
 			t.Errorf("config: got %+v, want trace %v over %+v", got, trace, base)
 		}
 		if r, err := bpfmaps.TracersRunning(d.Root); err != nil || r != running {

@@ -540,14 +540,15 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-// podMTU is the configured MTU, else the agent's (uplink MTU minus VXLAN),
-// else the default-route device's minus VXLAN, else 1450.
+// podMTU is the configured MTU, else the agent's (the uplink's, less VXLAN
+// unless every node is native), else the default-route device's minus
+// VXLAN, else 1450.
 func podMTU(conf *NetConf, dp *datapath.Datapath, log *slog.Logger) int {
 	if conf.MTU != 0 {
 		return conf.MTU
 	}
-	if cfg, err := bpfmaps.NewConfig(&dp.Maps).Get(); err == nil && cfg.MTU != 0 {
-		return cfg.MTU
+	if cfg, err := bpfmaps.NewConfig(&dp.Maps).Get(); err == nil && cfg.PodMTU() != 0 {
+		return cfg.PodMTU()
 	}
 	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
 	if err != nil {

@@ -53,7 +53,8 @@ func TestAddMTU(t *testing.T) {
 		{name: "no default route", want: 1500 - 50},
 		{name: "default route device", setup: defaultRouteVia(9000), want: 9000 - 50},
 		{name: "conf over default route device", opts: []confOpt{with("mtu", 1400)}, setup: defaultRouteVia(9000), want: 1400},
-		{name: "agent config", setup: agentMTU(1300), want: 1300},
+		{name: "agent config", setup: agentMTU(bpfmaps.Config{TunnelMTU: 1300}), want: 1300},
+		{name: "agent config, every node native", setup: agentMTU(bpfmaps.Config{TunnelMTU: 1300, PodUplinkMTU: true}), want: 1350},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t)
@@ -92,15 +93,15 @@ func defaultRouteVia(mtu int) func(*testing.T, *node) {
 	}
 }
 
-// agentMTU writes the pod MTU as the agent does.
-func agentMTU(mtu int) func(*testing.T, *node) {
+// agentMTU writes the MTU settings as the agent does.
+func agentMTU(cfg bpfmaps.Config) func(*testing.T, *node) {
 	return func(t *testing.T, n *node) {
 		dp, err := datapath.Open(n.root, datapathtest.Logger(t))
 		if err != nil {
 			t.Fatalf("open datapath: %v", err)
 		}
 		defer dp.Close()
-		if err := bpfmaps.NewConfig(&dp.Maps).Put(bpfmaps.Config{MTU: mtu}); err != nil {
+		if err := bpfmaps.NewConfig(&dp.Maps).Put(cfg); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -130,23 +130,43 @@ func TestFromPodTTLExpired(t *testing.T) {
 	}
 }
 
-// A packet longer than the pod MTU would not fit the uplink encapsulated:
-// the host stack gets it as the pod sent it, to send the ICMP
+// A packet longer than the tunnel carries would not fit the uplink
+// encapsulated: the host stack gets it as the pod sent it, to send the ICMP
 // "fragmentation needed" a router owes a DF packet, or to fragment the rest.
+// Pods with the uplink's whole MTU (every node meant native) send such
+// packets to a node that is still tunnelled.
+// podUplinkMTU is the config of an agent meaning every node native.
+func podUplinkMTU() bpfmaps.Config {
+	cfg := defaultConfig()
+	cfg.PodUplinkMTU = true
+	return cfg
+}
+
 func TestFromPodTooBig(t *testing.T) {
-	for _, df := range []bool{true, false} {
-		t.Run(fmt.Sprintf("df %v", df), func(t *testing.T) {
-			n := newPodNode(t)
-			n.configure(defaultConfig())
-			in := fromPod(udpPacketOfLen(podA.IP, peerPodIP, 1451, df))
+	uplinkMTU := podUplinkMTU()
+	for _, tc := range []struct {
+		name   string
+		config bpfmaps.Config
+		length int
+	}{
+		{"pod MTU 1450", defaultConfig(), 1451},
+		{"pod MTU of the uplink", uplinkMTU, 1451},
+		{"pod MTU of the uplink, full size", uplinkMTU, 1500},
+	} {
+		for _, df := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/df %v", tc.name, df), func(t *testing.T) {
+				n := newPodNode(t)
+				n.configure(tc.config)
+				in := fromPod(udpPacketOfLen(podA.IP, peerPodIP, tc.length, df))
 
-			ret, out := mustRun(t, n.prog(datapath.FromPod), in)
+				ret, out := mustRun(t, n.prog(datapath.FromPod), in)
 
-			wantVerdict(t, ret, tcActOK)
-			wantFrame(t, out, in)
-			n.wantCounters(map[string]bpfmaps.Counter{"to_host_too_big": counted(len(in))})
-			n.wantNoEvents()
-		})
+				wantVerdict(t, ret, tcActOK)
+				wantFrame(t, out, in)
+				n.wantCounters(map[string]bpfmaps.Counter{"to_host_too_big": counted(len(in))})
+				n.wantNoEvents()
+			})
+		}
 	}
 }
 
@@ -332,6 +352,8 @@ func TestFromPodEncap(t *testing.T) {
 		{name: "inner options", config: defaultConfig(), node: peerNode(), packet: withOptions},
 		// Encapsulated, it is as long as the uplink's MTU allows.
 		{name: "as long as the pod MTU", config: defaultConfig(), node: peerNode(),
+			packet: udpPacketOfLen(podA.IP, peerPodIP, 1450, true), df: true},
+		{name: "as long as the tunnel carries, pods of the uplink's MTU", config: podUplinkMTU(), node: peerNode(),
 			packet: udpPacketOfLen(podA.IP, peerPodIP, 1450, true), df: true},
 	}, encapPeerCases(podA.IP)...)
 	for _, tt := range tests {

@@ -16,8 +16,9 @@ import (
 type fromPodConfigFlags uint32
 
 const (
-	fromPodConfigFlagsCFG_TRACE  fromPodConfigFlags = 1
-	fromPodConfigFlagsCFG_NATIVE fromPodConfigFlags = 2
+	fromPodConfigFlagsCFG_TRACE          fromPodConfigFlags = 1
+	fromPodConfigFlagsCFG_NATIVE         fromPodConfigFlags = 2
+	fromPodConfigFlagsCFG_POD_UPLINK_MTU fromPodConfigFlags = 4
 )
 
 type fromPodEndpoint struct {

@@ -29,24 +29,13 @@ func nativeConfig() bpfmaps.Config {
 	return c
 }
 
-func newNativeNode(tb testing.TB, cfg bpfmaps.Config, peerNative bool) *testNode {
-	tb.Helper()
-	n := newTestNode(tb)
-	n.configure(cfg)
-	peer := peerNode()
-	peer.Native = peerNative
-	n.addNode(peer)
-	n.addPod(dstPod)
-	return n
-}
-
 func routed(p packet, dst net.HardwareAddr) []byte {
 	return ethernet{Dst: dst, Src: peerMAC, Type: ethTypeIPv4}.marshal(p.marshal())
 }
 
 func TestFromUplinkNative(t *testing.T) {
 	for _, p := range []packet{toDstPod(tcpPacket(peerPodIP, dstPod.IP)), toDstPod(udpPacket(peerPodIP, dstPod.IP))} {
-		n := newNativeNode(t, nativeConfig(), true)
+		n := newPeerNode(t, ptr(nativeConfig()), true, dstPod)
 		in := routed(p, loMAC)
 		wantForwarded(t, n, datapath.FromUplink, in, dstPod, p, "native_in", len(in))
 	}
@@ -55,7 +44,7 @@ func TestFromUplinkNative(t *testing.T) {
 // A pod's address is only ever this node's to send from: on the wire it is
 // forged, whatever node it claims to come through.
 func TestFromUplinkNativeSpoofed(t *testing.T) {
-	n := newNativeNode(t, nativeConfig(), true)
+	n := newPeerNode(t, ptr(nativeConfig()), true, dstPod)
 	in := routed(toDstPod(tcpPacket(dstPod.IP, dstPod.IP)), loMAC)
 	ret, _ := mustRun(t, n.prog(datapath.FromUplink), in)
 	wantVerdict(t, ret, tcActShot)
@@ -67,37 +56,22 @@ func TestFromUplinkNativeSpoofed(t *testing.T) {
 // node's pod; the rest is left to the stack, unchanged and uncounted.
 func TestFromUplinkNativePassThrough(t *testing.T) {
 	fromPeerPod := toDstPod(tcpPacket(peerPodIP, dstPod.IP))
-	tunnelOnly := defaultConfig()
-	tests := []struct {
-		name       string
-		config     bpfmaps.Config
-		peerNative bool
-		in         []byte
-	}{
-		{name: "native off", config: tunnelOnly, peerNative: true, in: routed(fromPeerPod, loMAC)},
-		{name: "tunnel peer", config: nativeConfig(), in: routed(fromPeerPod, loMAC)},
-		{name: "unknown source", config: nativeConfig(), peerNative: true,
+	native := ptr(nativeConfig())
+	runPassCases(t, datapath.FromUplink, []passCase{
+		{name: "native off", config: ptr(defaultConfig()), peerNative: true, in: routed(fromPeerPod, loMAC)},
+		{name: "tunnel peer", config: native, in: routed(fromPeerPod, loMAC)},
+		{name: "unknown source", config: native, peerNative: true,
 			in: routed(toDstPod(tcpPacket(outsideIP, dstPod.IP)), loMAC)},
-		{name: "not a pod", config: nativeConfig(), peerNative: true,
+		{name: "not a pod", config: native, peerNative: true,
 			in: routed(toDstPod(tcpPacket(peerPodIP, netip.MustParseAddr("10.244.1.99"))), loMAC)},
 		// Not addressed to this node: the stack drops or bridges it.
-		{name: "other host", config: nativeConfig(), peerNative: true, in: routed(fromPeerPod, uplinkMAC)},
-		{name: "ip options", config: nativeConfig(), peerNative: true, in: func() []byte {
+		{name: "other host", config: native, peerNative: true, in: routed(fromPeerPod, uplinkMAC)},
+		{name: "ip options", config: native, peerNative: true, in: func() []byte {
 			p := fromPeerPod
 			p.ip.VersionIHL = 0x4f
 			return routed(p, loMAC)
 		}()},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			n := newNativeNode(t, tt.config, tt.peerNative)
-			ret, out := mustRun(t, n.prog(datapath.FromUplink), tt.in)
-			wantVerdict(t, ret, tcActOK)
-			wantFrame(t, out, tt.in)
-			n.wantCounters(nil)
-			n.wantNoEvents()
-		})
-	}
+	}, dstPod)
 }
 
 // fabric is a namespace where the node's FIB lives: an uplink holding
@@ -190,17 +164,13 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
+// newNativePodNode is a node whose uplink is the fabric's and whose peer is
+// native.
 func newNativePodNode(t *testing.T, f *fabric) *testNode {
 	t.Helper()
-	n := newTestNode(t)
-	n.addPod(podA)
-	peer := peerNode()
-	peer.Native = true
-	n.addNode(peer)
 	c := nativeConfig()
 	c.UplinkIfindex = f.uplink.Attrs().Index
-	n.configure(c)
-	return n
+	return newPeerNode(t, &c, true, podA)
 }
 
 // A pod's packet for a native node leaves by the FIB's route, one hop
@@ -266,11 +236,7 @@ func TestFromPodNative(t *testing.T) {
 // The stack's own packets for a native node's pods leave by its route as
 // they are: to_uplink wraps nothing and counts nothing.
 func TestToUplinkNativePassesThrough(t *testing.T) {
-	n := newNativeNode(t, nativeConfig(), true)
-	in := fromHost(tcpPacket(nodeIP, peerPodIP))
-	ret, out := mustRun(t, n.prog(datapath.ToUplink), in)
-	wantVerdict(t, ret, tcActOK)
-	wantFrame(t, out, in)
-	n.wantCounters(nil)
-	n.wantNoEvents()
+	runPassCases(t, datapath.ToUplink, []passCase{
+		{name: "to native pod", config: ptr(nativeConfig()), peerNative: true, in: fromHost(tcpPacket(nodeIP, peerPodIP))},
+	}, dstPod)
 }

@@ -114,7 +114,7 @@ func defaultConfig() bpfmaps.Config {
 		UplinkMAC:     uplinkMAC,
 		VXLANPort:     4789,
 		VNI:           1,
-		MTU:           1450,
+		TunnelMTU:     1450,
 	}
 }
 
@@ -442,9 +442,27 @@ func wantForwarded(t *testing.T, n *testNode, prog string, in []byte, to pod, p 
 // passCase is a frame a program must leave alone: passed on unchanged,
 // counted nowhere, reported nowhere.
 type passCase struct {
-	name   string
-	config *bpfmaps.Config // nil: none written
-	in     []byte
+	name       string
+	config     *bpfmaps.Config // nil: none written
+	peerNative bool            // the peer node is reached by routing
+	in         []byte
+}
+
+// newPeerNode is a node with cfg (nil: none written) that knows the peer
+// node, native or not, and pods.
+func newPeerNode(tb testing.TB, cfg *bpfmaps.Config, peerNative bool, pods ...pod) *testNode {
+	tb.Helper()
+	n := newTestNode(tb)
+	if cfg != nil {
+		n.configure(*cfg)
+	}
+	peer := peerNode()
+	peer.Native = peerNative
+	n.addNode(peer)
+	for _, p := range pods {
+		n.addPod(p)
+	}
+	return n
 }
 
 // runPassCases runs prog on each case's frame on a node that knows the peer
@@ -452,14 +470,7 @@ type passCase struct {
 func runPassCases(t *testing.T, prog string, tests []passCase, pods ...pod) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			n := newTestNode(t)
-			if tt.config != nil {
-				n.configure(*tt.config)
-			}
-			n.addNode(peerNode())
-			for _, p := range pods {
-				n.addPod(p)
-			}
+			n := newPeerNode(t, tt.config, tt.peerNative, pods...)
 
 			ret, out := mustRun(t, n.prog(prog), tt.in)
 

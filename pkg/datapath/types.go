@@ -26,10 +26,11 @@ type (
 )
 
 const (
-	ConfigTrace      = fromPodConfigFlagsCFG_TRACE
-	ConfigNative     = fromPodConfigFlagsCFG_NATIVE
-	NodeNative       = fromPodNodeFlagsNODE_NATIVE
-	EndpointHostPath = fromPodEndpointFlagsEP_HOST_PATH
+	ConfigTrace        = fromPodConfigFlagsCFG_TRACE
+	ConfigNative       = fromPodConfigFlagsCFG_NATIVE
+	ConfigPodUplinkMTU = fromPodConfigFlagsCFG_POD_UPLINK_MTU
+	NodeNative         = fromPodNodeFlagsNODE_NATIVE
+	EndpointHostPath   = fromPodEndpointFlagsEP_HOST_PATH
 
 	EventDrop  = fromPodEventKindEVENT_DROP
 	EventTrace = fromPodEventKindEVENT_TRACE

@@ -25,7 +25,7 @@ var messages = map[string]string{
 	"to_host_untracked":    "conntrack cannot decide on the fast path (fragment, SCTP, unreadable header): left to the host stack",
 	"to_host_encapsulated": "already encapsulated by the pod, left to the host stack",
 	"events_suppressed":    "drop events held back by the rate limit",
-	"to_host_too_big":      "longer than the pod MTU, left to the host stack (ICMP fragmentation needed for DF, else fragments)",
+	"to_host_too_big":      "longer than the tunnel (or the route to a native node) carries, left to the host stack (ICMP fragmentation needed for DF, else fragments)",
 	"native_out":           "routed to a native node by the FIB, unencapsulated",
 	"native_in":            "routed from a native node's pod, handed to the local pod",
 	"drop_wire_spoofed":    "a routed packet from the wire with one of this node's pods as its source",

@@ -172,7 +172,7 @@ func (v *Status) collectConfig(dp *datapath.Datapath) bpfmaps.Config {
 		return cfg
 	}
 	cv.NodeIP, cv.UplinkIfindex = cfg.NodeIP.String(), cfg.UplinkIfindex
-	cv.VNI, cv.VXLANPort, cv.PodMTU = cfg.VNI, cfg.VXLANPort, cfg.MTU
+	cv.VNI, cv.VXLANPort, cv.PodMTU = cfg.VNI, cfg.VXLANPort, cfg.PodMTU()
 	if iface, err := net.InterfaceByIndex(cfg.UplinkIfindex); err == nil {
 		cv.Uplink = iface.Name
 	} else {

@@ -5,6 +5,7 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 // TestNativeRouting: with --routing native the nodes' pods reach each other
@@ -48,4 +49,50 @@ func TestNativeRouting(t *testing.T) {
 
 	// The node's own traffic to a remote pod takes the agent's route.
 	e2e.Ping(t, ctx, n1, c.Pod(2, 0).IP.String())
+}
+
+// TestNativeWithTunnelledNode: nodes 1 and 2 route natively and their pods
+// get the uplink's whole MTU; node 3 is tunnelled (a source says so), so a
+// full-size packet to its pods would not fit the uplink encapsulated. It
+// must come back as "fragmentation needed" with the tunnel's MTU, never be
+// encapsulated past the uplink's, and TCP must cross at the path MTU.
+func TestNativeWithTunnelledNode(t *testing.T) {
+	c := e2e.NewMesh(t, 1, 2, 3)
+	ctx := e2e.Ctx(t)
+	n1, n3 := c.Nodes[0], c.Nodes[2]
+	for _, n := range c.Nodes {
+		var es []nodes.Entry
+		for _, e := range c.Entries() {
+			if e.Name == n3.NetNS {
+				e.Routing = string(nodes.Tunnel)
+			}
+			es = append(es, e)
+		}
+		e2e.WriteNodes(t, c.Files[n.Index], es...)
+		routing := "native"
+		if n == n3 {
+			routing = "tunnel"
+		}
+		c.Agents[n.Index] = e2e.StartAgent(t, ctx, n, c.Files[n.Index], "--routing", routing)
+	}
+	c.AddPods(t, ctx, 1)
+	p1, p3 := c.Pod(1, 0), c.Pod(3, 0)
+	if got := linkMTU(t, ctx, p1, "eth0"); got != 1500 {
+		t.Errorf("pod MTU on native node %d, want the uplink's 1500", got)
+	}
+	if got := linkMTU(t, ctx, p3, "eth0"); got != 1450 {
+		t.Errorf("pod MTU on tunnelled node %d, want 1450", got)
+	}
+	e2e.PingMesh(t, ctx, []*lab.Pod{p1, c.Pod(2, 0), p3}, 3)
+
+	wantFragNeeded(t, ctx, n1, p1, p3.IP.String())
+	before := e2e.Stats(t, ctx, n1)
+	e2e.IperfServer(t, ctx, p3, 5201)
+	r := e2e.IperfRun(t, ctx, p1, p3.IP.String(), 5201, "-t", "1")
+	if r.End.SumReceived.Bytes < 1<<20 {
+		t.Errorf("tcp to the tunnelled node: %d bytes received, want >= 1 MiB", r.End.SumReceived.Bytes)
+	}
+	if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets == 0 {
+		t.Errorf("%s: nothing encapsulated for the tunnelled node", n1.NetNS)
+	}
 }

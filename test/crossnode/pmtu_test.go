@@ -1,10 +1,12 @@
 package crossnode
 
 import (
+	"context"
 	"regexp"
 	"testing"
 
 	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // fragNeeded is how ping reports the ICMP "fragmentation needed" it got, or
@@ -29,20 +31,11 @@ func TestPathMTU(t *testing.T) {
 		}
 	}
 	dst := p2.IP.String()
-
-	before := e2e.Stats(t, ctx, n1)
-	// 1472 bytes of ICMP payload: a 1500-byte packet, 1550 encapsulated.
-	out, err := p1.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1472", dst)
-	if err == nil || !fragNeeded.Match(out) {
-		t.Errorf("ping -M do -s 1472 %s: %v; want it refused with the path MTU 1450:\n%s", dst, err, out)
-	}
-	if big := e2e.Delta(before, e2e.Stats(t, ctx, n1), "to_host_too_big"); big.Packets == 0 {
-		t.Errorf("no packet counted to_host_too_big")
-	}
+	wantFragNeeded(t, ctx, n1, p1, dst)
 
 	// Without DF the node fragments what the pod sent; each fragment is
 	// encapsulated, and p2 reassembles the echo request.
-	before = e2e.Stats(t, ctx, n1)
+	before := e2e.Stats(t, ctx, n1)
 	e2e.Ping(t, ctx, p1, dst, "-M", "dont", "-s", "1472")
 	if enc := e2e.Delta(before, e2e.Stats(t, ctx, n1), "encap"); enc.Packets < 6 {
 		t.Errorf("%d packets encapsulated for 3 fragmented echo requests, want >= 6", enc.Packets)
@@ -53,5 +46,20 @@ func TestPathMTU(t *testing.T) {
 	e2e.Ping(t, ctx, p1, dst, "-M", "do", "-s", "1422")
 	if d := e2e.Delta(before, e2e.Stats(t, ctx, n1), "to_host_too_big"); d.Packets != 0 {
 		t.Errorf("%d packets of the pod MTU counted to_host_too_big", d.Packets)
+	}
+}
+
+// wantFragNeeded: a 1500-byte DF packet from a pod with the uplink's MTU,
+// 1550 bytes encapsulated, must come back refused with the tunnel's MTU, the
+// node's from_pod having left it to the stack.
+func wantFragNeeded(t *testing.T, ctx context.Context, n *lab.Node, from *lab.Pod, dst string) {
+	t.Helper()
+	before := e2e.Stats(t, ctx, n)
+	out, err := from.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1472", dst)
+	if err == nil || !fragNeeded.Match(out) {
+		t.Errorf("ping -M do -s 1472 %s: %v; want it refused with the path MTU 1450:\n%s", dst, err, out)
+	}
+	if big := e2e.Delta(before, e2e.Stats(t, ctx, n), "to_host_too_big"); big.Packets == 0 {
+		t.Errorf("%s: no packet counted to_host_too_big", n.NetNS)
 	}
 }
