@@ -15,7 +15,7 @@ PLUGINS_VERSION := v1.10.0
 CRICTL_VERSION  := v1.34.0
 DEB_PACKAGES    := clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping \
                    iperf3 sockperf iptables conntrack ethtool python3 ruby curl \
-                   containerd runc strace
+                   containerd runc strace bird2
 
 export BPF2GO_CC    := $(CLANG)
 export BPF2GO_STRIP := $(STRIP)
@@ -41,11 +41,15 @@ check-generate: generate
 	git diff --exit-code -- pkg/datapath/ || { echo "generated files are stale: run make generate and commit"; exit 1; }
 
 # install-missing PACKAGES: installs only the Debian packages that are missing.
+# No package's daemon starts (containerd, bird): tests run their own, each in
+# its lab's namespaces; one in the root namespace would touch the machine.
 define install-missing
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; policy=1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; rc=$$?; \
+		[ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
 endef
 

@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/patchcord/patchcord/pkg/agent"
+	"github.com/patchcord/patchcord/pkg/bgp"
 	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/metrics"
 	"github.com/patchcord/patchcord/pkg/nodes"
@@ -27,6 +29,11 @@ type agentFlags struct {
 	flannelCompat, vxlanGRO                           bool
 	vni, port                                         uint32
 	cfg                                               agent.Config
+	bgpASN                                            uint32
+	bgpListenPort                                     int32
+	bgpNeighbors                                      []string
+	bgpRestartTime                                    time.Duration
+	metrics                                           *metrics.Metrics // nil with --metrics-addr ""
 }
 
 func newAgentCmd(g *globals) *cobra.Command {
@@ -62,6 +69,9 @@ the node IP.`,
 			if err != nil {
 				return err
 			}
+			if src, err = af.withBGP(ctx, src, cfg, log); err != nil {
+				return err
+			}
 			return agent.Run(ctx, cfg, src, log)
 		},
 	}
@@ -80,6 +90,10 @@ func (af *agentFlags) register(f *pflag.FlagSet) {
 	f.BoolVar(&af.flannelCompat, "flannel-compat", false, "publish this node's VTEP in Flannel's node annotations, so that Flannel nodes reach its pods (with --vxlan-port 8472)")
 	f.StringVar(&af.metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
 	f.StringVar((*string)(&cfg.Routing), "routing", string(nodes.Tunnel), "how remote nodes' pods are reached unless a node says (nodes file \"routing\", annotation "+nodes.RoutingAnnotation+"): tunnel (VXLAN), native (routed by the fabric: pods' packets leave unencapsulated, pod MTU = uplink MTU), or auto (native for nodes on the uplink's subnet, tunnel beyond it)")
+	f.Uint32Var(&af.bgpASN, "bgp-asn", 0, "this node's AS number: run a BGP speaker that announces the pod CIDR and routes the pod CIDRs it learns natively (0: no BGP)")
+	f.StringArrayVar(&af.bgpNeighbors, "bgp-neighbor", nil, "a BGP neighbour as ADDR,ASN (repeat for more): a top-of-rack router, a route reflector, or another node")
+	f.Int32Var(&af.bgpListenPort, "bgp-listen-port", 179, "TCP port for sessions neighbours open, on the node IP (-1: only dial out)")
+	f.DurationVar(&af.bgpRestartTime, "bgp-restart-time", 120*time.Second, "how long neighbours keep this node's routes while its agent restarts (graceful restart); also how long a node that is gone for good stays routed")
 	f.Uint32Var(&af.vni, "vni", 1, "VXLAN network identifier")
 	f.Uint32Var(&af.port, "vxlan-port", 4789, "VXLAN UDP port (Flannel uses 8472)")
 	f.BoolVar(&af.vxlanGRO, "vxlan-gro", true, "hold the VXLAN port with an idle external vxlan device, "+agent.GRODevice+", so that the uplink's GRO merges VXLAN (false removes it)")
@@ -136,12 +150,40 @@ func (af *agentFlags) config(ctx context.Context, kube *nodes.Kube, root string,
 	}
 	if af.metricsAddr != "" {
 		m := metrics.New(root, log)
+		af.metrics = m
 		if _, err := m.Start(ctx, af.metricsAddr); err != nil {
 			return cfg, fmt.Errorf("--metrics-addr: %w", err)
 		}
 		cfg.OnSyncError = func(error) { m.SyncError() }
 	}
 	return cfg, nil
+}
+
+// withBGP starts the BGP speaker if --bgp-asn asks for one, and merges what
+// it learns into src. It serves its metrics beside the datapath's.
+func (af *agentFlags) withBGP(ctx context.Context, src nodes.Source, cfg agent.Config, log *slog.Logger) (nodes.Source, error) {
+	if af.bgpASN == 0 {
+		if len(af.bgpNeighbors) != 0 {
+			return nil, errors.New("--bgp-neighbor: needs --bgp-asn")
+		}
+		return src, nil
+	}
+	bc := bgp.Config{ASN: af.bgpASN, RouterID: cfg.NodeIP, PodCIDR: cfg.PodCIDR, RestartTime: af.bgpRestartTime, ListenPort: af.bgpListenPort, Accept: cfg.ClusterCIDR}
+	for _, s := range af.bgpNeighbors {
+		n, err := bgp.ParseNeighbor(s)
+		if err != nil {
+			return nil, fmt.Errorf("--bgp-neighbor: %w", err)
+		}
+		bc.Neighbors = append(bc.Neighbors, n)
+	}
+	sp, err := bgp.Start(ctx, bc, log)
+	if err != nil {
+		return nil, err
+	}
+	if af.metrics != nil {
+		af.metrics.Register(sp.Collector())
+	}
+	return sp.Source(src), nil
 }
 
 // selfDefaults fills --node-ip and --pod-cidr from this node's Node object

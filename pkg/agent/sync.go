@@ -130,7 +130,7 @@ func (a *Agent) kernelNodes() (map[netip.Prefix]nodes.Node, error) {
 // sameNode reports whether the datapath holds the same for a and b (the
 // name is not in the kernel), both with their routing resolved.
 func sameNode(a, b nodes.Node) bool {
-	return a.PodCIDR == b.PodCIDR && a.NodeIP == b.NodeIP && bytes.Equal(a.VtepMAC, b.VtepMAC) && a.Routing == b.Routing
+	return a.PodCIDR == b.PodCIDR && a.NodeIP == b.NodeIP && bytes.Equal(a.VtepMAC, b.VtepMAC) && a.Routing == b.Routing && a.Via == b.Via
 }
 
 // routing is the agent's own routing mode, the nodes' default.
@@ -243,17 +243,21 @@ func (a *Agent) ensureRoute(n nodes.Node) error {
 
 func (a *Agent) ensureNativeRoute(n nodes.Node) error {
 	attrs := a.uplink.Attrs()
-	if !a.subnet.Contains(n.NodeIP) {
+	via := n.NodeIP
+	if n.Via.IsValid() {
+		via = n.Via
+	}
+	if !a.subnet.Contains(via) {
 		return fmt.Errorf("native routing to %s: not on %s's subnet %s; route its pod CIDR %s by BGP or use tunnel",
-			n.NodeIP, attrs.Name, a.subnet, n.PodCIDR)
+			via, attrs.Name, a.subnet, n.PodCIDR)
 	}
 	if err := netlink.RouteReplace(&netlink.Route{
 		LinkIndex: attrs.Index,
 		Dst:       prefixNet(n.PodCIDR),
-		Gw:        n.NodeIP.AsSlice(),
+		Gw:        via.AsSlice(),
 		Protocol:  routeProtocol,
 	}); err != nil {
-		return fmt.Errorf("add route %s via %s: %w", n.PodCIDR, n.NodeIP, err)
+		return fmt.Errorf("add route %s via %s: %w", n.PodCIDR, via, err)
 	}
 	// The tunnel's next hop, if the node was a tunnel one until now.
 	return a.deleteNextHop(n.PodCIDR)

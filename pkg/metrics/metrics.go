@@ -76,6 +76,10 @@ func New(root string, log *slog.Logger) *Metrics {
 	return m
 }
 
+// Register adds a collector of another part of the agent (the BGP
+// speaker's).
+func (m *Metrics) Register(c prometheus.Collector) { m.reg.MustRegister(c) }
+
 // SyncError counts one failed node sync.
 func (m *Metrics) SyncError() { m.syncErrors.Inc() }
 

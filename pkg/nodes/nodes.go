@@ -27,6 +27,9 @@ type Node struct {
 	// Routing is how this node's pods are reached, when the source says;
 	// RoutingDefault leaves it to the agent's --routing.
 	Routing Routing
+	// Via, when valid, is the next hop of native routing to the node's
+	// pods, where it is not NodeIP: the router a BGP route names.
+	Via netip.Addr
 }
 
 // Routing is how a remote node's pods are reached.
