@@ -123,6 +123,11 @@ func evaluate(subjects []*subject, r *Results) []Target {
 		ratioTarget(groupCross, name, "tcp4", flannel, 1.2, true, "cross-node TCP throughput, 4 streams")
 		ratioTarget(groupCross, name, "rtt_p50", flannel, 1, false, "cross-node RTT p50")
 	}
+	// Native routing's peer is host-gw: the same routes, without the
+	// host stack's forwarding in between.
+	ratioTarget(groupCross, nativeName, "tcp1", ceiling, 1.05, true, "native routing TCP throughput, 1 stream")
+	ratioTarget(groupCross, nativeName, "tcp4", ceiling, 1.05, true, "native routing TCP throughput, 4 streams")
+	ratioTarget(groupCross, nativeName, "rtt_p50", ceiling, 0.95, false, "native routing RTT p50")
 	out = append(out, bpfTargets(r.BPF)...)
 	out = append(out, cniTargets(r.CNI)...)
 	out = append(out, agentTargets(r.Agent)...)

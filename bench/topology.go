@@ -33,6 +33,8 @@ const (
 	nodeNoGROA, nodeNoGROB = 20, 21
 	// CNI ADD and DEL with the tc backend beside tcx's.
 	nodeCNIPatchcordTC = 22
+	// patchcord routing natively (--routing native), host-gw's peer.
+	nodeNativeA, nodeNativeB = 23, 24
 )
 
 // Groups of datapaths, and what --only selects.
@@ -198,11 +200,16 @@ func (b *builder) crossNode(ctx context.Context, pc, loaded *pcPair) ([]*subject
 	if err != nil {
 		return nil, err
 	}
+	native, err := b.patchcordPair(ctx, nodeNativeA, nodeNativeB, 0, "--routing", "native")
+	if err != nil {
+		return nil, err
+	}
 	return []*subject{
 		hostgw, flannel,
 		pc.crossSubject(groupCross, "patchcord", "patchcord-cni primary mode + host-local, agents running (masquerade off); VXLAN (port 4789) built and stripped in eBPF, MTU 1450; the agent's idle vxlan device pc-gro0 holds the port so that GRO merges"),
 		loaded.crossSubject(groupCross, loadedName, loadedSetup),
 		noGRO.crossSubject(groupCross, noGROName, "as patchcord, agents with --vxlan-gro=false: no socket owns the VXLAN port, so GRO cannot merge VXLAN"),
+		native.crossSubject(groupCross, nativeName, "as patchcord, agents with --routing native: no tunnel, the agent routes each pod CIDR via its node as host-gw does; from_pod sends by bpf_fib_lookup straight out of the uplink, from_uplink hands packets to the pod; pod MTU 1500"),
 	}, nil
 }
 
@@ -294,6 +301,7 @@ func twoPods(ctx context.Context, nc, ns *lab.Node, network string) (client, ser
 // Names of the patchcord variant whose maps hold the scale, and of
 // the one without the GRO device.
 const (
+	nativeName  = "patchcord, --routing native"
 	noGROName   = "patchcord, --vxlan-gro=false"
 	loadedName  = "patchcord, 1k endpoints + 5k nodes"
 	loadedSetup = "as patchcord, with 1,000 endpoints and 5,000 nodes in each node's maps (5,000 routes in the node); agents stopped once synced, the datapath stays"

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -39,31 +40,58 @@ func AddNodes(t *testing.T, l *lab.Lab, idx ...int) []*lab.Node {
 	return nodes
 }
 
+// NodeListEntry is one node of `patchcord bpf node list -o json`, the
+// fields tests read.
+type NodeListEntry struct {
+	PodCIDR string `json:"podCIDR"`
+	NodeIP  string `json:"nodeIP"`
+	Routing string `json:"routing"`
+}
+
+// NodeList runs `patchcord bpf node list -o json` on n.
+func NodeList(ctx context.Context, n *lab.Node) ([]NodeListEntry, error) {
+	out, err := n.CLI(ctx, "bpf", "node", "list", "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var list []NodeListEntry
+	if err := json.Unmarshal(out, &list); err != nil {
+		return nil, fmt.Errorf("%w: %s", err, out)
+	}
+	return list, nil
+}
+
 // WaitNodeList polls `patchcord bpf node list` on n until want holds for what it lists
 // (pod CIDR -> node IP).
 func WaitNodeList(t *testing.T, ctx context.Context, n *lab.Node, what string, want func(map[string]string) bool) {
+	t.Helper()
+	waitNodes(t, ctx, n, what, func(e NodeListEntry) string { return e.NodeIP }, want)
+}
+
+// WaitNodeRouting polls until n's node list shows cidr with routing.
+func WaitNodeRouting(t *testing.T, ctx context.Context, n *lab.Node, cidr netip.Prefix, routing string) {
+	t.Helper()
+	waitNodes(t, ctx, n, fmt.Sprintf("%s routed %s", cidr, routing), func(e NodeListEntry) string { return e.Routing },
+		func(m map[string]string) bool { return m[cidr.String()] == routing })
+}
+
+// waitNodes polls the node list until want holds for pod CIDR -> field(e).
+func waitNodes(t *testing.T, ctx context.Context, n *lab.Node, what string, field func(NodeListEntry) string, want func(map[string]string) bool) {
 	t.Helper()
 	// The agent follows its nodes file "within a second"; a few are allowed.
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	err := lab.WaitFor(wctx, what, func(ctx context.Context) error {
-		out, err := n.CLI(ctx, "bpf", "node", "list", "-o", "json")
+		list, err := NodeList(ctx, n)
 		if err != nil {
 			return err
 		}
-		var list []struct {
-			PodCIDR string `json:"podCIDR"`
-			NodeIP  string `json:"nodeIP"`
-		}
-		if err := json.Unmarshal(out, &list); err != nil {
-			return fmt.Errorf("%w: %s", err, out)
-		}
-		nodes := map[string]string{}
+		m := map[string]string{}
 		for _, e := range list {
-			nodes[e.PodCIDR] = e.NodeIP
+			m[e.PodCIDR] = field(e)
 		}
-		if !want(nodes) {
-			return fmt.Errorf("node list: %s", out)
+		if !want(m) {
+			return fmt.Errorf("node list: %+v", list)
 		}
 		return nil
 	})

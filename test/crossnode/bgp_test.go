@@ -27,45 +27,61 @@ func fabricSubnet(i int) netip.Prefix {
 
 func routerIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, byte(i), 254}) }
 
-// routedFabric renumbers the mesh's nodes into a subnet each, behind a
-// router namespace running BIRD as the top-of-rack: the nodes share no
-// subnet, so only routes make pods reach each other.
-func routedFabric(t *testing.T, ctx context.Context, c *e2e.Mesh) *lab.Node {
+// routedFabric renumbers the mesh's nodes into subnets, node n into
+// 198.18.subnet(n).0/24, behind a router namespace (the top-of-rack) that
+// holds .254 of each: nodes of different subnets reach each other only
+// through it.
+func routedFabric(t *testing.T, ctx context.Context, c *e2e.Mesh, subnet func(*lab.Node) int) *lab.Node {
 	t.Helper()
-	if _, err := os.Stat("/usr/sbin/bird"); err != nil {
-		t.Fatalf("needs BIRD (Debian's bird2, make deps installs it): %v", err)
-	}
 	router, err := c.Lab.AddNode(200)
 	if err != nil {
 		t.Fatal(err)
 	}
-	run := func(e e2e.Execer, args ...string) {
-		t.Helper()
-		if out, err := e.Exec(ctx, args[0], args[1:]...); err != nil {
-			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
 	// One L2 segment carries every subnet; the router must not tell the
 	// nodes (ICMP redirects) that they could talk directly.
-	run(router, "ip", "addr", "flush", "dev", "eth0")
-	run(router, "sysctl", "-qw", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0")
+	run(t, ctx, router, "ip", "addr", "flush", "dev", "eth0")
+	run(t, ctx, router, "sysctl", "-qw", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0")
+	routed := map[int]bool{}
+	for _, n := range c.Nodes {
+		i := subnet(n)
+		if !routed[i] {
+			run(t, ctx, router, "ip", "addr", "add", netip.PrefixFrom(routerIP(i), 24).String(), "dev", "eth0")
+			routed[i] = true
+		}
+		ip := netip.AddrFrom4([4]byte{198, 18, byte(i), byte(n.Index)})
+		run(t, ctx, n, "ip", "addr", "flush", "dev", "eth0")
+		run(t, ctx, n, "ip", "addr", "add", netip.PrefixFrom(ip, 24).String(), "dev", "eth0")
+		run(t, ctx, n, "ip", "route", "add", "default", "via", routerIP(i).String())
+		n.IP = ip
+	}
+	return router
+}
+
+func run(t *testing.T, ctx context.Context, e e2e.Execer, args ...string) {
+	t.Helper()
+	if out, err := e.Exec(ctx, args[0], args[1:]...); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// startBIRD runs BIRD on the router as the top-of-rack: an eBGP session
+// with every node (node i is AS 64600+i), passing each node's routes to
+// the others with itself as the next hop.
+func startBIRD(t *testing.T, ctx context.Context, c *e2e.Mesh, router *lab.Node) {
+	t.Helper()
+	if _, err := os.Stat("/usr/sbin/bird"); err != nil {
+		t.Fatalf("needs BIRD (Debian's bird2, make deps installs it): %v", err)
+	}
 	var protocols strings.Builder
 	for _, n := range c.Nodes {
-		sub := fabricSubnet(n.Index)
-		run(router, "ip", "addr", "add", netip.PrefixFrom(routerIP(n.Index), 24).String(), "dev", "eth0")
-		ip := netip.AddrFrom4([4]byte{198, 18, byte(n.Index), byte(n.Index)})
-		run(n, "ip", "addr", "flush", "dev", "eth0")
-		run(n, "ip", "addr", "add", netip.PrefixFrom(ip, sub.Bits()).String(), "dev", "eth0")
-		run(n, "ip", "route", "add", "default", "via", routerIP(n.Index).String())
-		n.IP = ip
-		fmt.Fprintf(&protocols, "protocol bgp n%d from nodes { neighbor %s as %d; }\n", n.Index, ip, 64600+n.Index)
+		fmt.Fprintf(&protocols, "protocol bgp n%d from nodes { neighbor %s as %d; }\n", n.Index, n.IP, 64600+n.Index)
 	}
 	dir := filepath.Join(c.Lab.Dir, "bird")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	conf := filepath.Join(dir, "bird.conf")
-	err = os.WriteFile(conf, []byte(fmt.Sprintf(`router id %s;
+	err := os.WriteFile(conf, []byte(fmt.Sprintf(`router id %s;
 log stderr all;
 protocol device { }
 protocol kernel { ipv4 { import none; export all; }; }
@@ -80,7 +96,7 @@ template bgp nodes {
 }
 # A hostile or misconfigured announcement: part of node 1's pod CIDR.
 protocol static hijack { ipv4; route %s blackhole; }
-%s`, routerIP(c.Nodes[0].Index), routerASN, hijack(c.Nodes[0]), protocols.String())), 0o644)
+%s`, routerIP(1), routerASN, hijack(c.Nodes[0]), protocols.String())), 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +106,6 @@ protocol static hijack { ipv4; route %s blackhole; }
 	if err := router.WaitListening(ctx, 179); err != nil {
 		t.Fatalf("bird: %v", err)
 	}
-	return router
 }
 
 // hijack is the upper half of n's pod CIDR (its pods are in the lower),
@@ -144,7 +159,14 @@ func waitBGPRoute(t *testing.T, ctx context.Context, n *lab.Node, cidr netip.Pre
 // no tunnel around them.
 func forwarded(t *testing.T, ctx context.Context, router *lab.Node, from, to *lab.Pod) func() int {
 	t.Helper()
-	rule := []string{"FORWARD", "-s", from.IP.String(), "-d", to.IP.String(), "-j", "ACCEPT"}
+	return routerCounter(t, ctx, router, from.IP, to.IP)
+}
+
+// routerCounter counts the packets from src to dst the router forwards,
+// with match (iptables options) if given.
+func routerCounter(t *testing.T, ctx context.Context, router *lab.Node, src, dst netip.Addr, match ...string) func() int {
+	t.Helper()
+	rule := append([]string{"FORWARD", "-s", src.String(), "-d", dst.String()}, append(match, "-j", "ACCEPT")...)
 	if out, err := router.Exec(ctx, "iptables", append([]string{"-w", "-I"}, rule...)...); err != nil {
 		t.Fatalf("iptables: %v\n%s", err, out)
 	}
@@ -155,13 +177,13 @@ func forwarded(t *testing.T, ctx context.Context, router *lab.Node, from, to *la
 		}
 		for _, l := range strings.Split(string(out), "\n") {
 			f := strings.Fields(l)
-			if len(f) >= 9 && f[7] == from.IP.String() && f[8] == to.IP.String() {
+			if len(f) >= 9 && f[7] == src.String() && f[8] == dst.String() {
 				var n int
 				fmt.Sscan(f[0], &n)
 				return n
 			}
 		}
-		t.Fatalf("no counter for %s -> %s in\n%s", from.IP, to.IP, out)
+		t.Fatalf("no counter for %s -> %s in\n%s", src, dst, out)
 		return 0
 	}
 }
@@ -175,7 +197,8 @@ func forwarded(t *testing.T, ctx context.Context, router *lab.Node, from, to *la
 func TestBGPRoutedFabric(t *testing.T) {
 	c := e2e.NewMesh(t, 1, 2)
 	ctx := e2e.Ctx(t)
-	router := routedFabric(t, ctx, c)
+	router := routedFabric(t, ctx, c, func(n *lab.Node) int { return n.Index })
+	startBIRD(t, ctx, c, router)
 	const restart = 6 * time.Second
 	startBGPAgents(t, ctx, c, restart)
 	c.AddPods(t, ctx, 1)
