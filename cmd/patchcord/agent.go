@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,7 +70,7 @@ the node IP.`,
 			if err != nil {
 				return err
 			}
-			if src, err = af.withBGP(ctx, src, cfg, log); err != nil {
+			if src, err = af.withBGP(ctx, src, kube, cfg, log); err != nil {
 				return err
 			}
 			return agent.Run(ctx, cfg, src, log)
@@ -90,8 +91,8 @@ func (af *agentFlags) register(f *pflag.FlagSet) {
 	f.BoolVar(&af.flannelCompat, "flannel-compat", false, "publish this node's VTEP in Flannel's node annotations, so that Flannel nodes reach its pods (with --vxlan-port 8472)")
 	f.StringVar(&af.metricsAddr, "metrics-addr", ":9964", `serve Prometheus metrics at http://ADDR/metrics ("" turns them off)`)
 	f.StringVar((*string)(&cfg.Routing), "routing", string(nodes.Tunnel), "how remote nodes' pods are reached unless a node says (nodes file \"routing\", annotation "+nodes.RoutingAnnotation+"): tunnel (VXLAN), native (routed by the fabric: pods' packets leave unencapsulated, pod MTU = uplink MTU), or auto (native for nodes on the uplink's subnet, tunnel beyond it)")
-	f.Uint32Var(&af.bgpASN, "bgp-asn", 0, "this node's AS number: run a BGP speaker that announces the pod CIDR and routes the pod CIDRs it learns natively (0: no BGP)")
-	f.StringArrayVar(&af.bgpNeighbors, "bgp-neighbor", nil, "a BGP neighbour as ADDR,ASN (repeat for more): a top-of-rack router, a route reflector, or another node")
+	f.Uint32Var(&af.bgpASN, "bgp-asn", 0, "this node's AS number: run a BGP speaker that announces the pod CIDR and routes the pod CIDRs it learns natively (0: no BGP; with Kubernetes, the node's annotation "+nodes.BGPASNAnnotation+")")
+	f.StringArrayVar(&af.bgpNeighbors, "bgp-neighbor", nil, "a BGP neighbour as ADDR,ASN (repeat for more): a top-of-rack router, a route reflector, or another node (with Kubernetes, the node's annotation "+nodes.BGPNeighborsAnnotation+": space-separated)")
 	f.Int32Var(&af.bgpListenPort, "bgp-listen-port", 179, "TCP port for sessions neighbours open, on the node IP (-1: only dial out)")
 	f.DurationVar(&af.bgpRestartTime, "bgp-restart-time", 120*time.Second, "how long neighbours keep this node's routes while its agent restarts (graceful restart); also how long a node that is gone for good stays routed")
 	f.Uint32Var(&af.vni, "vni", 1, "VXLAN network identifier")
@@ -159,9 +160,15 @@ func (af *agentFlags) config(ctx context.Context, kube *nodes.Kube, root string,
 	return cfg, nil
 }
 
-// withBGP starts the BGP speaker if --bgp-asn asks for one, and merges what
-// it learns into src. It serves its metrics beside the datapath's.
-func (af *agentFlags) withBGP(ctx context.Context, src nodes.Source, cfg agent.Config, log *slog.Logger) (nodes.Source, error) {
+// withBGP starts the BGP speaker if --bgp-asn (or, with the Kubernetes
+// source, this node's annotation) asks for one, and merges what it learns
+// into src. It serves its metrics beside the datapath's.
+func (af *agentFlags) withBGP(ctx context.Context, src nodes.Source, kube *nodes.Kube, cfg agent.Config, log *slog.Logger) (nodes.Source, error) {
+	if af.bgpASN == 0 && kube != nil {
+		if err := af.bgpFromAnnotations(ctx, kube); err != nil {
+			return nil, err
+		}
+	}
 	if af.bgpASN == 0 {
 		if len(af.bgpNeighbors) != 0 {
 			return nil, errors.New("--bgp-neighbor: needs --bgp-asn")
@@ -184,6 +191,24 @@ func (af *agentFlags) withBGP(ctx context.Context, src nodes.Source, cfg agent.C
 		af.metrics.Register(sp.Collector())
 	}
 	return sp.Source(src), nil
+}
+
+// bgpFromAnnotations takes --bgp-asn, and --bgp-neighbor unless given,
+// from this node's annotations.
+func (af *agentFlags) bgpFromAnnotations(ctx context.Context, kube *nodes.Kube) error {
+	asn, neighbors, err := kube.SelfBGP(ctx)
+	if err != nil || asn == "" {
+		return err
+	}
+	n, err := strconv.ParseUint(asn, 10, 32)
+	if err != nil || n == 0 {
+		return fmt.Errorf("annotation %s: %q is not an AS number (1..4294967295)", nodes.BGPASNAnnotation, asn)
+	}
+	af.bgpASN = uint32(n)
+	if len(af.bgpNeighbors) == 0 {
+		af.bgpNeighbors = neighbors
+	}
+	return nil
 }
 
 // selfDefaults fills --node-ip and --pod-cidr from this node's Node object

@@ -171,12 +171,17 @@ func testStatus() views.Status {
 		Kernel:       "6.18.0",
 		Attachments:  views.AttachmentCounts{OK: 4},
 		Endpoints:    2,
-		Nodes:        1,
-		Drops:        map[string]uint64{"drop_spoofed": 3, "drop_bad_vni": 1, "drop_malformed": 0},
-		DropTotal:    4,
-		Healthy:      true,
-		Problems:     []string{},
-		Warnings:     []string{},
+		Nodes:        3,
+		NativeNodes:  2,
+		BGP: []views.BGPNeighbor{
+			{Neighbor: "198.18.1.253", ASN: "65000", Routes: 0},
+			{Neighbor: "198.18.1.254", ASN: "65000", Established: true, Routes: 2},
+		},
+		Drops:     map[string]uint64{"drop_spoofed": 3, "drop_bad_vni": 1, "drop_malformed": 0},
+		DropTotal: 4,
+		Healthy:   true,
+		Problems:  []string{},
+		Warnings:  []string{},
 	}
 }
 
@@ -219,8 +224,8 @@ func TestStatusJSON(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes(), &doc); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"agentRunning", "attachMode", "attachments", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
-		"healthy", "kernel", "loaded", "monitoring", "natDetection", "nodes", "problems", "programs", "root", "tracing", "warnings"}
+	want := []string{"agentRunning", "attachMode", "attachments", "bgp", "config", "dropTotal", "drops", "endpoints", "eventsLost", "features",
+		"healthy", "kernel", "loaded", "monitoring", "natDetection", "nativeNodes", "nodes", "problems", "programs", "root", "tracing", "warnings"}
 	if got := slices.Sorted(keys(doc)); !slices.Equal(got, want) {
 		t.Errorf("keys:\n got %v\nwant %v", got, want)
 	}

@@ -19,12 +19,14 @@ import (
 var errUnhealthy = errors.New("datapath unhealthy")
 
 func newStatusCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var metricsAddr string
+	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "One screen on the node's datapath; exits non-zero when it is broken",
 		Long: `Show whether the datapath is loaded (and which programs: IDs, tags, load
 times), the node config the agent wrote, attachment health, endpoint and node
-counts, drop totals, whether tracing is on and whether the agent runs.
+counts, drop totals, whether tracing is on, whether the agent runs and, with
+BGP, its sessions (read from the agent's metrics).
 
 The exit code is 1 when something is broken, so that status can serve as a
 liveness probe:
@@ -42,6 +44,7 @@ Run it in the node's network namespace: interfaces are looked up there.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			v := views.CollectStatus(g.root)
+			v.CollectBGP(cmd.Context(), metricsAddr)
 			if err := g.print(cmd.OutOrStdout(), v, func(w io.Writer) { formatStatus(w, v) }); err != nil {
 				return err
 			}
@@ -51,6 +54,8 @@ Run it in the node's network namespace: interfaces are looked up there.`,
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&metricsAddr, "agent-metrics", "127.0.0.1:9964", `where the agent serves its metrics (its --metrics-addr), to show its BGP sessions ("" skips them)`)
+	return cmd
 }
 
 func formatStatus(w io.Writer, v views.Status) {
@@ -126,7 +131,12 @@ func formatLoaded(row rowFunc, v views.Status) {
 	kernelRows(row, v)
 	row("Attachments", "%d ok, %d stale, %d missing", v.Attachments.OK, v.Attachments.Stale, v.Attachments.Missing)
 	row("Endpoints", "%d", v.Endpoints)
-	row("Nodes", "%d", v.Nodes)
+	row("Nodes", "%d (%d native, %d tunnel)", v.Nodes, v.NativeNodes, v.Nodes-v.NativeNodes)
+	var peers []string
+	for _, n := range v.BGP {
+		peers = append(peers, n.String())
+	}
+	labelled(row, "BGP", peers)
 	var by []string
 	for _, name := range slices.Sorted(stdmaps.Keys(v.Drops)) {
 		if n := v.Drops[name]; n > 0 {

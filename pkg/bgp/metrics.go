@@ -6,11 +6,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// The speaker's metrics, by name, and their labels: `patchcord status`
+// reads them back from the agent.
+const (
+	MetricEstablished = "patchcord_bgp_neighbor_established"
+	MetricRoutes      = "patchcord_bgp_neighbor_routes"
+	LabelNeighbor     = "neighbor"
+	LabelASN          = "asn"
+)
+
 var (
-	establishedDesc = prometheus.NewDesc("patchcord_bgp_neighbor_established",
-		"1 while the BGP session with the neighbour is established.", []string{"neighbor", "asn"}, nil)
-	receivedDesc = prometheus.NewDesc("patchcord_bgp_neighbor_routes",
-		"Pod CIDR routes learned from the neighbour and in use.", []string{"neighbor", "asn"}, nil)
+	establishedDesc = prometheus.NewDesc(MetricEstablished,
+		"1 while the BGP session with the neighbour is established.", []string{LabelNeighbor, LabelASN}, nil)
+	receivedDesc = prometheus.NewDesc(MetricRoutes,
+		"Best routes learned from the neighbour (the agent drops those overlapping its own pod CIDR).", []string{LabelNeighbor, LabelASN}, nil)
 )
 
 // Collector reports every neighbour's session and routes.

@@ -388,9 +388,30 @@ func (k *Kube) Self(ctx context.Context) (Node, error) {
 	return n, nil
 }
 
+// BGP settings of a node, for an agent started without --bgp-asn: its AS
+// number ("64601") and its neighbours, ADDR,ASN each, separated by spaces
+// ("198.18.1.254,65000 198.18.1.253,65000").
+const (
+	BGPASNAnnotation       = "patchcord.io/bgp-asn"
+	BGPNeighborsAnnotation = "patchcord.io/bgp-neighbors"
+)
+
+// SelfBGP reads this node's BGP annotations as they are written (the
+// caller parses them, naming the annotation); asn is "" without them.
+func (k *Kube) SelfBGP(ctx context.Context) (asn string, neighbors []string, err error) {
+	if k.NodeName == "" {
+		return "", nil, errors.New("--node-name: required (or set NODE_NAME, e.g. from spec.nodeName)")
+	}
+	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return "", nil, fmt.Errorf("get node %s: %w", k.NodeName, err)
+	}
+	return strings.TrimSpace(obj.Annotations[BGPASNAnnotation]), strings.Fields(obj.Annotations[BGPNeighborsAnnotation]), nil
+}
+
 // equalSets compares two sorted sets.
 func equalSets(a, b []Node) bool {
 	return slices.EqualFunc(a, b, func(x, y Node) bool {
-		return x.Name == y.Name && x.NodeIP == y.NodeIP && x.PodCIDR == y.PodCIDR && bytes.Equal(x.VtepMAC, y.VtepMAC)
+		return x.Name == y.Name && x.NodeIP == y.NodeIP && x.PodCIDR == y.PodCIDR && bytes.Equal(x.VtepMAC, y.VtepMAC) && x.Routing == y.Routing
 	})
 }

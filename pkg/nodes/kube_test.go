@@ -155,6 +155,18 @@ func TestKubeFollowsNodes(t *testing.T) {
 		n3.NodeIP = netip.MustParseAddr("198.18.0.33")
 		kt.waitSet(t, n1, n2, n3)
 	})
+	t.Run("update routing annotation", func(t *testing.T) {
+		obj, err := nodesAPI.Get(ctx, "n2", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		obj.Annotations = map[string]string{RoutingAnnotation: "native"}
+		if _, err := nodesAPI.Update(ctx, obj, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		n2.Routing = Native
+		kt.waitSet(t, n1, n2, n3)
+	})
 	t.Run("delete", func(t *testing.T) {
 		if err := nodesAPI.Delete(ctx, "n1", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
@@ -358,6 +370,25 @@ func TestKubeSelf(t *testing.T) {
 	}
 	if _, err := (&Kube{Client: client}).Self(ctx); err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
 		t.Errorf("Self without a node name: %v", err)
+	}
+}
+
+func TestKubeSelfBGP(t *testing.T) {
+	client := fake.NewClientset(
+		withAnnotations(kubeNode("bgp", "198.18.1.1", "10.244.1.0/24"),
+			BGPASNAnnotation, " 64601 ", BGPNeighborsAnnotation, "198.18.1.254,65000  198.18.1.253,65000"),
+		kubeNode("plain", "198.18.0.2", "10.244.2.0/24"),
+	)
+	ctx := context.Background()
+	asn, neighbors, err := (&Kube{Client: client, NodeName: "bgp"}).SelfBGP(ctx)
+	if err != nil || asn != "64601" || !slices.Equal(neighbors, []string{"198.18.1.254,65000", "198.18.1.253,65000"}) {
+		t.Errorf("SelfBGP = %q, %q, %v", asn, neighbors, err)
+	}
+	if asn, neighbors, err := (&Kube{Client: client, NodeName: "plain"}).SelfBGP(ctx); err != nil || asn != "" || len(neighbors) != 0 {
+		t.Errorf("SelfBGP of a node without annotations = %q, %q, %v", asn, neighbors, err)
+	}
+	if _, _, err := (&Kube{Client: client, NodeName: "nope"}).SelfBGP(ctx); err == nil || !strings.Contains(err.Error(), "get node nope") {
+		t.Errorf("SelfBGP of an unknown node: %v", err)
 	}
 }
 

@@ -34,13 +34,18 @@ type Status struct {
 	Attachments AttachmentCounts `json:"attachments"`
 	Endpoints   int              `json:"endpoints"`
 	Nodes       int              `json:"nodes"`
+	// NativeNodes is how many of Nodes are reached by routing, the rest
+	// by VXLAN.
+	NativeNodes int `json:"nativeNodes"`
 	// Drops holds every drop counter by name (packets), DropTotal their sum.
 	Drops      map[string]uint64 `json:"drops"`
 	DropTotal  uint64            `json:"dropTotal"`
 	EventsLost uint64            `json:"eventsLost"`
-	Healthy    bool              `json:"healthy"`
-	Problems   []string          `json:"problems"`
-	Warnings   []string          `json:"warnings"`
+	// BGP lists the agent's BGP sessions (CollectBGP); absent without.
+	BGP      []BGPNeighbor `json:"bgp,omitempty"`
+	Healthy  bool          `json:"healthy"`
+	Problems []string      `json:"problems"`
+	Warnings []string      `json:"warnings"`
 
 	// Kernel is the running kernel's release, Features what it has.
 	Kernel   string            `json:"kernel"`
@@ -213,6 +218,11 @@ func (v *Status) collectTables(dp *datapath.Datapath) []bpfmaps.EndpointInfo {
 		v.problem("%v", err)
 	} else {
 		v.Nodes = len(nodes)
+		for _, n := range nodes {
+			if n.Native {
+				v.NativeNodes++
+			}
+		}
 	}
 	return eps
 }

@@ -2,6 +2,7 @@ package crossnode
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/views"
 )
 
 // routerASN is the top-of-rack's AS; node i is AS 64600+i, as with an AS
@@ -213,6 +215,7 @@ func TestBGPRoutedFabric(t *testing.T) {
 	e2e.WaitNodeList(t, ctx, n1, "the BGP-learned node", func(m map[string]string) bool {
 		return m[n2.PodCIDR.String()] == routerIP(1).String()
 	})
+	wantBGPStatus(t, ctx, n1, views.BGPNeighbor{Neighbor: routerIP(1).String(), ASN: fmt.Sprint(routerASN), Established: true, Routes: 2})
 	// Part of n1's pod CIDR, announced by the router: n2 takes it (it is
 	// no pod CIDR of its own), n1 must not, or its pods' traffic would
 	// leave for the router.
@@ -281,6 +284,23 @@ func TestBGPRoutedFabric(t *testing.T) {
 		_, ok := m[n2.PodCIDR.String()]
 		return !ok
 	})
+}
+
+// wantBGPStatus: `patchcord status -o json` on n shows exactly the one
+// session, as want says (routes: what the router passes on).
+func wantBGPStatus(t *testing.T, ctx context.Context, n *lab.Node, want views.BGPNeighbor) {
+	t.Helper()
+	out, err := n.CLI(ctx, "status", "-o", "json")
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	var v views.Status
+	if err := json.Unmarshal(out, &v); err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	if len(v.BGP) != 1 || v.BGP[0] != want {
+		t.Errorf("%s: status bgp %+v, want [%+v]", n.NetNS, v.BGP, want)
+	}
 }
 
 // watchRoutes polls every 20 ms that each node keeps its route to the pod

@@ -41,7 +41,8 @@ const (
 
 // checkRedirect proves that pod-to-pod traffic still takes the fast path: pings
 // between c1 and b1 (same node) are redirected, pings between c1 and b2 (across) are
-// encapsulated and decapsulated, and neither goes through the host stack.
+// encapsulated and decapsulated (or routed out and in), and neither goes through the
+// host stack.
 func (c *serviceLab) checkRedirect(t *testing.T, ctx context.Context) {
 	t.Helper()
 	const count = pingCount
@@ -54,10 +55,10 @@ func (c *serviceLab) checkRedirect(t *testing.T, ctx context.Context) {
 	}
 	after := c.counters(t, ctx)
 	grew := func(node int, name string) uint64 { return grewOn(before, after, node, name).Packets }
-	t.Logf("node1: local_redirect +%d encap +%d decap +%d to_host +%d to_host_nat +%d; node2: encap +%d decap +%d to_host +%d to_host_nat +%d",
-		grew(1, "local_redirect"), grew(1, "encap"), grew(1, "decap"), grew(1, "to_host"), grew(1, "to_host_nat"),
-		grew(2, "encap"), grew(2, "decap"), grew(2, "to_host"), grew(2, "to_host_nat"))
-	want := map[string]uint64{"1/local_redirect": 2 * count, "1/encap": count, "1/decap": count, "2/encap": count, "2/decap": count}
+	t.Logf("node1: local_redirect +%d %s +%d %s +%d to_host +%d to_host_nat +%d; node2: %s +%d %s +%d to_host +%d to_host_nat +%d",
+		grew(1, "local_redirect"), c.out, grew(1, c.out), c.in, grew(1, c.in), grew(1, "to_host"), grew(1, "to_host_nat"),
+		c.out, grew(2, c.out), c.in, grew(2, c.in), grew(2, "to_host"), grew(2, "to_host_nat"))
+	want := map[string]uint64{"1/local_redirect": 2 * count, "1/" + c.out: count, "1/" + c.in: count, "2/" + c.out: count, "2/" + c.in: count}
 	for key, least := range want {
 		node, name, _ := strings.Cut(key, "/")
 		i, _ := strconv.Atoi(node)
@@ -169,5 +170,5 @@ func (c *serviceLab) restartAgent(t *testing.T, ctx context.Context, i int, args
 	if err := c.agents[i].Stop(); err != nil {
 		t.Fatalf("stop agent on node%d: %v", i, err)
 	}
-	c.agents[i] = e2e.StartAgent(t, ctx, c.lab.Node(i), c.nodesFile, args...)
+	c.agents[i] = e2e.StartAgent(t, ctx, c.lab.Node(i), c.nodesFile, append([]string{"--routing", string(c.routing)}, args...)...)
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
+	"github.com/patchcord/patchcord/pkg/nodes"
 )
 
 // The service side of the lab: kube-proxy's --cluster-cidr (every node's pod CIDR lies
@@ -64,6 +65,10 @@ const (
 // each with port http (TCP 80 -> 8080) and port dns (UDP 53 -> 5353). Clients: pod c1 on
 // node 1, pod c2 on node 2. A host outside the cluster sits on the fabric.
 type serviceLab struct {
+	// routing is the agents' --routing; out and in the counters of
+	// cross-node pod traffic leaving and reaching a node with it.
+	routing    nodes.Routing
+	out, in    string
 	lab        *lab.Lab
 	n1, n2     *lab.Node
 	nodesFile  string
@@ -76,10 +81,13 @@ type serviceLab struct {
 	svcs       []servicePort
 }
 
-func newCluster(t *testing.T, ctx context.Context) *serviceLab {
+func newCluster(t *testing.T, ctx context.Context, routing nodes.Routing) *serviceLab {
 	t.Helper()
 	l := e2e.NewLab(t)
-	c := &serviceLab{lab: l, agents: map[int]*lab.Process{}}
+	c := &serviceLab{lab: l, agents: map[int]*lab.Process{}, routing: routing, out: "encap", in: "decap"}
+	if routing == nodes.Native {
+		c.out, c.in = "native_out", "native_in"
+	}
 	c.serverPy = filepath.Join(l.Dir, "svc_server.py")
 	c.clientPy = filepath.Join(l.Dir, "svc_client.py")
 	for path, src := range map[string]string{c.serverPy: serverScript, c.clientPy: clientScript} {
@@ -173,10 +181,16 @@ func TestKubeProxyChainNames(t *testing.T) {
 }
 
 // TestServices runs the service cases on one cluster, in order, with pod-to-pod checks
-// before, between and after them.
+// before, between and after them; once with the nodes tunnelled, once routed natively.
 func TestServices(t *testing.T) {
+	for _, routing := range []nodes.Routing{nodes.Tunnel, nodes.Native} {
+		t.Run(string(routing), func(t *testing.T) { testServices(t, routing) })
+	}
+}
+
+func testServices(t *testing.T, routing nodes.Routing) {
 	ctx := e2e.Ctx(t)
-	c := newCluster(t, ctx)
+	c := newCluster(t, ctx, routing)
 	e2e.RunSteps(t, ctx,
 		e2e.Step{Name: "kube-proxy-rules", Run: c.kubeProxyRules},
 		e2e.Step{Name: "redirect-before", Run: c.checkRedirect},
@@ -241,19 +255,20 @@ func (c *serviceLab) clusteripSameNode(t *testing.T, ctx context.Context) {
 }
 
 // clusteripOtherNode is the clusterip-other-node step of TestServices. GSO
-// packets of the backend cross the tunnel whole and must survive the
-// decap-to-stack path and the forwarding after it.
+// packets of the backend cross nodes whole and must survive the path to the
+// stack on arrival and the forwarding after it.
 func (c *serviceLab) clusteripOtherNode(t *testing.T, ctx context.Context) {
 	before, after := c.clusteripDownload(t, ctx, webN2IP, c.b2)
-	t.Logf("node1 decap +%d packets; node1 encap +%d; node2 encap +%d", grewOn(before, after, 1, "decap").Packets,
-		grewOn(before, after, 1, "encap").Packets, grewOn(before, after, 2, "encap").Packets)
-	// The DNATed requests leave node1 through to_uplink; b2's replies through
-	// from_pod on node2.
-	if got := grewOn(before, after, 1, "encap").Packets; got == 0 {
+	t.Logf("node1 %s +%d packets; node1 %s +%d; node2 %s +%d", c.in, grewOn(before, after, 1, c.in).Packets,
+		c.out, grewOn(before, after, 1, c.out).Packets, c.out, grewOn(before, after, 2, c.out).Packets)
+	// The DNATed requests leave node1 through to_uplink (tunnel) or the
+	// stack's route (native, to_uplink leaving them alone); b2's replies
+	// through from_pod on node2.
+	if got := grewOn(before, after, 1, "encap").Packets; c.routing == nodes.Tunnel && got == 0 {
 		t.Error("node1 encapsulated nothing: the DNATed requests did not cross to node2 through to_uplink")
 	}
-	if got := grewOn(before, after, 2, "encap").Bytes; got < 50_000_000 {
-		t.Errorf("node2 encapsulated %d bytes while b2 sent 50 MB to c1", got)
+	if got := grewOn(before, after, 2, c.out).Bytes; got < 50_000_000 {
+		t.Errorf("node2 %s counted %d bytes while b2 sent 50 MB to c1", c.out, got)
 	}
 }
 
@@ -485,7 +500,7 @@ func (c *serviceLab) addNodes(t *testing.T, ctx context.Context) []*lab.Node {
 	e2e.WriteNodes(t, c.nodesFile, e2e.EntryOf(c.n1), e2e.EntryOf(c.n2))
 	for _, n := range nodes {
 		e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
-		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile)
+		c.agents[n.Index] = e2e.StartAgent(t, ctx, n, c.nodesFile, "--routing", string(c.routing))
 		// What a real node's default route does for the service range: without a
 		// route, the node's own connect() to a ClusterIP fails before OUTPUT's DNAT.
 		if out, err := n.Exec(ctx, "ip", "route", "add", serviceRange.String(), "dev", "eth0"); err != nil {
