@@ -47,6 +47,8 @@ type options struct {
 	bpfRuns  int
 	cniPods  int
 	links    []lab.Links
+	// kubeProxy loads kube-proxy's rules into every cross-node node.
+	kubeProxy bool
 }
 
 func main() {
@@ -78,6 +80,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&only, "only", strings.Join(allGroups, ","), "groups to run: "+strings.Join(allGroups, ","))
 	fs.IntVar(&o.bpfRuns, "bpf-runs", 20000, "cold BPF_PROG_RUN calls per path per round (a tenth as many steady-state pairs)")
 	fs.IntVar(&o.cniPods, "cni-pods", 50, "sequential ADDs (then DELs) per plugin per round")
+	fs.BoolVar(&o.kubeProxy, "kube-proxy", false, fmt.Sprintf("load kube-proxy's iptables rules for %d services into every cross-node node, as every Kubernetes node has them: traffic the host stack forwards then passes conntrack and kube-proxy's chains", kubeProxyServices))
 	fs.StringVar(&links, "links", "both", "cross-node uplinks: veth (GSO packets cross whole), nic (NIC-like: TSO/GSO off, GRO on) or both, interleaved")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -213,6 +216,9 @@ func run(ctx context.Context, o options) (err error) {
 		Rounds: o.rounds, RunSeconds: o.secs(), Groups: o.only, BPFRuns: o.bpfRuns,
 		CNIPods: o.cniPods, ScaleNodes: scaleNodes, ScaleEndpoints: scaleEndpoints,
 	}}
+	if o.kubeProxy {
+		res.Settings.KubeProxyServices = kubeProxyServices
+	}
 	progress("bench: groups %s, %d rounds of %d s runs; machine %s ×%d, kernel %s, load %.2f",
 		strings.Join(o.only, ","), o.rounds, o.secs(), res.Machine.Model, res.Machine.CPUs, res.Machine.Kernel, res.Machine.LoadStart)
 
@@ -343,6 +349,11 @@ func setupTraffic(ctx context.Context, o options, b *builder, res *Results) ([]*
 			return nil, err
 		}
 		if g.name == groupCross {
+			if o.kubeProxy {
+				if err := loadKubeProxy(ctx, s); err != nil {
+					return nil, err
+				}
+			}
 			s = withLinks(s, o.links)
 		}
 		subjects = append(subjects, s...)

@@ -233,6 +233,9 @@ func render(w io.Writer, r *Results, subjects []*subject) {
 	fmt.Fprintf(w, "- **Method:** %d interleaved rounds (in each, every measurement runs on every datapath back to back), %d s per run; "+
 		"medians over rounds, min–max shown; ratios are medians of per-round ratios to the reference measured in the same round.\n",
 		r.Settings.Rounds, r.Settings.RunSeconds)
+	if n := r.Settings.KubeProxyServices; n > 0 {
+		fmt.Fprintf(w, "- **kube-proxy:** every cross-node node holds kube-proxy's iptables rules for %d services (conntrack and its chains on whatever the host stack forwards), as a Kubernetes node does.\n", n)
+	}
 	// The bench keeps both CPUs busy itself: only the load before it
 	// started says whether other work shared the machine.
 	fmt.Fprintf(w, "- **Load average** (1 min): %.2f at start, %.2f at end (the bench's own load included)", m.LoadStart, m.LoadEnd)

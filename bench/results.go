@@ -50,6 +50,9 @@ type Settings struct {
 	CNIPods        int      `json:"cniPods"`
 	ScaleNodes     int      `json:"nodesInMaps"`
 	ScaleEndpoints int      `json:"endpointsInMaps"`
+	// KubeProxyServices is how many services' kube-proxy rules every
+	// cross-node node had (--kube-proxy); 0: none.
+	KubeProxyServices int `json:"kubeProxyServices,omitempty"`
 }
 
 // DatapathInfo names a datapath, its group and how it is built.

@@ -70,12 +70,7 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 			continue
 		}
 		st.changed++
-		node := bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC, Native: n.Routing == nodes.Native}
-		if err := a.nodes.Put(node); err != nil {
-			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
-			continue
-		}
-		if err := a.ensureRoute(n); err != nil {
+		if err := a.putNode(n); err != nil {
 			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
 		}
 	}
@@ -106,6 +101,26 @@ func (a *Agent) syncNodes(set []nodes.Node) (syncStats, error) {
 	a.log.Info("nodes synced", "remote_nodes", len(want), "full", full, "changed", st.changed, "removed", st.removed,
 		"took_ms", float64(time.Since(start).Microseconds())/1000)
 	return st, nil
+}
+
+// putNode writes n's map entry and its route in the order that never
+// strands a packet: from_pod sends to a native node by the route (the FIB
+// lookup), to a tunnelled one by the map alone. A node turning native gets
+// its route before the map says native, since the tunnel's route would
+// address the packet to this node's own uplink MAC; a node turning tunnel
+// gets the map first, then loses the route its native packets took.
+func (a *Agent) putNode(n nodes.Node) error {
+	node := bpfmaps.Node{PodCIDR: n.PodCIDR, NodeIP: n.NodeIP, VtepMAC: n.VtepMAC, Native: n.Routing == nodes.Native}
+	if node.Native {
+		if err := a.ensureRoute(n); err != nil {
+			return err
+		}
+		return a.nodes.Put(node)
+	}
+	if err := a.nodes.Put(node); err != nil {
+		return err
+	}
+	return a.ensureRoute(n)
 }
 
 // resyncDue reports whether a full sync is due: the last one failed, or

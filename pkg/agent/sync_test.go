@@ -8,6 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/pkg/bpfmaps"
+	"github.com/patchcord/patchcord/pkg/datapath"
 	"github.com/patchcord/patchcord/pkg/datapath/datapathtest"
 	"github.com/patchcord/patchcord/pkg/nodes"
 	"github.com/vishvananda/netlink"
@@ -16,15 +17,8 @@ import (
 // A node change is applied alone; what drifted in the kernel behind the
 // agent's back is repaired by the next full sync, which reads the kernel.
 func TestSyncNodesIncremental(t *testing.T) {
-	d := datapathtest.MustOpen(t)
-	netns := mustNodeNS(t)
-	err := netns.Do(func(ns.NetNS) error {
-		uplink, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		nm := bpfmaps.NewNodes(&d.Maps)
-		a := &Agent{cfg: Config{NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR}, log: datapathtest.Logger(t), uplink: uplink, nodes: nm, dp: d}
+	withSyncAgent(t, func(a *Agent, d *datapath.Datapath) error {
+		nm := a.nodes
 		set := []nodes.Node{node1, node2, node3}
 		for i := range 50 {
 			set = append(set, fakeNode(i))
@@ -70,6 +64,22 @@ func TestSyncNodesIncremental(t *testing.T) {
 		wantRoute(t, node3.PodCIDR, true)
 		return nil
 	})
+}
+
+// withSyncAgent runs fn in a node namespace of its own (uplink eth0 on
+// 198.18.0.0/24) with an agent as far as node syncs need one.
+func withSyncAgent(t *testing.T, fn func(a *Agent, d *datapath.Datapath) error) {
+	t.Helper()
+	d := datapathtest.MustOpen(t)
+	netns := mustNodeNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		uplink, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		return fn(&Agent{cfg: Config{NodeIP: node1.NodeIP, PodCIDR: node1.PodCIDR}, log: datapathtest.Logger(t), uplink: uplink,
+			nodes: bpfmaps.NewNodes(&d.Maps), dp: d, subnet: netip.PrefixFrom(node1.NodeIP, 24).Masked()}, d)
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,4 +100,22 @@ func wantSource(t *testing.T, srcs *ebpf.Map, ip netip.Addr, present bool) {
 	if got := srcs.Lookup(ip.As4(), &v) == nil; got != present {
 		t.Errorf("tunnel source %s present: %v, want %v", ip, got, present)
 	}
+}
+
+// A node turning native gets its route before the map says native: the
+// route is what from_pod's FIB lookup sends it by, and the map must never
+// point there first. So a native node whose route cannot be made (beyond
+// the uplink's subnet) is not in the map at all, while the tunnel node
+// beside it is.
+func TestSyncNodesNativeRouteFirst(t *testing.T) {
+	withSyncAgent(t, func(a *Agent, _ *datapath.Datapath) error {
+		far := node3
+		far.NodeIP, far.VtepMAC, far.Routing = netip.MustParseAddr("203.0.113.5"), nil, nodes.Native
+		if _, err := a.syncNodes([]nodes.Node{node1, node2, far}); err == nil {
+			t.Error("sync with a native node beyond the subnet succeeded")
+		}
+		wantNodes(t, a.nodes, node2)
+		wantRoute(t, far.PodCIDR, false)
+		return nil
+	})
 }

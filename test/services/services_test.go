@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/kubeproxy"
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/nodes"
 )
@@ -78,7 +79,7 @@ type serviceLab struct {
 	outside    *lab.Node // a namespace on the fabric; not a cluster node
 	serverPy   string
 	clientPy   string
-	svcs       []servicePort
+	svcs       []kubeproxy.ServicePort
 }
 
 func newCluster(t *testing.T, ctx context.Context, routing nodes.Routing) *serviceLab {
@@ -115,7 +116,9 @@ func newCluster(t *testing.T, ctx context.Context, routing nodes.Routing) *servi
 	c.svcs = services(c.b1, c.b2)
 	// kube-proxy runs on every node.
 	for _, n := range nodes {
-		loadKubeProxy(t, ctx, n, c.svcs)
+		if err := kubeproxy.Load(ctx, n, podsCIDR, c.svcs); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	c.outside = addOutsideHost(t, ctx, l)
@@ -166,16 +169,16 @@ func addOutsideHost(t *testing.T, ctx context.Context, l *lab.Lab) *lab.Node {
 // kube-proxy cluster has: the apiserver's service and kube-dns.
 func TestKubeProxyChainNames(t *testing.T) {
 	for _, tc := range []struct {
-		port servicePort
+		port kubeproxy.ServicePort
 		want string
 	}{
-		{servicePort{Namespace: "default", Name: "kubernetes", PortName: "https", Protocol: "tcp"}, "KUBE-SVC-NPX46M4PTMTKRN6Y"},
-		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns", Protocol: "udp"}, "KUBE-SVC-TCOU7JCQXEZGVUNU"},
-		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns-tcp", Protocol: "tcp"}, "KUBE-SVC-ERIFXISQEP7F7OF4"},
-		{servicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "metrics", Protocol: "tcp"}, "KUBE-SVC-JD5MR3NA4I4DYORP"},
+		{kubeproxy.ServicePort{Namespace: "default", Name: "kubernetes", PortName: "https", Protocol: "tcp"}, "KUBE-SVC-NPX46M4PTMTKRN6Y"},
+		{kubeproxy.ServicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns", Protocol: "udp"}, "KUBE-SVC-TCOU7JCQXEZGVUNU"},
+		{kubeproxy.ServicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "dns-tcp", Protocol: "tcp"}, "KUBE-SVC-ERIFXISQEP7F7OF4"},
+		{kubeproxy.ServicePort{Namespace: "kube-system", Name: "kube-dns", PortName: "metrics", Protocol: "tcp"}, "KUBE-SVC-JD5MR3NA4I4DYORP"},
 	} {
-		if got := tc.port.svcChain(); got != tc.want {
-			t.Errorf("%s/%s: chain %s, want %s", tc.port.name(), tc.port.Protocol, got, tc.want)
+		if got := tc.port.SvcChain(); got != tc.want {
+			t.Errorf("%s/%s: chain %s, want %s", tc.port.String(), tc.port.Protocol, got, tc.want)
 		}
 	}
 }
@@ -220,7 +223,7 @@ func (c *serviceLab) kubeProxyRules(t *testing.T, ctx context.Context) {
 		t.Fatal(err)
 	}
 	sorted := slices.Clone(web.Endpoints)
-	sepA, sepB := web.sepChain(sorted[0]), web.sepChain(sorted[1])
+	sepA, sepB := web.SepChain(sorted[0]), web.SepChain(sorted[1])
 	for _, line := range []string{
 		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
 		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
@@ -229,15 +232,15 @@ func (c *serviceLab) kubeProxyRules(t *testing.T, ctx context.Context) {
 		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
 		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
 		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`,
-		`-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j ` + web.svcChain(),
-		`-A ` + web.svcChain() + ` ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ`,
-		`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[0].String() + `" -m statistic --mode random --probability 0.50000000000 -j ` + sepA,
-		`-A ` + web.svcChain() + ` -m comment --comment "default/web:http -> ` + sorted[1].String() + `" -j ` + sepB,
+		`-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j ` + web.SvcChain(),
+		`-A ` + web.SvcChain() + ` ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ`,
+		`-A ` + web.SvcChain() + ` -m comment --comment "default/web:http -> ` + sorted[0].String() + `" -m statistic --mode random --probability 0.50000000000 -j ` + sepA,
+		`-A ` + web.SvcChain() + ` -m comment --comment "default/web:http -> ` + sorted[1].String() + `" -j ` + sepB,
 		`-A ` + sepA + ` -s ` + sorted[0].Addr().String() + `/32 -m comment --comment "default/web:http" -j KUBE-MARK-MASQ`,
 		`-A ` + sepA + ` -p tcp -m comment --comment "default/web:http" -m tcp -j DNAT --to-destination ` + sorted[0].String(),
-		`-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 -j ` + web.extChain(),
-		`-A ` + web.extChain() + ` -m comment --comment "masquerade traffic for default/web:http external destinations" -j KUBE-MARK-MASQ`,
-		`-A ` + web.extChain() + ` -j ` + web.svcChain(),
+		`-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 -j ` + web.ExtChain(),
+		`-A ` + web.ExtChain() + ` -m comment --comment "masquerade traffic for default/web:http external destinations" -j KUBE-MARK-MASQ`,
+		`-A ` + web.ExtChain() + ` -j ` + web.SvcChain(),
 		`-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`,
 	} {
 		if !strings.Contains(string(out), line+"\n") {
@@ -513,9 +516,9 @@ func (c *serviceLab) addNodes(t *testing.T, ctx context.Context) []*lab.Node {
 
 // services are the Services of the lab: web on both backends, web-n1 and
 // web-n2 on one each, with an http (TCP) and a dns (UDP) port.
-func services(b1, b2 *lab.Pod) []servicePort {
+func services(b1, b2 *lab.Pod) []kubeproxy.ServicePort {
 	ep := func(p *lab.Pod, port int) netip.AddrPort { return netip.AddrPortFrom(p.IP, uint16(port)) }
-	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []servicePort {
+	service := func(name string, ip netip.Addr, nodePort int, backends ...*lab.Pod) []kubeproxy.ServicePort {
 		var tcp, udp []netip.AddrPort
 		for _, b := range backends {
 			tcp = append(tcp, ep(b, backendTCP))
@@ -524,7 +527,7 @@ func services(b1, b2 *lab.Pod) []servicePort {
 		// The endpoints cache hands them over sorted.
 		slices.SortFunc(tcp, netip.AddrPort.Compare)
 		slices.SortFunc(udp, netip.AddrPort.Compare)
-		return []servicePort{
+		return []kubeproxy.ServicePort{
 			{Namespace: "default", Name: name, PortName: "http", Protocol: "tcp", ClusterIP: ip, Port: httpPort, NodePort: nodePort, Endpoints: tcp},
 			{Namespace: "default", Name: name, PortName: "dns", Protocol: "udp", ClusterIP: ip, Port: dnsPort, Endpoints: udp},
 		}

@@ -1,6 +1,8 @@
-// kube-proxy's iptables rule set for the lab's Services, written as kube-proxy
-// writes it, and loaded into the nodes.
-package services
+// Package kubeproxy writes kube-proxy's iptables rule set for a lab's
+// Services as kube-proxy writes it, and loads it into lab nodes: the service
+// tests run traffic through it, and the bench gives the baselines and
+// patchcord the same rules a real node has.
+package kubeproxy
 
 import (
 	"context"
@@ -12,17 +14,16 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"testing"
 
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
 // ---- kube-proxy's rule set ---------------------------------------------------------------
 
-// servicePort is one port of a Service with its ready endpoints, what kube-proxy's
+// ServicePort is one port of a Service with its ready endpoints, what kube-proxy's
 // ServicePortMap and EndpointsMap hold for it (traffic policies Cluster, no session
 // affinity, no external or load-balancer IPs).
-type servicePort struct {
+type ServicePort struct {
 	Namespace, Name, PortName string
 	Protocol                  string // "tcp" or "udp"
 	ClusterIP                 netip.Addr
@@ -31,8 +32,8 @@ type servicePort struct {
 	Endpoints                 []netip.AddrPort
 }
 
-// name is ServicePortName.String(): "ns/name:port", or "ns/name" for an unnamed port.
-func (s servicePort) name() string {
+// String is ServicePortName.String(): "ns/name:port", or "ns/name" for an unnamed port.
+func (s ServicePort) String() string {
 	n := s.Namespace + "/" + s.Name
 	if s.PortName != "" {
 		n += ":" + s.PortName
@@ -47,10 +48,10 @@ func chainHash(parts ...string) string {
 	return base32.StdEncoding.EncodeToString(sum[:])[:16]
 }
 
-func (s servicePort) svcChain() string { return "KUBE-SVC-" + chainHash(s.name(), s.Protocol) }
-func (s servicePort) extChain() string { return "KUBE-EXT-" + chainHash(s.name(), s.Protocol) }
-func (s servicePort) sepChain(ep netip.AddrPort) string {
-	return "KUBE-SEP-" + chainHash(s.name(), s.Protocol, ep.String())
+func (s ServicePort) SvcChain() string { return "KUBE-SVC-" + chainHash(s.String(), s.Protocol) }
+func (s ServicePort) ExtChain() string { return "KUBE-EXT-" + chainHash(s.String(), s.Protocol) }
+func (s ServicePort) SepChain(ep netip.AddrPort) string {
+	return "KUBE-SEP-" + chainHash(s.String(), s.Protocol, ep.String())
 }
 
 // kubeMasqMark is what kube-proxy makes of --iptables-masquerade-bit=14, its default:
@@ -60,7 +61,7 @@ const kubeMasqMark = "0x004000"
 // kubeMasq is the mark with its mask, as the rules match it.
 const kubeMasq = kubeMasqMark + "/" + kubeMasqMark
 
-// kubeProxyRules returns the iptables-restore input kube-proxy's iptables proxier
+// Rules returns the iptables-restore input kube-proxy's iptables proxier
 // (pkg/proxy/iptables/proxier.go, v1.30 and later) writes on a node for svcs, with
 // --cluster-cidr clusterCIDR (detect-local by cluster CIDR), masquerade bit 14,
 // localhost NodePorts allowed (the default, so no "! -d 127.0.0.0/8" on the nodeports
@@ -71,7 +72,7 @@ const kubeMasq = kubeMasqMark + "/" + kubeMasqMark
 // places. Everything else is line for line what syncProxyRules writes: chain lines
 // first, then rules, arguments in its order and quoting. Only the loop over services
 // differs: kube-proxy walks a map, this walks svcs in order.
-func kubeProxyRules(clusterCIDR netip.Prefix, liberal bool, svcs []servicePort) string {
+func Rules(clusterCIDR netip.Prefix, liberal bool, svcs []ServicePort) string {
 	r := &ruleSet{}
 	r.addJumps()
 	r.addBase()
@@ -151,9 +152,9 @@ func (r *ruleSet) addBase() {
 }
 
 // addService adds the rules of one service port.
-func (r *ruleSet) addService(s servicePort, clusterCIDR netip.Prefix) {
-	name, proto := s.name(), s.Protocol
-	svcChain, extChain := s.svcChain(), s.extChain()
+func (r *ruleSet) addService(s ServicePort, clusterCIDR netip.Prefix) {
+	name, proto := s.String(), s.Protocol
+	svcChain, extChain := s.SvcChain(), s.ExtChain()
 	if len(s.Endpoints) == 0 {
 		r.rule(&r.filterRules, "-A KUBE-SERVICES -m comment --comment", strconv.Quote(name+" has no endpoints"),
 			"-m", proto, "-p", proto, "-d", s.ClusterIP.String(), "--dport", strconv.Itoa(s.Port), "-j REJECT")
@@ -184,10 +185,10 @@ func (r *ruleSet) addService(s servicePort, clusterCIDR netip.Prefix) {
 		if n := len(s.Endpoints) - i; n > 1 {
 			args = append(args, "-m statistic --mode random --probability", fmt.Sprintf("%0.10f", 1.0/float64(n)))
 		}
-		r.rule(&r.natRules, append(args, "-j", s.sepChain(ep))...)
+		r.rule(&r.natRules, append(args, "-j", s.SepChain(ep))...)
 	}
 	for _, ep := range s.Endpoints {
-		sep := s.sepChain(ep)
+		sep := s.SepChain(ep)
 		r.chain(&r.natChains, sep)
 		// A pod reaching itself through its service (hairpin) is masqueraded.
 		r.rule(&r.natRules, "-A", sep, "-m comment --comment", name, "-s", ep.Addr().String(), "-j KUBE-MARK-MASQ")
@@ -216,26 +217,27 @@ func (r *ruleSet) render() string {
 	return b.String()
 }
 
-// loadKubeProxy does on n what kube-proxy does at start and on its first sync: the
-// route_localnet sysctl for localhost NodePorts, the be_liberal probe, the jumps and
-// the rule set, loaded with iptables-restore --noflush.
-func loadKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, svcs []servicePort) {
-	t.Helper()
+// Load does on n what kube-proxy does at start and on its first sync: the
+// route_localnet sysctl for localhost NodePorts, the be_liberal probe, the
+// jumps and the rule set for svcs (with --cluster-cidr clusterCIDR), loaded
+// with iptables-restore --noflush.
+func Load(ctx context.Context, n *lab.Node, clusterCIDR netip.Prefix, svcs []ServicePort) error {
 	if out, err := n.Exec(ctx, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"); err != nil {
-		t.Fatalf("route_localnet on %s: %v\n%s", n.NetNS, err, out)
+		return fmt.Errorf("route_localnet on %s: %v\n%s", n.NetNS, err, out)
 	}
 	out, err := n.Exec(ctx, "sysctl", "-n", "net.netfilter.nf_conntrack_tcp_be_liberal")
 	if err != nil {
-		t.Fatalf("read nf_conntrack_tcp_be_liberal on %s: %v", n.NetNS, err)
+		return fmt.Errorf("read nf_conntrack_tcp_be_liberal on %s: %w", n.NetNS, err)
 	}
 	liberal := strings.TrimSpace(string(out)) != "0"
-	rules := kubeProxyRules(podsCIDR, liberal, svcs)
+	rules := Rules(clusterCIDR, liberal, svcs)
 	file := filepath.Join(n.Lab.Dir, fmt.Sprintf("kube-proxy-n%d.rules", n.Index))
 	if err := os.WriteFile(file, []byte(rules), 0o644); err != nil {
-		t.Fatal(err)
+		return err
 	}
 	// -w as kube-proxy runs it: the agent may hold the xtables lock.
 	if out, err := n.Exec(ctx, "sh", "-c", "iptables-restore -w --noflush < "+file); err != nil {
-		t.Fatalf("load kube-proxy rules on %s: %v\n%s\nrules:\n%s", n.NetNS, err, out, rules)
+		return fmt.Errorf("load kube-proxy rules on %s: %v\n%s\nrules:\n%s", n.NetNS, err, out, rules)
 	}
+	return nil
 }
