@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
@@ -200,11 +199,9 @@ func (af *agentFlags) bgpFromAnnotations(ctx context.Context, kube *nodes.Kube) 
 	if err != nil || asn == "" {
 		return err
 	}
-	n, err := strconv.ParseUint(asn, 10, 32)
-	if err != nil || n == 0 {
-		return fmt.Errorf("annotation %s: %q is not an AS number (1..4294967295)", nodes.BGPASNAnnotation, asn)
+	if af.bgpASN, err = bgp.ParseASN(asn); err != nil {
+		return fmt.Errorf("annotation %s: %w", nodes.BGPASNAnnotation, err)
 	}
-	af.bgpASN = uint32(n)
 	if len(af.bgpNeighbors) == 0 {
 		af.bgpNeighbors = neighbors
 	}

@@ -48,11 +48,20 @@ func ParseNeighbor(s string) (Neighbor, error) {
 	if err != nil || !a.Is4() {
 		return Neighbor{}, fmt.Errorf("%q: %q is not an IPv4 address", s, addr)
 	}
-	n, err := strconv.ParseUint(asn, 10, 32)
-	if err != nil || n == 0 {
-		return Neighbor{}, fmt.Errorf("%q: %q is not an AS number (1..4294967295)", s, asn)
+	n, err := ParseASN(asn)
+	if err != nil {
+		return Neighbor{}, fmt.Errorf("%q: %w", s, err)
 	}
-	return Neighbor{Addr: a, ASN: uint32(n)}, nil
+	return Neighbor{Addr: a, ASN: n}, nil
+}
+
+// ParseASN reads an AS number, 1..4294967295.
+func ParseASN(s string) (uint32, error) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("%q is not an AS number (1..4294967295)", s)
+	}
+	return uint32(n), nil
 }
 
 func (n Neighbor) String() string { return fmt.Sprintf("%s,%d", n.Addr, n.ASN) }

@@ -374,12 +374,9 @@ func flannelVTEP(ann map[string]string) (net.HardwareAddr, netip.Addr, error) {
 // Self reads this node (NodeName) from the API server: its pod CIDR and IP,
 // for an agent started without --pod-cidr and --node-ip.
 func (k *Kube) Self(ctx context.Context) (Node, error) {
-	if k.NodeName == "" {
-		return Node{}, errors.New("--node-name: required (or set NODE_NAME, e.g. from spec.nodeName)")
-	}
-	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
+	obj, err := k.selfObject(ctx)
 	if err != nil {
-		return Node{}, fmt.Errorf("get node %s: %w", k.NodeName, err)
+		return Node{}, err
 	}
 	n, err := FromKube(obj)
 	if err != nil {
@@ -399,14 +396,23 @@ const (
 // SelfBGP reads this node's BGP annotations as they are written (the
 // caller parses them, naming the annotation); asn is "" without them.
 func (k *Kube) SelfBGP(ctx context.Context) (asn string, neighbors []string, err error) {
+	obj, err := k.selfObject(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	return strings.TrimSpace(obj.Annotations[BGPASNAnnotation]), strings.Fields(obj.Annotations[BGPNeighborsAnnotation]), nil
+}
+
+// selfObject is this node's Node object.
+func (k *Kube) selfObject(ctx context.Context) (*corev1.Node, error) {
 	if k.NodeName == "" {
-		return "", nil, errors.New("--node-name: required (or set NODE_NAME, e.g. from spec.nodeName)")
+		return nil, errors.New("--node-name: required (or set NODE_NAME, e.g. from spec.nodeName)")
 	}
 	obj, err := k.Client.CoreV1().Nodes().Get(ctx, k.NodeName, metav1.GetOptions{})
 	if err != nil {
-		return "", nil, fmt.Errorf("get node %s: %w", k.NodeName, err)
+		return nil, fmt.Errorf("get node %s: %w", k.NodeName, err)
 	}
-	return strings.TrimSpace(obj.Annotations[BGPASNAnnotation]), strings.Fields(obj.Annotations[BGPNeighborsAnnotation]), nil
+	return obj, nil
 }
 
 // equalSets compares two sorted sets.

@@ -156,16 +156,9 @@ func waitBGPRoute(t *testing.T, ctx context.Context, n *lab.Node, cidr netip.Pre
 	}
 }
 
-// forwarded counts, in the router's iptables, the packets it forwards from
-// one pod to another as they are: a pod's own addresses in the IP header,
-// no tunnel around them.
-func forwarded(t *testing.T, ctx context.Context, router *lab.Node, from, to *lab.Pod) func() int {
-	t.Helper()
-	return routerCounter(t, ctx, router, from.IP, to.IP)
-}
-
-// routerCounter counts the packets from src to dst the router forwards,
-// with match (iptables options) if given.
+// routerCounter counts, in the router's iptables, the packets from src to
+// dst it forwards, with match (iptables options) if given. For two pods'
+// addresses: their own packets, no tunnel around them.
 func routerCounter(t *testing.T, ctx context.Context, router *lab.Node, src, dst netip.Addr, match ...string) func() int {
 	t.Helper()
 	rule := append([]string{"FORWARD", "-s", src.String(), "-d", dst.String()}, append(match, "-j", "ACCEPT")...)
@@ -228,7 +221,7 @@ func TestBGPRoutedFabric(t *testing.T) {
 		return !ok
 	})
 
-	there, back := forwarded(t, ctx, router, p1, p2), forwarded(t, ctx, router, p2, p1)
+	there, back := routerCounter(t, ctx, router, p1.IP, p2.IP), routerCounter(t, ctx, router, p2.IP, p1.IP)
 	b1, b2 := e2e.Stats(t, ctx, n1), e2e.Stats(t, ctx, n2)
 	e2e.PingMesh(t, ctx, []*lab.Pod{p1, p2}, 3)
 	e2e.IperfServer(t, ctx, p2, 5201)
