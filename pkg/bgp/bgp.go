@@ -257,28 +257,16 @@ func (s *Speaker) announce(ctx context.Context) error {
 
 // refresh reads the learned best routes and the sessions from GoBGP.
 func (s *Speaker) refresh(ctx context.Context) error {
-	var routes []Route
-	err := s.srv.ListPath(ctx, &api.ListPathRequest{TableType: api.TableType_GLOBAL, Family: ipv4Unicast}, func(d *api.Destination) {
-		for _, p := range d.Paths {
-			if !p.Best || p.IsWithdraw {
-				continue
-			}
-			if r, ok := s.learned(p); ok {
-				routes = append(routes, r)
-			}
-		}
-	})
-	if err != nil {
-		return fmt.Errorf("list bgp routes: %w", err)
-	}
-	received := map[netip.Addr]int{}
-	for _, r := range routes {
-		received[r.Peer]++
-	}
+	// Sessions first, then routes: GoBGP puts a neighbour's updates in
+	// the table before it marks its End-of-RIB, so routes read after a
+	// session says End-of-RIB hold all it sent. Read the other way round,
+	// an End-of-RIB arriving in between would pass for convergence with
+	// the routes before it missing, and the first node sync would remove
+	// them.
 	var peers []PeerState
-	err = s.srv.ListPeer(ctx, &api.ListPeerRequest{}, func(p *api.Peer) {
+	err := s.srv.ListPeer(ctx, &api.ListPeerRequest{}, func(p *api.Peer) {
 		addr, _ := netip.ParseAddr(p.GetConf().GetNeighborAddress())
-		st := PeerState{Neighbor: Neighbor{Addr: addr, ASN: p.GetConf().GetPeerAsn()}, Received: received[addr]}
+		st := PeerState{Neighbor: Neighbor{Addr: addr, ASN: p.GetConf().GetPeerAsn()}}
 		st.State = strings.ToLower(strings.TrimPrefix(p.GetState().GetSessionState().String(), "SESSION_"))
 		for _, af := range p.GetAfiSafis() {
 			if af.GetMpGracefulRestart().GetState().GetEndOfRibReceived() {
@@ -294,6 +282,27 @@ func (s *Speaker) refresh(ctx context.Context) error {
 	})
 	if err != nil {
 		return fmt.Errorf("list bgp neighbours: %w", err)
+	}
+	var routes []Route
+	err = s.srv.ListPath(ctx, &api.ListPathRequest{TableType: api.TableType_GLOBAL, Family: ipv4Unicast}, func(d *api.Destination) {
+		for _, p := range d.Paths {
+			if !p.Best || p.IsWithdraw {
+				continue
+			}
+			if r, ok := s.learned(p); ok {
+				routes = append(routes, r)
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("list bgp routes: %w", err)
+	}
+	for i := range peers {
+		for _, r := range routes {
+			if r.Peer == peers[i].Neighbor.Addr {
+				peers[i].Received++
+			}
+		}
 	}
 	slices.SortFunc(routes, func(a, b Route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
 	slices.SortFunc(peers, func(a, b PeerState) int { return a.Neighbor.Addr.Compare(b.Neighbor.Addr) })
