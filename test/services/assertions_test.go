@@ -131,17 +131,18 @@ func (c *serviceLab) explainFailure(t *testing.T, ctx context.Context) func() {
 }
 
 // conntrackStates counts n's conntrack entries of TCP connections to ip by state,
-// plus "UNREPLIED" (no reply seen) and "total".
-func conntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Addr) map[string]int {
+// plus "UNREPLIED" (no reply seen) and "total"; sports holds each entry's
+// original source port.
+func conntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Addr) (states map[string]int, sports map[int]bool) {
 	t.Helper()
 	out, err := n.Exec(ctx, "conntrack", "-L", "-p", "tcp", "--orig-dst", ip.String())
 	if err != nil {
 		t.Fatalf("conntrack -L on %s: %v", n.NetNS, err)
 	}
-	states := map[string]int{}
+	states, sports = map[string]int{}, map[int]bool{}
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
-		// tcp 6 <timeout> <STATE> src=...
+		// tcp 6 <timeout> <STATE> src=... dst=... sport=... (the original direction first)
 		if len(f) < 4 || f[0] != "tcp" {
 			continue
 		}
@@ -150,8 +151,16 @@ func conntrackStates(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Ad
 		if strings.Contains(line, "[UNREPLIED]") {
 			states["UNREPLIED"]++
 		}
+		for _, kv := range f[4:] {
+			if v, ok := strings.CutPrefix(kv, "sport="); ok {
+				if p, err := strconv.Atoi(v); err == nil {
+					sports[p] = true
+				}
+				break
+			}
+		}
 	}
-	return states
+	return states, sports
 }
 
 // masqChain tells whether the agent's masquerade chain is in n's nat table.

@@ -71,7 +71,7 @@ Server(("0.0.0.0", tcp_port), Handler).serve_forever()
 // clientScript is the client side, one JSON line per run:
 //
 //	get HOST PORT PATH TIMEOUT    {"status", "body", "bytes"}
-//	many HOST PORT N TIMEOUT      N GETs of /, one connection each: {"ok", "names", "errors"}
+//	many HOST PORT N TIMEOUT      N GETs of /, one connection each: {"ok", "names", "errors", "ports"}
 //	udp HOST PORT TIMEOUT [DATA]  {"from": "ip:port", "body", "bytes"}
 //
 // http.client rather than urllib: no proxy from the environment can get in the way.
@@ -83,6 +83,7 @@ def get(path, timeout):
     c = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         c.request("GET", path)
+        local_port = c.sock.getsockname()[1]
         r = c.getresponse()
         n, body = 0, b""
         while True:
@@ -92,21 +93,22 @@ def get(path, timeout):
             n += len(chunk)
             if len(body) < 256:
                 body += chunk[:256]
-        return r.status, body.decode(errors="replace").strip(), n
+        return r.status, body.decode(errors="replace").strip(), n, local_port
     finally:
         c.close()
 
 if mode == "get":
     start = time.monotonic()
-    status, body, n = get(sys.argv[4], float(sys.argv[5]))
+    status, body, n, _ = get(sys.argv[4], float(sys.argv[5]))
     print(json.dumps({"status": status, "body": body if n < 256 else "", "bytes": n,
                       "seconds": time.monotonic() - start}))
 elif mode == "many":
     count, timeout = int(sys.argv[4]), float(sys.argv[5])
-    ok, names, errors = 0, {}, []
+    ok, names, errors, ports = 0, {}, [], []
     for i in range(count):
         try:
-            status, body, _ = get("/", timeout)
+            status, body, _, local_port = get("/", timeout)
+            ports.append(local_port)
             if status != 200:
                 raise Exception("status %d" % status)
             who = body.split()[0]
@@ -114,7 +116,7 @@ elif mode == "many":
             ok += 1
         except Exception as e:
             errors.append("%d: %r" % (i, e))
-    print(json.dumps({"ok": ok, "names": names, "errors": errors[:10]}))
+    print(json.dumps({"ok": ok, "names": names, "errors": errors[:10], "ports": ports}))
 elif mode == "udp":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(float(sys.argv[4]))
@@ -167,6 +169,7 @@ type serverReply struct {
 	OK      int            `json:"ok"`
 	Names   map[string]int `json:"names"`
 	Errors  []string       `json:"errors"`
+	Ports   []int          `json:"ports"`
 	From    string         `json:"from"`
 }
 
