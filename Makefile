@@ -14,7 +14,7 @@ PLUGINS_VERSION := v1.10.0
 # The first cri-tools tag `go install` accepts (no replace directives).
 CRICTL_VERSION  := v1.34.0
 DEB_PACKAGES    := clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping \
-                   iperf3 sockperf iptables conntrack ethtool python3 ruby curl \
+                   iperf3 sockperf iptables nftables conntrack ethtool python3 ruby curl \
                    containerd runc strace bird2
 
 export BPF2GO_CC    := $(CLANG)
@@ -24,8 +24,9 @@ export PATCHCORD_BIN := $(BIN)
 export CNI_PLUGINS   := $(CNI_BIN)
 export CNITOOL       := $(TOOLS)/cnitool
 export CRICTL        := $(TOOLS)/crictl
+export KUBE_BIN      := $(BIN)/k8s
 
-.PHONY: all build generate check-generate deps tools test fuzz test-kernels demo bench clean
+.PHONY: all build generate check-generate deps tools k8s test fuzz test-kernels demo bench clean
 
 all: build
 
@@ -74,10 +75,24 @@ $(CNI_BIN)/host-local:
 		github.com/containernetworking/plugins/plugins/meta/bandwidth@$(PLUGINS_VERSION) \
 		github.com/containernetworking/plugins/plugins/meta/tuning@$(PLUGINS_VERSION)
 
+# Kubernetes for the lab's real control plane: etcd, kube-apiserver and
+# kube-proxy, built from the Go module proxy through test/k8s/go.mod, whose
+# require line is the one place the version is named.
+KUBE_VERSION = $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' test/k8s/go.mod)
+KUBE_LDFLAGS = -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+	-X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
+	-X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
+k8s: $(KUBE_BIN)/kube-apiserver
+
+$(KUBE_BIN)/kube-apiserver: test/k8s/go.mod test/k8s/go.sum
+	cd test/k8s && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(KUBE_BIN)/ \
+		go.etcd.io/etcd/server/v3 k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kube-apiserver
+	mv $(KUBE_BIN)/server $(KUBE_BIN)/etcd
+
 # The lab suites run a second time with the tc backend (clsact + cls_bpf,
 # what kernels before 6.6 get) forced on this kernel.
 TC_SUITES := ./test/samenode/ ./test/crossnode/ ./test/chaining/ ./test/hostile/
-test: deps tools build
+test: deps tools build k8s
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
 	PATCHCORD_TEST_ATTACH_MODE=tc $(GO) test -count=1 -timeout 20m $(TC_SUITES)

@@ -1,8 +1,9 @@
 // The Kubernetes node source end to end: agents started the way the
 // DaemonSet starts them (--kubeconfig, --node-name, --flannel-compat, nothing
-// per node) against a small in-memory API server, next to a Flannel node
-// that knows its peers only from the annotations the agents publish. This is
-// a cluster half-way through a migration from Flannel.
+// per node) against a real kube-apiserver and etcd, with the rights
+// deploy/rbac.yaml grants and nothing more, next to a Flannel node that
+// knows its peers only from the annotations the agents publish. This is a
+// cluster half-way through a migration from Flannel.
 package kube
 
 import (
@@ -10,240 +11,19 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
-	"sync"
 	"testing"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/patchcord/patchcord/internal/e2e"
+	"github.com/patchcord/patchcord/internal/kubecluster"
 	"github.com/patchcord/patchcord/internal/lab"
 	"github.com/patchcord/patchcord/pkg/nodes"
-	jsonpatch "gopkg.in/evanphx/json-patch.v4"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
-
-// apiServer is as much of the API server as a Node informer and a patch of
-// a node's annotations need: list, watch (also as a watch-list stream),
-// get and merge-patch of core/v1 Nodes.
-type apiServer struct {
-	mu       sync.Mutex
-	rv       int
-	nodes    map[string]*corev1.Node
-	history  []watchEvent // every change, for watches that start behind
-	watchers map[chan watchEvent]bool
-}
-
-type watchEvent struct {
-	Type   string       `json:"type"`
-	Object *corev1.Node `json:"object"`
-	rv     int
-}
-
-func newAPIServer() *apiServer {
-	return &apiServer{nodes: map[string]*corev1.Node{}, watchers: map[chan watchEvent]bool{}}
-}
-
-// set adds or replaces a node, as kubelet and the controller manager would.
-func (s *apiServer) set(n *corev1.Node) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	typ := "MODIFIED"
-	if _, ok := s.nodes[n.Name]; !ok {
-		typ = "ADDED"
-	}
-	s.store(typ, n.DeepCopy())
-}
-
-func (s *apiServer) remove(name string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if n, ok := s.nodes[name]; ok {
-		delete(s.nodes, name)
-		s.rv++
-		s.notify(watchEvent{Type: "DELETED", Object: n.DeepCopy(), rv: s.rv})
-	}
-}
-
-func (s *apiServer) get(name string) *corev1.Node {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if n, ok := s.nodes[name]; ok {
-		return n.DeepCopy()
-	}
-	return nil
-}
-
-// store saves n under a new resourceVersion; s.mu is held.
-func (s *apiServer) store(typ string, n *corev1.Node) {
-	s.rv++
-	n.ResourceVersion = strconv.Itoa(s.rv)
-	n.TypeMeta = metav1.TypeMeta{Kind: "Node", APIVersion: "v1"}
-	s.nodes[n.Name] = n
-	s.notify(watchEvent{Type: typ, Object: n.DeepCopy(), rv: s.rv})
-}
-
-func (s *apiServer) notify(ev watchEvent) {
-	s.history = append(s.history, ev)
-	for ch := range s.watchers {
-		select {
-		case ch <- ev:
-		default: // a stuck watcher loses events; its informer relists
-		}
-	}
-}
-
-func (s *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	name, named := strings.CutPrefix(r.URL.Path, "/api/v1/nodes/")
-	switch {
-	case r.URL.Path == "/api/v1/nodes" && r.Method == http.MethodGet:
-		if q := r.URL.Query().Get("watch"); q == "true" || q == "1" {
-			s.watch(w, r)
-			return
-		}
-		s.mu.Lock()
-		list := corev1.NodeList{TypeMeta: metav1.TypeMeta{Kind: "NodeList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: strconv.Itoa(s.rv)}}
-		for _, n := range s.nodes {
-			list.Items = append(list.Items, *n.DeepCopy())
-		}
-		s.mu.Unlock()
-		writeJSON(w, http.StatusOK, list)
-	case named && r.Method == http.MethodGet:
-		if n := s.get(name); n != nil {
-			writeJSON(w, http.StatusOK, n)
-			return
-		}
-		writeStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
-	case named && r.Method == http.MethodPatch:
-		if ct := r.Header.Get("Content-Type"); ct != "application/merge-patch+json" {
-			writeStatus(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", ct)
-			return
-		}
-		var patch json.RawMessage
-		if err := json.NewDecoder(r.Body).Decode(&patch); err != nil {
-			writeStatus(w, http.StatusBadRequest, "BadRequest", err.Error())
-			return
-		}
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		n, ok := s.nodes[name]
-		if !ok {
-			writeStatus(w, http.StatusNotFound, "NotFound", fmt.Sprintf("nodes %q not found", name))
-			return
-		}
-		orig, _ := json.Marshal(n)
-		merged, err := jsonpatch.MergePatch(orig, patch)
-		var out corev1.Node
-		if err == nil {
-			err = json.Unmarshal(merged, &out)
-		}
-		if err != nil {
-			writeStatus(w, http.StatusUnprocessableEntity, "Invalid", err.Error())
-			return
-		}
-		s.store("MODIFIED", &out)
-		writeJSON(w, http.StatusOK, &out)
-	default:
-		writeStatus(w, http.StatusNotFound, "NotFound", r.Method+" "+r.URL.Path)
-	}
-}
-
-// watch streams events after the requested resourceVersion or, for a
-// watch-list (sendInitialEvents), every node followed by the bookmark that
-// ends the initial events.
-func (s *apiServer) watch(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	ch := make(chan watchEvent, 1024)
-	s.mu.Lock()
-	var backlog []watchEvent
-	if q.Get("sendInitialEvents") == "true" {
-		for _, n := range s.nodes {
-			backlog = append(backlog, watchEvent{Type: "ADDED", Object: n.DeepCopy()})
-		}
-		backlog = append(backlog, watchEvent{Type: "BOOKMARK", Object: &corev1.Node{
-			TypeMeta:   metav1.TypeMeta{Kind: "Node", APIVersion: "v1"},
-			ObjectMeta: metav1.ObjectMeta{ResourceVersion: strconv.Itoa(s.rv), Annotations: map[string]string{metav1.InitialEventsAnnotationKey: "true"}},
-		}})
-	} else {
-		from, _ := strconv.Atoi(q.Get("resourceVersion"))
-		for _, ev := range s.history {
-			if ev.rv > from {
-				backlog = append(backlog, ev)
-			}
-		}
-	}
-	s.watchers[ch] = true
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.watchers, ch)
-		s.mu.Unlock()
-	}()
-
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-	flusher := w.(http.Flusher)
-	enc := json.NewEncoder(w)
-	send := func(ev watchEvent) bool {
-		if err := enc.Encode(ev); err != nil {
-			return false
-		}
-		flusher.Flush()
-		return true
-	}
-	for _, ev := range backlog {
-		if !send(ev) {
-			return
-		}
-	}
-	flusher.Flush()
-	for {
-		select {
-		case ev := <-ch:
-			if !send(ev) {
-				return
-			}
-		case <-r.Context().Done():
-			return
-		}
-	}
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	json.NewEncoder(w).Encode(v)
-}
-
-func writeStatus(w http.ResponseWriter, code int, reason, msg string) {
-	writeJSON(w, code, metav1.Status{
-		TypeMeta: metav1.TypeMeta{Kind: "Status", APIVersion: "v1"},
-		Status:   metav1.StatusFailure, Reason: metav1.StatusReason(reason), Message: msg, Code: int32(code),
-	})
-}
-
-// serveIn serves the API on 127.0.0.1:6443 inside a node's namespace, where
-// that node's agent (and nothing outside the node) reaches it.
-func (s *apiServer) serveIn(t *testing.T, n *lab.Node) {
-	t.Helper()
-	var ln net.Listener
-	err := ns.WithNetNSPath(n.NSPath, func(ns.NetNS) error {
-		var err error
-		ln, err = net.Listen("tcp", "127.0.0.1:6443")
-		return err
-	})
-	if err != nil {
-		t.Fatalf("listen in %s: %v", n.NetNS, err)
-	}
-	srv := &http.Server{Handler: s}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-}
 
 // nodeObject is the Node object kubelet and the controller manager make for a
 // lab node.
@@ -280,11 +60,12 @@ func TestFlannelMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	api := newAPIServer()
+	cp := kubecluster.Start(t, ctx, e2e.AddNodes(t, l, controlPlaneNode)[0])
+	cp.Apply(t, ctx, filepath.Join(e2e.RepoDir(), "deploy", "rbac.yaml"))
+	api := &nodeAPI{t: t, ctx: ctx, cp: cp}
 	seedAPI(api, n1, n2, fl, vtep)
-	kubeconfig := writeKubeconfig(t, l.Dir)
+	kubeconfig := cp.Kubeconfig(t, kubecluster.AgentUser)
 	for _, n := range []*lab.Node{n1, n2} {
-		api.serveIn(t, n)
 		e2e.WriteConflist(t, n, "patchcord", n.PrimaryConflist())
 		startKubeAgent(t, ctx, n, kubeconfig)
 	}
@@ -356,7 +137,7 @@ func TestFlannelMigration(t *testing.T) {
 
 // seedAPI stores the lab's Node objects: n1 and n2 with the stale Flannel
 // annotations of the flannel.1 they ran before, fl with its live one.
-func seedAPI(api *apiServer, n1, n2, fl *lab.Node, vtep net.HardwareAddr) {
+func seedAPI(api *nodeAPI, n1, n2, fl *lab.Node, vtep net.HardwareAddr) {
 	// The agents must overwrite n1's and n2's.
 	stale := map[string]string{
 		nodes.FlannelBackendData:       `{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}`,
@@ -380,19 +161,47 @@ func seedAPI(api *apiServer, n1, n2, fl *lab.Node, vtep net.HardwareAddr) {
 	}))
 }
 
-// writeKubeconfig writes the agents' kubeconfig, pointing at the API server
-// each node serves on its loopback, and returns its path.
-func writeKubeconfig(t *testing.T, dir string) string {
-	t.Helper()
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
-kind: Config
-clusters: [{name: lab, cluster: {server: "http://127.0.0.1:6443"}}]
-users: [{name: agent, user: {}}]
-contexts: [{name: lab, context: {cluster: lab, user: agent}}]
-current-context: lab
-`), 0o600); err != nil {
-		t.Fatal(err)
+// controlPlaneNode is the lab node that runs etcd and kube-apiserver.
+const controlPlaneNode = 200
+
+// nodeAPI does to Node objects what kubelet and the controller manager
+// would, through the real API server.
+type nodeAPI struct {
+	t   *testing.T
+	ctx context.Context
+	cp  *kubecluster.ControlPlane
+}
+
+// set creates a node: the object, then its status, which a create ignores.
+// The status goes in as a merge patch, as kubelet's does: the node's agent
+// may patch its annotations in between.
+func (a *nodeAPI) set(n *corev1.Node) {
+	a.t.Helper()
+	nodes := a.cp.Admin.CoreV1().Nodes()
+	if _, err := nodes.Create(a.ctx, n, metav1.CreateOptions{}); err != nil {
+		a.t.Fatalf("create node %s: %v", n.Name, err)
 	}
-	return kubeconfig
+	status, err := json.Marshal(map[string]any{"status": n.Status})
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	if _, err := nodes.Patch(a.ctx, n.Name, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
+		a.t.Fatalf("patch status of node %s: %v", n.Name, err)
+	}
+}
+
+func (a *nodeAPI) get(name string) *corev1.Node {
+	a.t.Helper()
+	n, err := a.cp.Admin.CoreV1().Nodes().Get(a.ctx, name, metav1.GetOptions{})
+	if err != nil {
+		a.t.Fatalf("get node %s: %v", name, err)
+	}
+	return n
+}
+
+func (a *nodeAPI) remove(name string) {
+	a.t.Helper()
+	if err := a.cp.Admin.CoreV1().Nodes().Delete(a.ctx, name, metav1.DeleteOptions{}); err != nil {
+		a.t.Fatalf("delete node %s: %v", name, err)
+	}
 }
