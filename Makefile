@@ -111,8 +111,8 @@ fuzz: deps
 # binaries and tools. KERNELS="debian12 debian11" adds Debian 11's 5.10; kernels are cached
 # in $$XDG_CACHE_HOME. A failing guest test fails the target.
 # KERNEL_RUN picks what the guests run (BINARY:PACKAGE[:RUN] each, see run.sh); empty: all of
-# it, about an hour per kernel under emulation. KERNEL_CI is CI's pick, meant for under 15
-# minutes: the branches that differ between kernels (features, decap modes, encap, redirect,
+# it, about an hour per kernel under emulation. KERNEL_CI is CI's pick, 8-15 minutes
+# depending on the host CPU (run.sh cuts the VM off at 25): the branches that differ between kernels (features, decap modes, encap, redirect,
 # tc attach, NAT check), pods on one node, the three-node mesh with bulk TCP, and both kill -9
 # tests (the agent's, mid-flow, and the plugin's, at each step of ADD, through cnitool).
 KERNELS ?= debian12

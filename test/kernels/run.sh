@@ -10,7 +10,9 @@ set -eu
 KERNELS=${KERNELS:-debian12}
 TESTS=${TESTS:-"bin/kernels/datapath.test:pkg/datapath bin/kernels/samenode.test:test/samenode
 bin/kernels/crossnode.test:test/crossnode bin/kernels/runtime.test:test/runtime:TestKillMidAdd/cnitool"}
-VM_TIMEOUT=${VM_TIMEOUT:-15m}
+# TCG speed varies with the host CPU: CI's pick took 465-600 s on one machine and
+# 874 s on another, where 15 minutes cut off a run whose tests all passed.
+VM_TIMEOUT=${VM_TIMEOUT:-25m}
 # Extra flags for every test binary, e.g. TESTFLAGS="-test.run TestFromUplink".
 TESTFLAGS=${TESTFLAGS:-}
 # Loaded by modprobe inside the guest once /lib/modules is mounted: what the tests' topologies use.
