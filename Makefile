@@ -33,6 +33,7 @@ all: build
 build:
 	$(GO) build -o $(BIN)/patchcord ./cmd/patchcord
 	$(GO) build -o $(BIN)/patchcord-cni ./cmd/patchcord-cni
+	$(GO) build -o $(BIN)/patchcord-install ./deploy/install
 
 generate: deps
 	$(GO) generate ./pkg/datapath/
@@ -75,19 +76,24 @@ $(CNI_BIN)/host-local:
 		github.com/containernetworking/plugins/plugins/meta/bandwidth@$(PLUGINS_VERSION) \
 		github.com/containernetworking/plugins/plugins/meta/tuning@$(PLUGINS_VERSION)
 
-# Kubernetes for the lab's real control plane: etcd, kube-apiserver and
-# kube-proxy, built from the Go module proxy through test/k8s/go.mod, whose
-# require line is the one place the version is named.
+# Kubernetes for the lab's real clusters: etcd, the control plane, kubelet,
+# kube-proxy and agnhost (the e2e tests' server image), built from the Go
+# module proxy through test/k8s/go.mod, whose require line is the one place
+# the version is named.
 KUBE_VERSION = $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' test/k8s/go.mod)
 KUBE_LDFLAGS = -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
 	-X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
 	-X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
-k8s: $(KUBE_BIN)/kube-apiserver
+# The tool block of test/k8s/go.mod lists what is built (etcd's command is
+# named server there). Static, as Kubernetes releases them: agnhost goes
+# into an image that holds nothing else.
+k8s: $(KUBE_BIN)/.built
 
-$(KUBE_BIN)/kube-apiserver: test/k8s/go.mod test/k8s/go.sum
-	cd test/k8s && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(KUBE_BIN)/ \
-		go.etcd.io/etcd/server/v3 k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kube-apiserver
+$(KUBE_BIN)/.built: test/k8s/go.mod test/k8s/go.sum
+	cd test/k8s && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(KUBE_BIN)/ \
+		$$(awk '/^tool \(/{t=1; next} t && /^\)/{t=0} t {print $$1}' go.mod)
 	mv $(KUBE_BIN)/server $(KUBE_BIN)/etcd
+	touch $@
 
 # The lab suites run a second time with the tc backend (clsact + cls_bpf,
 # what kernels before 6.6 get) forced on this kernel.

@@ -15,12 +15,14 @@ import (
 	"github.com/patchcord/patchcord/internal/flock"
 )
 
-var commands = []string{"patchcord", "patchcord-cni"}
+// commands are the binaries by package; patchcord-install goes into the
+// DaemonSet's image.
+var commands = map[string]string{"patchcord": "./cmd/patchcord", "patchcord-cni": "./cmd/patchcord-cni", "patchcord-install": "./deploy/install"}
 
 // binaries returns the directory holding this tree's binaries.
 func binaries() (string, error) {
 	if dir := os.Getenv("PATCHCORD_BIN"); dir != "" {
-		for _, cmd := range commands {
+		for cmd := range commands {
 			if _, err := os.Stat(filepath.Join(dir, cmd)); err != nil {
 				return "", fmt.Errorf("PATCHCORD_BIN=%s lacks %s: run `make build`", dir, cmd)
 			}
@@ -40,8 +42,8 @@ func binaries() (string, error) {
 	defer lock.Unlock()
 	// go build leaves an up-to-date binary alone, so after the first package
 	// this costs only the check; it keeps the binaries those of this tree.
-	for _, cmd := range commands {
-		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "./cmd/"+cmd)
+	for cmd, pkg := range commands {
+		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), pkg)
 		build.Dir = RepoDir()
 		if out, err := build.CombinedOutput(); err != nil {
 			return "", fmt.Errorf("build %s (or run `make build` and set PATCHCORD_BIN): %v\n%s", cmd, err, out)

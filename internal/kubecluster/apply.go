@@ -7,6 +7,7 @@ import (
 	"os"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -40,6 +41,8 @@ func (cp *ControlPlane) Apply(t *testing.T, ctx context.Context, path string) {
 			_, err = c.RbacV1().ClusterRoles().Create(ctx, o, opts)
 		case *rbacv1.ClusterRoleBinding:
 			_, err = c.RbacV1().ClusterRoleBindings().Create(ctx, o, opts)
+		case *appsv1.DaemonSet:
+			_, err = c.AppsV1().DaemonSets(o.Namespace).Create(ctx, o, opts)
 		default:
 			err = fmt.Errorf("kind %T not handled", obj)
 		}

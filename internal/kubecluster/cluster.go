@@ -69,6 +69,11 @@ type ControlPlane struct {
 	dir   string
 	// tokens by user name, from the static token file.
 	tokens map[string]string
+	// saKey signs ServiceAccount tokens; clientCA signs the client
+	// certificates of users the token file does not know (kubelets).
+	saKey    string
+	clientCA *certAuthority
+	logged   bool // logOnFailure ran
 }
 
 // Start brings up etcd and kube-apiserver in n and waits until the API is
@@ -93,6 +98,8 @@ func Start(t *testing.T, ctx context.Context, n *lab.Node) *ControlPlane {
 		ProxyUser: "",
 	})
 	saKey := writeServiceAccountKey(t, dir)
+	cp.saKey = saKey
+	cp.clientCA = newCertAuthority(t, filepath.Join(dir, "client-ca.crt"))
 
 	etcd, err := n.Start(ctx, filepath.Join(bin, "etcd"),
 		"--name", "lab", "--data-dir", filepath.Join(dir, "etcd"),
@@ -117,7 +124,15 @@ func Start(t *testing.T, ctx context.Context, n *lab.Node) *ControlPlane {
 		// and the CA that signed it, which clients trust through CAFile.
 		"--cert-dir", filepath.Join(dir, "certs"),
 		"--token-auth-file", tokenFile,
-		"--authorization-mode", "RBAC",
+		"--client-ca-file", cp.clientCA.certFile,
+		// Kubelets are authorized as nodes, limited to their own objects.
+		"--authorization-mode", "Node,RBAC",
+		"--enable-admission-plugins", "NodeRestriction",
+		// A CNI's DaemonSet is privileged, as on every distribution.
+		"--allow-privileged=true",
+		// Logs, exec and port-forward go to the kubelet at the node's
+		// address; the lab has no DNS for node names.
+		"--kubelet-preferred-address-types", "InternalIP",
 		"--service-cluster-ip-range", ServiceCIDR,
 		"--service-account-issuer", "https://kubernetes.default.svc",
 		"--service-account-key-file", saKey,
@@ -227,23 +242,42 @@ func (cp *ControlPlane) restConfig(user string) *rest.Config {
 	}
 }
 
-// Kubeconfig writes a kubeconfig for user, for processes in the lab's
-// nodes, and returns its path.
+// Kubeconfig writes a kubeconfig for user, one of the token file's, for
+// processes in the lab's nodes, and returns its path.
 func (cp *ControlPlane) Kubeconfig(t *testing.T, user string) string {
 	t.Helper()
 	tok, ok := cp.tokens[user]
 	if !ok {
 		t.Fatalf("no token for user %q", user)
 	}
-	path := filepath.Join(cp.dir, strings.NewReplacer(":", "-").Replace(user)+".kubeconfig")
+	return cp.writeKubeconfig(t, user, fmt.Sprintf("{token: %q}", tok))
+}
+
+// CertKubeconfig writes a kubeconfig whose client certificate, signed by
+// the API server's client CA, names user in groups, and returns its path.
+func (cp *ControlPlane) CertKubeconfig(t *testing.T, user string, groups ...string) string {
+	t.Helper()
+	base := filepath.Join(cp.dir, fileName(user))
+	cert, key := cp.clientCA.issue(t, base, user, groups)
+	return cp.writeKubeconfig(t, user, fmt.Sprintf("{client-certificate: %q, client-key: %q}", cert, key))
+}
+
+func (cp *ControlPlane) writeKubeconfig(t *testing.T, user, auth string) string {
+	t.Helper()
+	path := filepath.Join(cp.dir, fileName(user)+".kubeconfig")
 	if err := os.WriteFile(path, []byte(fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters: [{name: lab, cluster: {server: %q, certificate-authority: %q}}]
-users: [{name: %q, user: {token: %q}}]
+users: [{name: %q, user: %s}]
 contexts: [{name: lab, context: {cluster: lab, user: %q}}]
 current-context: lab
-`, cp.Server, cp.CAFile, user, tok, user)), 0o600); err != nil {
+`, cp.Server, cp.CAFile, user, auth, user)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// fileName is user as a file name.
+func fileName(user string) string {
+	return strings.NewReplacer(":", "-", "/", "-").Replace(user)
 }

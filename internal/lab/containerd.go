@@ -56,6 +56,14 @@ type ContainerdOptions struct {
 	// LogLevel is containerd's log level, "info" if empty; the log is one of the lab's
 	// process logs.
 	LogLevel string
+	// HostPaths makes the node's mount namespace look like a Kubernetes node's to what
+	// runs there (kubelet, and hostPath volumes): /etc, /opt and /var are overlays whose
+	// changes stay in the lab (kubelet writes below /var/lib/kubelet whatever its root
+	// dir), /sys/fs/bpf is a bpffs of its own, shared for Bidirectional volumes, and the
+	// CRI's CNI dirs are /etc/cni/net.d and /opt/cni/bin, empty until something (a
+	// DaemonSet) installs a network there; so StartContainerd does not wait for the
+	// network to be ready.
+	HostPaths bool
 }
 
 // Containerd is a containerd daemon serving one node. Create it with
@@ -79,6 +87,7 @@ type Containerd struct {
 
 	config, crictlConfig string
 	crictl               string
+	hostPaths            bool
 
 	mu     sync.Mutex
 	holder *Process // sleeps in the mount namespace, keeping it
@@ -99,6 +108,7 @@ func (n *Node) StartContainerd(ctx context.Context, opts ContainerdOptions) (_ *
 		Dir:          filepath.Join(l.Dir, fmt.Sprintf("n%d", n.Index), "containerd"),
 		CgroupParent: "/" + n.NetNS,
 		crictl:       opts.Crictl,
+		hostPaths:    opts.HostPaths,
 	}
 	c.Socket = filepath.Join(c.Dir, "containerd.sock")
 	c.CNIBinDir = filepath.Join(c.Dir, "cni-bin")
@@ -156,11 +166,17 @@ func (c *Containerd) findTools() error {
 
 // importPause imports the pause image archive and waits until CRI lists it.
 func (c *Containerd) importPause(ctx context.Context, archive string) error {
+	return c.ImportImage(ctx, archive, PauseImage)
+}
+
+// ImportImage imports an image archive (see Image.WriteArchive) into the CRI's
+// namespace and waits until CRI lists it under name.
+func (c *Containerd) ImportImage(ctx context.Context, archive, name string) error {
 	if out, err := c.run(ctx, "ctr", "--address", c.Socket, "--namespace", "k8s.io", "images", "import", archive); err != nil {
-		return fmt.Errorf("import pause image: %w: %s", err, out)
+		return fmt.Errorf("import image %s: %w: %s", name, err, out)
 	}
-	return WaitFor(ctx, "pause image in the CRI image list", func(ctx context.Context) error {
-		out, err := c.Crictl(ctx, "images", "-q", PauseImage)
+	return WaitFor(ctx, name+" in the CRI image list", func(ctx context.Context) error {
+		out, err := c.Crictl(ctx, "images", "-q", name)
 		if err != nil {
 			return err
 		}
@@ -178,7 +194,10 @@ func (c *Containerd) writeFiles(opts ContainerdOptions) error {
 			return err
 		}
 	}
-	if err := c.linkCNIPlugins(); err != nil {
+	binDir, confDir := c.CNIBinDir, c.Node.ConfDir
+	if c.hostPaths {
+		binDir, confDir = hostCNIBinDir, hostCNIConfDir
+	} else if err := c.linkCNIPlugins(); err != nil {
 		return err
 	}
 	level := opts.LogLevel
@@ -187,7 +206,7 @@ func (c *Containerd) writeFiles(opts ContainerdOptions) error {
 	}
 	q := strconv.Quote
 	cfg := fmt.Sprintf(containerdConfig, q(filepath.Join(c.Dir, "root")), q(filepath.Join(c.Dir, "state")), q(c.Socket), q(c.Socket+".ttrpc"),
-		q(level), q(PauseImage), q(filepath.Join(c.Dir, "state", "runc")), q(c.CNIBinDir), q(c.Node.ConfDir))
+		q(level), q(PauseImage), q(filepath.Join(c.Dir, "state", "runc")), q(binDir), q(confDir))
 	if err := os.WriteFile(c.config, []byte(cfg), 0o644); err != nil {
 		return err
 	}
@@ -293,20 +312,44 @@ awk -v lab="$1" -v tmp="$4" '{
 done
 mount -t tmpfs -o mode=0755,size=64m pclab-run /run
 mkdir -p /run/containerd
+if [ -n "$5" ]; then
+	mkdir -p "$5"
+	mount -t tmpfs -o mode=0755 pclab-over "$5"
+	for d in etc opt var; do
+		mkdir -p "$5/$d/upper" "$5/$d/work"
+		mount -t overlay -o "lowerdir=/$d,upperdir=$5/$d/upper,workdir=$5/$d/work" "pclab-$d" "/$d"
+	done
+	mkdir -p /etc/cni/net.d /opt/cni/bin /var/lib/cni
+	mount -t bpf bpffs /sys/fs/bpf
+	mount --make-shared /sys/fs/bpf
+fi
 mount --bind "$2" /var/lib/cni
 : > "$3"
 exec sleep infinity
 `
 
+// The CRI's CNI dirs with HostPaths: where Kubernetes installers put them.
+const (
+	hostCNIBinDir  = "/opt/cni/bin"
+	hostCNIConfDir = "/etc/cni/net.d"
+)
+
 func (c *Containerd) startHolder(ctx context.Context) error {
 	n := c.Node
 	// Bind-mounted over in the private namespace only; libcni makes it anyway.
-	if err := os.MkdirAll("/var/lib/cni", 0o755); err != nil {
-		return err
+	// With HostPaths it is made in the namespace's /var overlay.
+	if !c.hostPaths {
+		if err := os.MkdirAll("/var/lib/cni", 0o755); err != nil {
+			return err
+		}
 	}
 	ready := filepath.Join(c.Dir, "mntns.ready")
+	overlays := ""
+	if c.hostPaths {
+		overlays = filepath.Join(c.Dir, "host-overlays")
+	}
 	p, err := n.Start(context.Background(), "unshare", "--mount", "--propagation", "slave", "--",
-		"sh", "-c", holderScript, "holder", n.Lab.Dir, c.CNICacheDir, ready, os.TempDir())
+		"sh", "-c", holderScript, "holder", n.Lab.Dir, c.CNICacheDir, ready, os.TempDir(), overlays)
 	if err != nil {
 		return err
 	}
@@ -322,6 +365,18 @@ func (c *Containerd) startHolder(ctx context.Context) error {
 // mntNS is the path of containerd's mount namespace.
 func (c *Containerd) mntNS() string {
 	return fmt.Sprintf("/proc/%d/ns/mnt", c.holder.Pid())
+}
+
+// HostPath is where p of the node's mount namespace is seen from the test's.
+func (c *Containerd) HostPath(p string) string {
+	return fmt.Sprintf("/proc/%d/root%s", c.holder.Pid(), p)
+}
+
+// Start starts a program in the node's network and mount namespaces, beside
+// containerd: kubelet, whose volumes containerd must see, and what shares
+// its host paths. Close kills it with everything else there.
+func (c *Containerd) Start(ctx context.Context, bin string, args ...string) (*Process, error) {
+	return c.Node.Start(ctx, "nsenter", append([]string{"--mount=" + c.mntNS(), "--", bin}, args...)...)
 }
 
 func (c *Containerd) startDaemon(ctx context.Context) error {
@@ -351,7 +406,7 @@ func (c *Containerd) startDaemon(ctx context.Context) error {
 		}
 		var why []string
 		for _, cond := range info.Status.Conditions {
-			if !cond.Status {
+			if !cond.Status && !(c.hostPaths && cond.Type == "NetworkReady") {
 				why = append(why, cond.Type+": "+cond.Message)
 			}
 		}
@@ -586,4 +641,15 @@ func sweepCgroups() error {
 func cdExists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
+}
+
+// MakeCgroup creates cg (absolute, e.g. "/pclab-ab12cd-n1") in every hierarchy, for what
+// insists that its parent cgroup exists (kubelet's cgroup root). Close removes it.
+func MakeCgroup(cg string) error {
+	for _, h := range cgroupHierarchies() {
+		if err := os.MkdirAll(filepath.Join(h, cg), 0o755); err != nil {
+			return fmt.Errorf("make cgroup %s: %w", cg, err)
+		}
+	}
+	return nil
 }

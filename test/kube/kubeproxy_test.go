@@ -135,18 +135,10 @@ func testRealKubeProxy(t *testing.T, mode string) {
 	t.Logf("NodePort %s:%d from node2 answered by %s (peer %s)", n1.IP, webNodePort, name, peer)
 }
 
-// startKubeProxy runs the real kube-proxy on n, leaving alone what a
-// network namespace cannot change or shares with the machine (the global
-// conntrack table size and timeouts).
+// startKubeProxy runs the real kube-proxy on n.
 func startKubeProxy(t *testing.T, ctx context.Context, n *lab.Node, kubeconfig, mode string) {
 	t.Helper()
-	if _, err := n.Start(ctx, filepath.Join(kubecluster.Bin(t), "kube-proxy"),
-		"--kubeconfig", kubeconfig, "--hostname-override", n.NetNS,
-		"--proxy-mode", mode, "--cluster-cidr", "10.244.0.0/16",
-		"--conntrack-max-per-core", "0",
-		"--conntrack-tcp-timeout-established", "0", "--conntrack-tcp-timeout-close-wait", "0",
-		"--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "127.0.0.1:10256",
-		"--v", "1"); err != nil {
+	if _, err := n.Start(ctx, filepath.Join(kubecluster.Bin(t), "kube-proxy"), kubecluster.ProxyArgs(kubeconfig, n.NetNS, mode)...); err != nil {
 		t.Fatal(err)
 	}
 }
