@@ -79,8 +79,8 @@ $(CNI_BIN)/host-local:
 # Kubernetes for the lab's real clusters: etcd, the control plane, kubelet,
 # kube-proxy and agnhost (the e2e tests' server image), built from the Go
 # module proxy through test/k8s/go.mod, whose require line is the one place
-# the version is named.
-KUBE_VERSION = $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' test/k8s/go.mod)
+# the version is named; CoreDNS through test/coredns/go.mod.
+KUBE_VERSION = $(shell awk '$$1 == "require" {$$1 = ""; $$0 = $$0} $$1 == "k8s.io/kubernetes" {print $$2}' test/k8s/go.mod)
 KUBE_LDFLAGS = -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
 	-X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
 	-X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
@@ -89,10 +89,11 @@ KUBE_LDFLAGS = -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
 # into an image that holds nothing else.
 k8s: $(KUBE_BIN)/.built
 
-$(KUBE_BIN)/.built: test/k8s/go.mod test/k8s/go.sum
+$(KUBE_BIN)/.built: test/k8s/go.mod test/k8s/go.sum test/coredns/go.mod test/coredns/go.sum
 	cd test/k8s && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(KUBE_BIN)/ \
 		$$(awk '/^tool \(/{t=1; next} t && /^\)/{t=0} t {print $$1}' go.mod)
 	mv $(KUBE_BIN)/server $(KUBE_BIN)/etcd
+	cd test/coredns && CGO_ENABLED=0 $(GO) build -trimpath -o $(KUBE_BIN)/ github.com/coredns/coredns
 	touch $@
 
 # The lab suites run a second time with the tc backend (clsact + cls_bpf,

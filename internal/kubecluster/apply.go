@@ -15,13 +15,18 @@ import (
 )
 
 // Apply creates the objects of a manifest file, as `kubectl create -f`
-// would: the kinds deploy/ holds that the lab's control plane serves.
+// would: the kinds deploy/ and the lab's add-ons hold.
 func (cp *ControlPlane) Apply(t *testing.T, ctx context.Context, path string) {
 	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	cp.applyData(t, ctx, path, data)
+}
+
+func (cp *ControlPlane) applyData(t *testing.T, ctx context.Context, path string, data []byte) {
+	t.Helper()
 	for i, doc := range bytes.Split(data, []byte("\n---")) {
 		if len(bytes.TrimSpace(doc)) == 0 {
 			continue
@@ -43,6 +48,10 @@ func (cp *ControlPlane) Apply(t *testing.T, ctx context.Context, path string) {
 			_, err = c.RbacV1().ClusterRoleBindings().Create(ctx, o, opts)
 		case *appsv1.DaemonSet:
 			_, err = c.AppsV1().DaemonSets(o.Namespace).Create(ctx, o, opts)
+		case *appsv1.Deployment:
+			_, err = c.AppsV1().Deployments(o.Namespace).Create(ctx, o, opts)
+		case *corev1.Service:
+			_, err = c.CoreV1().Services(o.Namespace).Create(ctx, o, opts)
 		default:
 			err = fmt.Errorf("kind %T not handled", obj)
 		}

@@ -2,8 +2,10 @@ package kubecluster
 
 import (
 	"context"
+	_ "embed"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -115,4 +117,30 @@ func (cp *ControlPlane) logOnFailure(t *testing.T) {
 			}
 		}
 	})
+}
+
+//go:embed coredns.yaml
+var corednsManifest string
+
+// StartDNS installs CoreDNS (coredns.yaml) with the Service at ClusterDNS,
+// the address kubelets give pods, and waits until its pods are ready.
+func (cp *ControlPlane) StartDNS(t *testing.T, ctx context.Context) {
+	t.Helper()
+	m := strings.NewReplacer("__CLUSTER_DNS__", ClusterDNS, "__IMAGE__", CoreDNSImage(t)).Replace(corednsManifest)
+	cp.applyData(t, ctx, "coredns.yaml", []byte(m))
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	err := lab.WaitFor(wctx, "CoreDNS ready", func(ctx context.Context) error {
+		d, err := cp.Admin.AppsV1().Deployments("kube-system").Get(ctx, "coredns", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if d.Status.ReadyReplicas != *d.Spec.Replicas {
+			return fmt.Errorf("%d of %d replicas ready", d.Status.ReadyReplicas, *d.Spec.Replicas)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }

@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/patchcord/patchcord/internal/e2e"
 	"github.com/patchcord/patchcord/internal/lab"
 )
 
@@ -17,6 +19,24 @@ const (
 	AgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.59"
 )
 
+// CoreDNSImage is CoreDNS's image name, tagged with the release
+// test/coredns/go.mod builds.
+func CoreDNSImage(t testing.TB) string {
+	t.Helper()
+	mod, err := os.ReadFile(filepath.Join(e2e.RepoDir(), "test", "coredns", "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(mod), "\n") {
+		f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(line), "require "))
+		if len(f) >= 2 && f[0] == "github.com/coredns/coredns" {
+			return "registry.k8s.io/coredns/coredns:" + f[1]
+		}
+	}
+	t.Fatal("test/coredns/go.mod requires no github.com/coredns/coredns")
+	return ""
+}
+
 // ImageArchive is an image, written for import.
 type ImageArchive struct {
 	Name, Path string
@@ -24,7 +44,7 @@ type ImageArchive struct {
 
 // BuildImages writes the archives of the images a lab cluster's nodes
 // import into dir: patchcord's, as deploy/Containerfile lays it out but
-// from this run's binaries and this machine's iptables, and agnhost.
+// from this run's binaries and this machine's iptables; agnhost; CoreDNS.
 func BuildImages(t *testing.T, dir, patchcordBin string, cniPath []string) []ImageArchive {
 	t.Helper()
 	pc, err := patchcordImage(patchcordBin, cniPath)
@@ -35,11 +55,19 @@ func BuildImages(t *testing.T, dir, patchcordBin string, cniPath []string) []Ima
 	if err != nil {
 		t.Fatalf("agnhost: %v (run `make k8s`)", err)
 	}
+	coredns, err := os.ReadFile(filepath.Join(Bin(t), "coredns"))
+	if err != nil {
+		t.Fatalf("coredns: %v (run `make k8s`)", err)
+	}
 	images := []lab.Image{pc, {
 		Name:       AgnhostImage,
 		Entrypoint: []string{"/agnhost"},
 		Cmd:        []string{"pause"},
 		Files:      []lab.ImageFile{{Path: "agnhost", Mode: 0o755, Body: agnhost}},
+	}, {
+		Name:       CoreDNSImage(t),
+		Entrypoint: []string{"/coredns"},
+		Files:      []lab.ImageFile{{Path: "coredns", Mode: 0o755, Body: coredns}},
 	}}
 	var out []ImageArchive
 	for i, img := range images {

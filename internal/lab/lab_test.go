@@ -393,9 +393,16 @@ func TestProcesses(t *testing.T) {
 	if _, err := n.Exec(ctx, "setsid", "-f", "sleep", "infinity"); err != nil {
 		t.Fatal(err)
 	}
-	pids := pidsInNetns(t, n.NSPath)
-	if len(pids) != 2 {
-		t.Fatalf("processes in node ns: %v, want sleep and the daemon", pids)
+	// Start returns once nsenter runs; it joins the namespace a moment later
+	// (CI saw only the daemon there once, on a loaded machine).
+	var pids []int
+	if err := WaitFor(ctx, "sleep and the daemon in the node's namespace", func(context.Context) error {
+		if pids = pidsInNetns(t, n.NSPath); len(pids) != 2 {
+			return fmt.Errorf("processes there: %v", pids)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 	if err := l.Close(); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -29,9 +28,10 @@ const (
 // manager (which allocates the podCIDRs patchcord learns) and the
 // scheduler; two workers with containerd, kubelet and kube-proxy; the
 // deploy/ manifests applied, the agent a DaemonSet pod from the image built
-// here. Then the pod network's basic promises, checked with agnhost as
+// here; CoreDNS as kubeadm installs it. Then the pod network's basic promises, checked with agnhost as
 // Kubernetes' own network tests do: pod to pod over HTTP and UDP on one
-// node and across, node to pod, a ClusterIP Service, no SNAT between pods;
+// node and across, node to pod, a ClusterIP Service, Service names through
+// CoreDNS (itself pods of the pod network), no SNAT between pods;
 // once with kube-proxy in each of its Linux modes.
 func TestCluster(t *testing.T) {
 	for _, mode := range []string{"iptables", "nftables"} {
@@ -48,21 +48,9 @@ func testCluster(t *testing.T, proxyMode string) {
 	ctx, cancel := context.WithTimeout(life, 4*time.Minute)
 	t.Cleanup(cancel)
 	all := e2e.AddNodes(t, l, 1, 2, controlPlaneNode)
-	cp := kubecluster.Start(t, life, all[2])
-	cp.StartControllers(t, life)
-	images := kubecluster.BuildImages(t, l.Dir, e2e.BinDir(), e2e.CNIPath(t))
-	var workers []*kubecluster.Worker
-	for _, n := range all[:2] {
-		workers = append(workers, cp.StartWorker(t, life, n, kubecluster.WorkerOptions{
-			ProxyMode: proxyMode, Images: images, Crictl: e2e.Crictl(t)}))
-	}
-	for _, f := range []string{"rbac.yaml", "configmap.yaml", "daemonset.yaml"} {
-		cp.Apply(t, ctx, filepath.Join(e2e.RepoDir(), "deploy", f))
-	}
+	cluster := kubecluster.NewCluster(t, life, all[2], all[:2], proxyMode)
+	cp, workers := cluster.ControlPlane, cluster.Workers
 	names := []string{workers[0].Name, workers[1].Name}
-	if err := cp.WaitNodesReady(ctx, names...); err != nil {
-		t.Fatal(err)
-	}
 
 	pods := map[string]*corev1.Pod{}
 	for _, p := range []struct{ name, node string }{{"a1", names[0]}, {"a2", names[0]}, {"b1", names[1]}} {
@@ -99,6 +87,9 @@ func testCluster(t *testing.T, proxyMode string) {
 		{"udp-other-node-back", b1, a2.Status.PodIP, "udp", "a2"},
 		{"clusterip-http", a1, svc.Spec.ClusterIP, "http", "b1"},
 		{"clusterip-udp", a2, svc.Spec.ClusterIP, "udp", "b1"},
+		// CoreDNS answers from pods on both nodes, through its Service.
+		{"dns-short-name", a1, svc.Name, "http", "b1"},
+		{"dns-fqdn", b1, svc.Name + ".default.svc.cluster.local", "udp", "b1"},
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) {
@@ -214,7 +205,8 @@ func dial(ctx context.Context, workers []*kubecluster.Worker, from *corev1.Pod, 
 	if proto == "udp" {
 		port = netexecUDP
 	}
-	if netip.MustParsePrefix(kubecluster.ServiceCIDR).Contains(netip.MustParseAddr(host)) {
+	// A name is the Service's, resolved by the pod through the cluster DNS.
+	if addr, err := netip.ParseAddr(host); err != nil || netip.MustParsePrefix(kubecluster.ServiceCIDR).Contains(addr) {
 		port = map[string]int{"http": 80, "udp": 90}[proto]
 	}
 	var node *lab.Node
